@@ -1,0 +1,86 @@
+"""Weight-clipping search for one linear (the paper's §3.3 clipping; llm-awq ``auto_clip``).
+
+Objective, per output row ``o`` and input group ``G``, on sampled calibration tokens ``x_t``::
+
+    E(o, G; r) = mean_t ( Σ_{k∈G} x_t[k] · (Q(clamp(w[o], r·min_G, r·max_G))[k] − w[o, k]) )²
+
+Grid: shrink factors r_i = 1 − i / n_grid for i = 0 .. floor(max_shrink · n_grid) (1.0 down to
+1 − max_shrink, 0.5 by default); r = 1 is "no clipping", so the chosen bounds never score worse.
+Both ends of each group's range shrink (the quantizer is asymmetric). Rows are processed in chunks
+to bound memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from awqkit.quant.primitives import fake_quantize, resolve_group_size
+
+
+@dataclass
+class ClipSearchResult:
+    min_val: Tensor  # [out, n_groups] float32
+    max_val: Tensor  # [out, n_groups] float32
+    err_before: float  # mean group output error with r = 1
+    err_after: float  # with the chosen bounds
+    mean_ratio: float  # mean chosen shrink factor
+
+
+def sample_tokens(x: Tensor, n_tokens: int) -> Tensor:
+    """Evenly strided sample of at most ``n_tokens`` rows of ``x`` ``[..., in]`` → ``[n, in]`` float32."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    step = max(1, flat.shape[0] // n_tokens)
+    return flat[::step][:n_tokens]
+
+
+@torch.no_grad()
+def search_clip(
+    w: Tensor,
+    x: Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    zero_point: bool,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_chunk: int = 256,
+) -> ClipSearchResult:
+    """Best per-(row, group) clipping bounds for ``w`` ``[out, in]`` given input tokens ``x`` ``[n, in]``."""
+    if w.dim() != 2 or x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"search_clip: w {tuple(w.shape)} and x {tuple(x.shape)} do not fit ([out,in], [n,in])")
+    out_f, in_f = w.shape
+    g = resolve_group_size(in_f, group_size)
+    n_groups = in_f // g
+    xg = x.float().reshape(-1, n_groups, g)  # [t, G, g]
+    ratios = [1 - i / n_grid for i in range(int(max_shrink * n_grid) + 1)]
+    mins, maxs, before, after, chosen = [], [], 0.0, 0.0, 0.0
+    for start in range(0, out_f, rows_per_chunk):
+        wc = w[start:start + rows_per_chunk].float()
+        rows = wc.shape[0]
+        wg = wc.reshape(rows, n_groups, g)
+        org_min, org_max = wg.amin(dim=-1), wg.amax(dim=-1)  # [r, G]
+        best_err = torch.full((rows, n_groups), float("inf"))
+        best_min, best_max = org_min.clone(), org_max.clone()
+        best_ratio = torch.ones(rows, n_groups)
+        for r in ratios:
+            lo, hi = org_min * r, org_max * r
+            wq = fake_quantize(torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(rows, in_f),
+                               bits, group_size, zero_point).reshape(rows, n_groups, g)
+            diff = torch.einsum("rGk,tGk->rGt", wq - wg, xg)
+            err = diff.pow(2).mean(dim=-1)  # [r, G]
+            if r == 1:
+                before += err.sum().item()
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_min = torch.where(better, lo, best_min)
+            best_max = torch.where(better, hi, best_max)
+            best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
+        mins.append(best_min)
+        maxs.append(best_max)
+        after += best_err.sum().item()
+        chosen += best_ratio.sum().item()
+    n = out_f * n_groups
+    return ClipSearchResult(torch.cat(mins), torch.cat(maxs), before / n, after / n, chosen / n)

@@ -1,0 +1,143 @@
+"""The serializable result of a search: scales per mapping, clipping bounds per linear, and statistics.
+
+It joins the three phases (search → apply → pack): :func:`apply_results` re-applies a saved result to
+a fresh float model with no calibration, reproducing the searched model's weights bit for bit.
+
+On disk (:meth:`AWQResults.save`): ``awq_results.safetensors`` (tensors ``scale.{i}``, ``clip_min.{j}``,
+``clip_max.{j}``) and ``awq_results.json`` (everything else, in the same order).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from awqkit.algo.fold import apply_clip, fold_scales
+
+RESULTS_JSON = "awq_results.json"
+RESULTS_TENSORS = "awq_results.safetensors"
+
+
+@dataclass
+class ScaleEntry:
+    """Scales folded for one mapping: prev's outputs / s, the linears' inputs · s."""
+
+    layer: int
+    prev: str  # full module name
+    linears: list[str]  # full module names
+    scales: Tensor  # [in] float32
+    mode: str
+    alpha: float
+    loss_identity: float
+    loss_best: float
+    fallback: bool = False
+
+
+@dataclass
+class ClipEntry:
+    """Clamp bounds for one linear, per (output row, group)."""
+
+    layer: int
+    name: str
+    min_val: Tensor  # [out, n_groups] float32
+    max_val: Tensor
+    err_before: float
+    err_after: float
+    mean_ratio: float
+
+
+@dataclass
+class AWQResults:
+    """Everything the search decided, enough to rebuild the quantized weights from the float model."""
+
+    norm_offset: float = 0.0
+    scales: list[ScaleEntry] = field(default_factory=list)
+    clips: list[ClipEntry] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        """Write ``awq_results.json`` and ``awq_results.safetensors`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        for i, e in enumerate(self.scales):
+            tensors[f"scale.{i}"] = e.scales.float().contiguous()
+        for j, c in enumerate(self.clips):
+            tensors[f"clip_min.{j}"] = c.min_val.float().contiguous()
+            tensors[f"clip_max.{j}"] = c.max_val.float().contiguous()
+        save_file(tensors, str(folder / RESULTS_TENSORS), metadata={"format": "pt"})
+        doc = {
+            "norm_offset": self.norm_offset,
+            "scales": [{k: v for k, v in asdict(e).items() if k != "scales"} for e in self.scales],
+            "clips": [{k: v for k, v in asdict(c).items() if k not in ("min_val", "max_val")} for c in self.clips],
+            "layer_seconds": self.layer_seconds,
+            "info": self.info,
+        }
+        (folder / RESULTS_JSON).write_text(json.dumps(doc, indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> AWQResults:
+        """Read a result written by :meth:`save`."""
+        folder = Path(folder)
+        if not (folder / RESULTS_JSON).is_file() or not (folder / RESULTS_TENSORS).is_file():
+            raise FileNotFoundError(f"{folder} holds no {RESULTS_JSON} + {RESULTS_TENSORS}; was it written by awqkit?")
+        doc = json.loads((folder / RESULTS_JSON).read_text())
+        t = load_file(str(folder / RESULTS_TENSORS))
+        scales = [ScaleEntry(scales=t[f"scale.{i}"], **e) for i, e in enumerate(doc["scales"])]
+        clips = [ClipEntry(min_val=t[f"clip_min.{j}"], max_val=t[f"clip_max.{j}"], **c)
+                 for j, c in enumerate(doc["clips"])]
+        return cls(doc["norm_offset"], scales, clips, doc.get("layer_seconds", []), doc.get("info", {}))
+
+    def summary(self) -> dict[str, Any]:
+        """Per-mapping and per-layer statistics for metadata and reports (no tensors)."""
+        return {
+            "mappings": [
+                {"layer": e.layer, "prev": e.prev, "linears": e.linears, "mode": e.mode, "alpha": round(e.alpha, 4),
+                 "loss_rtn": e.loss_identity, "loss_awq": e.loss_best, "fallback": e.fallback}
+                for e in self.scales
+            ],
+            "clips": [
+                {"layer": c.layer, "name": c.name, "mean_ratio": round(c.mean_ratio, 4),
+                 "err_before": c.err_before, "err_after": c.err_after}
+                for c in self.clips
+            ],
+            "layer_seconds": [round(s, 3) for s in self.layer_seconds],
+        }
+
+
+def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> None:
+    """Fold the scales and apply the clips recorded for decoder layer ``layer`` (in recorded order).
+
+    The touched modules are computed in float32 and cast back to their dtype, exactly as the search
+    pipeline does, so re-applying reproduces its weights bit for bit.
+    """
+    names = [n for e in results.scales if e.layer == layer for n in [e.prev, *e.linears]]
+    names += [c.name for c in results.clips if c.layer == layer]
+    dtypes = {}
+    for n in dict.fromkeys(names):
+        mod = model.get_submodule(n)
+        dtypes[n] = next(mod.parameters()).dtype
+        mod.float()
+    for e in results.scales:
+        if e.layer == layer:
+            fold_scales(model.get_submodule(e.prev), [model.get_submodule(n) for n in e.linears],
+                        e.scales, results.norm_offset)
+    for c in results.clips:
+        if c.layer == layer:
+            apply_clip(model.get_submodule(c.name), c.min_val, c.max_val)
+    for n, dt in dtypes.items():
+        model.get_submodule(n).to(dt)
+
+
+@torch.no_grad()
+def apply_results(model: nn.Module, results: AWQResults) -> None:
+    """Re-apply a whole search result to a fresh float ``model`` (same architecture and weights)."""
+    for layer in sorted({e.layer for e in results.scales} | {c.layer for c in results.clips}):
+        apply_layer_results(model, results, layer)

@@ -1,0 +1,25 @@
+"""Architecture mappings (data) and their resolution against live models."""
+
+from awqkit.arch.resolve import (
+    ResolvedMapping,
+    get_layers,
+    layer_linears,
+    matches,
+    resolve_arch,
+    resolve_mappings,
+    supported_architectures,
+)
+from awqkit.arch.specs import REGISTRY, ArchSpec, Mapping
+
+__all__ = [
+    "REGISTRY",
+    "ArchSpec",
+    "Mapping",
+    "ResolvedMapping",
+    "get_layers",
+    "layer_linears",
+    "matches",
+    "resolve_arch",
+    "resolve_mappings",
+    "supported_architectures",
+]

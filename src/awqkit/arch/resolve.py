@@ -1,0 +1,101 @@
+"""Resolve an :class:`ArchSpec` against a live model: find the layers and the mappings' modules."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from awqkit.arch.specs import REGISTRY, ArchSpec, Mapping
+
+logger = logging.getLogger(__name__)
+
+
+def supported_architectures() -> list[str]:
+    """Every ``config.architectures`` name awqkit knows."""
+    return sorted(a for spec in REGISTRY for a in spec.architectures)
+
+
+def resolve_arch(model: nn.Module) -> ArchSpec:
+    """The spec for ``model`` (by ``config.architectures``, then class name); loud error if unknown."""
+    names = list(getattr(getattr(model, "config", None), "architectures", None) or [])
+    names.append(type(model).__name__)
+    for name in names:
+        for spec in REGISTRY:
+            if name in spec.architectures:
+                return spec
+    raise ValueError(
+        f"unsupported architecture {names[0]!r} (model class {type(model).__name__}); awqkit supports "
+        f"{', '.join(supported_architectures())}. Add an ArchSpec in awqkit/arch/specs.py to support it."
+    )
+
+
+def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    """``root.get_submodule`` with an error that names the missing path."""
+    try:
+        return root.get_submodule(dotted)
+    except AttributeError as exc:
+        raise ValueError(f"module {dotted!r} not found under {type(root).__name__}: {exc}") from exc
+
+
+def get_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    """The decoder layers of ``model``."""
+    layers = get_submodule(model, spec.layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{spec.layers} of {type(model).__name__} is {type(layers).__name__}, not a ModuleList")
+    return layers
+
+
+@dataclass
+class ResolvedMapping:
+    """A :class:`Mapping` bound to the modules of one decoder layer."""
+
+    mapping: Mapping
+    prev: nn.Module
+    linears: list[nn.Linear]
+    inspect: nn.Module
+
+
+def resolve_mappings(layer: nn.Module, spec: ArchSpec, layer_index: int) -> list[ResolvedMapping]:
+    """Bind every mapping of ``spec`` to ``layer``; mappings whose shapes do not match are skipped."""
+    out: list[ResolvedMapping] = []
+    for m in spec.mappings:
+        prev = get_submodule(layer, m.prev)
+        linears = [get_submodule(layer, n) for n in m.linears]
+        for name, lin in zip(m.linears, linears):
+            if not isinstance(lin, nn.Linear):
+                raise ValueError(f"layer {layer_index}: {name} is {type(lin).__name__}, expected nn.Linear")
+        if m.require_shapes_match:
+            prev_out = prev.weight.shape[0]
+            if any(lin.in_features != prev_out for lin in linears):
+                if layer_index == 0:
+                    logger.info(
+                        "skipping mapping %s -> %s: output size %d != input size %d (grouped-query attention)",
+                        m.prev, list(m.linears), prev_out, linears[0].in_features,
+                    )
+                continue
+        out.append(ResolvedMapping(m, prev, linears, get_submodule(layer, m.inspect)))
+    return out
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside one decoder layer, by layer-relative name."""
+    return {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """True when ``name`` equals a pattern, its leaf equals a pattern, or a ``re:`` regex fullmatches.
+
+    Plain ``spec.not_convert``-style entries are regexes; user entries may be exact names or ``re:...``.
+    Never a substring test.
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif p in (name, leaf):
+            return True
+    return False

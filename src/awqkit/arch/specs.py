@@ -1,0 +1,92 @@
+"""Architecture knowledge, as data.
+
+An :class:`ArchSpec` says where the decoder layers live, which operation feeds which linears
+(a :class:`Mapping`: "previous op → the linears that share its output, and the module whose output
+scores the choice"), which linears are not clipped, how the norms multiply (``w`` or ``1 + w``) and what
+is never converted. Names inside a mapping are relative to one decoder layer. Adding a model is adding
+an entry here; algorithm code never looks at model types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One AWQ scaling group inside a decoder layer.
+
+    prev: the op whose output feeds ``linears`` (a norm, or a linear whose output rows are scaled).
+    linears: linears sharing that input; their input columns are multiplied by s.
+    inspect: module whose output scores a candidate s (the linears' lowest common parent, or the
+        single linear itself).
+    scoring: how ``inspect`` can be evaluated on a subset of calibration data —
+        ``"sequence"``: mixes positions (attention), scored on whole calibration blocks;
+        ``"tokens"``: acts on each position alone (an MLP), scored on a token sample drawn from every block;
+        ``"linear"``: inspect is the single balanced linear, scored exactly on every calibration token
+        through the input Gram matrix (``‖ΔW x‖² = tr(ΔW G ΔWᵀ)``).
+    require_shapes_match: skip the mapping when prev's output size differs from the linears' input
+        size (v_proj → o_proj under grouped-query attention).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
+    scoring: str = "sequence"
+    require_shapes_match: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("sequence", "tokens", "linear"):
+            raise ValueError(f"Mapping.scoring={self.scoring!r}; choose sequence, tokens or linear")
+        if self.scoring == "linear" and self.linears != (self.inspect,):
+            raise ValueError("Mapping.scoring='linear' needs inspect to be the mapping's single linear")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What awqkit must know about one family of Hugging Face architectures.
+
+    architectures: ``config.architectures`` class names served by this spec.
+    layers: dotted path, from the top-level model, of the ``nn.ModuleList`` of decoder layers.
+    mappings: scaling groups, in forward order.
+    no_clip: regex (fullmatch on the layer-relative name) of linears whose clip search is skipped —
+        q/k projections feed a q·kᵀ product, whose error the per-linear clip objective cannot see.
+    norm_offset: the norms compute ``x̂ · (norm_offset + w)``: 0 for Llama-style, 1 for Gemma's (1 + w).
+    not_convert: regexes (fullmatch on the full module name) of linears never quantized.
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    layers: str
+    mappings: tuple[Mapping, ...]
+    no_clip: str = r"self_attn\.(q|k)_proj"
+    norm_offset: float = 0.0
+    not_convert: tuple[str, ...] = (r"lm_head",)
+
+
+# Llama-style decoder layer: input_layernorm → attention; post_attention_layernorm → gated MLP.
+# v_proj → o_proj only when their shapes match (never under GQA, as in llm-awq PR #67 / AutoAWQ).
+_LLAMA_MAPPINGS = (
+    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "linear", require_shapes_match=True),
+    Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "tokens"),
+    Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "linear"),
+)
+
+# Gemma3: four norms per layer; post_attention_layernorm acts on the attention *output*, so the MLP
+# is fed by pre_feedforward_layernorm. Norms multiply by (1 + w): folding uses (1 + w)/s − 1.
+# q_norm/k_norm act per head on q/k outputs, so scaling q/k/v inputs stays exact.
+_GEMMA3_MAPPINGS = (
+    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "linear", require_shapes_match=True),
+    Mapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "tokens"),
+    Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "linear"),
+)
+
+REGISTRY: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("LlamaForCausalLM",), "model.layers", _LLAMA_MAPPINGS),
+    ArchSpec("mistral", ("MistralForCausalLM",), "model.layers", _LLAMA_MAPPINGS),
+    ArchSpec("qwen2", ("Qwen2ForCausalLM",), "model.layers", _LLAMA_MAPPINGS),
+    ArchSpec("qwen3", ("Qwen3ForCausalLM",), "model.layers", _LLAMA_MAPPINGS),
+    ArchSpec("gemma3", ("Gemma3ForCausalLM",), "model.layers", _GEMMA3_MAPPINGS, norm_offset=1.0),
+)

@@ -1,0 +1,137 @@
+"""Typed, frozen configuration. Field names equal the on-disk keys (``quantization_config`` and
+``quantization_metadata.json``); the CLI reads its defaults from these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
+SCALE_MODES = ("x", "duo", "both")
+PROPAGATE_MODES = ("quantized", "float")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How weights are quantized and stored.
+
+    bits: integer width of each weight (2..8). 4 is written in AutoAWQ GEMM layout.
+    group_size: input channels sharing one scale/zero (32/64/128/256, or -1 for one group per row).
+    zero_point: asymmetric quantization with an integer zero point (True) or symmetric (False).
+    version: AutoAWQ kernel layout tag written into ``quantization_config`` ("gemm").
+    modules_to_not_convert: exact leaf/full names or ``re:``-prefixed regexes of linears kept in float.
+    keep_unaligned_fp16: keep linears whose in_features is not a multiple of group_size in fp16 (with a
+        warning) instead of failing.
+    keep_lm_head_fp16: never quantize the LM head (and embeddings); store them in fp16.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    version: str = "gemm"
+    modules_to_not_convert: tuple[str, ...] = ()
+    keep_unaligned_fp16: bool = False
+    keep_lm_head_fp16: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
+            )
+        if self.version != "gemm":
+            raise ValueError(f"version={self.version!r} is not supported; awqkit writes 'gemm'")
+        object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
+
+    @property
+    def max_int(self) -> int:
+        return 2**self.bits - 1
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: ``source`` is a text/JSONL/CSV file or ``"self"`` (data-free, sampled from the model).
+
+    n_samples blocks of seq_len tokens are cut from the concatenated, tokenized samples (seeded).
+    prompt_column / response_column / messages_column / text_column choose fields of tabular rows;
+    None means "detect from the usual names" (question/answer, instruction/output, messages, text).
+    """
+
+    source: str = "self"
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 13
+    prompt_column: str | None = None
+    response_column: str | None = None
+    messages_column: str | None = None
+    text_column: str | None = None
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples={self.n_samples} must be >= 1")
+        if self.seq_len < 8:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 8 tokens")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The AWQ searches.
+
+    Scale search: for each mapping, s = x̄^α (``x``), s = x̄^α / w̄^(1-α) (``duo``) or both, α on
+    ``n_grid`` evenly spaced points of [0, 1] (both ends included; α = 0 in ``x`` mode is the identity).
+    Scored by the fp32 MSE of the scoring module's output: on the first ``search_samples`` calibration
+    blocks for modules that mix positions (attention), on ``search_tokens`` tokens sampled evenly from
+    every block for position-wise modules (MLP), and exactly on every token for a single linear.
+    Clip search: per (output channel, group), shrink [min, max] by factors 1, 1 - 1/clip_n_grid, ...,
+    down to 1 - clip_max_shrink; error measured on ``clip_n_tokens`` sampled tokens.
+    propagate: what the next layer sees — outputs of the already-quantized layer ("quantized") or
+    of the float layer ("float").
+    """
+
+    n_grid: int = 20
+    scale_mode: Literal["x", "duo", "both"] = "both"
+    search_samples: int = 16
+    search_tokens: int = 8192
+    clip: bool = True
+    clip_n_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_n_tokens: int = 512
+    propagate: Literal["quantized", "float"] = "quantized"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode={self.scale_mode!r}; choose one of {SCALE_MODES}")
+        if self.propagate not in PROPAGATE_MODES:
+            raise ValueError(f"propagate={self.propagate!r}; choose one of {PROPAGATE_MODES}")
+        if self.n_grid < 2:
+            raise ValueError(f"n_grid={self.n_grid} must be >= 2 (it includes both ends of [0, 1])")
+        if not 0.0 <= self.clip_max_shrink < 1.0:
+            raise ValueError(f"clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
+        if min(self.search_samples, self.search_tokens, self.batch_size, self.clip_n_tokens) < 1:
+            raise ValueError("search_samples, search_tokens, batch_size and clip_n_tokens must be >= 1")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    out = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build config ``cls`` from a dict, ignoring unknown keys (forward compatible)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """Default value of every field of a config dataclass (the CLI's single source of defaults)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+__all__ = ["QuantConfig", "CalibConfig", "SearchConfig", "to_dict", "from_dict", "defaults", "field"]

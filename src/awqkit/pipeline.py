@@ -1,0 +1,224 @@
+"""Orchestration only: the layer-by-layer AWQ loop. The math lives in ``algo/`` and ``quant/``.
+
+For each decoder layer, with only that layer on the compute device, in float32:
+
+1. one float forward over all calibration batches, with hooks that accumulate every linear's
+   per-input-channel mean |x| (fp32) and cache, for the first ``search_samples`` blocks, the inputs of
+   each mapping's scoring module and a token sample of each linear's input;
+2. per mapping, in forward order: scale search, then fold 1/s into the previous op and s into the
+   linears (the float output is unchanged);
+3. per linear (except q/k): clip search on its — now scaled — inputs, then clamp;
+4. the next layer's inputs: outputs of this layer with its linears fake-quantized
+   (``propagate="quantized"``, the default, like llm-compressor) or of the float layer
+   (``"float"``, like llm-awq/AutoAWQ).
+
+The model's weights end folded and clipped but still float; :func:`awqkit.quantize_model.pack`
+(nn/replace) quantizes and packs them. Everything decided is recorded in :class:`AWQResults`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from awqkit.algo.clip_search import sample_tokens, search_clip
+from awqkit.algo.fold import apply_clip, fold_scales
+from awqkit.algo.results import AWQResults, ClipEntry, ScaleEntry
+from awqkit.algo.scale_search import GramScorer, ModuleScorer, search_scales
+from awqkit.arch import ArchSpec, get_layers, layer_linears, resolve_arch, resolve_mappings
+from awqkit.calib.capture import LayerInputs, capture_layer_inputs, map_tensors, to_compute
+from awqkit.config import QuantConfig, SearchConfig
+from awqkit.quant.primitives import fake_quantize
+
+logger = logging.getLogger(__name__)
+
+
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _LayerCache:
+    """Hooks for one layer's float pass.
+
+    Always: per-linear sum of |x| (fp64) and token counts, and a token sample of each linear's input for
+    the clip search (search batches only). Per mapping, by its scoring kind: the scoring module's
+    (args, kwargs) for the search batches ("sequence"), a token sample of its input from every batch
+    ("tokens"), or the Gram matrix of its linear's input over every token ("linear").
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], mappings: list, clip_tokens: int, tokens_per_batch: int) -> None:
+        self.abs_sum = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
+        self.count = dict.fromkeys(linears, 0)
+        self.clip_x: dict[str, list[Tensor]] = {n: [] for n in linears}
+        self.inputs: dict[int, list[tuple[tuple, dict]]] = {}
+        self.gram: dict[str, Tensor] = {}
+        self.caching = False
+        self.clip_tokens = clip_tokens
+        self.tokens_per_batch = tokens_per_batch
+        self.handles = []
+        for k, m in enumerate(mappings):
+            if m.mapping.scoring == "linear":
+                lin = m.linears[0]
+                self.gram[m.mapping.inspect] = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
+            else:
+                self.inputs[k] = []
+                hook = self._inspect_hook(k, m.mapping.scoring == "tokens")
+                self.handles.append(m.inspect.register_forward_pre_hook(hook, with_kwargs=True))
+        for n, lin in linears.items():
+            self.handles.append(lin.register_forward_pre_hook(self._linear_hook(n)))
+
+    def _linear_hook(self, name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1])
+            self.abs_sum[name] += flat.abs().sum(0, dtype=torch.float64).cpu()
+            self.count[name] += flat.shape[0]
+            if name in self.gram:
+                xf = flat.float()
+                self.gram[name] += (xf.T @ xf).double().cpu()
+            if self.caching:
+                self.clip_x[name].append(sample_tokens(x, self.clip_tokens).cpu())
+        return hook
+
+    def _inspect_hook(self, idx: int, tokenwise: bool) -> Callable:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if tokenwise:
+                x = sample_tokens(args[0].detach(), self.tokens_per_batch).unsqueeze(0)
+                self.inputs[idx].append(((x.cpu(),) + tuple(args[1:]), kwargs))
+            elif self.caching:
+                self.inputs[idx].append(map_tensors((args, kwargs), lambda t: t.detach()))
+        return hook
+
+    def x_mean(self, name: str) -> Tensor:
+        return (self.abs_sum[name] / max(self.count[name], 1)).float()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _fake_quantize_linears(linears: dict[str, nn.Linear], qcfg: QuantConfig) -> dict[str, Tensor]:
+    """Replace weights by their fake-quantized values; return the float originals (copies)."""
+    saved = {}
+    for name, lin in linears.items():
+        saved[name] = lin.weight.detach().clone()
+        lin.weight.data.copy_(fake_quantize(lin.weight.data, qcfg.bits, qcfg.group_size, qcfg.zero_point))
+    return saved
+
+
+@torch.no_grad()
+def run_awq(
+    model: nn.Module,
+    input_ids: Tensor,
+    qcfg: QuantConfig,
+    scfg: SearchConfig,
+    targets: set[str],
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> AWQResults:
+    """Search and apply AWQ scales and clips, layer by layer, in place on ``model``'s float weights.
+
+    Args:
+        model: a float causal LM whose architecture ``resolve_arch`` knows, on CPU.
+        input_ids: ``[N, L]`` calibration blocks.
+        targets: full names of the linears that will be quantized (others stay float and are
+            neither scaled nor clipped as quantization targets).
+        device: compute device for the current layer.
+    """
+    spec: ArchSpec = resolve_arch(model)
+    layers = get_layers(model, spec)
+    results = AWQResults(norm_offset=spec.norm_offset)
+    bs = scfg.batch_size
+    n_search_batches = max(1, math.ceil(min(scfg.search_samples, input_ids.shape[0]) / bs))
+    logger.info("capturing layer inputs for %d blocks of %d tokens", *input_ids.shape)
+    inputs: LayerInputs = capture_layer_inputs(model, layers, input_ids, bs)
+    hidden = inputs.hidden
+    clip_per_batch = math.ceil(scfg.clip_n_tokens / n_search_batches)
+    tokens_per_batch = math.ceil(scfg.search_tokens / len(hidden))
+
+    for i, layer in enumerate(tqdm(layers, desc="AWQ layers", disable=not progress)):
+        t0 = time.perf_counter()
+        prefix = f"{spec.layers}.{i}."
+        store_dtype = next(layer.parameters()).dtype
+        layer.to(device=device, dtype=torch.float32)
+        linears = {n: m for n, m in layer_linears(layer).items() if prefix + n in targets}
+        mappings = resolve_mappings(layer, spec, i)
+        cache = _LayerCache(linears, mappings, clip_per_batch, tokens_per_batch)
+
+        # [STEP 1] float pass: statistics for all batches, caches for the search batches
+        float_out: list[Tensor] = []
+        for b, h in enumerate(hidden):
+            cache.caching = b < n_search_batches
+            out = _first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device)))
+            if scfg.propagate == "float":
+                float_out.append(out.float().cpu())
+        cache.remove()
+
+        # [STEP 2] scale search + fold, mapping by mapping
+        applied: dict[str, Tensor] = {}
+        for k, m in enumerate(mappings):
+            mask = [prefix + n in targets for n in m.mapping.linears]
+            if not any(mask):
+                continue
+            if m.mapping.scoring == "linear":
+                score = GramScorer(m.linears[0], cache.gram[m.mapping.inspect].to(device), cache.count[m.mapping.inspect])
+            else:
+                cached = cache.inputs[k]
+
+                def forward(b: int, mod: nn.Module = m.inspect, cached: list = cached) -> Tensor:
+                    args, kw = to_compute(cached[b], device)
+                    return _first(mod(*args, **kw))
+
+                score = ModuleScorer(forward, len(cached))
+            res = search_scales(m.linears, score, cache.x_mean(m.mapping.linears[0]),
+                                bits=qcfg.bits, group_size=qcfg.group_size, zero_point=qcfg.zero_point,
+                                n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask)
+            del score
+            fold_scales(m.prev, m.linears, res.scales.to(device), spec.norm_offset)
+            for n in m.mapping.linears:
+                applied[n] = res.scales
+            results.scales.append(ScaleEntry(i, prefix + m.mapping.prev, [prefix + n for n in m.mapping.linears],
+                                             res.scales, res.mode, res.alpha, res.loss_identity, res.loss_best,
+                                             res.fallback))
+        cache.inputs.clear()
+        cache.gram.clear()
+
+        # [STEP 3] clip search on the scaled inputs
+        if scfg.clip:
+            for n, lin in linears.items():
+                if re.fullmatch(spec.no_clip, n) or not cache.clip_x[n]:
+                    continue
+                x = torch.cat(cache.clip_x[n]).to(device)
+                if n in applied:
+                    x = x / applied[n].to(device)
+                c = search_clip(lin.weight, x, bits=qcfg.bits, group_size=qcfg.group_size,
+                                zero_point=qcfg.zero_point, n_grid=scfg.clip_n_grid,
+                                max_shrink=scfg.clip_max_shrink)
+                apply_clip(lin, c.min_val, c.max_val)
+                results.clips.append(ClipEntry(i, prefix + n, c.min_val.cpu(), c.max_val.cpu(), c.err_before,
+                                               c.err_after, c.mean_ratio))
+        del cache
+
+        # [STEP 4] inputs of the next layer
+        if scfg.propagate == "float":
+            hidden = float_out
+        else:
+            layer.to(store_dtype)  # the stored weights are what gets quantized
+            layer.float()
+            saved = _fake_quantize_linears(linears, qcfg)
+            hidden = [_first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))).float().cpu()
+                      for h in hidden]
+            for n, w in saved.items():
+                linears[n].weight.data.copy_(w)
+        layer.to(device="cpu", dtype=store_dtype)
+        results.layer_seconds.append(time.perf_counter() - t0)
+    return results
