@@ -1,0 +1,53 @@
+"""Shared test fixtures: a tiny byte-level BPE tokenizer built in code (no hub access)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Quantization maps float weights to small integers with a scale and a zero point.",
+    "user assistant system question answer instruction output prompt response",
+    "0 1 2 3 4 5 6 7 8 9 hello world, hello again!",
+]
+#: A minimal chat template: "<|role|>\ncontent</s>\n" per turn, "<|assistant|>\n" as generation prompt.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def make_tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE, vocab_size: int = 320) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with ``<s>``/``</s>``/``<pad>`` (ids 0, 1, 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture
+def tiny_tokenizer() -> Any:
+    """Fresh tiny tokenizer with a chat template (safe to mutate in a test)."""
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_tokenizer_no_template() -> Any:
+    """Fresh tiny tokenizer without a chat template."""
+    return make_tiny_tokenizer(chat_template=None)
