@@ -1,0 +1,233 @@
+"""Public entry points: :func:`quantize` (typed configs) and :func:`quantize_with_awq` (the platform's call).
+
+[STEP 1] load the float model  → [STEP 2] choose the linears to quantize → [STEP 3] calibration blocks
+→ [STEP 4] search + apply (AWQ only) → [STEP 5] pack → [STEP 6] save (atomic) with metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from awqkit import __version__
+from awqkit.algo.results import AWQResults
+from awqkit.arch import ArchSpec, get_layers, matches, resolve_arch
+from awqkit.calib import load_calibration, text_file_hash
+from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
+from awqkit.eval.resources import track_peak_rss
+from awqkit.io.save import save_quantized
+from awqkit.io.source import SourceInfo, load_source
+from awqkit.nn.replace import replace_linears
+from awqkit.pipeline import run_awq
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("awq", "rtn")
+
+
+@dataclass
+class Targets:
+    """Which decoder-layer linears get quantized, and which stay float (and why)."""
+
+    quantized: list[str]
+    kept: dict[str, str] = field(default_factory=dict)  # name -> reason
+
+
+def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targets:
+    """Every ``nn.Linear`` inside the decoder layers, minus exclusions; shape problems are loud.
+
+    A linear whose ``in_features`` is not a multiple of the group size (or, at 4 bits, whose
+    ``out_features`` is not a multiple of 8, required by the GEMM layout) is an error naming it and the
+    group sizes that would work, unless ``qcfg.keep_unaligned_fp16`` (then it stays fp16, with a warning).
+    """
+    layers = get_layers(model, spec)
+    out = Targets([])
+    unaligned: list[str] = []
+    for i, layer in enumerate(layers):
+        for rel, mod in layer.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            name = f"{spec.layers}.{i}.{rel}"
+            if any(matches(name, ("re:" + p,)) for p in spec.not_convert) or matches(name, qcfg.modules_to_not_convert):
+                out.kept[name] = "modules_to_not_convert"
+                continue
+            g = mod.in_features if qcfg.group_size == -1 else qcfg.group_size
+            if mod.in_features % g or (qcfg.bits == 4 and mod.out_features % 8):
+                unaligned.append(f"{name} [{mod.out_features}x{mod.in_features}]")
+                out.kept[name] = f"in_features {mod.in_features} not a multiple of group_size {g}"
+                continue
+            out.quantized.append(name)
+    if unaligned:
+        ins = sorted({int(u.rsplit("x", 1)[1].rstrip("]")) for u in unaligned})
+        ok = [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in ins)] + [-1]
+        msg = (f"{len(unaligned)} linears do not fit group_size={qcfg.group_size}"
+               f"{' (4-bit GEMM also needs out_features % 8 == 0)' if qcfg.bits == 4 else ''}: "
+               f"{', '.join(unaligned[:6])}{' ...' if len(unaligned) > 6 else ''}. Group sizes that fit every "
+               f"layer: {ok}.")
+        if not qcfg.keep_unaligned_fp16:
+            raise ValueError(msg + " Choose one of them, or keep these layers in fp16 with --keep-unaligned-fp16.")
+        logger.warning("%s Keeping them in fp16 as asked.", msg)
+    if not out.quantized:
+        raise ValueError("no linear layer is left to quantize; check modules_to_not_convert and group_size")
+    return out
+
+
+@dataclass
+class QuantizeReport:
+    path: Path
+    metadata: dict[str, Any]
+    results: AWQResults | None
+    seconds: float
+    peak_rss_bytes: int
+
+
+def quantize(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    method: str = "awq",
+    quant: QuantConfig | None = None,
+    calib: CalibConfig | None = None,
+    search: SearchConfig | None = None,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize the float model at ``src`` with ``method`` ("awq" or "rtn") and write it to ``dst``.
+
+    ``dst`` is written to a temporary sibling and renamed into place when complete; an existing
+    ``dst`` is refused unless ``overwrite``. Same inputs and seed give identical tensors.
+    """
+    quant, calib, search = quant or QuantConfig(), calib or CalibConfig(), search or SearchConfig()
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not supported; choose one of {METHODS}")
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) or choose another --dst")
+    t0 = time.perf_counter()
+    with track_peak_rss() as rss:
+        # [STEP 1]
+        model, tokenizer, info = load_source(src, trust_remote_code=trust_remote_code)
+        spec = resolve_arch(model)
+        # [STEP 2]
+        targets = select_targets(model, spec, quant)
+        results = None
+        calib_meta: dict[str, Any] = {}
+        timings: dict[str, float] = {"load": time.perf_counter() - t0}
+        if method == "awq":
+            # [STEP 3]
+            t = time.perf_counter()
+            torch.manual_seed(calib.seed)
+            ids = load_calibration(calib.source, tokenizer, calib, model=model)
+            calib_meta = _calib_metadata(calib, ids)
+            timings["calibration_data"] = time.perf_counter() - t
+            # [STEP 4]
+            t = time.perf_counter()
+            results = run_awq(model, ids, quant, search, set(targets.quantized), device=device, progress=progress)
+            timings["search"] = time.perf_counter() - t
+        # [STEP 5]
+        t = time.perf_counter()
+        replace_linears(model, targets.quantized, quant.bits, quant.group_size, quant.zero_point)
+        timings["pack"] = time.perf_counter() - t
+        timings["total_before_save"] = time.perf_counter() - t0
+        metadata = build_metadata(method, quant, calib if method == "awq" else None, search if method == "awq" else None,
+                                  info, targets, results, calib_meta, timings)
+        # [STEP 6]
+        keep = sorted(targets.kept)
+        path = save_quantized(model, dst, src_dir=info.folder, quant_config=quant, metadata=metadata,
+                              modules_to_not_convert=keep, overwrite=overwrite,
+                              extra_files=(results.save if results is not None else None))
+    seconds = time.perf_counter() - t0
+    logger.info("quantized %s with %s in %.1f s (peak RSS %.2f GB)", src, method, seconds, rss.peak / 1e9)
+    return QuantizeReport(path, metadata, results, seconds, rss.peak)
+
+
+def _calib_metadata(calib: CalibConfig, ids: torch.Tensor) -> dict[str, Any]:
+    source_hash = None
+    if calib.source != "self":
+        source_hash = text_file_hash(calib.source)
+    return {"source": str(calib.source), "sha256": source_hash, "n_samples": int(ids.shape[0]),
+            "seq_len": int(ids.shape[1]), "seed": calib.seed}
+
+
+def build_metadata(
+    method: str,
+    quant: QuantConfig,
+    calib: CalibConfig | None,
+    search: SearchConfig | None,
+    info: SourceInfo,
+    targets: Targets,
+    results: AWQResults | None,
+    calib_meta: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The contents of ``quantization_metadata.json``."""
+    import transformers
+
+    meta: dict[str, Any] = {
+        "format_version": 1,
+        "method": method,
+        "bits": quant.bits,
+        "group_size": quant.group_size,
+        "zero_point": quant.zero_point,
+        "quant_config": to_dict(quant),
+        "search_config": to_dict(search) if search is not None else None,
+        "calibration": calib_meta or None,
+        "source_model": info.to_dict(),
+        "quantized_modules": len(targets.quantized),
+        "kept_float": targets.kept,
+        "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "versions": {"awqkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+    if results is not None:
+        meta["awq"] = results.summary()
+    return meta
+
+
+def quantize_with_awq(
+    src: str | Path,
+    dst: str | Path,
+    calib_path: str | Path | None,
+    bits: int = 4,
+    group_size: int = 128,
+    seed: int = 13,
+    skip_lm_head: bool = True,
+    backend: str = "awq",
+) -> tuple[Path, dict[str, str]]:
+    """The platform's call: quantize ``src`` into ``dst``; returns (folder, string metadata).
+
+    Args:
+        calib_path: calibration file (text, JSONL, CSV) or None / "self" for data-free calibration.
+        skip_lm_head: keep the LM head (and embeddings) in fp16 — awqkit never quantizes them, so
+            False is refused rather than silently ignored.
+        backend: the quantization method, "awq" or "rtn".
+    """
+    if not skip_lm_head:
+        raise ValueError("awqkit never quantizes the LM head; call with skip_lm_head=True")
+    report = quantize(
+        src, dst, method=backend,
+        quant=QuantConfig(bits=bits, group_size=group_size),
+        calib=CalibConfig(source=str(calib_path) if calib_path is not None else "self", seed=seed),
+    )
+    m = report.metadata
+    flat = {
+        "method": m["method"], "bits": str(m["bits"]), "group_size": str(m["group_size"]),
+        "zero_point": str(m["zero_point"]).lower(), "seed": str(seed),
+        "calibration": str(calib_path if calib_path is not None else "self"),
+        "source_model": str(src), "quantize_seconds": f"{report.seconds:.1f}",
+        "awqkit_version": __version__, "lm_head": "fp16",
+    }
+    if m.get("calibration"):
+        flat["calibration_sha256"] = str(m["calibration"]["sha256"])
+        flat["calibration_samples"] = str(m["calibration"]["n_samples"])
+        flat["calibration_seq_len"] = str(m["calibration"]["seq_len"])
+    return report.path, flat

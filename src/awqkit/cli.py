@@ -1,0 +1,164 @@
+"""``awqkit`` command line: quantize, generate, demo. Defaults come from the config dataclasses.
+
+Only this module prints; everything else logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from awqkit.config import CalibConfig, QuantConfig, SearchConfig, defaults
+
+Q, C, S = defaults(QuantConfig), defaults(CalibConfig), defaults(SearchConfig)
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=Q["bits"], help="weight bits, 2..8 (default %(default)s)")
+    p.add_argument("--group-size", type=int, default=Q["group_size"],
+                   help="input channels per scale: 32/64/128/256 or -1 per channel (default %(default)s)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
+    p.add_argument("--keep-lm-head-fp16", action=argparse.BooleanOptionalAction, default=Q["keep_lm_head_fp16"],
+                   help="keep the LM head and embeddings in fp16 (always on: awqkit never quantizes them)")
+    p.add_argument("--keep-unaligned-fp16", action="store_true",
+                   help="keep linears whose sizes do not fit the group size in fp16 instead of failing")
+    p.add_argument("--modules-to-not-convert", nargs="*", default=[],
+                   help="exact module names, leaf names or re:REGEX patterns to keep in float")
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default=C["source"],
+                   help="calibration: a text file (one prompt per line), JSONL/CSV training rows, or 'self' "
+                        "(data-free, sampled from the model) (default %(default)s)")
+    p.add_argument("--n-samples", type=int, default=C["n_samples"], help="calibration blocks (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=C["seq_len"], help="tokens per block (default %(default)s)")
+    p.add_argument("--seed", type=int, default=C["seed"], help="seed (default %(default)s)")
+    for col in ("prompt", "response", "messages", "text"):
+        p.add_argument(f"--{col}-column", default=None, help=f"column holding the {col} in JSONL/CSV rows")
+    p.add_argument("--system-prompt", default=None, help="system prompt for chat-rendered rows")
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale-mode", choices=("x", "duo", "both"), default=S["scale_mode"],
+                   help="s = x^a (x), x^a / w^(1-a) (duo) or both (default %(default)s)")
+    p.add_argument("--n-grid", type=int, default=S["n_grid"], help="alpha grid points in [0,1] (default %(default)s)")
+    p.add_argument("--search-samples", type=int, default=S["search_samples"],
+                   help="blocks scoring attention candidates (default %(default)s)")
+    p.add_argument("--search-tokens", type=int, default=S["search_tokens"],
+                   help="tokens scoring MLP candidates (default %(default)s)")
+    p.add_argument("--no-clip", action="store_true", help="skip the weight-clipping search")
+    p.add_argument("--propagate", choices=("quantized", "float"), default=S["propagate"],
+                   help="next layer sees the quantized or the float outputs (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=S["batch_size"], help="blocks per forward (default %(default)s)")
+
+
+def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchConfig]:
+    quant = QuantConfig(bits=a.bits, group_size=a.group_size, zero_point=not a.symmetric,
+                        modules_to_not_convert=tuple(a.modules_to_not_convert),
+                        keep_unaligned_fp16=a.keep_unaligned_fp16, keep_lm_head_fp16=a.keep_lm_head_fp16)
+    calib = CalibConfig(source=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed,
+                        prompt_column=a.prompt_column, response_column=a.response_column,
+                        messages_column=a.messages_column, text_column=a.text_column, system_prompt=a.system_prompt)
+    search = SearchConfig(n_grid=a.n_grid, scale_mode=a.scale_mode, search_samples=a.search_samples,
+                          search_tokens=a.search_tokens, clip=not a.no_clip, propagate=a.propagate,
+                          batch_size=a.batch_size)
+    return quant, calib, search
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from awqkit.api import quantize
+
+    if not a.keep_lm_head_fp16:
+        raise ValueError("awqkit never quantizes the LM head; drop --no-keep-lm-head-fp16")
+    quant, calib, search = _configs(a)
+    report = quantize(a.src, a.dst, method=a.method, quant=quant, calib=calib, search=search, device=a.device,
+                      overwrite=a.overwrite, trust_remote_code=a.trust_remote_code)
+    print(f"wrote {report.path} ({a.method}, w{quant.bits} g{quant.group_size}) in {report.seconds:.1f} s, "
+          f"peak RSS {report.peak_rss_bytes / 1e9:.2f} GB")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from awqkit.io.load import load_quantized
+    from transformers import AutoTokenizer
+
+    model = load_quantized(a.path, backend=a.backend)
+    tok = AutoTokenizer.from_pretrained(a.path)
+    text = a.prompt
+    if a.chat and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=not a.chat)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=a.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from awqkit.demo import run_demo
+
+    table = run_demo(work=Path(a.work) if a.work else None, n_samples=a.n_samples, windows=a.windows,
+                     group_size=a.group_size)
+    print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="awqkit", description="AWQ quantization for Hugging Face causal LMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model (AWQ or RTN) into an AutoAWQ-GEMM checkpoint")
+    q.add_argument("--method", choices=("awq", "rtn"), default="awq")
+    q.add_argument("--src", required=True, help="HF folder, .gguf file or hub id")
+    q.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
+    q.add_argument("--device", default="cpu", help="compute device for the layer being searched")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --dst once the new one is complete")
+    q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+    _add_quant_args(q)
+    _add_calib_args(q)
+    _add_search_args(q)
+    q.set_defaults(func=cmd_quantize)
+
+    g = sub.add_parser("generate", help="greedy generation with a quantized folder")
+    g.add_argument("path")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                   help="wrap the prompt in the chat template")
+    g.add_argument("--backend", default="auto", help="kernel backend (default %(default)s)")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="SmolLM2-135M-Instruct from PyPI: RTN vs AWQ before/after table")
+    d.add_argument("--work", default=None, help="folder for the outputs (default: the awqkit cache)")
+    d.add_argument("--n-samples", type=int, default=32, help="self-generated calibration blocks (default %(default)s)")
+    d.add_argument("--windows", type=int, default=4, help="evaluation windows of 1024 tokens (default %(default)s)")
+    d.add_argument("--group-size", type=int, default=64, help="group size (default %(default)s)")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"awqkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _json(obj: Any) -> str:  # pragma: no cover - helper kept for subcommands that emit JSON
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

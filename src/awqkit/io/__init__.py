@@ -1,0 +1,1 @@
+"""Loading source models, saving and loading quantized checkpoints."""

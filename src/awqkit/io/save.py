@@ -1,0 +1,333 @@
+"""Write a quantized model as a Hugging Face checkpoint folder, atomically.
+
+Layout of ``dst``:
+
+* ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``:
+  the state dict. :class:`QuantLinear` modules contribute their packed buffers (``qweight``/``qzeros``/
+  ``scales``[/``bias``] in the GEMM format used for 4 bits, ``weight_packed``/``weight_scale``
+  [/``weight_zero_point``]/``weight_shape``[/``bias``] in the pack-quantized format used otherwise); every other float tensor (embeddings, norms, LM head, float
+  linears) is stored in fp16. A tied output embedding is stored once (only the input embedding).
+* ``config.json``: the model config with ``dtype``/``torch_dtype`` ``"float16"`` and a
+  ``quantization_config`` matching the modules' format (AutoAWQ ``awq``/``gemm``, or compressed-tensors
+  ``pack-quantized``).
+* tokenizer files, chat templates, ``generation_config.json`` copied from ``src_dir``.
+* ``quantization_metadata.json``: the caller's metadata (sorted keys, indent 2).
+
+Everything is written to a hidden sibling ``.<name>.tmp-XXXX`` and renamed to ``dst`` only when complete,
+so an interrupted save never leaves a half-written ``dst`` (nor the temporary folder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from awqkit.config import QuantConfig
+from awqkit.nn.qlinear import QuantLinear
+from awqkit.nn.replace import name_matches
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+SRC_FILE_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.tiktoken",
+    "spiece.model",
+    "chat_template*",
+    "*.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string like ``"2GB"`` (10^9), ``"500MiB"`` (2^20), ``"1000"``."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = _SIZE_RE.match(str(size))
+        if not m:
+            raise ValueError(f"max_shard_size={size!r} is not a size; use e.g. '2GB', '500MB' or bytes as int")
+        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    if value <= 0:
+        raise ValueError(f"max_shard_size={size!r} must be positive")
+    return value
+
+
+def build_quantization_config(
+    quant_config: QuantConfig, ignore: list[str], format: str | None = None
+) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json``: AutoAWQ for ``format="gemm"`` (the default
+    for 4 bits), compressed-tensors for ``"pack-quantized"`` (the default otherwise)."""
+    format = format or ("gemm" if quant_config.bits == 4 else "pack-quantized")
+    if format == "gemm":
+        return {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": quant_config.group_size,
+            "zero_point": quant_config.zero_point,
+            "version": quant_config.version,
+            "modules_to_not_convert": list(ignore),
+        }
+    channel = quant_config.group_size == -1
+    weights = {
+        "num_bits": quant_config.bits,
+        "type": "int",
+        "symmetric": not quant_config.zero_point,
+        "strategy": "channel" if channel else "group",
+        "group_size": None if channel else quant_config.group_size,
+        "dynamic": False,
+        "actorder": None,
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                        "output_activations": None}
+        },
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "quantization_status": "compressed",
+        "awqkit": True,
+    }
+
+
+def _ignore_list(model: nn.Module, given: list[str], quantized: set[str]) -> list[str]:
+    """``given`` plus every float ``nn.Linear`` not matched by it (loaders must skip them all)."""
+    out = list(given)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(name_matches(name, p) for p in given):
+            out.append(name)
+    for entry in out:
+        if not entry.startswith("re:"):
+            clash = next((q for q in quantized if entry in q), None)
+            if clash is not None:
+                logger.warning(
+                    "modules_to_not_convert entry %r is a substring of quantized module %r; loaders that "
+                    "match by substring (transformers, vLLM) would skip it. Use a more specific name.",
+                    entry, clash,
+                )
+    return out
+
+
+def _state_plan(model: nn.Module) -> dict[str, tuple[Tensor, torch.dtype]]:
+    """``{key: (tensor, storage dtype)}`` with tied duplicates removed (see the module docstring)."""
+    sd = model.state_dict()
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    tied_flag = bool(getattr(text_cfg, "tie_word_embeddings", False))
+    droppable = set(getattr(model, "all_tied_weights_keys", None) or {})
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out_key = next((f"{n}.weight" for n, m in model.named_modules() if m is out_emb and out_emb is not None), None)
+    in_key = next((f"{n}.weight" for n, m in model.named_modules() if m is in_emb and in_emb is not None), None)
+    if tied_flag and out_key:
+        droppable.add(out_key)
+    groups: dict[tuple, list[str]] = {}
+    for key, t in sd.items():
+        if t.numel() == 0:
+            continue
+        groups.setdefault((t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()), []).append(key)
+    drop: set[str] = set()
+    for keys in groups.values():
+        if len(keys) > 1:
+            keep = [k for k in keys if k not in droppable] or keys[:1]
+            drop.update(k for k in keys if k not in keep)
+    if tied_flag and out_key in sd and in_key in sd and out_key not in drop:
+        if torch.equal(sd[out_key], sd[in_key]):
+            drop.add(out_key)
+        else:
+            raise ValueError(
+                f"config says tie_word_embeddings=True but {out_key} differs from {in_key}; re-tie them "
+                "(model.tie_weights()) or set model.config.tie_word_embeddings=False before saving"
+            )
+    plan: dict[str, tuple[Tensor, torch.dtype]] = {}
+    for key, t in sd.items():
+        if key not in drop:
+            plan[key] = (t, torch.float16 if t.is_floating_point() else t.dtype)
+    return plan
+
+
+def _convert(key: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+    t = t.detach()
+    if t.is_floating_point() and t.numel() and dtype == torch.float16 and t.dtype != torch.float16:
+        peak = float(t.abs().max())
+        if math.isfinite(peak) and peak > FP16_MAX:
+            raise ValueError(f"tensor {key} has |value| {peak:g} > {FP16_MAX} and would overflow in fp16")
+    out = t.to(device="cpu", dtype=dtype).contiguous()
+    if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        out = out.clone()  # own storage: safetensors refuses tensors that share memory (e.g. untied aliases)
+    return out
+
+
+def _write_shards(plan: dict[str, tuple[Tensor, torch.dtype]], folder: Path, max_bytes: int) -> None:
+    shards: list[list[str]] = [[]]
+    size = 0
+    total = 0
+    for key, (t, dtype) in plan.items():
+        nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        if nbytes > max_bytes:
+            logger.warning("tensor %s (%d bytes) exceeds max_shard_size; it gets a shard of its own", key, nbytes)
+        shards[-1].append(key)
+        size += nbytes
+        total += nbytes
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for i, keys in enumerate(shards, start=1):
+        fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        tensors = {k: _convert(k, *plan[k]) for k in keys}
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in keys})
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _config_dict(model: nn.Module, qcfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = json.loads(model.config.to_json_string(use_diff=True))
+    for sub in cfg.values():
+        if isinstance(sub, dict):
+            sub.pop("quantization_config", None)
+    cfg["dtype"] = "float16"
+    cfg["torch_dtype"] = "float16"
+    if not cfg.get("architectures"):
+        cfg["architectures"] = [type(model).__name__]
+    cfg["quantization_config"] = qcfg
+    return cfg
+
+
+def _copy_src_files(src_dir: Path, folder: Path) -> list[str]:
+    if not src_dir.is_dir():
+        raise ValueError(f"src_dir={src_dir} is not a directory; pass the original model folder or None")
+    copied = []
+    for pattern in SRC_FILE_PATTERNS:
+        for path in sorted(src_dir.glob(pattern)):
+            if path.is_file() and not (folder / path.name).exists():
+                shutil.copy2(path, folder / path.name)
+                copied.append(path.name)
+    return copied
+
+
+def save_quantized(
+    model: nn.Module,
+    dst: str | Path,
+    *,
+    src_dir: str | Path | None,
+    quant_config: QuantConfig,
+    metadata: dict[str, Any],
+    modules_to_not_convert: list[str],
+    overwrite: bool = False,
+    max_shard_size: int | str = "2GB",
+    extra_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save ``model`` (with :class:`QuantLinear` modules in place) to ``dst``; returns ``dst``.
+
+    Args:
+        model: a transformers causal LM whose quantized linears were replaced (``replace_linears``).
+        dst: output folder; must not exist unless ``overwrite`` (then it is replaced only once the new
+            folder is complete).
+        src_dir: original model folder to copy tokenizer/chat-template/generation files from, or None.
+        quant_config: the settings the QuantLinear modules were built with (checked against them).
+        metadata: JSON-serializable dict written to ``quantization_metadata.json``.
+        modules_to_not_convert: names/patterns kept in float; every other float ``nn.Linear`` is added.
+        max_shard_size: bytes per safetensors shard (``"2GB"``, ``"500MB"``, int bytes).
+        extra_files: called with the temporary folder before it is renamed into place, to add files
+            (e.g. ``AWQResults.save``) that must be part of the atomic write.
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        ValueError: nothing quantized, modules disagree with ``quant_config``, metadata not JSON,
+            broken tied embeddings, or a value that overflows fp16.
+    """
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass overwrite=True to replace it or choose another path")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst} exists and is not a directory; refusing to replace it")
+    max_bytes = parse_size(max_shard_size)
+    try:
+        meta_text = json.dumps(metadata, sort_keys=True, indent=2) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"metadata is not JSON-serializable ({exc}); convert values to str/int/float/list/dict"
+        ) from None
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quantized:
+        raise ValueError("model has no QuantLinear modules; quantize it (nn.replace.replace_linears) before saving")
+    for name, m in quantized.items():
+        expected = (quant_config.bits, quant_config.group_size, quant_config.zero_point)
+        if (m.bits, m.group_size, m.zero_point) != expected:
+            raise ValueError(
+                f"{name} was quantized with bits={m.bits}, group_size={m.group_size}, zero_point={m.zero_point} "
+                f"but quant_config says bits={quant_config.bits}, group_size={quant_config.group_size}, "
+                f"zero_point={quant_config.zero_point}; one checkpoint holds one setting"
+            )
+    formats = {m.format for m in quantized.values()}
+    if len(formats) != 1:
+        raise ValueError(f"quantized linears mix layouts {sorted(formats)}; one checkpoint holds one layout")
+    ignore = _ignore_list(model, list(modules_to_not_convert), set(quantized))
+    qcfg = build_quantization_config(quant_config, ignore, formats.pop())
+    cfg = _config_dict(model, qcfg)
+    plan = _state_plan(model)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        _write_shards(plan, tmp, max_bytes)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        copied = _copy_src_files(Path(src_dir), tmp) if src_dir is not None else []
+        gen = getattr(model, "generation_config", None)
+        if "generation_config.json" not in copied and gen is not None:
+            gen.to_json_file(tmp / "generation_config.json", use_diff=True)
+        (tmp / "quantization_metadata.json").write_text(meta_text)
+        if extra_files is not None:
+            extra_files(tmp)
+        _commit(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved %d quantized linears (%d-bit) to %s", len(quantized), quant_config.bits, dst)
+    return dst
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    """Rename ``tmp`` to ``dst``; an existing ``dst`` is moved aside first and deleted only afterwards."""
+    if not dst.exists():
+        tmp.rename(dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    dst.rename(old)
+    try:
+        tmp.rename(dst)
+    except BaseException:
+        old.rename(dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["save_quantized", "build_quantization_config", "parse_size"]

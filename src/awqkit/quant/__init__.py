@@ -1,0 +1,1 @@
+"""Quantization math (pure tensor functions) and the packed on-disk layouts."""
