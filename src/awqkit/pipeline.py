@@ -179,7 +179,9 @@ def run_awq(
                     return _first(mod(*args, **kw))
 
                 score = ModuleScorer(forward, len(cached))
-            res = search_scales(m.linears, score, cache.x_mean(m.mapping.linears[0]),
+            # the linears share one input; only quantized ones are hooked, so read its statistics there
+            x_name = next(n for n, q in zip(m.mapping.linears, mask) if q)
+            res = search_scales(m.linears, score, cache.x_mean(x_name),
                                 bits=qcfg.bits, group_size=qcfg.group_size, zero_point=qcfg.zero_point,
                                 n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask)
             del score

@@ -27,10 +27,15 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far, in bytes (``getrusage`` ``ru_maxrss``).
 
-    Linux reports ``ru_maxrss`` in KiB, macOS in bytes.
+    Linux reports ``ru_maxrss`` in KiB, macOS in bytes. Linux computes it from approximate per-CPU RSS
+    counters, so it can trail the exact current RSS by a few hundred KiB: the result is at least that.
     """
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+    peak = int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+    try:
+        return max(peak, current_rss_bytes())
+    except RuntimeError:
+        return peak
 
 
 def current_rss_bytes() -> int:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from awqkit.quant.packing import unpack_ct, unpack_gemm
+from awqkit.quant.packing import unpack_awq_rows, unpack_ct, unpack_gemm
 from awqkit.quant.primitives import dequantize
 
 if TYPE_CHECKING:
@@ -50,7 +50,20 @@ def forward(x: Tensor, module: QuantLinear) -> Tensor:
             f"input last dim {x.shape[-1]} does not match in_features={module.in_features} of this QuantLinear"
         )
     dt = compute_dtype(x)
-    weight = dequantize_module(module).to(device=x.device, dtype=dt)
     bias = module.bias.to(device=x.device, dtype=dt) if module.bias is not None else None
+    if module.format == "gemm":  # dequantize in the stored [in, out] orientation: no transposes
+        w_t = dequantize_gemm_t(module.qweight, module.qzeros, module.scales).to(device=x.device, dtype=dt)
+        y = torch.matmul(x.to(dt), w_t)
+        return (y + bias if bias is not None else y).to(x.dtype)
+    weight = dequantize_module(module).to(device=x.device, dtype=dt)
     y = torch.nn.functional.linear(x.to(dt), weight, bias)
     return y.to(x.dtype)
+
+
+def dequantize_gemm_t(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> Tensor:
+    """``W^T`` float32 ``[in, out]`` from GEMM tensors: ``(q[k, n] - z[k // g, n]) * s[k // g, n]``."""
+    in_f = qweight.shape[0]
+    n_groups, out_f = scales.shape
+    q = unpack_awq_rows(qweight).view(n_groups, in_f // n_groups, out_f)
+    z = unpack_awq_rows(qzeros).unsqueeze(1)
+    return ((q - z).float() * scales.float().unsqueeze(1)).view(in_f, out_f)

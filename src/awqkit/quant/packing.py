@@ -96,7 +96,7 @@ def _to_int32(words: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- AutoAWQ GEMM
-def _pack_awq_rows(v: Tensor) -> Tensor:
+def pack_awq_rows(v: Tensor) -> Tensor:
     """``[R, N]`` nibbles -> int32 ``[R, N/8]`` in AWQ_ORDER (bits 4i.. hold column c*8+AWQ_ORDER[i])."""
     rows, n = v.shape
     order = torch.tensor(AWQ_ORDER, device=v.device)
@@ -105,13 +105,15 @@ def _pack_awq_rows(v: Tensor) -> Tensor:
     return _to_int32((grouped << shifts).sum(dim=-1))
 
 
-def _unpack_awq_rows(words: Tensor) -> Tensor:
-    """int32 ``[R, N/8]`` -> int32 nibbles ``[R, N]`` in natural column order."""
+def unpack_awq_rows(words: Tensor) -> Tensor:
+    """int32 ``[R, N/8]`` -> int32 nibbles ``[R, N]`` in natural column order.
+
+    Column ``c*8 + j`` sits in nibble ``AWQ_REVERSE_ORDER[j]``, so one shift per column position
+    (0, 16, 4, 20, 8, 24, 12, 28) reads the natural order directly, with no gather.
+    """
     rows, cols = words.shape
-    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
-    nibbles = (words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF  # [R, N/8, 8], position i
-    reverse = torch.tensor(AWQ_REVERSE_ORDER, device=words.device)
-    return nibbles.index_select(2, reverse).reshape(rows, cols * 8)
+    shifts = torch.tensor([4 * i for i in AWQ_REVERSE_ORDER], device=words.device, dtype=torch.int32)
+    return ((words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF).reshape(rows, cols * 8)
 
 
 def pack_gemm(q: Tensor, zeros: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,8 +131,8 @@ def pack_gemm(q: Tensor, zeros: Tensor, scales: Tensor) -> tuple[Tensor, Tensor,
             f"out_features={out_f} is not a multiple of 8, which the AutoAWQ GEMM layout requires; "
             "keep this linear in fp16 (modules_to_not_convert) or use bits != 4"
         )
-    qweight = _pack_awq_rows(q.t())
-    qzeros = _pack_awq_rows(zeros.t())
+    qweight = pack_awq_rows(q.t())
+    qzeros = pack_awq_rows(zeros.t())
     return qweight.contiguous(), qzeros.contiguous(), scales.t().to(torch.float16).contiguous()
 
 
@@ -156,8 +158,8 @@ def unpack_gemm(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> tuple[Tensor
         )
     if n_groups == 0 or in_f % n_groups != 0:
         raise ValueError(f"in_features={in_f} is not divisible into n_groups={n_groups} groups")
-    q = _unpack_awq_rows(qweight).t().contiguous()
-    zeros = _unpack_awq_rows(qzeros).t().contiguous()
+    q = unpack_awq_rows(qweight).t().contiguous()
+    zeros = unpack_awq_rows(qzeros).t().contiguous()
     return q, zeros, scales.float().t().contiguous()
 
 
