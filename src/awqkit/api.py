@@ -74,6 +74,10 @@ def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targe
         if not qcfg.keep_unaligned_fp16:
             raise ValueError(msg + " Choose one of them, or keep these layers in fp16 with --keep-unaligned-fp16.")
         logger.warning("%s Keeping them in fp16 as asked.", msg)
+    all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for pattern in qcfg.modules_to_not_convert:
+        if not any(matches(n, (pattern,)) for n in all_linears):
+            logger.warning("modules_to_not_convert entry %r matches no linear layer of this model", pattern)
     if not out.quantized:
         raise ValueError("no linear layer is left to quantize; check modules_to_not_convert and group_size")
     return out

@@ -60,6 +60,7 @@ class _LayerCache:
         self.clip_x: dict[str, list[Tensor]] = {n: [] for n in linears}
         self.inputs: dict[int, list[tuple[tuple, dict]]] = {}
         self.gram: dict[str, Tensor] = {}
+        self._tokenwise: dict[int, bool] = {}
         self.caching = False
         self.clip_tokens = clip_tokens
         self.tokens_per_batch = tokens_per_batch
@@ -70,7 +71,8 @@ class _LayerCache:
                 self.gram[m.mapping.inspect] = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
             else:
                 self.inputs[k] = []
-                hook = self._inspect_hook(k, m.mapping.scoring == "tokens")
+                self._tokenwise[k] = m.mapping.scoring == "tokens"
+                hook = self._inspect_hook(k, self._tokenwise[k])
                 self.handles.append(m.inspect.register_forward_pre_hook(hook, with_kwargs=True))
         for n, lin in linears.items():
             self.handles.append(lin.register_forward_pre_hook(self._linear_hook(n)))
@@ -96,6 +98,13 @@ class _LayerCache:
             elif self.caching:
                 self.inputs[idx].append(map_tensors((args, kwargs), lambda t: t.detach()))
         return hook
+
+    def finish(self) -> None:
+        """Merge per-batch token samples into one batch (one large matmul beats many small ones)."""
+        for k, items in self.inputs.items():
+            if self._tokenwise.get(k) and items:
+                x = torch.cat([a[0] for a, _ in items], dim=1)
+                self.inputs[k] = [((x,) + tuple(items[0][0][1:]), items[0][1])]
 
     def x_mean(self, name: str) -> Tensor:
         return (self.abs_sum[name] / max(self.count[name], 1)).float()
@@ -162,6 +171,7 @@ def run_awq(
             if scfg.propagate == "float":
                 float_out.append(out.float().cpu())
         cache.remove()
+        cache.finish()
 
         # [STEP 2] scale search + fold, mapping by mapping
         applied: dict[str, Tensor] = {}

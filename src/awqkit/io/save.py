@@ -24,6 +24,7 @@ from collections.abc import Callable
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -307,12 +308,22 @@ def save_quantized(
         (tmp / "quantization_metadata.json").write_text(meta_text)
         if extra_files is not None:
             extra_files(tmp)
+        _normal_permissions(tmp)
         _commit(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("saved %d quantized linears (%d-bit) to %s", len(quantized), quant_config.bits, dst)
     return dst
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the result the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _commit(tmp: Path, dst: Path) -> None:
