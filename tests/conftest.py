@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -51,3 +52,19 @@ def tiny_tokenizer() -> Any:
 def tiny_tokenizer_no_template() -> Any:
     """Fresh tiny tokenizer without a chat template."""
     return make_tiny_tokenizer(chat_template=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(request: pytest.FixtureRequest) -> Any:
+    """Tiny models: one thread is much faster on this 2-core machine (small matmuls pay threading costs).
+
+    Module-scoped and autouse, so it is set before any module-scoped model fixture runs; the real-model
+    tests (marked slow) keep every thread.
+    """
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

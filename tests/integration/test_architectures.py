@@ -46,15 +46,6 @@ MAX_REL_ERR = {"llama": 0.2, "mistral": 0.2, "qwen2": 0.2, "qwen3": 0.2, "gemma3
 AWQ_VS_RTN = 1.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster (and set before the module-scoped fixtures run)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _config(arch: str, vocab: int, kv_heads: int = 2):
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=kv_heads, head_dim=16, vocab_size=vocab)

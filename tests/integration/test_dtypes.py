@@ -38,23 +38,18 @@ def fp32_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaFo
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_source_quantizes(fp32_source: tuple, dtype: str) -> None:
     root, model32, calib = fp32_source
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        dst = root / f"q-{dtype}"
-        rep = quantize(root / dtype, dst, quant=QuantConfig(bits=4, group_size=32),
-                       calib=CalibConfig(source=str(calib), n_samples=4, seq_len=32),
-                       search=SearchConfig(batch_size=2, search_samples=2, search_tokens=64, n_grid=5),
-                       progress=False)
-        maps = rep.metadata["awq"]["mappings"]
-        assert maps and all(m["loss_awq"] is not None and m["loss_awq"] <= m["loss_rtn"] for m in maps)
-        q = load_quantized(dst)
-        ids = torch.arange(40).reshape(2, 20) % model32.config.vocab_size
-        with torch.no_grad():
-            ref, out = model32(ids).logits, q(ids).logits
-        assert torch.isfinite(out).all()
-        assert ((out - ref).norm() / ref.norm()).item() < 0.2
-        cfg = json.loads((dst / "config.json").read_text())
-        assert cfg["quantization_config"]["bits"] == 4
-    finally:
-        torch.set_num_threads(n)
+    dst = root / f"q-{dtype}"
+    rep = quantize(root / dtype, dst, quant=QuantConfig(bits=4, group_size=32),
+                   calib=CalibConfig(source=str(calib), n_samples=4, seq_len=32),
+                   search=SearchConfig(batch_size=2, search_samples=2, search_tokens=64, n_grid=5),
+                   progress=False)
+    maps = rep.metadata["awq"]["mappings"]
+    assert maps and all(m["loss_awq"] is not None and m["loss_awq"] <= m["loss_rtn"] for m in maps)
+    q = load_quantized(dst)
+    ids = torch.arange(40).reshape(2, 20) % model32.config.vocab_size
+    with torch.no_grad():
+        ref, out = model32(ids).logits, q(ids).logits
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.2
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == 4

@@ -26,15 +26,6 @@ ARCHS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster (and set before the module-scoped fixtures run)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _build(arch: str, kv_heads: int = 2) -> nn.Module:
     cfg_cls, model_cls, _ = ARCHS[arch]
     torch.manual_seed(0)

@@ -190,19 +190,14 @@ def test_load_calibration_from_file_and_errors(tmp_path: Path, tiny_tokenizer: A
 # ------------------------------------------------------------------------------------- self-gen
 @pytest.fixture
 def tiny_llama(tiny_tokenizer: Any) -> Iterator[Any]:
-    """A random 2-layer Llama; one intra-op thread while it is used (tiny matmuls are much faster so)."""
+    """A random 2-layer Llama (conftest runs tiny-model modules on one thread)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                       bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
-    try:
-        yield LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_num_threads(threads)
+    yield LlamaForCausalLM(cfg).eval()
 
 
 def test_self_generate_shape_determinism_and_rng(tiny_llama: Any, tiny_tokenizer: Any) -> None:

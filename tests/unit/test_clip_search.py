@@ -11,15 +11,6 @@ from awqkit.quant.primitives import fake_quantize
 OUT, IN, G = 48, 128, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster (and set before the module-scoped fixtures run)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _problem(seed: int, outliers: bool = False):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(OUT, IN, generator=gen)

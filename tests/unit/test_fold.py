@@ -16,15 +16,6 @@ D = 64
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster (and set before the module-scoped fixtures run)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _scales(n: int, seed: int = 0) -> torch.Tensor:
     """Positive scales log-uniform over [0.1, 10], with both ends present."""
     g = torch.Generator().manual_seed(seed)

@@ -20,15 +20,6 @@ from awqkit.quant.primitives import fake_quantize
 IN, OUT, GROUP = 256, 128, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster (and set before the module-scoped fixtures run)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _x_mean(n: int = IN, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 5 + 0.01
 
