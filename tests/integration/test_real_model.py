@@ -46,7 +46,7 @@ def _quantize(setup: dict, method: str) -> Path:
     dst = setup["work"] / method
     quantize(setup["src"], dst, method=method, quant=QuantConfig(bits=4, group_size=64),
              calib=CalibConfig(source=str(setup["calib"]), n_samples=N_SAMPLES, seq_len=512),
-             search=SearchConfig(), progress=False)
+             search=SearchConfig(search_samples=8, search_tokens=4096), progress=False)
     return dst
 
 
