@@ -6,12 +6,9 @@ Only this module prints; everything else logs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
-
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, defaults
 
 Q, C, S = defaults(QuantConfig), defaults(CalibConfig), defaults(SearchConfig)
@@ -138,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="SmolLM2-135M-Instruct from PyPI: RTN vs AWQ before/after table")
     d.add_argument("--work", default=None, help="folder for the outputs (default: the awqkit cache)")
-    d.add_argument("--n-samples", type=int, default=32, help="self-generated calibration blocks (default %(default)s)")
+    d.add_argument("--n-samples", type=int, default=16, help="self-generated calibration blocks (default %(default)s)")
     d.add_argument("--windows", type=int, default=4, help="evaluation windows of 1024 tokens (default %(default)s)")
     d.add_argument("--group-size", type=int, default=64, help="group size (default %(default)s)")
     d.set_defaults(func=cmd_demo)
@@ -154,10 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"awqkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _json(obj: Any) -> str:  # pragma: no cover - helper kept for subcommands that emit JSON
-    return json.dumps(obj, indent=2, sort_keys=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,7 +34,7 @@ def _eval_windows(tokenizer, model, n_windows: int, seq_len: int) -> tuple[torch
     return self_generate(model, tokenizer, n_windows, seq_len, seed=1234), "held-out self-generated text"
 
 
-def run_demo(work: Path | None = None, *, n_samples: int = 32, windows: int = 4, group_size: int = 64,
+def run_demo(work: Path | None = None, *, n_samples: int = 16, windows: int = 4, group_size: int = 64,
              seq_len: int = 1024) -> str:
     """Run the demo and return a Markdown before/after table."""
     src = fetch_smollm2()
@@ -45,7 +45,7 @@ def run_demo(work: Path | None = None, *, n_samples: int = 32, windows: int = 4,
     reports = {
         "rtn": quantize(src, work / f"smollm2-rtn-w4g{group_size}", method="rtn", quant=quant, overwrite=True),
         "awq": quantize(src, work / f"smollm2-awq-w4g{group_size}", method="awq", quant=quant, calib=calib,
-                        search=SearchConfig(), overwrite=True),
+                        search=SearchConfig(search_samples=8, search_tokens=4096), overwrite=True),
     }
     base, tok, _ = load_source(src, hash_files=False)
     base = base.float()
