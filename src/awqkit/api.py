@@ -18,7 +18,7 @@ from torch import nn
 
 from awqkit import __version__
 from awqkit.algo.results import AWQResults
-from awqkit.arch import ArchSpec, get_layers, matches, resolve_arch
+from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_arch
 from awqkit.calib import load_calibration, text_file_hash
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
 from awqkit.eval.resources import track_peak_rss
@@ -47,29 +47,29 @@ def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targe
     ``out_features`` is not a multiple of 8, required by the GEMM layout) is an error naming it and the
     group sizes that would work, unless ``qcfg.keep_unaligned_fp16`` (then it stays fp16, with a warning).
     """
-    layers = get_layers(model, spec)
     out = Targets([])
-    unaligned: list[str] = []
-    for i, layer in enumerate(layers):
-        for rel, mod in layer.named_modules():
-            if not isinstance(mod, nn.Linear):
-                continue
+    not_convert = [f"re:{p}" for p in spec.not_convert] + list(qcfg.modules_to_not_convert)
+    unaligned: list[tuple[str, nn.Linear]] = []
+    for i, layer in enumerate(get_layers(model, spec)):
+        for rel, mod in layer_linears(layer).items():
             name = f"{spec.layers}.{i}.{rel}"
-            if any(matches(name, ("re:" + p,)) for p in spec.not_convert) or matches(name, qcfg.modules_to_not_convert):
+            if matches(name, not_convert):
                 out.kept[name] = "modules_to_not_convert"
                 continue
             g = mod.in_features if qcfg.group_size == -1 else qcfg.group_size
             if mod.in_features % g or (qcfg.bits == 4 and mod.out_features % 8):
-                unaligned.append(f"{name} [{mod.out_features}x{mod.in_features}]")
-                out.kept[name] = f"in_features {mod.in_features} not a multiple of group_size {g}"
+                unaligned.append((name, mod))
+                out.kept[name] = (f"shape [{mod.out_features}x{mod.in_features}] does not fit group_size {g}"
+                                  f"{' and the 4-bit GEMM layout' if qcfg.bits == 4 else ''}")
                 continue
             out.quantized.append(name)
     if unaligned:
-        ins = sorted({int(u.rsplit("x", 1)[1].rstrip("]")) for u in unaligned})
+        ins = {mod.in_features for _, mod in unaligned}
         ok = [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in ins)] + [-1]
+        listed = ", ".join(f"{n} [{m.out_features}x{m.in_features}]" for n, m in unaligned[:6])
         msg = (f"{len(unaligned)} linears do not fit group_size={qcfg.group_size}"
                f"{' (4-bit GEMM also needs out_features % 8 == 0)' if qcfg.bits == 4 else ''}: "
-               f"{', '.join(unaligned[:6])}{' ...' if len(unaligned) > 6 else ''}. Group sizes that fit every "
+               f"{listed}{' ...' if len(unaligned) > 6 else ''}. Group sizes that fit every "
                f"layer: {ok}.")
         if not qcfg.keep_unaligned_fp16:
             raise ValueError(msg + " Choose one of them, or keep these layers in fp16 with --keep-unaligned-fp16.")
