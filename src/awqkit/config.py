@@ -88,9 +88,12 @@ class SearchConfig:
     blocks for modules that mix positions (attention), on ``search_tokens`` tokens sampled evenly from
     every block for position-wise modules (MLP), and exactly on every token for a single linear.
     Clip search: per (output channel, group), shrink [min, max] by factors 1, 1 - 1/clip_n_grid, ...,
-    down to 1 - clip_max_shrink; error measured on ``clip_n_tokens`` sampled tokens.
+    down to 1 - clip_max_shrink; error measured on ``clip_n_tokens`` sampled tokens. With
+    ``clip_independent``, two more passes over the same grid shrink the min and the max end alone.
     propagate: what the next layer sees — outputs of the already-quantized layer ("quantized") or
     of the float layer ("float").
+    gqa_v_o: also scale v_proj → o_proj under grouped-query attention, with scales tied per kv head
+    (exact; see ``Mapping.tie_heads``). Off by default: reference AWQ skips v → o when shapes differ.
     """
 
     n_grid: int = 20
@@ -101,8 +104,10 @@ class SearchConfig:
     clip_n_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_n_tokens: int = 512
+    clip_independent: bool = False
     propagate: Literal["quantized", "float"] = "quantized"
     batch_size: int = 8
+    gqa_v_o: bool = False
 
     def __post_init__(self) -> None:
         if self.scale_mode not in SCALE_MODES:

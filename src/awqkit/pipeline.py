@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from awqkit.algo.clip_search import sample_tokens, search_clip
-from awqkit.algo.fold import apply_clip, fold_scales
+from awqkit.algo.fold import apply_clip, expand_heads, fold_scales
 from awqkit.algo.results import AWQResults, ClipEntry, ScaleEntry
 from awqkit.algo.scale_search import GramScorer, ModuleScorer, search_scales
 from awqkit.arch import ArchSpec, get_layers, layer_linears, resolve_arch, resolve_mappings
@@ -160,7 +160,7 @@ def run_awq(
         store_dtype = next(layer.parameters()).dtype
         layer.to(device=device, dtype=torch.float32)
         linears = {n: m for n, m in layer_linears(layer).items() if prefix + n in targets}
-        mappings = resolve_mappings(layer, spec, i)
+        mappings = resolve_mappings(layer, spec, i, tie_heads=scfg.gqa_v_o)
         cache = _LayerCache(linears, mappings, clip_per_batch, tokens_per_batch)
 
         # [STEP 1] float pass: statistics for all batches, caches for the search batches
@@ -193,14 +193,14 @@ def run_awq(
             x_name = next(n for n, q in zip(m.mapping.linears, mask) if q)
             res = search_scales(m.linears, score, cache.x_mean(x_name),
                                 bits=qcfg.bits, group_size=qcfg.group_size, zero_point=qcfg.zero_point,
-                                n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask)
+                                n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask, heads=m.heads)
             del score
-            fold_scales(m.prev, m.linears, res.scales.to(device), spec.norm_offset)
+            fold_scales(m.prev, m.linears, res.scales.to(device), spec.norm_offset, m.heads)
             for n in m.mapping.linears:
-                applied[n] = res.scales
+                applied[n] = expand_heads(res.scales, *m.heads) if m.heads else res.scales
             results.scales.append(ScaleEntry(i, prefix + m.mapping.prev, [prefix + n for n in m.mapping.linears],
                                              res.scales, res.mode, res.alpha, res.loss_identity, res.loss_best,
-                                             res.fallback))
+                                             res.fallback, list(m.heads) if m.heads else None))
         cache.inputs.clear()
         cache.gram.clear()
 
@@ -214,7 +214,7 @@ def run_awq(
                     x = x / applied[n].to(device)
                 c = search_clip(lin.weight, x, bits=qcfg.bits, group_size=qcfg.group_size,
                                 zero_point=qcfg.zero_point, n_grid=scfg.clip_n_grid,
-                                max_shrink=scfg.clip_max_shrink)
+                                max_shrink=scfg.clip_max_shrink, independent=scfg.clip_independent)
                 apply_clip(lin, c.min_val, c.max_val)
                 results.clips.append(ClipEntry(i, prefix + n, c.min_val.cpu(), c.max_val.cpu(), c.err_before,
                                                c.err_after, c.mean_ratio))

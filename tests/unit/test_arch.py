@@ -160,3 +160,47 @@ def test_matches_accepts_lists_and_leaf_only_names():
     assert matches("lm_head", ["lm_head"])
     assert matches("lm_head", ["re:lm_head"])
     assert not matches("lm_head_extra", ["lm_head"])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_tied_gqa_v_o_fold_preserves_attention_output(arch):
+    """Opt-in tied v -> o: (head_dim, n_rep) resolved from the attention module, and folding per-kv-channel
+    scales into v's rows and their per-head repeats into o's columns leaves the real layer's output unchanged."""
+    from awqkit.algo.fold import expand_heads, fold_scales
+
+    model = _build(arch, kv_heads=2)
+    spec = resolve_arch(model)
+    layer = get_layers(model, spec)[0]
+    bound = resolve_mappings(layer, spec, 0, tie_heads=True)
+    vo = [m for m in bound if m.mapping.prev == "self_attn.v_proj"]
+    assert len(vo) == 1 and vo[0].heads == (16, 2)
+    with torch.no_grad():  # random norms so the check is not trivially passed by unit weights
+        for _, p in layer.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.0, 0.3)
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(7).unsqueeze(0)
+    rot = model.model.rotary_emb
+    emb = rot(x, pos) if not arch.startswith("Gemma") else rot(x, pos, model.config.layer_types[0])
+    kw = dict(position_embeddings=emb, attention_mask=None)
+    with torch.no_grad():
+        before = layer.self_attn(layer.input_layernorm(x), **kw)[0]
+    s = torch.exp(torch.randn(32, generator=torch.Generator().manual_seed(1)))
+    o0 = layer.self_attn.o_proj.weight.detach().clone()
+    fold_scales(vo[0].prev, vo[0].linears, s, heads=vo[0].heads)
+    with torch.no_grad():
+        after = layer.self_attn(layer.input_layernorm(x), **kw)[0]
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+    torch.testing.assert_close(layer.self_attn.o_proj.weight, o0 * expand_heads(s, 16, 2), rtol=1e-6, atol=0)
+    # repeating in the wrong order (tile instead of repeat per head) is NOT equivalent
+    assert not torch.equal(expand_heads(s, 16, 2), s.repeat(2))
+
+
+def test_expand_and_reduce_heads():
+    from awqkit.algo.fold import expand_heads, reduce_heads
+
+    s = torch.arange(6.0)  # 2 kv heads of width 3
+    assert expand_heads(s, 3, 2).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+    assert torch.equal(reduce_heads(expand_heads(s, 3, 2), 3, 2), s)
+    with pytest.raises(ValueError, match="heads"):
+        expand_heads(torch.ones(5), 3, 2)

@@ -226,3 +226,24 @@ def test_ties_keep_the_earliest_candidate_identity():
     res = search_scales([lin], lambda: 1.0, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True,
                         n_grid=5, mode="both")
     assert torch.equal(res.scales, torch.ones(IN)) and res.alpha == 0.0 and not res.fallback
+
+
+def test_tied_heads_search_returns_kv_space_scales_that_are_repeated_per_head():
+    """heads=(head_dim, n_rep): the result has in / n_rep entries, and the loss reported is that of the
+    scales repeated per head (what folding into v's rows gives o's columns)."""
+    from awqkit.algo.fold import expand_heads
+
+    head_dim, n_rep = 32, 2  # IN = 256 = 4 kv heads x 2 repeats x 32
+    lin, x = _salient_problem(3)
+    # make the salient channels the same in both copies of each kv head, as repeat_kv does
+    kv = x.reshape(512, -1, n_rep, head_dim)[:, :, :1].expand(-1, -1, n_rep, -1).reshape(512, IN).clone()
+    w0 = lin.weight.detach().clone()
+    scorer = ModuleScorer(lambda b: lin(kv.reshape(4, 128, IN)[b]), 4)
+    res = search_scales([lin], scorer, kv.abs().mean(0), bits=4, group_size=GROUP, zero_point=True,
+                        n_grid=10, mode="x", heads=(head_dim, n_rep))
+    assert res.scales.shape == (IN // n_rep,)
+    assert torch.equal(lin.weight, w0)
+    assert res.alpha > 0
+    mse = _output_mse(w0, kv, expand_heads(res.scales, head_dim, n_rep), 4)
+    assert math.isclose(res.loss_best, mse, rel_tol=1e-4)
+    assert mse < 0.75 * _output_mse(w0, kv, torch.ones(IN), 4)

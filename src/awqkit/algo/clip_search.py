@@ -6,8 +6,10 @@ Objective, per output row ``o`` and input group ``G``, on sampled calibration to
 
 Grid: shrink factors r_i = 1 − i / n_grid for i = 0 .. floor(max_shrink · n_grid) (1.0 down to
 1 − max_shrink, 0.5 by default); r = 1 is "no clipping", so the chosen bounds never score worse.
-Both ends of each group's range shrink (the quantizer is asymmetric). Rows are processed in chunks
-to bound memory.
+Both ends of each group's range shrink together; with ``independent=True`` two more passes follow
+(coordinate descent over the same grid): the min end alone with the max end fixed at its best, then
+the max end alone — the asymmetric quantizer can use a range that is not a scaled copy of [min, max].
+Rows are processed in chunks to bound memory.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class ClipSearchResult:
     max_val: Tensor  # [out, n_groups] float32
     err_before: float  # mean group output error with r = 1
     err_after: float  # with the chosen bounds
-    mean_ratio: float  # mean chosen shrink factor
+    mean_ratio: float  # mean chosen shrink factor (mean of both ends')
 
 
 def sample_tokens(x: Tensor, n_tokens: int) -> Tensor:
@@ -46,6 +48,7 @@ def search_clip(
     zero_point: bool,
     n_grid: int = 20,
     max_shrink: float = 0.5,
+    independent: bool = False,
     rows_per_chunk: int = 256,
 ) -> ClipSearchResult:
     """Best per-(row, group) clipping bounds for ``w`` ``[out, in]`` given input tokens ``x`` ``[n, in]``."""
@@ -62,25 +65,35 @@ def search_clip(
         rows = wc.shape[0]
         wg = wc.reshape(rows, n_groups, g)
         org_min, org_max = wg.amin(dim=-1), wg.amax(dim=-1)  # [r, G]
-        best_err = torch.full((rows, n_groups), float("inf"))
-        best_min, best_max = org_min.clone(), org_max.clone()
-        best_ratio = torch.ones(rows, n_groups)
-        for r in ratios:
-            lo, hi = org_min * r, org_max * r
+
+        def error(lo: Tensor, hi: Tensor, wg: Tensor = wg, rows: int = rows) -> Tensor:
             wq = fake_quantize(torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(rows, in_f),
                                bits, group_size, zero_point).reshape(rows, n_groups, g)
-            diff = torch.einsum("rGk,tGk->rGt", wq - wg, xg)
-            err = diff.pow(2).mean(dim=-1)  # [r, G]
-            if r == 1:
-                before += err.sum().item()
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_min = torch.where(better, lo, best_min)
-            best_max = torch.where(better, hi, best_max)
-            best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
+            return torch.einsum("rGk,tGk->rGt", wq - wg, xg).pow(2).mean(dim=-1)  # [r, G]
+
+        best_err = error(org_min, org_max)
+        before += best_err.sum().item()
+        best_min, best_max = org_min.clone(), org_max.clone()
+        best_lo_r, best_hi_r = torch.ones(rows, n_groups), torch.ones(rows, n_groups)
+        # joint pass: both ends shrink by r; then, if asked, each end alone with the other fixed
+        passes = [("both", ratios[1:])] + ([("min", ratios), ("max", ratios)] if independent else [])
+        for which, grid in passes:
+            fixed_min, fixed_max = best_min.clone(), best_max.clone()
+            for r in grid:
+                lo = org_min * r if which != "max" else fixed_min
+                hi = org_max * r if which != "min" else fixed_max
+                err = error(lo, hi)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_min = torch.where(better, lo, best_min)
+                best_max = torch.where(better, hi, best_max)
+                if which != "max":
+                    best_lo_r = torch.where(better, torch.full_like(best_lo_r, r), best_lo_r)
+                if which != "min":
+                    best_hi_r = torch.where(better, torch.full_like(best_hi_r, r), best_hi_r)
         mins.append(best_min)
         maxs.append(best_max)
         after += best_err.sum().item()
-        chosen += best_ratio.sum().item()
+        chosen += (best_lo_r + best_hi_r).sum().item() / 2
     n = out_f * n_groups
     return ClipSearchResult(torch.cat(mins), torch.cat(maxs), before / n, after / n, chosen / n)

@@ -9,6 +9,9 @@ leaves ``y`` unchanged in exact arithmetic.
 * linear: the last ``len(s)`` output rows and bias entries are divided by ``s`` (a fused qkv
   projection feeding only its v part would scale only those rows).
 * consumers: ``W[:, j] ← W[:, j] · s_j``.
+* grouped-query attention (``heads=(head_dim, n_rep)``): v's output has ``n_kv`` heads, o's input
+  ``n_kv · n_rep`` heads where query head ``h`` reads kv head ``h // n_rep``; v's rows are divided by
+  ``s`` and o's columns multiplied by :func:`expand_heads` ``(s)``, which repeats each head block.
 """
 
 from __future__ import annotations
@@ -24,8 +27,25 @@ def _check_scales(s: Tensor, n: int, where: str) -> None:
         raise ValueError(f"{where}: scales must be finite and positive")
 
 
+def expand_heads(s: Tensor, head_dim: int, n_rep: int) -> Tensor:
+    """``[n_kv · head_dim]`` → ``[n_kv · n_rep · head_dim]``: each head's block repeated ``n_rep`` times,
+    in the order of transformers' ``repeat_kv`` (kv head ``k`` serves query heads ``k·n_rep .. k·n_rep+n_rep-1``)."""
+    if s.dim() != 1 or s.numel() % head_dim:
+        raise ValueError(f"expand_heads: {tuple(s.shape)} is not a whole number of {head_dim}-wide heads")
+    return s.reshape(-1, 1, head_dim).expand(-1, n_rep, head_dim).reshape(-1)
+
+
+def reduce_heads(x: Tensor, head_dim: int, n_rep: int) -> Tensor:
+    """Inverse direction of :func:`expand_heads` for statistics: mean over the ``n_rep`` copies of each
+    kv channel, ``[n_kv · n_rep · head_dim]`` → ``[n_kv · head_dim]``."""
+    if x.dim() != 1 or x.numel() % (head_dim * n_rep):
+        raise ValueError(f"reduce_heads: {tuple(x.shape)} is not a whole number of {n_rep} x {head_dim} blocks")
+    return x.reshape(-1, n_rep, head_dim).mean(dim=1).reshape(-1)
+
+
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor, norm_offset: float = 0.0) -> None:
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor, norm_offset: float = 0.0,
+                heads: tuple[int, int] | None = None) -> None:
     """Divide ``prev``'s output channels by ``s`` and multiply the input columns of ``linears`` by ``s``.
 
     Args:
@@ -33,10 +53,14 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor, norm_offse
         linears: consumers, each ``[out, len(s)]``.
         s: ``[in]`` positive scales.
         norm_offset: 0.0, or 1.0 for norms computing ``x̂ · (1 + w)``.
+        heads: ``(head_dim, n_rep)``: ``s`` is in prev's (kv) channel space and the consumers get
+            ``expand_heads(s)`` (grouped-query v → o).
     """
+    s_in = expand_heads(s, *heads) if heads is not None else s
     for lin in linears:
-        _check_scales(s, lin.in_features, f"fold into {type(lin).__name__}")
+        _check_scales(s_in, lin.in_features, f"fold into {type(lin).__name__}")
     s64 = s.detach().double()
+    s_in64 = s_in.detach().double()
     if isinstance(prev, nn.Linear):
         n = s.numel()
         if prev.out_features < n:
@@ -58,7 +82,7 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor, norm_offse
             bias.copy_((bias.double() / sd).to(bias.dtype))
     for lin in linears:
         w = lin.weight
-        w.copy_((w.double() * s64.to(w.device).unsqueeze(0)).to(w.dtype))
+        w.copy_((w.double() * s_in64.to(w.device).unsqueeze(0)).to(w.dtype))
 
 
 @torch.no_grad()

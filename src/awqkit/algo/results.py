@@ -38,6 +38,7 @@ class ScaleEntry:
     loss_identity: float
     loss_best: float
     fallback: bool = False
+    heads: list[int] | None = None  # [head_dim, n_rep]: scales tied per kv head (grouped-query v → o)
 
 
 @dataclass
@@ -132,7 +133,7 @@ def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> No
     for e in results.scales:
         if e.layer == layer:
             fold_scales(model.get_submodule(e.prev), [model.get_submodule(n) for n in e.linears],
-                        e.scales, results.norm_offset)
+                        e.scales, results.norm_offset, tuple(e.heads) if e.heads else None)
     for c in results.clips:
         if c.layer == layer:
             apply_clip(model.get_submodule(c.name), c.min_val, c.max_val)

@@ -15,6 +15,10 @@ x̄ is the per-input-channel mean |x| over all calibration tokens; w̄ the per-i
 clamped to ≥ 1e-4 and normalised by sqrt(max · min). The identity is always scored, so the chosen
 scales never score worse than RTN on the search data. Non-finite candidates are skipped; if nothing
 finite remains the identity is returned with ``fallback=True``.
+
+Tied heads (grouped-query v → o, ``heads=(head_dim, n_rep)``): x̄ and w̄ are averaged over the ``n_rep``
+copies of each kv channel, candidates live in v's channel space, and the linears see them repeated per
+head (:func:`awqkit.algo.fold.expand_heads`), which is what folding into v's rows produces.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from awqkit.algo.fold import expand_heads, reduce_heads
 from awqkit.quant.primitives import fake_quantize, resolve_group_size
 
 logger = logging.getLogger(__name__)
@@ -132,6 +137,7 @@ def search_scales(
     n_grid: int,
     mode: str,
     quantize_mask: Sequence[bool] | None = None,
+    heads: tuple[int, int] | None = None,
 ) -> ScaleSearchResult:
     """Grid-search s for ``linears`` (see module docstring).
 
@@ -141,16 +147,23 @@ def search_scales(
             weights' output (:class:`ModuleScorer` or :class:`GramScorer`); built before the search.
         x_mean: ``[in]`` mean |x| of the linears' input over all calibration tokens.
         quantize_mask: which linears are quantized (False for those kept in float); default all.
+        heads: ``(head_dim, n_rep)`` to search scales tied per kv head; the result is then in the
+            kv channel space (``in / n_rep`` entries).
     """
     mask = list(quantize_mask) if quantize_mask is not None else [True] * len(linears)
     originals = [lin.weight.detach().clone() for lin in linears]  # explicit copies: .cpu() would alias
     q_linears = [lin for lin, m in zip(linears, mask) if m]
     w_mean = weight_mean([lin.weight for lin in q_linears], group_size) if q_linears and mode != "x" else None
+    if heads is not None:
+        x_mean = reduce_heads(x_mean.float(), *heads)
+        w_mean = reduce_heads(w_mean, *heads) if w_mean is not None else None
     candidates = candidate_scales(x_mean, w_mean, n_grid, mode)
 
     losses: list[float] = []
     for cand in candidates:
         s = cand.scales.to(originals[0].device)
+        if heads is not None:
+            s = expand_heads(s, *heads)
         for lin, orig, quant in zip(linears, originals, mask):
             if quant:
                 scaled = orig.float() * s.unsqueeze(0)

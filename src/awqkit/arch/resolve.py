@@ -56,10 +56,30 @@ class ResolvedMapping:
     prev: nn.Module
     linears: list[nn.Linear]
     inspect: nn.Module
+    heads: tuple[int, int] | None = None  # (head_dim, n_rep) when scales are tied per kv head
 
 
-def resolve_mappings(layer: nn.Module, spec: ArchSpec, layer_index: int) -> list[ResolvedMapping]:
-    """Bind every mapping of ``spec`` to ``layer``; mappings whose shapes do not match are skipped."""
+def _tied_heads(layer: nn.Module, m: Mapping, prev_out: int, in_features: int, layer_index: int) -> tuple[int, int]:
+    """(head_dim, n_rep) for a grouped-query v → o mapping, with checks that the repeat is what it seems."""
+    attn = get_submodule(layer, m.tie_heads)
+    head_dim = getattr(attn, "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"layer {layer_index}: {m.tie_heads} has no integer head_dim; cannot tie {m.prev} scales")
+    if prev_out % head_dim or in_features % prev_out:
+        raise ValueError(
+            f"layer {layer_index}: cannot tie {m.prev} ({prev_out} outputs) to {list(m.linears)} ({in_features} "
+            f"inputs) with head_dim {head_dim}: sizes are not whole heads / whole repeats"
+        )
+    return head_dim, in_features // prev_out
+
+
+def resolve_mappings(layer: nn.Module, spec: ArchSpec, layer_index: int, *,
+                     tie_heads: bool = False) -> list[ResolvedMapping]:
+    """Bind every mapping of ``spec`` to ``layer``.
+
+    Mappings whose shapes do not match are skipped, unless ``tie_heads`` is on and the mapping names a
+    ``tie_heads`` attention module: then it is bound with ``heads=(head_dim, n_rep)``.
+    """
     out: list[ResolvedMapping] = []
     for m in spec.mappings:
         prev = get_submodule(layer, m.prev)
@@ -67,9 +87,14 @@ def resolve_mappings(layer: nn.Module, spec: ArchSpec, layer_index: int) -> list
         for name, lin in zip(m.linears, linears):
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"layer {layer_index}: {name} is {type(lin).__name__}, expected nn.Linear")
+        heads = None
         if m.require_shapes_match:
             prev_out = prev.weight.shape[0]
             if any(lin.in_features != prev_out for lin in linears):
+                if tie_heads and m.tie_heads and len({lin.in_features for lin in linears}) == 1:
+                    heads = _tied_heads(layer, m, prev_out, linears[0].in_features, layer_index)
+                    out.append(ResolvedMapping(m, prev, linears, get_submodule(layer, m.inspect), heads))
+                    continue
                 if layer_index == 0:
                     logger.info(
                         "skipping mapping %s -> %s: output size %d != input size %d (grouped-query attention)",

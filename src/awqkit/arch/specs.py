@@ -26,7 +26,12 @@ class Mapping:
         ``"linear"``: inspect is the single balanced linear, scored exactly on every calibration token
         through the input Gram matrix (``‖ΔW x‖² = tr(ΔW G ΔWᵀ)``).
     require_shapes_match: skip the mapping when prev's output size differs from the linears' input
-        size (v_proj → o_proj under grouped-query attention).
+        size (v_proj → o_proj under grouped-query attention) — unless ``tie_heads`` allows the tied form.
+    tie_heads: the attention module (layer-relative) whose ``head_dim`` splits prev's output into
+        key/value heads. Under grouped-query attention each v head feeds ``n_rep`` query heads, so
+        o_proj's input is v's output with every head block repeated ``n_rep`` times (``repeat_kv``).
+        Scales chosen per v channel and repeated the same way fold exactly; the search then runs in
+        v's channel space. Used only when ``SearchConfig.gqa_v_o`` is on.
     """
 
     prev: str
@@ -34,6 +39,7 @@ class Mapping:
     inspect: str
     scoring: str = "sequence"
     require_shapes_match: bool = False
+    tie_heads: str | None = None
 
     def __post_init__(self) -> None:
         if self.scoring not in ("sequence", "tokens", "linear"):
@@ -65,10 +71,12 @@ class ArchSpec:
 
 
 # Llama-style decoder layer: input_layernorm → attention; post_attention_layernorm → gated MLP.
-# v_proj → o_proj only when their shapes match (never under GQA, as in llm-awq PR #67 / AutoAWQ).
+# v_proj → o_proj when their shapes match (as in llm-awq PR #67 / AutoAWQ), or, opt-in, tied per kv head
+# under grouped-query attention (see Mapping.tie_heads).
 _LLAMA_MAPPINGS = (
     Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "linear", require_shapes_match=True),
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "linear", require_shapes_match=True,
+            tie_heads="self_attn"),
     Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "tokens"),
     Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "linear"),
 )
@@ -78,7 +86,8 @@ _LLAMA_MAPPINGS = (
 # q_norm/k_norm act per head on q/k outputs, so scaling q/k/v inputs stays exact.
 _GEMMA3_MAPPINGS = (
     Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "linear", require_shapes_match=True),
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "linear", require_shapes_match=True,
+            tie_heads="self_attn"),
     Mapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "tokens"),
     Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "linear"),
 )
