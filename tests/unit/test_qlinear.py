@@ -31,6 +31,7 @@ def test_forward_equals_fake_quantized_matmul(bits, group_size, zero_point, bias
     ql = QuantLinear.from_linear(lin, bits, group_size, zero_point, format=fmt)
     assert ql.format == (fmt or ("gemm" if bits == 4 else "pack-quantized"))
     assert hasattr(ql, "qweight") == (ql.format == "gemm")
+    ql.backend = "torch"  # the fp32 reference; faster backends are checked against it in tests/kernels
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
     w_fq = P.fake_quantize(lin.weight.detach(), bits, group_size, zero_point)
     expected = x @ w_fq.t()
@@ -110,8 +111,11 @@ def test_symmetric_gemm_stores_zero_8():
 
 
 # ----------------------------------------------------------------------------- kernel registry
-def test_registry_auto_is_torch_and_errors_list_backends():
-    assert kernels.get_backend("auto").name == "torch"
+def test_registry_auto_is_the_best_available_and_errors_list_backends():
+    # cpu-int4 (priority 5) outranks the torch reference (0) wherever PyTorch ships its int4 CPU ops
+    from awqkit.kernels import cpu_int4
+
+    assert kernels.get_backend("auto").name == ("cpu-int4" if cpu_int4.is_available() else "torch")
     assert "torch" in kernels.list_backends(only_available=True)
     with pytest.raises(ValueError, match=r"unknown kernel backend 'nope'.*torch"):
         kernels.get_backend("nope")
@@ -145,7 +149,7 @@ def test_registry_priority_supports_and_availability():
     finally:
         kernels.unregister_backend("fake-hi")
         kernels.unregister_backend("fake-off")
-    assert kernels.list_backends() == ["torch"]
+    assert kernels.list_backends() == ["cpu-int4", "torch"]
 
 
 # ----------------------------------------------------------------------------- replace / match

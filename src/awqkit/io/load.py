@@ -282,6 +282,11 @@ def load_quantized(
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.backend = backend
+    if torch.device(device).type == "cpu" and backend in ("auto", "cpu-int4"):
+        from awqkit.kernels import cpu_int4
+
+        if cpu_int4.is_available():  # convert once now; log (auto) or refuse (cpu-int4) unsupported layers
+            cpu_int4.prepare_model(model, backend=backend)
     model.eval()
     model.awqkit_quant_config = qc
     logger.info("loaded %s: %d quantized linears (%s, %d-bit, g=%d) on %s",

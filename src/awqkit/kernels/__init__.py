@@ -126,9 +126,11 @@ def resolve_backend(name: str, x: Tensor, module: QuantLinear) -> Backend:
 
 
 def _register_builtin() -> None:
-    from awqkit.kernels import torch_ref
+    from awqkit.kernels import cpu_int4, torch_ref
 
     register_backend("torch", torch_ref.forward, lambda: True, priority=0, replace=True)
+    register_backend(cpu_int4.NAME, cpu_int4.forward, cpu_int4.is_available, priority=cpu_int4.PRIORITY,
+                     supports=cpu_int4.supports, replace=True)
 
 
 _register_builtin()
