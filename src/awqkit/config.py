@@ -88,7 +88,8 @@ class SearchConfig:
     blocks for modules that mix positions (attention), on ``search_tokens`` tokens sampled evenly from
     every block for position-wise modules (MLP), and exactly on every token for a single linear.
     Clip search: per (output channel, group), shrink [min, max] by factors 1, 1 - 1/clip_n_grid, ...,
-    down to 1 - clip_max_shrink; error measured on ``clip_n_tokens`` sampled tokens. With
+    down to 1 - clip_max_shrink; error measured on ``clip_n_tokens`` tokens sampled from the search
+    blocks, or with ``clip_n_tokens=0`` exactly on every calibration token (per-group Gram blocks). With
     ``clip_independent``, two more passes over the same grid shrink the min and the max end alone.
     propagate: what the next layer sees — outputs of the already-quantized layer ("quantized") or
     of the float layer ("float").
@@ -118,8 +119,9 @@ class SearchConfig:
             raise ValueError(f"n_grid={self.n_grid} must be >= 2 (it includes both ends of [0, 1])")
         if not 0.0 <= self.clip_max_shrink < 1.0:
             raise ValueError(f"clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
-        if min(self.search_samples, self.search_tokens, self.batch_size, self.clip_n_tokens) < 1:
-            raise ValueError("search_samples, search_tokens, batch_size and clip_n_tokens must be >= 1")
+        if min(self.search_samples, self.search_tokens, self.batch_size) < 1 or self.clip_n_tokens < 0:
+            raise ValueError("search_samples, search_tokens and batch_size must be >= 1, clip_n_tokens >= 0 "
+                             "(0: every calibration token)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

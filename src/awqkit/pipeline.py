@@ -29,14 +29,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from awqkit.algo.clip_search import sample_tokens, search_clip
+from awqkit.algo.clip_search import group_gram, sample_tokens, search_clip
 from awqkit.algo.fold import apply_clip, expand_heads, fold_scales
 from awqkit.algo.results import AWQResults, ClipEntry, ScaleEntry
 from awqkit.algo.scale_search import GramScorer, ModuleScorer, search_scales
 from awqkit.arch import ArchSpec, get_layers, layer_linears, resolve_arch, resolve_mappings
 from awqkit.calib.capture import LayerInputs, capture_layer_inputs, map_tensors, to_compute
 from awqkit.config import QuantConfig, SearchConfig
-from awqkit.quant.primitives import fake_quantize
+from awqkit.quant.primitives import fake_quantize, resolve_group_size
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,16 @@ class _LayerCache:
     ("tokens"), or the Gram matrix of its linear's input over every token ("linear").
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], mappings: list, clip_tokens: int, tokens_per_batch: int) -> None:
+    def __init__(self, linears: dict[str, nn.Linear], mappings: list, tokens_per_batch: int,
+                 clip_groups: dict[str, int], clip_tokens: int) -> None:
         self.abs_sum = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
         self.count = dict.fromkeys(linears, 0)
-        self.clip_x: dict[str, list[Tensor]] = {n: [] for n in linears}
+        # clipped linears ({name: group size}): a token sample (clip_tokens per search batch), or with
+        # clip_tokens == 0 the diagonal Gram blocks of their input over every token
+        self.clip_x: dict[str, list[Tensor]] = {n: [] for n in clip_groups}
+        self.clip_gram_groups = clip_groups if clip_tokens == 0 else {}
+        self.clip_gram: dict[str, Tensor] = {}
+        self._last_block: tuple[Tensor, int, Tensor] | None = None  # linears sharing one input reuse its blocks
         self.inputs: dict[int, list[tuple[tuple, dict]]] = {}
         self.gram: dict[str, Tensor] = {}
         self._tokenwise: dict[int, bool] = {}
@@ -86,7 +92,16 @@ class _LayerCache:
             if name in self.gram:
                 xf = flat.float()
                 self.gram[name] += (xf.T @ xf).double().cpu()
-            if self.caching:
+            if name in self.clip_gram_groups:
+                g = self.clip_gram_groups[name]
+                last = self._last_block
+                if last is not None and last[0] is args[0] and last[1] == g:
+                    block = last[2]
+                else:
+                    block = group_gram(flat, g).cpu()
+                    self._last_block = (args[0], g, block)
+                self.clip_gram[name] = self.clip_gram.get(name, 0) + block
+            elif self.caching and name in self.clip_x:
                 self.clip_x[name].append(sample_tokens(x, self.clip_tokens).cpu())
         return hook
 
@@ -112,6 +127,7 @@ class _LayerCache:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self._last_block = None
 
 
 def _fake_quantize_linears(linears: dict[str, nn.Linear], qcfg: QuantConfig) -> dict[str, Tensor]:
@@ -161,7 +177,9 @@ def run_awq(
         layer.to(device=device, dtype=torch.float32)
         linears = {n: m for n, m in layer_linears(layer).items() if prefix + n in targets}
         mappings = resolve_mappings(layer, spec, i, tie_heads=scfg.gqa_v_o)
-        cache = _LayerCache(linears, mappings, clip_per_batch, tokens_per_batch)
+        clip_groups = {n: resolve_group_size(lin.in_features, qcfg.group_size) for n, lin in linears.items()
+                       if scfg.clip and not re.fullmatch(spec.no_clip, n)}
+        cache = _LayerCache(linears, mappings, tokens_per_batch, clip_groups, clip_per_batch)
 
         # [STEP 1] float pass: statistics for all batches, caches for the search batches
         float_out: list[Tensor] = []
@@ -207,12 +225,18 @@ def run_awq(
         # [STEP 3] clip search on the scaled inputs
         if scfg.clip:
             for n, lin in linears.items():
-                if re.fullmatch(spec.no_clip, n) or not cache.clip_x[n]:
+                if not (cache.clip_x.get(n) or n in cache.clip_gram):
                     continue
-                x = torch.cat(cache.clip_x[n]).to(device)
-                if n in applied:
-                    x = x / applied[n].to(device)
-                c = search_clip(lin.weight, x, bits=qcfg.bits, group_size=qcfg.group_size,
+                if n in cache.clip_gram:  # every token: C_G of x / s is C_G / (s_G s_Gᵀ)
+                    gram, x = cache.clip_gram[n], None
+                    if n in applied:
+                        sg = applied[n].double().reshape(gram.shape[0], -1)
+                        gram = gram / (sg.unsqueeze(2) * sg.unsqueeze(1))
+                    clip_in = {"gram": gram.to(device), "n_tokens": cache.count[n]}
+                else:
+                    x = torch.cat(cache.clip_x[n]).to(device)
+                    clip_in = {"x": x / applied[n].to(device) if n in applied else x}
+                c = search_clip(lin.weight, **clip_in, bits=qcfg.bits, group_size=qcfg.group_size,
                                 zero_point=qcfg.zero_point, n_grid=scfg.clip_n_grid,
                                 max_shrink=scfg.clip_max_shrink, independent=scfg.clip_independent)
                 apply_clip(lin, c.min_val, c.max_val)

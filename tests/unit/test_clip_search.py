@@ -149,3 +149,23 @@ def test_independent_ends_never_worse_than_joint_and_help_one_sided_outliers(see
     lo_ratio = (indep.min_val / wg.amin(-1)).mean()
     hi_ratio = (indep.max_val / wg.amax(-1)).mean()
     assert lo_ratio > hi_ratio + 0.1
+
+
+@pytest.mark.parametrize("group", [G, -1])
+def test_gram_input_gives_the_same_search_as_tokens(group):
+    """search_clip(w, x) == search_clip(w, gram=group_gram(x), n_tokens=len(x)); blocks accumulate over batches."""
+    from awqkit.algo.clip_search import group_gram
+
+    w, x = _problem(3, outliers=True)
+    a = search_clip(w, x, bits=4, group_size=group, zero_point=True)
+    gram = group_gram(x[:120], group) + group_gram(x[120:], group)  # summed over two "batches"
+    b = search_clip(w, gram=gram, n_tokens=x.shape[0], bits=4, group_size=group, zero_point=True)
+    assert torch.equal(a.min_val, b.min_val) and torch.equal(a.max_val, b.max_val)
+    assert a.err_after == pytest.approx(b.err_after, rel=1e-5)
+    g = IN if group == -1 else G
+    assert gram.shape == (IN // g, g, g) and gram.dtype == torch.float64
+    torch.testing.assert_close(gram[0], (x[:, :g].double().T @ x[:, :g].double()), rtol=1e-5, atol=1e-3)  # fp32 sums
+    with pytest.raises(ValueError, match="not both"):
+        search_clip(w, x, gram=gram, n_tokens=200, bits=4, group_size=group, zero_point=True)
+    with pytest.raises(ValueError, match="do not fit"):
+        search_clip(w, gram=gram[:, :2], n_tokens=200, bits=4, group_size=group, zero_point=True)

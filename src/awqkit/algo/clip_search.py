@@ -1,8 +1,12 @@
 """Weight-clipping search for one linear (the paper's §3.3 clipping; llm-awq ``auto_clip``).
 
-Objective, per output row ``o`` and input group ``G``, on sampled calibration tokens ``x_t``::
+Objective, per output row ``o`` and input group ``G``, on calibration tokens ``x_t``::
 
     E(o, G; r) = mean_t ( Σ_{k∈G} x_t[k] · (Q(clamp(w[o], r·min_G, r·max_G))[k] − w[o, k]) )²
+               = Δ[o, G]ᵀ · C_G · Δ[o, G] / n_tokens,      C_G = Σ_t x_t[G] x_t[G]ᵀ  (g × g)
+
+so only the diagonal g × g blocks of the input's Gram matrix are needed (:func:`group_gram`): the
+pipeline accumulates them over every calibration token, at a cost independent of the token count.
 
 Grid: shrink factors r_i = 1 − i / n_grid for i = 0 .. floor(max_shrink · n_grid) (1.0 down to
 1 − max_shrink, 0.5 by default); r = 1 is "no clipping", so the chosen bounds never score worse.
@@ -31,6 +35,14 @@ class ClipSearchResult:
     mean_ratio: float  # mean chosen shrink factor (mean of both ends')
 
 
+def group_gram(x: Tensor, group_size: int) -> Tensor:
+    """Diagonal Gram blocks ``[G, g, g]`` (float64) of tokens ``x`` ``[..., in]``: ``C_G = Σ_t x_t[G] x_t[G]ᵀ``."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    g = resolve_group_size(flat.shape[1], group_size)
+    xg = flat.reshape(flat.shape[0], -1, g).transpose(0, 1)  # [G, t, g]
+    return torch.bmm(xg.transpose(1, 2), xg).double()
+
+
 def sample_tokens(x: Tensor, n_tokens: int) -> Tensor:
     """Evenly strided sample of at most ``n_tokens`` rows of ``x`` ``[..., in]`` → ``[n, in]`` float32."""
     flat = x.reshape(-1, x.shape[-1]).float()
@@ -41,8 +53,10 @@ def sample_tokens(x: Tensor, n_tokens: int) -> Tensor:
 @torch.no_grad()
 def search_clip(
     w: Tensor,
-    x: Tensor,
+    x: Tensor | None = None,
     *,
+    gram: Tensor | None = None,
+    n_tokens: int | None = None,
     bits: int,
     group_size: int,
     zero_point: bool,
@@ -51,13 +65,24 @@ def search_clip(
     independent: bool = False,
     rows_per_chunk: int = 256,
 ) -> ClipSearchResult:
-    """Best per-(row, group) clipping bounds for ``w`` ``[out, in]`` given input tokens ``x`` ``[n, in]``."""
-    if w.dim() != 2 or x.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"search_clip: w {tuple(w.shape)} and x {tuple(x.shape)} do not fit ([out,in], [n,in])")
-    out_f, in_f = w.shape
-    g = resolve_group_size(in_f, group_size)
-    n_groups = in_f // g
-    xg = x.float().reshape(-1, n_groups, g)  # [t, G, g]
+    """Best per-(row, group) clipping bounds for ``w`` ``[out, in]``.
+
+    The input is given either as tokens ``x`` ``[n, in]`` or as their diagonal Gram blocks ``gram``
+    ``[G, g, g]`` (:func:`group_gram`) with the number of tokens ``n_tokens``; both give the same errors.
+    """
+    out_f, in_f = w.shape if w.dim() == 2 else (0, -1)
+    if (x is None) == (gram is None):
+        raise ValueError("search_clip: pass the input as tokens x or as gram (+ n_tokens), not both or neither")
+    if x is not None:
+        if w.dim() != 2 or x.dim() != 2 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"search_clip: w {tuple(w.shape)} and x {tuple(x.shape)} do not fit ([out,in], [n,in])")
+        gram, n_tokens = group_gram(x, group_size), x.shape[0]
+    g = resolve_group_size(in_f, group_size) if w.dim() == 2 else 0
+    n_groups = in_f // g if g else 0
+    if w.dim() != 2 or gram.shape != (n_groups, g, g) or not n_tokens:
+        raise ValueError(f"search_clip: w {tuple(w.shape)} and gram {tuple(gram.shape)} (n_tokens={n_tokens}) "
+                         f"do not fit ([out, in], [in/g, g, g] with g={group_size})")
+    cg = gram.to(w.device, torch.float32)
     ratios = [1 - i / n_grid for i in range(int(max_shrink * n_grid) + 1)]
     mins, maxs, before, after, chosen = [], [], 0.0, 0.0, 0.0
     for start in range(0, out_f, rows_per_chunk):
@@ -69,7 +94,8 @@ def search_clip(
         def error(lo: Tensor, hi: Tensor, wg: Tensor = wg, rows: int = rows) -> Tensor:
             wq = fake_quantize(torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(rows, in_f),
                                bits, group_size, zero_point).reshape(rows, n_groups, g)
-            return torch.einsum("rGk,tGk->rGt", wq - wg, xg).pow(2).mean(dim=-1)  # [r, G]
+            d = (wq - wg).transpose(0, 1)  # [G, r, g]
+            return (torch.bmm(d, cg) * d).sum(-1).T.clamp(min=0) / n_tokens  # [r, G]
 
         best_err = error(org_min, org_max)
         before += best_err.sum().item()
