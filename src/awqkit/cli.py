@@ -1,6 +1,7 @@
-"""``awqkit`` command line: quantize, generate, demo. Defaults come from the config dataclasses.
+"""``awqkit`` command line: quantize, generate, demo, plus the subcommands in :mod:`awqkit.commands`.
+Defaults come from the config dataclasses.
 
-Only this module prints; everything else logs.
+Only the command layer (this module and ``awqkit.commands``) prints; everything else logs.
 """
 
 from __future__ import annotations
@@ -139,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--windows", type=int, default=4, help="evaluation windows of 1024 tokens (default %(default)s)")
     d.add_argument("--group-size", type=int, default=64, help="group size (default %(default)s)")
     d.set_defaults(func=cmd_demo)
+
+    from awqkit.commands import eval_cmd
+
+    eval_cmd.register(sub)
     return parser
 
 
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"awqkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

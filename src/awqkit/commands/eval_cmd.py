@@ -1,0 +1,86 @@
+"""``awqkit eval MODEL [--baseline MODEL] --tasks ppl,kl,arc,squad,gsm8k [--limit N] [--json OUT]``.
+
+Prints the Markdown report of :func:`awqkit.eval.runner.results_markdown` and writes the full results
+as JSON (``--json``) and the report as a file (``--markdown``). Errors are ``ValueError`` /
+``FileNotFoundError``, which the ``awqkit`` entry point turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+_EPILOG = """\
+tasks: ppl (perplexity on --text, default WikiText-2 test), kl (KL(baseline || model) and top-1
+agreement on the same windows; needs --baseline), arc, squad, gsm8k (--limit items each).
+ppl/kl windows: the first --windows consecutive non-overlapping windows of --seq-len tokens
+(stride = window length), deterministic. With --baseline every metric gets model/baseline and a
+retention column (model/baseline, or baseline/model for ppl where lower is better; 1.0 = baseline).
+--backend applies to quantized folders: on CPU 'auto' runs the bf16 cpu-int4 kernel where a layer
+fits it (else the fp32 torch reference); 'torch' forces the fp32 reference. The JSON records which ran.
+"""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _windows(text: str) -> int | None:
+    return None if text.lower() == "all" else _positive(text)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    """Run the evaluation, print the Markdown report, write ``--json`` / ``--markdown``."""
+    from awqkit.eval.runner import evaluate_model, parse_tasks, results_markdown
+
+    tasks = a.tasks if a.tasks is not None else ("ppl,kl" if a.baseline else "ppl")
+    parse_tasks(tasks)  # fail on bad names before anything is loaded
+    results = evaluate_model(
+        a.model, baseline=a.baseline, tasks=tasks, limit=a.limit, text=a.text, data_dir=a.data_dir,
+        seq_len=a.seq_len, windows=a.windows, batch_size=a.batch_size, backend=a.backend, device=a.device,
+        trust_remote_code=a.trust_remote_code, progress=a.progress,
+    )
+    report = results_markdown(results)
+    print(report, end="")
+    for out, content in ((a.json, json.dumps(results, indent=2) + "\n"), (a.markdown, report)):
+        if out:
+            path = Path(out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content, encoding="utf-8")
+            print(f"wrote {path}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``eval`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate a float or quantized folder (ppl, kl, arc, squad, gsm8k), optionally vs a baseline",
+        description=__doc__.splitlines()[0], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="model folder: float, or quantized (awqkit, AutoAWQ GEMM, compressed-tensors)")
+    p.add_argument("--baseline", default=None, help="baseline folder (usually the float source model)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated: ppl,kl,arc,squad,gsm8k or all (default: ppl, or ppl,kl with --baseline)")
+    p.add_argument("--limit", type=_positive, default=None, help="items per arc/squad/gsm8k task (default: all)")
+    p.add_argument("--text", default=None, help="text file for ppl/kl (default: WikiText-2 test in the data folder)")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $AWQKIT_DATA or ../shared/data)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per ppl/kl window (default %(default)s)")
+    p.add_argument("--windows", type=_windows, default=16, help="ppl/kl windows, or 'all' (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward pass (default %(default)s)")
+    p.add_argument("--backend", default="auto",
+                   help="kernel backend for quantized folders: auto (CPU: bf16 cpu-int4 where it fits), "
+                        "torch (fp32 reference), cpu-int4 (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="device for both models (default %(default)s)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full results as JSON to OUT")
+    p.add_argument("--markdown", default=None, metavar="OUT", help="write the Markdown report to OUT")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
+__all__ = ["cmd_eval", "register"]

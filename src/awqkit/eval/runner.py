@@ -1,0 +1,323 @@
+"""``awqkit eval``: evaluate a model folder (float or quantized) and compare it with a baseline.
+
+Tasks (:data:`TASKS`):
+
+* ``ppl``: perplexity on a text file (default: WikiText-2 test from the shared data folder). The file is
+  read as :func:`~awqkit.eval.perplexity.load_wikitext_test` reads WikiText (non-empty lines joined by a
+  blank line; passing the WikiText file as ``text`` gives the default result), tokenized once with the
+  model's tokenizer and cut into the first ``windows`` consecutive, non-overlapping windows of
+  ``seq_len`` tokens (stride = window length; ``windows=None`` takes every complete window). Each window
+  is scored on its own; no randomness anywhere, so runs are repeatable.
+* ``kl``: mean ``KL(P_baseline || P_model)`` of the next-token distributions over the same windows,
+  plus top-1 agreement (:func:`~awqkit.eval.perplexity.kl_divergence`). Needs a baseline. With both
+  ``ppl`` and ``kl`` the perplexities come from the KL pass (same windows, same arithmetic, so the same
+  numbers) instead of a second pass over both models; ``ppl`` then reports ``computed_in: "kl"``.
+* ``arc``, ``squad``, ``gsm8k``: :mod:`awqkit.eval.tasks` with ``limit`` items each, each model with its
+  own tokenizer.
+
+Retention (with a baseline): for every metric ``ratio = model / baseline``; ``retention`` is that ratio
+for higher-is-better metrics and ``baseline / model`` for lower-is-better ones (ppl), so 1.0 means "as
+good as the baseline" and less means worse in every row. KL has no retention (the baseline's KL to
+itself is 0 by definition; its top-1 agreement with itself is 1). A ratio with a zero denominator is
+``None``.
+
+Loading and kernel backends: :mod:`awqkit.eval.runner_load` (``backend="auto"`` on CPU runs the bf16
+``cpu-int4`` kernel where it fits, ``"torch"`` the fp32 reference; the results record which ran).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from awqkit.eval.perplexity import WIKITEXT_TEST_RELPATH, kl_divergence, load_wikitext_test, make_windows, perplexity
+from awqkit.eval.runner_load import LoadedModel, check_folder, load_for_eval, same_vocabulary
+from awqkit.report.table import markdown_table
+
+logger = logging.getLogger(__name__)
+
+#: Valid task names, in the order results are reported.
+TASKS = ("ppl", "kl", "arc", "squad", "gsm8k")
+#: ``task -> [(metric, higher_is_better)]`` shown in the table and used for retention.
+METRICS: dict[str, list[tuple[str, bool]]] = {
+    "ppl": [("ppl", False)],
+    "kl": [("kl", False), ("top1_agreement", True)],
+    "arc": [("acc", True), ("acc_norm", True)],
+    "squad": [("em", True), ("f1", True)],
+    "gsm8k": [("em", True)],
+}
+_WINDOW_TASKS = ("ppl", "kl")
+
+
+def parse_tasks(tasks: str | Iterable[str]) -> tuple[str, ...]:
+    """Task names from ``"ppl,kl"`` or a sequence (``"all"`` = every task), deduplicated, in :data:`TASKS` order.
+
+    Raises:
+        ValueError: empty, or an unknown name (the message lists the valid ones).
+    """
+    items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = [str(t).strip().lower() for t in items if str(t).strip()]
+    if "all" in names:
+        names = list(TASKS)
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        what = f"unknown task(s) {unknown}" if unknown else "no task given"
+        raise ValueError(f"{what}; valid tasks: {', '.join(TASKS)} (comma-separated, or 'all')")
+    return tuple(t for t in TASKS if t in names)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from awqkit import __version__
+
+    return {"awqkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _text_file(text: str | Path | None, data_dir: str | Path | None) -> Path:
+    from awqkit.eval.tasks._common import resolve_data_file
+
+    return resolve_data_file(text if text is not None else data_dir, str(WIKITEXT_TEST_RELPATH), "perplexity text")
+
+
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def _window_tasks(
+    names: Sequence[str], m: LoadedModel, b: LoadedModel | None, ids: torch.Tensor, opts: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if "kl" in names:
+        assert b is not None
+        r, secs = _timed(kl_divergence, m.model, b.model, ids, **opts)
+        keys = ("kl", "kl_sum", "top1_agreement", "n_tokens", "n_windows")
+        out["kl"] = {"model": {k: r[k] for k in keys}, "baseline": {"kl": 0.0, "top1_agreement": 1.0},
+                     "seconds": secs, "direction": "KL(P_baseline || P_model), mean per predicted token"}
+        if "ppl" in names:
+            common = {"n_tokens": r["n_tokens"], "n_windows": r["n_windows"], "seq_len": int(ids.shape[1])}
+            out["ppl"] = {
+                "model": {"ppl": r["ppl_model"], "nll_sum": r["nll_sum_model"], **common},
+                "baseline": {"ppl": r["ppl_baseline"], "nll_sum": r["nll_sum_baseline"], **common},
+                "seconds": 0.0, "computed_in": "kl",
+            }
+    if "ppl" in names and "ppl" not in out:
+        out["ppl"] = _per_model(lambda lm: perplexity(lm.model, ids, **opts), m, b)
+    return out
+
+
+def _per_model(fn: Any, m: LoadedModel, b: LoadedModel | None) -> dict[str, Any]:
+    """``{"model": fn(m), "baseline": fn(b), "seconds": total, "seconds_by_model": {...}}`` (no baseline: no key)."""
+    entry: dict[str, Any] = {}
+    secs: dict[str, float] = {}
+    for role, lm in (("model", m), ("baseline", b)):
+        if lm is not None:
+            entry[role], secs[role] = _timed(fn, lm)
+    entry["seconds"] = sum(secs.values())
+    entry["seconds_by_model"] = secs
+    return entry
+
+
+def _run_task(name: str, lm: LoadedModel, limit: int | None, data_dir: str | Path | None,
+              options: dict[str, Any], progress: bool) -> dict[str, Any]:
+    from awqkit.eval.tasks import evaluate_arc, evaluate_gsm8k, evaluate_squad
+
+    fn = {"arc": evaluate_arc, "squad": evaluate_squad, "gsm8k": evaluate_gsm8k}[name]
+    return fn(lm.model, lm.tokenizer, path=data_dir, limit=limit, progress=progress, **options)
+
+
+def evaluate_model(
+    model_path: str | Path,
+    *,
+    baseline: str | Path | None = None,
+    tasks: str | Iterable[str] = ("ppl",),
+    limit: int | None = None,
+    text: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    seq_len: int = 2048,
+    windows: int | None = 16,
+    batch_size: int = 1,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    task_options: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the folder ``model_path`` (and ``baseline``) on ``tasks``; see the module docstring.
+
+    Args:
+        tasks: names from :data:`TASKS` (a sequence or ``"ppl,kl"``; ``"all"``).
+        limit: items per downstream task (arc / squad / gsm8k); ppl and kl use ``windows``.
+        text: text file for ppl / kl (default: ``<data_dir>/wikitext-2-raw/wiki.test.raw``).
+        data_dir: data folder for the default text and the task files (default: ``default_data_dir()``).
+        seq_len, windows: window length in tokens and number of windows (``None``: all complete ones).
+        batch_size: windows per forward pass for ppl / kl.
+        backend: kernel backend for quantized folders (``"auto"``, ``"torch"``, ``"cpu-int4"``).
+        task_options: extra keyword arguments per downstream task, e.g. ``{"gsm8k": {"num_fewshot": 5}}``.
+    Returns:
+        a JSON-ready dict: ``versions``, ``settings``, ``model`` / ``baseline`` (path, detection, loader,
+        kernels), ``data`` (file paths and sha256), ``tasks`` (per-task metrics and wall seconds),
+        ``metrics`` (one row per metric with ratio and retention) and ``wall_seconds``.
+    Raises:
+        ValueError / FileNotFoundError: bad task names, ``kl`` without a baseline, bad sizes, missing
+            folders or data files (all checked before any model is loaded).
+    """
+    names = parse_tasks(tasks)
+    if "kl" in names and baseline is None:
+        raise ValueError("task 'kl' compares against a baseline model; pass --baseline MODEL (baseline=...)")
+    for label, value in (("limit", limit), ("windows", windows), ("batch_size", batch_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    unknown_opts = [k for k in (task_options or {}) if k not in ("arc", "squad", "gsm8k")]
+    if unknown_opts:
+        raise ValueError(f"task_options names {unknown_opts}; only arc, squad and gsm8k take options")
+    if backend != "auto":
+        from awqkit import kernels
+
+        kernels.get_backend(backend)  # unknown / unavailable: ValueError listing the available ones
+    check_folder(model_path, "model")
+    if baseline is not None:
+        check_folder(baseline, "baseline")
+    needs_windows = any(t in names for t in _WINDOW_TASKS)
+    text_file = _text_file(text, data_dir) if needs_windows else None
+
+    t_start = time.perf_counter()
+    wall: dict[str, float] = {}
+    m = load_for_eval(model_path, backend=backend, device=device, trust_remote_code=trust_remote_code)
+    wall["load_model"] = m.load_seconds
+    b = None
+    if baseline is not None:
+        b = load_for_eval(baseline, backend=backend, device=device, trust_remote_code=trust_remote_code,
+                          what="baseline")
+        wall["load_baseline"] = b.load_seconds
+    results: dict[str, Any] = {
+        "awqkit_version": _versions()["awqkit"],
+        "versions": _versions(),
+        "settings": {"tasks": list(names), "limit": limit, "seq_len": seq_len, "windows": windows,
+                     "stride": seq_len, "batch_size": batch_size, "backend": backend, "device": str(device),
+                     "text": str(text_file) if text_file else None,
+                     "data_dir": str(data_dir) if data_dir is not None else None,
+                     "task_options": task_options or {}},
+        "model": m.describe(),
+        "baseline": b.describe() if b is not None else None,
+        "data": {},
+        "tasks": {},
+    }
+    if b is not None and not same_vocabulary(m.tokenizer, b.tokenizer):
+        if "kl" in names:
+            raise ValueError(f"{m.path} and {b.path} have different vocabularies; KL needs the same tokenizer")
+        logger.warning("model and baseline tokenizers differ; ppl windows use the model's tokenizer for both")
+
+    ran: dict[str, dict[str, Any]] = {}
+    if needs_windows:
+        assert text_file is not None
+        from awqkit.zoo import sha256_file
+
+        t0 = time.perf_counter()
+        ids = make_windows(m.tokenizer, load_wikitext_test(text_file), seq_len, windows)
+        wall["tokenize"] = time.perf_counter() - t0
+        max_pos = getattr(getattr(m.model, "config", None), "max_position_embeddings", None)
+        if max_pos is not None and seq_len > max_pos:
+            logger.warning("seq_len=%d exceeds the model's max_position_embeddings=%d", seq_len, max_pos)
+        results["data"]["text"] = {"path": str(text_file), "sha256": sha256_file(text_file),
+                                   "n_windows": int(ids.shape[0]), "seq_len": seq_len}
+        opts = {"batch_size": batch_size, "device": device, "progress": progress}
+        ran.update(_window_tasks([t for t in names if t in _WINDOW_TASKS], m, b, ids, opts))
+    for name in (t for t in names if t not in _WINDOW_TASKS):
+        options = dict((task_options or {}).get(name, {}))
+        entry = _per_model(lambda lm: _run_task(name, lm, limit, data_dir, options, progress), m, b)  # noqa: B023
+        results["data"][name] = {"path": entry["model"].get("path"), "sha256": entry["model"].get("sha256")}
+        ran[name] = entry
+    results["tasks"] = {t: ran[t] for t in names}
+    results["metrics"] = metric_rows(results)
+    wall.update({t: ran[t]["seconds"] for t in names})
+    wall["total"] = time.perf_counter() - t_start
+    results["wall_seconds"] = {k: round(v, 3) for k, v in wall.items()}
+    return results
+
+
+def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (task, metric): ``task, metric, higher_is_better, model, baseline, ratio, retention, n``."""
+    rows = []
+    has_baseline = results.get("baseline") is not None
+    for task, entry in results.get("tasks", {}).items():
+        for metric, higher in METRICS.get(task, []):
+            mv = entry.get("model", {}).get(metric)
+            bv = entry.get("baseline", {}).get(metric) if has_baseline else None
+            ratio = _ratio(mv, bv) if metric != "kl" else None
+            retention = None if ratio is None else ratio if higher else _ratio(bv, mv)
+            n = entry.get("model", {}).get("n_tokens", entry.get("model", {}).get("n"))
+            rows.append({"task": task, "metric": metric, "higher_is_better": higher, "model": mv,
+                         "baseline": bv, "ratio": ratio, "retention": retention, "n": n})
+    return rows
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The metrics table alone (Markdown); with a baseline, ratio and retention columns and a legend."""
+    rows = results.get("metrics") or metric_rows(results)
+    if not rows:
+        raise ValueError("results hold no metrics to tabulate")
+    baseline = results.get("baseline") is not None
+    table_rows = [
+        {"task": r["task"], "metric": f"{r['metric']} {'↑' if r['higher_is_better'] else '↓'}",
+         "model": r["model"], "baseline": r["baseline"], "model / baseline": r["ratio"],
+         "retention (1.0 = baseline, ↑)": r["retention"], "n": r["n"]}
+        for r in rows
+    ]
+    cols = ["task", "metric", "model"]
+    if baseline:
+        cols += ["baseline", "model / baseline", "retention (1.0 = baseline, ↑)"]
+    cols.append("n")
+    fmt = {"model / baseline": ".4f", "retention (1.0 = baseline, ↑)": ".4f"} if baseline else {}
+    table = markdown_table(table_rows, cols, fmt)  # other floats: 4 significant digits
+    legend = "↑ higher is better, ↓ lower is better. n: predicted tokens (ppl, kl) or items (tasks)."
+    if baseline:
+        legend += (" retention = model / baseline for ↑ metrics and baseline / model for ↓ metrics (ppl), "
+                   "so below 1.0 is worse in every row; kl has none (the baseline's own KL is 0).")
+    return f"{table}\n\n{legend}"
+
+
+def _describe_line(label: str, info: dict[str, Any]) -> str:
+    d = info["detection"]
+    bits = f"{d['bits']}-bit" if d.get("bits") else "bits unknown"
+    group = f", group size {d['group_size']}" if d.get("group_size") is not None else ""
+    kernels = info.get("kernels") or {}
+    layers = ", ".join(f"{k}: {v}" for k, v in (kernels.get("layers") or {}).items())
+    run = f"; backend {kernels['backend']} ran {layers} layers" if layers else ""
+    source = "no quantization config found" if d["source"] == "none" else f"detected from {d['source']}"
+    return f"- {label}: `{info['path']}`: {d['method']} ({bits}{group}; {source}){run}"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """Markdown report: the models (detection, kernels), the settings, and the metrics table."""
+    s = results["settings"]
+    lines = ["## awqkit eval", "", _describe_line("model", results["model"])]
+    if results.get("baseline"):
+        lines.append(_describe_line("baseline", results["baseline"]))
+    lines.append(f"- tasks: {', '.join(s['tasks'])}; limit {s['limit']}; windows {s['windows']} x {s['seq_len']} "
+                 f"tokens (stride {s['stride']}); device {s['device']}; awqkit {results['awqkit_version']}")
+    shared = {t for t, e in results.get("tasks", {}).items() if e.get("computed_in")}
+    secs = ", ".join(f"{k} in the {results['tasks'][k]['computed_in']} pass" if k in shared else f"{k} {v:.2f} s"
+                     for k, v in results.get("wall_seconds", {}).items())
+    lines += [f"- wall time: {secs}", "", results_table(results)]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["METRICS", "TASKS", "evaluate_model", "metric_rows", "parse_tasks", "results_markdown", "results_table"]
