@@ -26,6 +26,7 @@ from awqkit.io.save import save_quantized
 from awqkit.io.source import SourceInfo, load_source
 from awqkit.nn.replace import replace_linears
 from awqkit.pipeline import run_awq
+from awqkit.report.model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +147,15 @@ def quantize(
                                   info, targets, results, calib_meta, timings)
         # [STEP 6]
         keep = sorted(targets.kept)
+
+        def extra_files(tmp: Path) -> None:
+            if results is not None:
+                results.save(tmp)
+            base = info.name_or_path or (info.folder.name if info.folder else str(src))
+            write_model_card(tmp, base_model=base, metadata=metadata, name=dst.name)
+
         path = save_quantized(model, dst, src_dir=info.folder, quant_config=quant, metadata=metadata,
-                              modules_to_not_convert=keep, overwrite=overwrite,
-                              extra_files=(results.save if results is not None else None))
+                              modules_to_not_convert=keep, overwrite=overwrite, extra_files=extra_files)
     seconds = time.perf_counter() - t0
     logger.info("quantized %s with %s in %.1f s (peak RSS %.2f GB)", src, method, seconds, rss.peak / 1e9)
     return QuantizeReport(path, metadata, results, seconds, rss.peak)

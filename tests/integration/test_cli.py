@@ -47,6 +47,9 @@ def test_quantize_then_generate(tiny_src: Path, capsys: pytest.CaptureFixture) -
     meta = json.loads((dst / "quantization_metadata.json").read_text())
     assert meta["method"] == "awq" and meta["calibration"]["n_samples"] == 4
     assert meta["search_config"]["n_grid"] == 5
+    card = (dst / "README.md").read_text()  # the model card names the final folder, never the temp sibling
+    assert card.startswith("---\n") and "base_model:" in card and "- awq" in card
+    assert ".tmp-" not in card and dst.name in card
     # the same command again must refuse the existing output (exit 2, message names the flag)
     assert cli.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
