@@ -24,6 +24,17 @@ _LAZY = {
     "apply_results": "awqkit.algo.results",
     "run_awq": "awqkit.pipeline",
     "supported_architectures": "awqkit.arch",
+    "QuantMethod": "awqkit.platform.spec",
+    "QuantizationSpec": "awqkit.platform.spec",
+    "resolve_quantization_spec": "awqkit.platform.spec",
+    "make_run_name": "awqkit.platform.naming",
+    "parse_run_name": "awqkit.platform.naming",
+    "quant_tag": "awqkit.platform.naming",
+    "build_calibration_set": "awqkit.platform.calib_build",
+    "describe_folder": "awqkit.platform.info",
+    "detect_quantization_method": "awqkit.eval.detect",
+    "evaluate_model": "awqkit.eval.runner",
+    "write_model_card": "awqkit.report.model_card",
 }
 
 __all__ = ["__version__", *_LAZY]

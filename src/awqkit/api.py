@@ -26,6 +26,8 @@ from awqkit.io.save import save_quantized
 from awqkit.io.source import SourceInfo, load_source
 from awqkit.nn.replace import replace_linears
 from awqkit.pipeline import run_awq
+from awqkit.platform.info import training_link
+from awqkit.platform.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
 from awqkit.report.model_card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -97,7 +99,8 @@ def quantize(
     src: str | Path,
     dst: str | Path,
     *,
-    method: str = "awq",
+    method: str | None = None,
+    spec: QuantizationSpec | None = None,
     quant: QuantConfig | None = None,
     calib: CalibConfig | None = None,
     search: SearchConfig | None = None,
@@ -106,14 +109,30 @@ def quantize(
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> QuantizeReport:
-    """Quantize the float model at ``src`` with ``method`` ("awq" or "rtn") and write it to ``dst``.
+    """Quantize the float model at ``src`` with ``method`` ("awq" or "rtn"; default "awq") and write it to ``dst``.
+
+    ``spec`` (a :class:`~awqkit.platform.spec.QuantizationSpec`) may replace ``method`` + ``quant``: its
+    weights part becomes the QuantConfig; parts awqkit does not apply (activations, KV cache, ...) are
+    warned about and recorded as ``not_applied`` in the metadata. When the source folder holds
+    ``training_metadata.json`` it is copied into ``dst`` and linked from the metadata (``"training"``).
 
     ``dst`` is written to a temporary sibling and renamed into place when complete; an existing
     ``dst`` is refused unless ``overwrite``. Same inputs and seed give identical tensors.
     """
+    if spec is not None:
+        if quant is not None:
+            raise ValueError("pass either spec or quant, not both (the spec's weights settings are the QuantConfig)")
+        if method is not None and QuantMethod.parse(method) is not spec.method:
+            raise ValueError(f"method={method!r} disagrees with spec.method={spec.method.value!r}; pass one of them")
+        if not spec.method.quantizes:
+            raise ValueError("spec.method is 'none' (the float model): there is nothing to quantize")
+        warn_unapplied(spec, logger)
+        method, quant = spec.method.value, spec.to_quant_config()
+    method = method or "awq"
     quant, calib, search = quant or QuantConfig(), calib or CalibConfig(), search or SearchConfig()
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not supported; choose one of {METHODS}")
+    spec = spec or QuantizationSpec.from_quant_config(method, quant)
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) or choose another --dst")
@@ -121,9 +140,9 @@ def quantize(
     with track_peak_rss() as rss:
         # [STEP 1]
         model, tokenizer, info = load_source(src, trust_remote_code=trust_remote_code)
-        spec = resolve_arch(model)
+        arch = resolve_arch(model)
         # [STEP 2]
-        targets = select_targets(model, spec, quant)
+        targets = select_targets(model, arch, quant)
         results = None
         calib_meta: dict[str, Any] = {}
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
@@ -144,7 +163,8 @@ def quantize(
         timings["pack"] = time.perf_counter() - t
         timings["total_before_save"] = time.perf_counter() - t0
         metadata = build_metadata(method, quant, calib if method == "awq" else None, search if method == "awq" else None,
-                                  info, targets, results, calib_meta, timings)
+                                  info, targets, results, calib_meta, timings, spec=spec,
+                                  training=training_link(info))
         # [STEP 6]
         keep = sorted(targets.kept)
 
@@ -179,8 +199,15 @@ def build_metadata(
     results: AWQResults | None,
     calib_meta: dict[str, Any],
     timings: dict[str, float],
+    *,
+    spec: QuantizationSpec | None = None,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The contents of ``quantization_metadata.json``."""
+    """The contents of ``quantization_metadata.json``.
+
+    ``spec`` (default: the one ``method`` + ``quant`` apply) is written as ``"spec"``, with its unapplied
+    parts as ``"not_applied"``; ``training`` (:func:`awqkit.platform.info.training_link`) as ``"training"``.
+    """
     import transformers
 
     meta: dict[str, Any] = {
@@ -199,6 +226,9 @@ def build_metadata(
         "versions": {"awqkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
+    meta.update(spec_metadata(spec if spec is not None else QuantizationSpec.from_quant_config(method, quant)))
+    if training is not None:
+        meta["training"] = training
     if results is not None:
         meta["awq"] = results.summary()
     return meta

@@ -4,7 +4,8 @@ Accepted files:
 
 * plain text (``.txt`` or any other extension): one prompt per line, empty lines skipped. If every
   non-empty line is a JSON object, the file is read as JSONL instead (so ``{"text": ...}`` lines may
-  carry prompts with newlines whatever the extension).
+  carry prompts with newlines whatever the extension). ``awqkit calib build`` writes this format
+  (:mod:`awqkit.platform.calib_build`); each ``{"text": ...}`` is one sample, read back exactly.
 * ``.jsonl`` / ``.json`` (JSON lines, a JSON array of rows, or an object holding one array of rows)
   and ``.csv`` / ``.tsv``: training rows rendered through the tokenizer's chat template.
 

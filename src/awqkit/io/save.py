@@ -56,6 +56,7 @@ SRC_FILE_PATTERNS = (
     "generation_config.json",
     "preprocessor_config.json",
     "processor_config.json",
+    "training_metadata.json",
 )
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -1,0 +1,36 @@
+"""``awqkit info PATH [--json] [--verify]``: what a model folder is.
+
+Method, bits, group size, the quantization spec (and what of it was not applied), calibration, sizes,
+and where it came from (source model, training metadata and its link, the run name), read from
+``config.json``, ``quantization_metadata.json`` and ``training_metadata.json``, the folder name last.
+See :mod:`awqkit.platform.info`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    """Print the description of ``a.path`` (text, or JSON with ``--json``)."""
+    from awqkit.platform.info import describe_folder
+
+    info = describe_folder(a.path, verify=a.verify)
+    print(json.dumps(info.to_dict(), indent=2, default=str) if a.json else info.format())
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``info`` subcommand to ``subparsers``."""
+    p = subparsers.add_parser("info", help="describe a model folder: method, bits, spec, calibration, origin",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("path", help="model folder (quantized or float)")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash the linked source weights and compare them with the link (slow for big models)")
+    p.set_defaults(func=cmd_info)
+
+
+__all__ = ["cmd_info", "register"]

@@ -1,0 +1,475 @@
+"""Build a calibration set from training data: ``awqkit calib build`` / :func:`build_calibration_set`.
+
+1. Read the dataset: CSV/TSV, JSONL/JSON, Parquet (needs ``pyarrow``, or ``pandas`` with a Parquet engine),
+   or a folder written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (needs
+   ``datasets``; a DatasetDict uses ``split``, default ``train``). A missing package is a clear error
+   naming what to install.
+2. Sample ``min(max_samples, max(min_samples, int(fraction * rows)))`` rows (defaults 128, 8, 0.15;
+   never more than the rows there are) with ``random.Random(seed)`` (default seed 42), kept in dataset
+   order. Rows whose prompt column is empty are left out before sampling (counted, with a warning).
+3. Render each sampled row as a chat the way training rendered it: an optional system turn, then the
+   user turn from ``column`` (default ``question``), through the model's own chat template with
+   ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **chat_template_kwargs)``.
+4. Write ``calibration_<dataset>_<n>samples.txt`` in the calibration format below (atomically), plus
+   ``calibration_<dataset>_<n>samples.meta.json`` recording how it was built (dataset and its sha256,
+   seed, row indices, tokenizer, token counts).
+5. Report token counts, and warn when the set holds fewer tokens than ``n_blocks × seq_len`` (the
+   calibration blocks quantization will ask for; :func:`awqkit.calib.blocks.build_blocks` then uses
+   fewer blocks).
+
+Calibration file format (read back by ``--calib`` / :func:`awqkit.calib.sources.read_samples`):
+one JSON object per line, ``{"text": "<prompt>"}``, UTF-8. Newlines and other line breaks inside a
+prompt are JSON escapes (``\\n``, ``\\r``, ``\\u2028``, ...), so every line is one prompt and the text
+round-trips exactly. ``--calib`` reads a file whose every non-empty line is a JSON object as such
+records whatever its extension; any other text file is still read as one prompt per line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COLUMN = "question"
+DEFAULT_SEED = 42
+DEFAULT_FRACTION = 0.15
+DEFAULT_MIN_SAMPLES = 8
+DEFAULT_MAX_SAMPLES = 128
+#: Calibration blocks × tokens the default ``awqkit quantize`` asks for (CalibConfig defaults).
+DEFAULT_N_BLOCKS = 128
+DEFAULT_SEQ_LEN = 512
+FORMAT = "awqkit-calibration-jsonl/1"
+TEXT_KEY = "text"
+CSV_SUFFIXES = (".csv", ".tsv")
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+ACCEPTED = ("a CSV/TSV, JSONL/JSON or Parquet file, or a folder written by datasets' save_to_disk")
+# str.splitlines() also breaks at these; json.dumps(ensure_ascii=False) leaves them raw.
+_LINE_BREAKS_JSON_KEEPS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+class MissingDependencyError(ImportError, ValueError):
+    """An optional package is needed for this input (the message says which and how to install it)."""
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def calibration_sample_size(n_rows: int, *, fraction: float = DEFAULT_FRACTION,
+                            min_samples: int = DEFAULT_MIN_SAMPLES, max_samples: int = DEFAULT_MAX_SAMPLES) -> int:
+    """``min(max_samples, max(min_samples, int(fraction × n_rows)))``, capped at ``n_rows``.
+
+    ``fraction × n_rows`` is computed exactly on the decimal value of ``fraction`` (0.15 × 100 is 15).
+    10 rows → 8, 100 → 15, 2000 → 128 with the defaults.
+    """
+    if n_rows < 0:
+        raise ValueError(f"n_rows={n_rows} must be >= 0")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction} must be in (0, 1]")
+    if not 1 <= min_samples <= max_samples:
+        raise ValueError(f"need 1 <= min_samples ({min_samples}) <= max_samples ({max_samples})")
+    wanted = min(max_samples, max(min_samples, math.floor(Fraction(str(fraction)) * n_rows)))
+    return min(wanted, n_rows)
+
+
+def sample_rows(n_rows: int, k: int, seed: int = DEFAULT_SEED) -> list[int]:
+    """``k`` distinct row indices of ``range(n_rows)`` drawn with ``random.Random(seed)``, sorted."""
+    if not 0 <= k <= n_rows:
+        raise ValueError(f"cannot draw {k} rows from {n_rows}")
+    return sorted(random.Random(seed).sample(range(n_rows), k))
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _optional(module: str, purpose: str, install: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(f"{purpose} needs the '{module.split('.')[0]}' package, which is not installed "
+                                     f"({exc}); install it with: {install}") from None
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        pq = importlib.import_module("pyarrow.parquet")
+    except ImportError:
+        pq = None
+    if pq is not None:
+        return list(pq.read_table(str(path)).to_pylist())
+    try:
+        pd = importlib.import_module("pandas")
+    except ImportError:
+        raise MissingDependencyError(f"reading the Parquet file {path} needs 'pyarrow' (or 'pandas' with a "
+                                     "Parquet engine), and neither is installed; install it with: "
+                                     "pip install pyarrow") from None
+    try:
+        frame = pd.read_parquet(path)
+    except ImportError as exc:
+        raise MissingDependencyError(f"pandas cannot read Parquet without an engine ({exc}); install it with: "
+                                     "pip install pyarrow") from None
+    return list(frame.to_dict("records"))
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+
+def _read_hf_dir(path: Path, split: str | None) -> list[dict[str, Any]]:
+    datasets = _optional("datasets", f"reading the Hugging Face dataset folder {path}", "pip install datasets")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, dict):  # a DatasetDict (a dict of split -> Dataset)
+        splits = list(ds.keys())
+        chosen = split or ("train" if "train" in splits else (splits[0] if len(splits) == 1 else None))
+        if chosen not in splits:
+            raise ValueError(f"{path} is a DatasetDict with splits {splits}; choose one with --split "
+                             f"(split={split!r})")
+        ds = ds[chosen]
+    elif split is not None:
+        logger.warning("%s holds a single dataset; ignoring split=%r", path, split)
+    return [dict(r) for r in ds]
+
+
+def read_dataset(path: str | Path, *, split: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a training dataset (see the module docstring for the accepted inputs).
+
+    Raises:
+        MissingDependencyError: Parquet without pyarrow/pandas, a saved dataset without ``datasets``.
+        ValueError: a missing or unsupported path, or rows that are not objects with named columns.
+    """
+    from awqkit.calib.sources import _read_csv, _read_json
+
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        if not _is_hf_dataset_dir(path):
+            raise ValueError(f"{path} is a folder but not a Hugging Face dataset saved with save_to_disk (no "
+                             f"dataset_dict.json / state.json); expected {ACCEPTED}")
+        rows: list[Any] = _read_hf_dir(path, split)
+    elif not path.is_file():
+        raise ValueError(f"dataset {str(path)!r} does not exist; expected {ACCEPTED}")
+    elif suffix in CSV_SUFFIXES:
+        rows = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+    elif suffix in JSON_SUFFIXES:
+        rows = _read_json(path)
+    elif suffix in PARQUET_SUFFIXES:
+        rows = _read_parquet(path)
+    else:
+        raise ValueError(f"dataset {str(path)!r} has an unsupported extension {suffix or '(none)'!r}; "
+                         f"expected {ACCEPTED}")
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: row {bad} is a {type(rows[bad]).__name__}; expected rows with named columns")
+    if not rows:
+        raise ValueError(f"dataset {path} has no rows")
+    return rows
+
+
+def _column(rows: list[dict[str, Any]], column: str, path: Path | str) -> str:
+    names: dict[str, str] = {}
+    for row in rows:
+        for key in row:
+            names.setdefault(str(key), str(key))
+    if column in names:
+        return column
+    folded = {k.lower(): k for k in names}
+    if column.lower() in folded:
+        return folded[column.lower()]
+    raise ValueError(f"{path}: column {column!r} (the user turn) is not in the dataset; columns found: "
+                     f"{sorted(names)}. Choose it with --column")
+
+
+def _cell_text(value: Any, column: str, index: int, path: Path | str) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):  # missing / NaN
+        return None
+    if isinstance(value, (dict, list, tuple)):
+        raise ValueError(f"{path}: row {index}: column {column!r} holds a {type(value).__name__}, expected text")
+    text = str(value)
+    return text if text.strip() else None
+
+
+# ---------------------------------------------------------------------------------------- rendering
+def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:
+    """``model`` itself when it is a tokenizer, else ``AutoTokenizer.from_pretrained(model)``."""
+    if hasattr(model, "apply_chat_template"):
+        return model
+    from transformers import AutoTokenizer
+
+    local = Path(str(model)).expanduser()
+    return AutoTokenizer.from_pretrained(str(local) if local.exists() else str(model),
+                                         trust_remote_code=trust_remote_code)
+
+
+def render_prompt(tokenizer: Any, user: str, system_prompt: str | None = None,
+                  chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """``[system?, user]`` through the tokenizer's chat template with the generation prompt added.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or the template fails on this conversation.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template, so prompts cannot be rendered as training rendered "
+                         "them; pass the fine-tuned model's folder (with its chat template) as --model")
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": user}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **(chat_template_kwargs or {}))
+    except Exception as exc:  # jinja raises its own exception types
+        raise ValueError(f"the chat template failed ({exc}); if it rejects a system turn, "
+                         "drop --system-prompt") from exc
+    if not isinstance(text, str):
+        raise ValueError(f"apply_chat_template returned {type(text).__name__}, expected a str")
+    return text
+
+
+# ------------------------------------------------------------------------------------ calibration file
+def calibration_file_name(dataset_name: str, n_samples: int) -> str:
+    """``calibration_<dataset>_<n>samples.txt`` (``dataset_name`` slugged to letters, digits, ``.``, ``-``)."""
+    return f"calibration_{dataset_slug(dataset_name)}_{n_samples}samples.txt"
+
+
+def dataset_slug(name: str) -> str:
+    """``name`` with every run of characters other than letters, digits, ``.`` and ``-`` turned into ``-``."""
+    slug = re.sub(r"[^A-Za-z0-9.\-]+", "-", str(name)).strip("-.")
+    return slug or "dataset"
+
+
+def _record(text: str) -> str:
+    line = json.dumps({TEXT_KEY: text}, ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS_JSON_KEEPS.items():
+        line = line.replace(raw, escaped)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: keep them as JSON escapes
+        line = json.dumps({TEXT_KEY: text}, ensure_ascii=True)
+    return line
+
+
+def write_calibration_file(prompts: list[str], path: str | Path) -> Path:
+    """Write ``prompts`` in the calibration format (module docstring), atomically; returns the path.
+
+    Raises:
+        ValueError: no prompts, a prompt that is not a str, or one that is only whitespace (which
+            ``--calib`` would skip).
+    """
+    if not prompts:
+        raise ValueError("no prompts to write")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is {'empty' if isinstance(p, str) else type(p).__name__}; every "
+                             "prompt must be non-empty text")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "".join(_record(p) + "\n" for p in prompts)
+    _atomic_write(path, body)
+    return path
+
+
+def read_calibration_file(path: str | Path) -> list[str]:
+    """Prompts from a calibration file exactly as ``--calib`` reads them (either format)."""
+    from awqkit.calib.sources import read_samples
+    from awqkit.config import CalibConfig
+
+    return read_samples(path, None, CalibConfig())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _hash_path(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative path and content, sorted)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        if p is not path:
+            h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- build
+@dataclass
+class CalibrationSet:
+    """What :func:`build_calibration_set` wrote and measured."""
+
+    path: Path
+    meta_path: Path
+    dataset: str
+    dataset_name: str
+    n_rows: int
+    n_usable_rows: int
+    n_samples: int
+    seed: int
+    row_indices: list[int]
+    token_counts: list[int]
+    stream_tokens: int
+    n_blocks: int
+    seq_len: int
+    blocks_available: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+    def summary(self) -> str:
+        """Human-readable lines: file, sampling, token counts, warnings."""
+        tc = self.token_counts
+        lines = [
+            f"wrote {self.path} ({self.n_samples} prompts)",
+            f"dataset {self.dataset}: {self.n_rows} rows ({self.n_usable_rows} with a prompt), sampled "
+            f"{self.n_samples} with seed {self.seed}",
+            f"tokens: {self.total_tokens} total, per prompt min {min(tc)} / mean {self.total_tokens / len(tc):.1f} "
+            f"/ max {max(tc)}",
+            f"calibration blocks of {self.seq_len} tokens available: {self.blocks_available} "
+            f"(requested {self.n_blocks}, i.e. {self.n_blocks * self.seq_len} tokens)",
+        ]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["path"], out["meta_path"] = str(self.path), str(self.meta_path)
+        out["total_tokens"] = self.total_tokens
+        return out
+
+
+def build_calibration_set(
+    dataset: str | Path,
+    model: Any,
+    *,
+    dataset_name: str | None = None,
+    out_dir: str | Path = ".",
+    column: str = DEFAULT_COLUMN,
+    system_prompt: str | None = None,
+    seed: int = DEFAULT_SEED,
+    fraction: float = DEFAULT_FRACTION,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    split: str | None = None,
+    n_blocks: int = DEFAULT_N_BLOCKS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> CalibrationSet:
+    """Sample, render and write a calibration set from training data (steps in the module docstring).
+
+    Args:
+        dataset: CSV/TSV, JSONL/JSON, Parquet file, or a ``save_to_disk`` folder.
+        model: the model folder / hub id whose tokenizer (and chat template) renders the prompts, or a
+            tokenizer object.
+        dataset_name: name in the output file (default: the dataset's file or folder name).
+        out_dir: folder for the calibration file (created if needed).
+        column: the column holding the user turn. system_prompt: optional system turn.
+        seed, fraction, min_samples, max_samples: the sampling rule (:func:`calibration_sample_size`).
+        split: the split of a saved DatasetDict (default ``train``).
+        n_blocks, seq_len: the calibration blocks quantization will ask for (warning when short).
+        chat_template_kwargs: extra template variables training used (e.g. ``{"enable_thinking": False}``).
+    Raises:
+        ValueError: bad input, missing column, no usable rows, no chat template (see the readers).
+        MissingDependencyError: Parquet / saved datasets without the package that reads them.
+    """
+    from awqkit.calib.blocks import separator_ids, tokenize_samples
+
+    if n_blocks < 1 or seq_len < 1:
+        raise ValueError(f"n_blocks={n_blocks} and seq_len={seq_len} must be >= 1")
+    src = Path(dataset).expanduser()
+    rows = read_dataset(src, split=split)
+    col = _column(rows, column, src)
+    usable = [(i, t) for i, r in enumerate(rows) if (t := _cell_text(r.get(col), col, i, src)) is not None]
+    warnings: list[str] = []
+    if len(usable) < len(rows):
+        warnings.append(f"{len(rows) - len(usable)} of {len(rows)} rows have an empty {col!r} and were left out")
+    if not usable:
+        raise ValueError(f"{src}: every row has an empty {col!r}; nothing to calibrate on")
+    k = calibration_sample_size(len(usable), fraction=fraction, min_samples=min_samples, max_samples=max_samples)
+    if k < min_samples:
+        warnings.append(f"only {len(usable)} usable rows, fewer than min_samples={min_samples}; using all of them")
+    picked = sample_rows(len(usable), k, seed)
+    indices = [usable[j][0] for j in picked]
+
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    prompts = [render_prompt(tokenizer, usable[j][1], system_prompt, chat_template_kwargs) for j in picked]
+    counts = [len(ids) for ids in tokenize_samples(prompts, tokenizer)]
+    stream = sum(counts) + max(0, len(counts) - 1) * len(separator_ids(tokenizer))
+    available = stream // seq_len
+    if available < n_blocks:
+        warnings.append(
+            f"the set holds {stream} tokens (with separators), enough for {available} calibration blocks of "
+            f"{seq_len} tokens, fewer than the {n_blocks} requested ({n_blocks * seq_len} tokens); quantization "
+            f"will use {available} blocks: lower --n-samples/--seq-len, or raise --max-samples/--fraction")
+    name = dataset_slug(dataset_name if dataset_name is not None else (src.stem if src.is_file() else src.name))
+    if dataset_name is not None and name != dataset_name:
+        logger.info("dataset name %r written as %r in the file name", dataset_name, name)
+    out = Path(out_dir).expanduser()
+    path = write_calibration_file(prompts, out / calibration_file_name(name, k))
+    meta_path = path.with_suffix(".meta.json")
+    template = getattr(tokenizer, "chat_template", None)
+    meta = {
+        "format": FORMAT,
+        "file": path.name,
+        "dataset": str(src.resolve()),
+        "dataset_sha256": _hash_path(src),
+        "dataset_name": name,
+        "split": split,
+        "column": col,
+        "system_prompt": system_prompt,
+        "chat_template_kwargs": chat_template_kwargs or {},
+        "tokenizer": str(model) if not hasattr(model, "apply_chat_template") else
+        str(getattr(model, "name_or_path", "") or type(model).__name__),
+        "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if template else None,
+        "sampling": {"rule": "min(max_samples, max(min_samples, int(fraction * rows)))", "fraction": fraction,
+                     "min_samples": min_samples, "max_samples": max_samples, "seed": seed,
+                     "rows": len(rows), "usable_rows": len(usable), "n_samples": k, "row_indices": indices},
+        "tokens": {"total": sum(counts), "per_prompt": counts, "stream_with_separators": stream,
+                   "seq_len": seq_len, "blocks_available": available, "blocks_requested": n_blocks},
+        "warnings": warnings,
+    }
+    _atomic_write(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    for w in warnings:
+        logger.warning("%s", w)
+    logger.info("calibration set: %d prompts, %d tokens -> %s", k, sum(counts), path)
+    return CalibrationSet(path, meta_path, str(src), name, len(rows), len(usable), k, seed, indices, counts,
+                          stream, n_blocks, seq_len, available, warnings)
+
+
+__all__ = [
+    "CalibrationSet",
+    "MissingDependencyError",
+    "build_calibration_set",
+    "calibration_file_name",
+    "calibration_sample_size",
+    "dataset_slug",
+    "load_tokenizer",
+    "read_calibration_file",
+    "read_dataset",
+    "render_prompt",
+    "sample_rows",
+    "write_calibration_file",
+]

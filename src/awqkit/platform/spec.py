@@ -1,0 +1,306 @@
+"""What a quantization run asks for: :class:`QuantMethod` and :class:`QuantizationSpec`.
+
+A spec is the platform's vocabulary for "how should this model be quantized". awqkit quantizes
+**weights only** (round-to-nearest or AWQ, 2..8 bits, per-group scales), keeps the LM head and the
+embeddings in fp16, and writes AutoAWQ ``gemm`` (4 bits) or compressed-tensors ``pack-quantized``
+(other widths) checkpoints. A spec may ask for more (8-bit activations, a quantized KV cache, a
+quantized LM head, another storage format, extra settings awqkit does not know): those parts are
+*planned, not applied*. They are kept in the spec, listed by :meth:`QuantizationSpec.unapplied`,
+logged as a warning when quantizing (:func:`warn_unapplied`) and written as ``"not_applied"`` in
+``quantization_metadata.json`` (:func:`spec_metadata`); nothing pretends they were done.
+
+On disk (``quantization_metadata.json``)::
+
+    "spec": {"method": "awq", "weights_bits": 4, "activations_bits": null, "kv_cache_bits": null,
+             "group_size": 128, "lm_head_dtype": "fp16", "backend": "auto", "extras": {}},
+    "not_applied": []
+
+``activations_bits`` / ``kv_cache_bits``: None (or 16) means float (fp16/bf16 at run time).
+``backend``: the checkpoint format: ``auto`` (``gemm`` at 4 bits, ``pack-quantized`` otherwise),
+``gemm`` or ``pack-quantized``. ``extras``: further :class:`~awqkit.config.QuantConfig` settings
+(``zero_point``, ``modules_to_not_convert``, ``keep_unaligned_fp16``); any other key is recorded and
+listed as not applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from awqkit.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig
+
+logger = logging.getLogger(__name__)
+
+FLOAT_BITS = 16
+FLOAT_WEIGHT_BITS = (16, 32)
+#: Storage formats awqkit writes; "auto" picks gemm at 4 bits, pack-quantized otherwise.
+BACKENDS = ("auto", "gemm", "pack-quantized")
+#: The only LM-head dtype awqkit applies (the head and the embeddings are never quantized).
+APPLIED_LM_HEAD_DTYPE = "fp16"
+#: ``extras`` keys applied through :class:`QuantConfig`.
+APPLIED_EXTRAS = ("zero_point", "modules_to_not_convert", "keep_unaligned_fp16")
+_SPEC_KEY = "spec"
+_NOT_APPLIED_KEY = "not_applied"
+
+
+class QuantMethod(str, enum.Enum):
+    """How weights are quantized. ``NONE`` is the float model (aliases ``fp16``, ``bf16``, ``fp``, ``float``)."""
+
+    NONE = "none"
+    RTN = "rtn"
+    AWQ = "awq"
+
+    @classmethod
+    def _missing_(cls, value: object) -> QuantMethod | None:
+        if isinstance(value, str):
+            v = value.strip().lower()
+            if v in ("fp16", "bf16", "fp32", "fp", "float", "float16", "bfloat16", "float32", "none"):
+                return cls.NONE
+            for m in cls:
+                if m.value == v:
+                    return m
+        return None
+
+    @classmethod
+    def parse(cls, value: str | QuantMethod) -> QuantMethod:
+        """``value`` as a method (case-insensitive, aliases accepted); a clear ValueError otherwise."""
+        if isinstance(value, QuantMethod):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"quantization method {value!r} is not known; choose one of "
+                             f"{[m.value for m in cls]} (or fp16 for the float model)") from None
+
+    @property
+    def quantizes(self) -> bool:
+        return self is not QuantMethod.NONE
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """A quantization request (see the module docstring). Build one with :func:`resolve_quantization_spec`."""
+
+    method: QuantMethod = QuantMethod.AWQ
+    weights_bits: int = 4
+    activations_bits: int | None = None
+    kv_cache_bits: int | None = None
+    group_size: int | None = 128
+    lm_head_dtype: str = APPLIED_LM_HEAD_DTYPE
+    backend: str = "auto"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", QuantMethod.parse(self.method))
+        object.__setattr__(self, "extras", {str(k): list(v) if isinstance(v, tuple) else v
+                                            for k, v in dict(self.extras or {}).items()})
+        object.__setattr__(self, "lm_head_dtype", str(self.lm_head_dtype).lower())
+        object.__setattr__(self, "backend", str(self.backend).lower())
+        for name in ("weights_bits", "activations_bits", "kv_cache_bits", "group_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{name}={v!r} must be an integer{'' if name == 'weights_bits' else ' or None'}")
+        for name in ("activations_bits", "kv_cache_bits"):
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= 32:
+                raise ValueError(f"{name}={v} is not a bit width; use None (float) or e.g. 8")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not a format awqkit writes; choose one of {BACKENDS}")
+        if not self.method.quantizes:
+            if self.weights_bits not in FLOAT_WEIGHT_BITS:
+                raise ValueError(f"method none (float) keeps float weights ({FLOAT_WEIGHT_BITS} bits); got "
+                                 f"weights_bits={self.weights_bits}. Choose rtn or awq to quantize")
+            if self.group_size is not None:
+                raise ValueError("method none (float) has no group_size; leave it None")
+            return
+        if self.weights_bits not in SUPPORTED_BITS:
+            raise ValueError(f"weights_bits={self.weights_bits} is not supported; choose one of {SUPPORTED_BITS}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}")
+        if self.backend == "gemm" and self.weights_bits != 4:
+            raise ValueError(f"backend 'gemm' holds 4-bit weights only; weights_bits={self.weights_bits} is "
+                             "written as 'pack-quantized' (use backend 'auto')")
+        bad = [k for k in APPLIED_EXTRAS if k in self.extras]
+        if bad:  # validated through QuantConfig so a bad value fails now, not at quantize time
+            self.to_quant_config()
+
+    # ------------------------------------------------------------------------------ derived views
+    @property
+    def format(self) -> str | None:
+        """The checkpoint format awqkit writes for this spec (None for the float model)."""
+        if not self.method.quantizes:
+            return None
+        return "gemm" if self.weights_bits == 4 else "pack-quantized"
+
+    def unapplied(self) -> list[str]:
+        """``"key=value"`` for each part of the spec awqkit records but does not apply (empty: all applied)."""
+        out: list[str] = []
+        if self.activations_bits not in (None, FLOAT_BITS):
+            out.append(f"activations_bits={self.activations_bits}")
+        if self.kv_cache_bits not in (None, FLOAT_BITS):
+            out.append(f"kv_cache_bits={self.kv_cache_bits}")
+        if self.lm_head_dtype != APPLIED_LM_HEAD_DTYPE:
+            out.append(f"lm_head_dtype={self.lm_head_dtype}")
+        if self.method.quantizes and self.backend not in ("auto", self.format):
+            out.append(f"backend={self.backend}")
+        for key in sorted(self.extras):
+            if key not in APPLIED_EXTRAS or not self.method.quantizes:
+                out.append(f"extras.{key}={self.extras[key]!r}")
+        return out
+
+    def describe(self) -> str:
+        """One line: ``awq w4 g128, lm_head fp16, format gemm`` (+ what is not applied)."""
+        if not self.method.quantizes:
+            text = f"none (float, {self.weights_bits}-bit weights)"
+        else:
+            g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+            text = (f"{self.method.value} w{self.weights_bits} {g}, lm_head {APPLIED_LM_HEAD_DTYPE}, "
+                    f"format {self.format}")
+            zp = self.extras.get("zero_point", True)
+            text += "" if zp else ", symmetric"
+        missing = self.unapplied()
+        if missing:
+            text += f"; planned, not applied: {', '.join(missing)}"
+        return text
+
+    def to_quant_config(self) -> QuantConfig:
+        """The :class:`QuantConfig` awqkit quantizes with (weights only; see :meth:`unapplied`).
+
+        Raises:
+            ValueError: the method is ``none`` (nothing to quantize) or an extra has a bad value.
+        """
+        if not self.method.quantizes:
+            raise ValueError("method none (float) does not quantize; there is no QuantConfig for it")
+        kwargs = {k: self.extras[k] for k in APPLIED_EXTRAS if k in self.extras}
+        if "modules_to_not_convert" in kwargs:
+            mods = kwargs["modules_to_not_convert"]
+            kwargs["modules_to_not_convert"] = (mods,) if isinstance(mods, str) else tuple(mods)
+        return QuantConfig(bits=self.weights_bits, group_size=int(self.group_size),  # type: ignore[arg-type]
+                           keep_lm_head_fp16=True, **kwargs)
+
+    @classmethod
+    def from_quant_config(cls, method: str | QuantMethod, quant: QuantConfig) -> QuantizationSpec:
+        """The spec that ``quantize(method=..., quant=quant)`` applies (nothing unapplied)."""
+        base = QuantConfig()
+        extras: dict[str, Any] = {}
+        for key in APPLIED_EXTRAS:
+            value = getattr(quant, key)
+            if value != getattr(base, key):
+                extras[key] = list(value) if isinstance(value, tuple) else value
+        return cls(method=QuantMethod.parse(method), weights_bits=quant.bits, group_size=quant.group_size,
+                   extras=extras)
+
+    # ------------------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the ``"spec"`` entry of ``quantization_metadata.json``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["method"] = self.method.value
+        out["extras"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.extras.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationSpec:
+        """Inverse of :meth:`to_dict`; unknown keys (e.g. ``not_applied``) are ignored."""
+        if not isinstance(data, dict) or "method" not in data:
+            raise ValueError(f"a quantization spec needs at least a 'method'; got {data!r:.200}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def resolve_quantization_spec(method: str | QuantMethod | QuantizationSpec = "awq",
+                              **overrides: Any) -> QuantizationSpec:
+    """A spec for ``method`` with its defaults, then ``overrides``.
+
+    Defaults: ``awq`` / ``rtn``: 4-bit weights, group size 128, fp16 LM head, float activations and KV
+    cache, format ``auto``; ``none`` (alias ``fp16``): 16-bit weights, no group size. Overrides are spec
+    fields (``weights_bits``, ``activations_bits``, ``kv_cache_bits``, ``group_size``, ``lm_head_dtype``,
+    ``backend``, ``extras``); ``bits`` is accepted for ``weights_bits``, and :class:`QuantConfig`
+    settings (``zero_point``, ``modules_to_not_convert``, ``keep_unaligned_fp16``) go to ``extras``.
+    ``method`` may also be a spec, which the overrides then modify.
+
+    Raises:
+        ValueError: unknown method, unknown override, or an invalid value.
+    """
+    if isinstance(method, QuantizationSpec):
+        base = method
+    else:
+        m = QuantMethod.parse(method)
+        base = (QuantizationSpec(m) if m.quantizes else
+                QuantizationSpec(m, weights_bits=FLOAT_BITS, group_size=None))
+    overrides = dict(overrides)
+    if "bits" in overrides:
+        if "weights_bits" in overrides:
+            raise ValueError("pass either bits or weights_bits, not both")
+        overrides["weights_bits"] = overrides.pop("bits")
+    if "method" in overrides:
+        raise ValueError("pass the method as the first argument, not as an override")
+    extras = dict(base.extras)
+    extras.update(overrides.pop("extras", None) or {})
+    for key in APPLIED_EXTRAS:
+        if key in overrides:
+            extras[key] = overrides.pop(key)
+    fields = {f.name for f in dataclasses.fields(QuantizationSpec)} - {"method", "extras"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown quantization setting(s) {unknown}; valid: {sorted(fields | {'bits', 'extras'})} "
+                         f"and {list(APPLIED_EXTRAS)}")
+    return dataclasses.replace(base, extras=extras, **overrides)
+
+
+def warn_unapplied(spec: QuantizationSpec, log: logging.Logger | None = None) -> list[str]:
+    """Log a warning naming the parts of ``spec`` that awqkit does not apply; returns them."""
+    missing = spec.unapplied()
+    if missing:
+        (log or logger).warning(
+            "awqkit quantizes weights only: %s %s planned but NOT applied (recorded as not_applied in "
+            "quantization_metadata.json); activations, KV cache and LM head stay in fp16",
+            ", ".join(missing), "is" if len(missing) == 1 else "are")
+    return missing
+
+
+def spec_metadata(spec: QuantizationSpec) -> dict[str, Any]:
+    """The entries to merge into ``quantization_metadata.json``: ``{"spec": ..., "not_applied": [...]}``."""
+    return {_SPEC_KEY: spec.to_dict(), _NOT_APPLIED_KEY: spec.unapplied()}
+
+
+def spec_from_metadata(meta: dict[str, Any]) -> QuantizationSpec | None:
+    """The spec recorded in a ``quantization_metadata.json`` dict.
+
+    Uses its ``"spec"`` entry; for folders written before specs existed, rebuilds the (weights-only)
+    spec from ``method`` / ``bits`` / ``group_size`` / ``quant_config``. None when neither is there.
+    """
+    if isinstance(meta.get(_SPEC_KEY), dict):
+        return QuantizationSpec.from_dict(meta[_SPEC_KEY])
+    method = meta.get("method")
+    if not isinstance(method, str):
+        return None
+    try:
+        m = QuantMethod.parse(method)
+    except ValueError:
+        return None
+    if not m.quantizes:
+        return QuantizationSpec(m, weights_bits=FLOAT_BITS, group_size=None)
+    qc = meta.get("quant_config") if isinstance(meta.get("quant_config"), dict) else {}
+    try:
+        quant = QuantConfig(bits=int(meta.get("bits", qc.get("bits", 4))),
+                            group_size=int(meta.get("group_size", qc.get("group_size", 128))),
+                            zero_point=bool(meta.get("zero_point", qc.get("zero_point", True))),
+                            modules_to_not_convert=tuple(qc.get("modules_to_not_convert", ())),
+                            keep_unaligned_fp16=bool(qc.get("keep_unaligned_fp16", False)))
+    except (TypeError, ValueError):
+        return None
+    return QuantizationSpec.from_quant_config(m, quant)
+
+
+__all__ = [
+    "BACKENDS",
+    "QuantMethod",
+    "QuantizationSpec",
+    "resolve_quantization_spec",
+    "spec_from_metadata",
+    "spec_metadata",
+    "warn_unapplied",
+]
