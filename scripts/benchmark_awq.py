@@ -29,15 +29,16 @@ RUNS = {
 }
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from awqkit.api import quantize
+from awqkit.eval.bench import process_peak_rss_bytes
 from awqkit.config import QuantConfig, CalibConfig, SearchConfig
 a = json.loads(sys.argv[1])
 t = time.perf_counter()
 rep = quantize(a["src"], a["dst"], method=a["method"], quant=QuantConfig(**a["quant"]),
                calib=CalibConfig(**a["calib"]), search=SearchConfig(**a["search"]), overwrite=True, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": process_peak_rss_bytes()}))  # VmHWM: ru_maxrss would carry the parent's RSS over
 """
 
 
