@@ -49,6 +49,17 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-tokens", type=int, default=S["search_tokens"],
                    help="tokens scoring MLP candidates (default %(default)s)")
     p.add_argument("--no-clip", action="store_true", help="skip the weight-clipping search")
+    p.add_argument("--clip-n-grid", type=int, default=S["clip_n_grid"],
+                   help="clip shrink steps of 1/N (default %(default)s)")
+    p.add_argument("--clip-max-shrink", type=float, default=S["clip_max_shrink"],
+                   help="largest clip shrink, range shrinks down to 1 - this (default %(default)s)")
+    p.add_argument("--clip-n-tokens", type=int, default=S["clip_n_tokens"],
+                   help="tokens scoring clip candidates; 0 = every calibration token (default %(default)s)")
+    p.add_argument("--clip-independent", action=argparse.BooleanOptionalAction, default=S["clip_independent"],
+                   help="also shrink the min and the max end of each group alone (default %(default)s)")
+    p.add_argument("--gqa-v-o", action=argparse.BooleanOptionalAction, default=S["gqa_v_o"],
+                   help="scale v_proj -> o_proj under grouped-query attention, tied per kv head "
+                        "(default %(default)s)")
     p.add_argument("--propagate", choices=("quantized", "float"), default=S["propagate"],
                    help="next layer sees the quantized or the float outputs (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=S["batch_size"], help="blocks per forward (default %(default)s)")
@@ -63,7 +74,9 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
                         messages_column=a.messages_column, text_column=a.text_column, system_prompt=a.system_prompt)
     search = SearchConfig(n_grid=a.n_grid, scale_mode=a.scale_mode, search_samples=a.search_samples,
                           search_tokens=a.search_tokens, clip=not a.no_clip, propagate=a.propagate,
-                          batch_size=a.batch_size)
+                          batch_size=a.batch_size, clip_n_tokens=a.clip_n_tokens, clip_n_grid=a.clip_n_grid,
+                          clip_max_shrink=a.clip_max_shrink,
+                          clip_independent=a.clip_independent, gqa_v_o=a.gqa_v_o)
     return quant, calib, search
 
 

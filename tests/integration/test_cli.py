@@ -21,7 +21,14 @@ def test_cli_defaults_are_the_dataclass_defaults() -> None:
     assert (a.calib, a.n_samples, a.seq_len, a.seed) == (c["source"], c["n_samples"], c["seq_len"], c["seed"])
     assert (a.n_grid, a.scale_mode, a.search_samples, a.search_tokens, a.propagate, a.batch_size) == (
         s["n_grid"], s["scale_mode"], s["search_samples"], s["search_tokens"], s["propagate"], s["batch_size"])
+    assert (a.clip_n_tokens, a.clip_independent, a.gqa_v_o) == (
+        s["clip_n_tokens"], s["clip_independent"], s["gqa_v_o"])
     assert a.method == "awq" and not a.overwrite and not a.no_clip
+    # every SearchConfig field reaches the config (a new field without a flag would fail here)
+    _, _, search = cli._configs(cli.build_parser().parse_args(
+        ["quantize", "--src", "s", "--dst", "d", "--gqa-v-o", "--clip-independent", "--clip-n-tokens", "0"]))
+    assert (search.gqa_v_o, search.clip_independent, search.clip_n_tokens) == (True, True, 0)
+    assert set(defaults(SearchConfig)) <= set(vars(a)) | {"clip"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,316 @@
+"""``awqkit orchestrate PLAN``: quantize what is missing, evaluate everything, tabulate and plot it.
+
+The plan is the one of ``awqkit batch`` (:mod:`awqkit.platform.plan`); its ``[eval]`` table sets the tasks.
+
+1. **Quantize**: exactly as ``awqkit batch`` (:func:`awqkit.platform.batch.quantize_cells`: complete
+   outputs are skipped, stale temporary folders removed, a failure recorded and the rest go on).
+2. **Evaluate** every *evaluation cell*: for each model, first its float baseline (the source folder
+   itself, named ``<run name>_FP16``; evaluated, never quantized, whether or not the plan lists a ``fp``
+   spec), then each quantized output. The baseline runs every task but ``kl``; a quantized folder runs
+   ``ppl`` + ``kl`` against the source model in one pass (:func:`awqkit.eval.runner.evaluate_model` with
+   ``baseline``) and the other tasks on its own. Retention is computed against the baseline cell.
+   Each cell's results are stored in ``<output_dir>/eval/<cell>.json`` with the *key* they were measured
+   under (model and baseline folders, the ``[eval]`` settings, the sha256 of the ppl/kl text and of the
+   quantized folder's ``quantization_metadata.json``); a rerun skips a cell whose file holds the same key
+   and re-evaluates it when any of those changed. A quantized folder gets its model card's results table
+   updated (:func:`awqkit.report.model_card.update_model_card_results`, baseline values from the float
+   cell). A cell that fails (or whose quantization failed) is recorded and the rest go on.
+3. **Report** (:mod:`awqkit.report.orchestrate_results`, derived from the state file and the cell files):
+   ``results.csv``, ``results.md``, ``results.json`` in ``output_dir``, and PNG plots in
+   ``output_dir/plots`` (:mod:`awqkit.report.plots`; skipped with a warning when matplotlib is missing,
+   ``pip install 'awqkit[plot]'``).
+
+The output folder holds the state file ``awqkit_state.json`` (``"quantize"`` and ``"evaluate"`` entries,
+see :mod:`awqkit.platform.batch`), written atomically after each cell, and is locked while a run works in it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from awqkit.platform.batch import (
+    STATE_FILE,
+    CellOutcome,
+    RunState,
+    clean_stale_temps,
+    folder_state,
+    quantize_cells,
+    run_lock,
+    write_json_atomic,
+)
+from awqkit.platform.naming import quantized_folder_name
+from awqkit.platform.plan import Plan, PlanModel, load_plan
+from awqkit.platform.spec import QuantizationSpec, resolve_quantization_spec
+
+logger = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+_WINDOW_TASKS = ("ppl", "kl")
+
+
+@dataclass(frozen=True)
+class EvalCell:
+    """One folder to evaluate: a model's float baseline (``quantized=False``) or one of its outputs."""
+
+    model: PlanModel
+    spec: QuantizationSpec
+    name: str
+    path: Path
+    quantized: bool
+
+    def result_file(self, output_dir: Path) -> Path:
+        return output_dir / EVAL_DIR / f"{self.name}.json"
+
+
+def eval_cells(plan: Plan) -> list[EvalCell]:
+    """Per model: the float baseline, then every quantized output, in plan order."""
+    fp = next((s for s in plan.specs if not s.method.quantizes), None) or resolve_quantization_spec("none")
+    cells: list[EvalCell] = []
+    for m in plan.models:
+        cells.append(EvalCell(m, fp, m.cell_name(fp), m.path, False))
+        for s in plan.quantize_specs:
+            name = m.cell_name(s)
+            cells.append(EvalCell(m, s, name, plan.output_dir / quantized_folder_name(name), True))
+    return cells
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _text_sha(plan: Plan) -> str | None:
+    """sha256 of the ppl/kl text (FileNotFoundError when a window task has no text to read)."""
+    if not any(t in plan.eval.tasks for t in _WINDOW_TASKS):
+        return None
+    from awqkit.eval.runner import _text_file
+
+    return _sha256(_text_file(plan.eval.text, plan.eval.data_dir))
+
+
+def eval_key(plan: Plan, cell: EvalCell, text_sha: str | None) -> dict[str, Any]:
+    """What a cell's results depend on; a stored result with another key is measured again."""
+    settings = plan.eval.to_dict()
+    return {"model": str(cell.path), "baseline": str(cell.model.path) if cell.quantized else None,
+            "eval": settings, "text_sha256": text_sha,
+            "quantization_metadata_sha256": _sha256(cell.path / "quantization_metadata.json") if cell.quantized
+            else None}
+
+
+def _load_cell(file: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several :func:`evaluate_model` results of the same model."""
+    from awqkit.eval.runner import TASKS, metric_rows
+
+    out = copy.deepcopy(parts[0])
+    for extra in parts[1:]:
+        out["tasks"].update(extra["tasks"])
+        out["data"].update(extra.get("data") or {})
+        for k, v in (extra.get("wall_seconds") or {}).items():
+            out["wall_seconds"][k] = round(out["wall_seconds"].get(k, 0.0) + v, 3)
+    out["tasks"] = {t: out["tasks"][t] for t in TASKS if t in out["tasks"]}
+    out["settings"]["tasks"] = list(out["tasks"])
+    out["metrics"] = metric_rows(out)
+    return out
+
+
+def with_fp_baseline(results: dict[str, Any], fp_results: dict[str, Any] | None) -> dict[str, Any]:
+    """``results`` with the float cell's values as baseline of every task measured without one."""
+    from awqkit.eval.runner import metric_rows
+
+    out = copy.deepcopy(results)
+    if not fp_results:
+        return out
+    injected = False
+    for task, entry in out["tasks"].items():
+        fp_entry = (fp_results.get("tasks") or {}).get(task)
+        if "baseline" not in entry and isinstance(fp_entry, dict) and "model" in fp_entry:
+            entry["baseline"] = fp_entry["model"]
+            injected = True
+    if injected and out.get("baseline") is None:
+        out["baseline"] = fp_results.get("model")
+    out["metrics"] = metric_rows(out)
+    return out
+
+
+def evaluate_cell(plan: Plan, cell: EvalCell, *, progress: bool = True) -> dict[str, Any] | None:
+    """Run the cell's tasks (see the module docstring); None when there is nothing to run (fp with only kl)."""
+    from awqkit.eval import runner
+
+    ev = plan.eval
+    common = {"limit": ev.limit, "text": ev.text, "data_dir": ev.data_dir, "seq_len": ev.seq_len,
+              "windows": ev.windows, "batch_size": ev.batch_size, "backend": ev.backend, "device": plan.device,
+              "trust_remote_code": plan.trust_remote_code, "task_options": ev.task_options or None,
+              "progress": progress}
+    if cell.quantized and "kl" in ev.tasks:
+        with_base = [t for t in ev.tasks if t in _WINDOW_TASKS]
+    else:
+        with_base = []
+    alone = [t for t in ev.tasks if t not in with_base and (cell.quantized or t != "kl")]
+    parts = []
+    if with_base:
+        parts.append(runner.evaluate_model(cell.path, baseline=cell.model.path, tasks=with_base, **common))
+    if alone:
+        parts.append(runner.evaluate_model(cell.path, tasks=alone, **common))
+    return _merge(parts) if parts else None
+
+
+@dataclass
+class OrchestrateReport:
+    """The outcome of :func:`orchestrate`: quantization and evaluation outcomes, result rows, files written."""
+
+    plan: Plan
+    quantize: list[CellOutcome] = field(default_factory=list)
+    evaluate: list[CellOutcome] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[CellOutcome]:
+        return [o for o in self.quantize + self.evaluate if o.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        def count(outs: list[CellOutcome], status: str) -> int:
+            return sum(o.status == status for o in outs)
+
+        lines = [f"quantize: {count(self.quantize, 'done')} made, {count(self.quantize, 'skipped')} already "
+                 f"complete, {count(self.quantize, 'failed')} failed",
+                 f"evaluate: {count(self.evaluate, 'done')} evaluated, {count(self.evaluate, 'skipped')} already "
+                 f"evaluated, {count(self.evaluate, 'failed')} failed"]
+        planned = count(self.quantize, "planned") + count(self.evaluate, "planned")
+        if planned:
+            lines.append(f"dry run: {count(self.quantize, 'planned')} to quantize, "
+                         f"{count(self.evaluate, 'planned')} to evaluate")
+        lines += [f"  FAILED   {o.name}: {o.error}" for o in self.failed]
+        lines += [f"wrote {p}" for p in self.files]
+        if self.failed:
+            lines.append("run the same plan again once the cause is fixed: finished cells are not redone")
+        return "\n".join(lines)
+
+
+def _evaluate_all(plan: Plan, state: RunState | None, text_sha: str | None, *, progress: bool,
+                  dry_run: bool) -> list[CellOutcome]:
+    from awqkit.report.model_card import update_model_card_results
+
+    outcomes: list[CellOutcome] = []
+    fp_results: dict[str, dict[str, Any] | None] = {}
+    cells = eval_cells(plan)
+    for i, cell in enumerate(cells, 1):
+        where = f"[eval {i}/{len(cells)}] {cell.name}"
+        file = cell.result_file(plan.output_dir)
+        key = eval_key(plan, cell, text_sha)
+        stored = _load_cell(file)
+
+        def record(status: str, error: str | None = None, seconds: float | None = None, *,
+                   cell: EvalCell = cell, file: Path = file) -> None:
+            outcomes.append(CellOutcome(cell.name, cell.path, status, seconds, error))
+            if state is not None and status in ("done", "failed"):
+                state.record("evaluate", cell.name, status=status, error=error, seconds=seconds,
+                             path=str(file) if status == "done" else None, model=str(cell.path))
+
+        if cell.quantized:
+            qstatus, why = folder_state(cell.path, cell.spec)
+            if qstatus != "complete":
+                prev = state.get("quantize", cell.name) if state is not None else None
+                reason = (prev or {}).get("error") or why or "its quantized folder does not exist"
+                if dry_run:
+                    record("planned")
+                    continue
+                logger.error("%s: not evaluated: not quantized (%s)", where, reason)
+                record("failed", f"not quantized: {reason}")
+                continue
+        if stored is not None and stored.get("key") == key:
+            logger.info("%s: already evaluated; skipped", where)
+            if not cell.quantized:
+                fp_results[cell.model.run_name] = stored.get("results")
+            prev = state.get("evaluate", cell.name) if state is not None else None
+            outcomes.append(CellOutcome(cell.name, cell.path, "skipped"))
+            if state is not None and (prev is None or prev.get("status") != "done"):
+                state.record("evaluate", cell.name, status="done", error=None, seconds=None, path=str(file),
+                             model=str(cell.path))
+            continue
+        if dry_run:
+            record("planned")
+            continue
+        if stored is not None:
+            logger.info("%s: stored results were measured under other settings; evaluating again", where)
+        logger.info("%s: evaluating %s (%s)", where, cell.path, ", ".join(plan.eval.tasks))
+        t0 = time.perf_counter()
+        try:
+            results = evaluate_cell(plan, cell, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the run
+            secs = time.perf_counter() - t0
+            err = f"{type(exc).__name__}: {exc}"
+            logger.error("%s: evaluation failed after %.1f s: %s", where, secs, err, exc_info=True)
+            if not cell.quantized:
+                fp_results[cell.model.run_name] = None
+            record("failed", err, round(secs, 3))
+            continue
+        secs = time.perf_counter() - t0
+        write_json_atomic(file, {"cell": cell.name, "key": key, "evaluated_seconds": round(secs, 3),
+                                 "results": results})
+        if not cell.quantized:
+            fp_results[cell.model.run_name] = results
+        elif results is not None:
+            try:
+                update_model_card_results(cell.path, with_fp_baseline(results, fp_results.get(cell.model.run_name)))
+            except (OSError, ValueError) as exc:
+                logger.warning("%s: model card not updated: %s", where, exc)
+        record("done", None, round(secs, 3))
+    return outcomes
+
+
+def orchestrate(plan: Plan | str | Path, *, output_dir: str | Path | None = None, progress: bool = True,
+                plots: bool = True, dry_run: bool = False) -> OrchestrateReport:
+    """Quantize, evaluate and report everything ``plan`` asks for; see the module docstring.
+
+    ``output_dir`` overrides a plan file's. ``plots=False`` skips the PNGs. ``dry_run``: report what
+    would be quantized and evaluated; change nothing.
+
+    Raises:
+        PlanError / FileNotFoundError: the plan, or the ppl/kl text is missing (checked before anything runs).
+        FileExistsError: another run holds the output folder.
+    """
+    from awqkit.report.orchestrate_results import write_results
+
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan, output_dir=output_dir)
+    elif output_dir is not None:
+        raise ValueError("output_dir overrides a plan file's output_dir; for a Plan object set plan.output_dir")
+    text_sha = _text_sha(plan)
+    report = OrchestrateReport(plan)
+    if dry_run:
+        report.quantize = quantize_cells(plan, None, progress=progress, dry_run=True)
+        report.evaluate = _evaluate_all(plan, None, text_sha, progress=progress, dry_run=True)
+        return report
+    with run_lock(plan.output_dir):
+        clean_stale_temps(plan.cells())
+        state = RunState(plan.output_dir / STATE_FILE, plan.source)
+        report.quantize = quantize_cells(plan, state, progress=progress)
+        report.evaluate = _evaluate_all(plan, state, text_sha, progress=progress, dry_run=False)
+        report.rows, report.files = write_results(plan, state.data, eval_cells(plan), plots=plots)
+    logger.info("%s", "; ".join(report.summary().splitlines()[:2]))
+    return report
+
+
+__all__ = ["EvalCell", "OrchestrateReport", "eval_cells", "eval_key", "evaluate_cell", "orchestrate",
+           "with_fp_baseline"]

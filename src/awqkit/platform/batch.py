@@ -1,0 +1,351 @@
+"""``awqkit batch PLAN``: quantize every (model, spec) pair of a plan, one after another, resumably.
+
+The plan format is :mod:`awqkit.platform.plan` (shared with ``awqkit orchestrate``). Each pair (a *cell*)
+is written to ``<output_dir>/<run name>_quantized`` with :func:`awqkit.api.quantize`.
+
+* **Complete** (:func:`folder_state`): the folder exists, its ``config.json`` holds a
+  ``quantization_config`` and it holds ``quantization_metadata.json`` whose spec gives the cell's quant tag.
+  :func:`awqkit.io.save.save_quantized` writes into a hidden sibling ``.<name>.tmp-XXXX`` and renames it
+  into place when complete, so a folder under the final name is never half written. A complete folder is
+  skipped; a folder under the final name that is not complete (or holds another spec) is reported as a
+  failed cell and left alone (remove it to have it made).
+* **Interrupted runs**: temporary siblings ``.<name>.tmp-*`` (and ``.<name>.old-*``) of the plan's outputs
+  left by a killed run are removed at the start, with a warning each.
+* **Failures**: an exception while quantizing one cell is logged (with its traceback), recorded and the
+  batch goes on; the report lists it at the end. ``KeyboardInterrupt`` stops the batch (what was finished
+  stays finished). Rerunning the same plan redoes only the missing and failed cells.
+* **State** (:data:`STATE_FILE` in ``output_dir``; rewritten atomically after every cell)::
+
+      {"format_version": 1, "plan": "<plan file>", "updated": "<UTC time>",
+       "quantize": {"<run name>": {"status": "done" | "failed", "error": null | "<Type: message>",
+                                   "seconds": 12.3, "path": "<folder>", "model": "<source folder>",
+                                   "spec": {...}, "reused": false, "finished": "<UTC time>"}},
+       "evaluate": {...}}           # written by awqkit orchestrate
+
+  The state is a record, not the source of truth: completeness is always read from the folders, so a
+  lost or corrupt state file only loses history (a corrupt one is moved aside with a warning).
+* **Lock**: ``.awqkit.lock`` in ``output_dir`` keeps two runs off the same folder (one would delete the
+  other's temporary folders). A lock left by a process that no longer runs on this host is removed with
+  a warning; otherwise the run stops with an error naming the holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from awqkit.platform.naming import quant_tag
+from awqkit.platform.plan import Cell, Plan, is_quantized_folder, load_plan
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "awqkit_state.json"
+LOCK_FILE = ".awqkit.lock"
+STATE_VERSION = 1
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=str)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------- folders
+def folder_state(folder: Path, spec: Any = None) -> tuple[str, str | None]:
+    """``("missing", None)``, ``("complete", None)`` or ``("incomplete", why)`` for an output folder.
+
+    With ``spec``, a complete folder must also hold that spec (its quant tag) according to its
+    ``quantization_metadata.json``.
+    """
+    from awqkit.platform.spec import spec_from_metadata
+
+    if not folder.exists():
+        return "missing", None
+    if not folder.is_dir():
+        return "incomplete", f"{folder} exists and is not a folder"
+    if not (folder / "config.json").is_file() or not is_quantized_folder(folder):
+        return "incomplete", f"{folder} exists but its config.json has no quantization_config"
+    meta_file = folder / "quantization_metadata.json"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "incomplete", f"{folder} exists but has no readable quantization_metadata.json"
+    if spec is not None:
+        found = spec_from_metadata(meta) if isinstance(meta, dict) else None
+        if found is None or quant_tag(found) != quant_tag(spec):
+            what = quant_tag(found) if found is not None else "an unknown spec"
+            return "incomplete", (f"{folder} holds {what} according to its quantization_metadata.json, not "
+                                  f"{quant_tag(spec)}")
+    return "complete", None
+
+
+def clean_stale_temps(cells: list[Cell]) -> list[Path]:
+    """Remove ``.<name>.tmp-*`` / ``.<name>.old-*`` siblings of the cells' folders; returns what was removed."""
+    removed: list[Path] = []
+    for cell in cells:
+        parent = cell.folder.parent
+        if not parent.is_dir():
+            continue
+        for pattern in (f".{cell.folder.name}.tmp-*", f".{cell.folder.name}.old-*"):
+            for stale in sorted(parent.glob(pattern)):
+                logger.warning("removing %s: a temporary folder left by an interrupted run", stale)
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------- state and lock
+class RunState:
+    """The state file of an output folder (see the module docstring); :meth:`record` saves at once."""
+
+    def __init__(self, path: Path, plan_source: Path | None = None) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"format_version": STATE_VERSION, "plan": None, "updated": None,
+                                     "quantize": {}, "evaluate": {}}
+        if path.is_file():
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(loaded, dict):
+                    raise ValueError("not a JSON object")
+                for section in ("quantize", "evaluate"):
+                    if not isinstance(loaded.get(section, {}), dict):
+                        raise ValueError(f"'{section}' is not an object")
+                self.data.update(loaded)
+            except (OSError, ValueError) as exc:
+                aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+                logger.warning("state file %s is unreadable (%s); moved it to %s and starting a new one "
+                               "(finished folders are still found on disk)", path, exc, aside)
+                path.replace(aside)
+        if plan_source is not None:
+            self.data["plan"] = str(plan_source)
+
+    def get(self, section: str, name: str) -> dict[str, Any] | None:
+        return self.data.setdefault(section, {}).get(name)
+
+    def record(self, section: str, name: str, **entry: Any) -> None:
+        entry["finished"] = _now()
+        self.data.setdefault(section, {})[name] = entry
+        self.data["updated"] = entry["finished"]
+        write_json_atomic(self.path, self.data)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: Path) -> Iterator[Path]:
+    """Hold ``output_dir/.awqkit.lock`` for the duration (see the module docstring).
+
+    Raises:
+        FileExistsError: another live run holds the lock.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_FILE
+    host = socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                info = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                info = {}
+            pid, lock_host = info.get("pid"), info.get("host")
+            if not info or (isinstance(pid, int) and lock_host == host and not _pid_alive(pid)):
+                logger.warning("removing stale lock %s (process %s is not running)", path, pid)
+                path.unlink(missing_ok=True)
+                continue
+            raise FileExistsError(f"{output_dir} is in use by process {pid} on {lock_host} (lock file {path}); "
+                                  "wait for that run to finish, or delete the lock if it is gone") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"pid": os.getpid(), "host": host, "started": _now()}, fh)
+        break
+    else:  # pragma: no cover - the lock reappeared between unlink and open
+        raise FileExistsError(f"could not take the lock {path}; another run is starting on {output_dir}")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- running
+@dataclass
+class CellOutcome:
+    """What happened to one cell: ``status`` is done (made now), skipped (already complete), failed, or
+    planned (``dry_run``)."""
+
+    name: str
+    folder: Path
+    status: str
+    seconds: float | None = None
+    error: str | None = None
+
+    def line(self) -> str:
+        if self.status == "failed":
+            return f"  FAILED   {self.folder.name}: {self.error}"
+        if self.status == "done":
+            return f"  done     {self.folder.name} ({self.seconds:.1f} s)"
+        if self.status == "skipped":
+            return f"  skipped  {self.folder.name} (complete)"
+        return f"  planned  {self.folder.name}"
+
+
+@dataclass
+class BatchReport:
+    """The outcome of :func:`run_batch`: one :class:`CellOutcome` per cell, in plan order."""
+
+    plan: Plan
+    outcomes: list[CellOutcome] = field(default_factory=list)
+    removed_temps: list[Path] = field(default_factory=list)
+
+    def _with(self, status: str) -> list[CellOutcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    @property
+    def done(self) -> list[CellOutcome]:
+        return self._with("done")
+
+    @property
+    def skipped(self) -> list[CellOutcome]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[CellOutcome]:
+        return self._with("failed")
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        head = (f"batch: {len(self.done)} quantized, {len(self.skipped)} already complete, {len(self.failed)} "
+                f"failed ({len(self.outcomes)} cells; output {self.plan.output_dir})")
+        planned = self._with("planned")
+        if planned:
+            head += f"; dry run: {len(planned)} to quantize"
+        lines = [head, *(o.line() for o in self.outcomes)]
+        if self.failed:
+            lines.append(f"{len(self.failed)} failed; fix the cause and run the same plan again to make them "
+                         "(finished outputs are not redone)")
+        return "\n".join(lines)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def quantize_cells(plan: Plan, state: RunState | None, *, progress: bool = True,
+                   dry_run: bool = False) -> list[CellOutcome]:
+    """Quantize every cell of ``plan`` that is not complete (caller holds the lock); see the module docstring."""
+    from awqkit import api
+
+    cells = plan.cells()
+    for spec in plan.specs:
+        if not spec.method.quantizes:
+            logger.info("spec %s is the float model: nothing to quantize (the source folder is used)",
+                        quant_tag(spec))
+    outcomes: list[CellOutcome] = []
+    for i, cell in enumerate(cells, 1):
+        where = f"[{i}/{len(cells)}] {cell.folder.name}"
+        status, why = folder_state(cell.folder, cell.spec)
+        common = {"path": str(cell.folder), "model": str(cell.model.path), "spec": cell.spec.to_dict()}
+        if status == "complete":
+            logger.info("%s: complete; skipped", where)
+            outcomes.append(CellOutcome(cell.name, cell.folder, "skipped"))
+            prev = state.get("quantize", cell.name) if state is not None else None
+            if state is not None and (prev is None or prev.get("status") != "done"):
+                state.record("quantize", cell.name, status="done", error=None, seconds=None, reused=True, **common)
+            continue
+        if status == "incomplete":
+            msg = f"{why}; remove it (or move it away) to have it made"
+            logger.error("%s: %s", where, msg)
+            outcomes.append(CellOutcome(cell.name, cell.folder, "failed", error=msg))
+            if state is not None:
+                state.record("quantize", cell.name, status="failed", error=msg, seconds=None, reused=False, **common)
+            continue
+        if dry_run:
+            outcomes.append(CellOutcome(cell.name, cell.folder, "planned"))
+            continue
+        logger.info("%s: quantizing %s with %s", where, cell.model.path, cell.spec.describe())
+        t0 = time.perf_counter()
+        try:
+            api.quantize(cell.model.path, cell.folder, spec=cell.spec, calib=cell.model.calib, search=plan.search,
+                         device=plan.device, trust_remote_code=plan.trust_remote_code, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - one failed model must not stop the batch
+            secs = time.perf_counter() - t0
+            logger.error("%s: failed after %.1f s: %s", where, secs, _error_text(exc), exc_info=True)
+            outcomes.append(CellOutcome(cell.name, cell.folder, "failed", secs, _error_text(exc)))
+            if state is not None:
+                state.record("quantize", cell.name, status="failed", error=_error_text(exc), seconds=round(secs, 3),
+                             reused=False, **common)
+            continue
+        secs = time.perf_counter() - t0
+        outcomes.append(CellOutcome(cell.name, cell.folder, "done", secs))
+        if state is not None:
+            state.record("quantize", cell.name, status="done", error=None, seconds=round(secs, 3), reused=False,
+                         **common)
+    return outcomes
+
+
+def run_batch(plan: Plan | str | Path, *, output_dir: str | Path | None = None, progress: bool = True,
+              dry_run: bool = False) -> BatchReport:
+    """Quantize what ``plan`` (a :class:`~awqkit.platform.plan.Plan` or a plan file) asks for; see the module docstring.
+
+    ``output_dir`` overrides the plan's (only with a plan file). ``dry_run``: report what would be done,
+    change nothing (no lock, no clean-up, no state).
+
+    Raises:
+        PlanError / FileNotFoundError: the plan file. FileExistsError: another run holds the output folder.
+    """
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan, output_dir=output_dir)
+    elif output_dir is not None:
+        raise ValueError("output_dir overrides a plan file's output_dir; for a Plan object set plan.output_dir")
+    report = BatchReport(plan)
+    if dry_run:
+        report.outcomes = quantize_cells(plan, None, progress=progress, dry_run=True)
+        return report
+    with run_lock(plan.output_dir):
+        report.removed_temps = clean_stale_temps(plan.cells())
+        state = RunState(plan.output_dir / STATE_FILE, plan.source)
+        report.outcomes = quantize_cells(plan, state, progress=progress)
+    logger.info("%s", report.summary().splitlines()[0])
+    return report
+
+
+__all__ = ["BatchReport", "CellOutcome", "LOCK_FILE", "RunState", "STATE_FILE", "clean_stale_temps", "folder_state",
+           "quantize_cells", "run_batch", "run_lock", "write_json_atomic"]
