@@ -35,6 +35,13 @@ _LAZY = {
     "detect_quantization_method": "awqkit.eval.detect",
     "evaluate_model": "awqkit.eval.runner",
     "write_model_card": "awqkit.report.model_card",
+    "load_plan": "awqkit.platform.plan",
+    "Plan": "awqkit.platform.plan",
+    "PlanError": "awqkit.platform.plan",
+    "run_batch": "awqkit.platform.batch",
+    "BatchReport": "awqkit.platform.batch",
+    "orchestrate": "awqkit.eval.orchestrate",
+    "OrchestrateReport": "awqkit.eval.orchestrate",
 }
 
 __all__ = ["__version__", *_LAZY]
