@@ -68,3 +68,16 @@ def _one_thread(request: pytest.FixtureRequest) -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def random_linear(in_f: int, out_f: int, bias: bool = True, seed: int = 0) -> "torch.nn.Linear":
+    """An ``nn.Linear`` with N(0, 1) weights (and bias): wide enough ranges that quantization is not trivial."""
+    import torch
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_()
+        if bias:
+            lin.bias.normal_()
+    return lin

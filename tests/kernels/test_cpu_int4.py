@@ -36,14 +36,9 @@ U_BF16 = 2.0**-9
 U_FP32 = 2.0**-24
 
 
-def _linear(in_f, out_f, bias=True, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_f, out_f, bias=bias)
-    with torch.no_grad():
-        lin.weight.normal_()
-        if bias:
-            lin.bias.normal_()
-    return lin
+from conftest import random_linear  # noqa: E402
+
+_linear = random_linear
 
 
 def _ql(in_f=256, out_f=48, group_size=64, zero_point=True, bias=True, fmt=None, seed=0):

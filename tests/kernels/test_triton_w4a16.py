@@ -54,14 +54,9 @@ def triton_interpreter():
         yield
 
 
-def _linear(in_f, out_f, bias=True, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_f, out_f, bias=bias)
-    with torch.no_grad():
-        lin.weight.normal_()
-        if bias:
-            lin.bias.normal_()
-    return lin
+from conftest import random_linear  # noqa: E402
+
+_linear = random_linear
 
 
 def _ql(in_f, out_f, group_size, zero_point=True, bias=True, seed=0, backend="triton"):

@@ -12,14 +12,9 @@ from awqkit.nn.replace import get_module, match_names, name_matches, replace_lin
 from awqkit.quant import primitives as P
 
 
-def _linear(in_f, out_f, bias=True, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_f, out_f, bias=bias)
-    with torch.no_grad():
-        lin.weight.normal_()
-        if bias:
-            lin.bias.normal_()
-    return lin
+from conftest import random_linear  # noqa: E402
+
+_linear = random_linear
 
 
 @pytest.mark.parametrize("bits,group_size,zero_point,bias,fmt", [
