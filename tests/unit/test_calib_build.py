@@ -259,3 +259,21 @@ def test_cli_calib_build(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert read_calibration_file(path) == [_expected(tok, rows[i]["question"], SYSTEM)
                                            for i in sample_rows(100, 15, 42)]
     assert calibration_file_name("openmath", 15) == path.name
+
+
+def test_real_parquet_and_saved_dataset_give_the_jsonl_prompts(tmp_path: Path) -> None:
+    """With the real pyarrow / datasets (dev extra), Parquet and save_to_disk folders give the same prompts
+    and rows as the JSONL of the same table."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    tok = make_tiny_tokenizer()
+    rows = _rows(100)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hfds"))
+    ref = build_calibration_set(_jsonl(tmp_path / "train.jsonl", rows), tok, out_dir=tmp_path / "j", n_blocks=1,
+                                seq_len=8)
+    for src in (tmp_path / "train.parquet", tmp_path / "hfds"):
+        res = build_calibration_set(src, tok, dataset_name="train", out_dir=tmp_path / src.stem, n_blocks=1, seq_len=8)
+        assert res.n_samples == 15 and res.row_indices == ref.row_indices
+        assert read_calibration_file(res.path) == read_calibration_file(ref.path)
