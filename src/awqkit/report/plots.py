@@ -70,6 +70,11 @@ def _line_plot(plt: Any, rows: list[dict[str, Any]], col: str, ylabel: str, titl
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    return _save_figure(plt, fig, path)
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write ``path`` (creating its folder) and close ``fig``."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -97,11 +102,7 @@ def _retention_plot(plt: Any, rows: list[dict[str, Any]], path: Path) -> Path | 
     ax.set_ylabel("retention (1.0 = float baseline)")
     ax.set_title("retention vs the float baseline")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def plot_results(rows: list[dict[str, Any]], tasks: tuple[str, ...], out_dir: str | Path) -> list[Path]:
