@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from awqkit.commands import add_plan_arguments
+
 _EPILOG = """\
 plan (TOML; YAML with the same keys):
   output_dir = "runs"
@@ -43,11 +45,7 @@ def register(subparsers: Any) -> None:
         "batch", help="quantize many models with one or more specs from a plan file (resumable)",
         description=__doc__.splitlines()[0], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("plan", help="plan file (.toml, or .yaml/.yml with PyYAML)")
-    p.add_argument("--output-dir", default=None,
-                   help="override the plan's output_dir (relative to the working directory)")
-    p.add_argument("--dry-run", action="store_true", help="validate the plan and list what would be made")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    add_plan_arguments(p)
     p.set_defaults(func=cmd_batch)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from awqkit.commands import add_plan_arguments
+
 _EPILOG = """\
 plan: as for `awqkit batch`, plus
   [[specs]]
@@ -47,13 +49,9 @@ def register(subparsers: Any) -> None:
         "orchestrate", help="quantize what a plan is missing, evaluate everything, write tables and plots",
         description=__doc__.splitlines()[0], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("plan", help="plan file (.toml, or .yaml/.yml with PyYAML)")
-    p.add_argument("--output-dir", default=None,
-                   help="override the plan's output_dir (relative to the working directory)")
+    add_plan_arguments(p)
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write PNG plots (needs matplotlib; skipped with a warning without it)")
-    p.add_argument("--dry-run", action="store_true", help="validate the plan and list what would be done")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.set_defaults(func=cmd_orchestrate)
 
 
