@@ -81,3 +81,17 @@ def random_linear(in_f: int, out_f: int, bias: bool = True, seed: int = 0) -> "t
         if bias:
             lin.bias.normal_()
     return lin
+
+
+def save_tiny_llama(folder: "Path", **config: Any) -> "Path":
+    """Save a seeded 2-layer Llama (hidden 64, GQA 4/2 heads, the tiny tokenizer's vocabulary) and the tiny
+    tokenizer into ``folder``, as a float Hugging Face source folder; ``config`` overrides LlamaConfig fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tok), **config})
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import awqkit.api
 from awqkit.commands import batch_cmd
 from awqkit.platform.batch import LOCK_FILE, STATE_FILE, folder_state, run_batch, run_lock
-from conftest import TINY_CORPUS, make_tiny_tokenizer
+from conftest import TINY_CORPUS, save_tiny_llama
 
 RUN = "Tiny-1-demo_SFT_NoPeft"
 TAGS = ("RTN_w4_g32_headfp16", "RTN_w3_g32_headfp16", "RTN_w8_g64_headfp16")
@@ -25,12 +23,7 @@ TAGS = ("RTN_w4_g32_headfp16", "RTN_w3_g32_headfp16", "RTN_w8_g64_headfp16")
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("batch_src")
-    tok = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(root / RUN)
-    tok.save_pretrained(root / RUN)
+    save_tiny_llama(root / RUN, max_position_embeddings=256)
     (root / "calib.txt").write_text("\n".join(TINY_CORPUS * 6) + "\n")
     return root / RUN
 

@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from awqkit import cli
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, defaults
-from conftest import TINY_CORPUS, make_tiny_tokenizer
+from conftest import TINY_CORPUS, save_tiny_llama
 
 
 def test_cli_defaults_are_the_dataclass_defaults() -> None:
@@ -34,12 +32,7 @@ def test_cli_defaults_are_the_dataclass_defaults() -> None:
 @pytest.fixture(scope="module")
 def tiny_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
-    tok = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok))
-    LlamaForCausalLM(cfg).save_pretrained(root / "src")
-    tok.save_pretrained(root / "src")
+    save_tiny_llama(root / "src")
     (root / "calib.txt").write_text("\n".join(TINY_CORPUS * 6) + "\n")
     return root
 

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import awqkit.api
 import awqkit.eval.runner
@@ -23,7 +21,7 @@ from awqkit.platform.batch import STATE_FILE
 from awqkit.platform.spec import resolve_quantization_spec
 from awqkit.report.model_card import RESULTS_START
 from awqkit.report.orchestrate_results import bits_per_weight
-from conftest import TINY_CORPUS, make_tiny_tokenizer
+from conftest import TINY_CORPUS, save_tiny_llama
 
 RUN = "Tiny-1-demo_SFT_NoPeft"
 TAGS = ("RTN_w4_g32", "RTN_w3_g32", "AWQ_w4_g32")
@@ -32,13 +30,7 @@ TAGS = ("RTN_w4_g32", "RTN_w3_g32", "AWQ_w4_g32")
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("orch_src")
-    tok = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(root / RUN)
-    tok.save_pretrained(root / RUN)
+    save_tiny_llama(root / RUN, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     (root / "calib.txt").write_text("\n".join(TINY_CORPUS * 6) + "\n")
     (root / "text.txt").write_text("\n".join(f" {s} " for s in TINY_CORPUS * 4) + "\n")
     return root / RUN

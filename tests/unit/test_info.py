@@ -8,15 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from awqkit.api import quantize
 from awqkit.io.source import SourceInfo, _weight_files, hash_weights
 from awqkit.platform.info import describe_folder, training_link
 from awqkit.platform.naming import make_run_name, quantized_folder_name
 from awqkit.platform.spec import resolve_quantization_spec, spec_metadata
-from conftest import make_tiny_tokenizer
+from conftest import save_tiny_llama
 
 RUN = make_run_name("Qwen3-0.6B", "openmath", "SFT", "NoPeft", None)
 TRAINING = {"base_model": "Qwen/Qwen3-0.6B", "dataset": "openmath", "method": "SFT", "epochs": 2,
@@ -27,13 +25,7 @@ TRAINING = {"base_model": "Qwen/Qwen3-0.6B", "dataset": "openmath", "method": "S
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny float Llama with training metadata, and its RTN 4-bit g32 quantization (with the link)."""
     root = tmp_path_factory.mktemp("info")
-    tok = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok))
-    src = root / RUN
-    LlamaForCausalLM(cfg).save_pretrained(src)
-    tok.save_pretrained(src)
+    src = save_tiny_llama(root / RUN)
     (src / "training_metadata.json").write_text(json.dumps(TRAINING, indent=2))
     spec = resolve_quantization_spec("rtn", group_size=32)
     dst = root / quantized_folder_name(make_run_name("Qwen3-0.6B", "openmath", "SFT", "NoPeft", spec))
