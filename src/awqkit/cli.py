@@ -154,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--group-size", type=int, default=64, help="group size (default %(default)s)")
     d.set_defaults(func=cmd_demo)
 
-    from awqkit.commands import batch_cmd, bench_cmd, calib_cmd, eval_cmd, info_cmd, orchestrate_cmd
+    from awqkit.commands import batch_cmd, bench_cmd, calib_cmd, eval_cmd, info_cmd, lm_eval_cmd, orchestrate_cmd
 
     eval_cmd.register(sub)
+    lm_eval_cmd.register(sub)
     bench_cmd.register(sub)
     batch_cmd.register(sub)
     orchestrate_cmd.register(sub)
