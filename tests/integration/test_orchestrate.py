@@ -20,7 +20,8 @@ from awqkit.eval.orchestrate import orchestrate
 from awqkit.platform.batch import STATE_FILE
 from awqkit.platform.spec import resolve_quantization_spec
 from awqkit.report.model_card import RESULTS_START
-from awqkit.report.orchestrate_results import bits_per_weight
+from awqkit.platform.plan import load_plan
+from awqkit.report.orchestrate_results import bits_per_weight, results_markdown
 from conftest import TINY_CORPUS, save_tiny_llama
 
 RUN = "Tiny-1-demo_SFT_NoPeft"
@@ -184,6 +185,16 @@ def test_bits_per_weight() -> None:
     assert bits_per_weight(spec("rtn", bits=4, group_size=64, zero_point=False)) == pytest.approx(4 + 20 / 64)
     assert bits_per_weight(spec("rtn", bits=4, group_size=-1)) == 4.0
     assert bits_per_weight(spec("fp")) == 16.0
+
+
+def test_results_markdown_states_each_task_limit(tmp_path: Path, src: Path) -> None:
+    plan_file = _write_plan(tmp_path, src)
+    text = plan_file.read_text().replace('tasks = ["ppl", "kl"]', 'tasks = ["ppl", "arc", "squad"]')
+    plan_file.write_text(text + "limit = 5\ntask_options = { squad = { limit = 200 } }\n")
+    md = results_markdown(load_plan(plan_file), [], ["model", "bits_per_weight"])
+    assert "items: arc 5, squad 200" in md
+    plan_file.write_text(text + "task_options = { arc = { limit = 7 }, squad = { limit = 7 } }\n")
+    assert "limit 7 items per task" in results_markdown(load_plan(plan_file), [], ["model", "bits_per_weight"])
 
 
 def test_dry_run_and_missing_text(tmp_path: Path, src: Path) -> None:

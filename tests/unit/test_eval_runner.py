@@ -103,6 +103,19 @@ def test_argument_errors_come_before_loading(env: dict[str, Path], tmp_path: Pat
         evaluate_model(env["src"], tasks="arc", limit=0)
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda-magic'"):
         evaluate_model(env["src"], tasks="ppl", backend="cuda-magic")
+    with pytest.raises(ValueError, match=r"task_options\['arc'\]\['limit'\]"):
+        evaluate_model(env["src"], tasks="arc", task_options={"arc": {"limit": 0}})
+
+
+def test_task_limit_overrides_the_shared_limit(env: dict[str, Path]) -> None:
+    r = evaluate_model(env["src"], tasks="arc,gsm8k", limit=2, data_dir=env["data"], progress=False,
+                       task_options={"arc": {"limit": 4}, "gsm8k": {"max_new_tokens": 2}})
+    assert r["tasks"]["arc"]["model"]["n"] == 4  # its own limit
+    assert r["tasks"]["gsm8k"]["model"]["n"] == 2  # the shared one
+    everything = evaluate_model(env["src"], tasks="arc", data_dir=env["data"], progress=False,
+                                task_options={"arc": {"limit": 3}})
+    assert everything["tasks"]["arc"]["model"]["n"] == 3
+    assert r["settings"]["task_options"]["arc"] == {"limit": 4}  # recorded as given
 
 
 def test_self_comparison_is_perfect(self_results: dict[str, Any]) -> None:

@@ -138,6 +138,8 @@ def _run_task(name: str, lm: LoadedModel, limit: int | None, data_dir: str | Pat
     from awqkit.eval.tasks import evaluate_arc, evaluate_gsm8k, evaluate_squad
 
     fn = {"arc": evaluate_arc, "squad": evaluate_squad, "gsm8k": evaluate_gsm8k}[name]
+    options = dict(options)
+    limit = options.pop("limit", limit)  # a task's own limit wins over the shared one
     return fn(lm.model, lm.tokenizer, path=data_dir, limit=limit, progress=progress, **options)
 
 
@@ -168,7 +170,9 @@ def evaluate_model(
         seq_len, windows: window length in tokens and number of windows (``None``: all complete ones).
         batch_size: windows per forward pass for ppl / kl.
         backend: kernel backend for quantized folders (``"auto"``, ``"torch"``, ``"cpu-int4"``).
-        task_options: extra keyword arguments per downstream task, e.g. ``{"gsm8k": {"num_fewshot": 5}}``.
+        task_options: extra keyword arguments per downstream task, e.g. ``{"gsm8k": {"num_fewshot": 5}}``;
+            a task's ``limit`` there replaces ``limit`` for that task (``{"squad": {"limit": 200}}`` with
+            ``limit=None``: every ARC item, 200 SQuAD items).
     Returns:
         a JSON-ready dict: ``versions``, ``settings``, ``model`` / ``baseline`` (path, detection, loader,
         kernels), ``data`` (file paths and sha256), ``tasks`` (per-task metrics and wall seconds),
@@ -188,6 +192,10 @@ def evaluate_model(
     unknown_opts = [k for k in (task_options or {}) if k not in ("arc", "squad", "gsm8k")]
     if unknown_opts:
         raise ValueError(f"task_options names {unknown_opts}; only arc, squad and gsm8k take options")
+    for task, opts in (task_options or {}).items():
+        lim = opts.get("limit")
+        if lim is not None and (not isinstance(lim, int) or isinstance(lim, bool) or lim < 1):
+            raise ValueError(f"task_options[{task!r}]['limit'] must be a positive integer, got {lim!r}")
     if backend != "auto":
         from awqkit import kernels
 

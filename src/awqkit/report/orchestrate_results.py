@@ -140,8 +140,13 @@ def results_markdown(plan: Any, rows: list[dict[str, Any]], cols: list[str]) -> 
     settings = [f"tasks: {', '.join(ev.tasks)}"]
     if any(t in ev.tasks for t in ("ppl", "kl")):
         settings.append(f"{ev.windows or 'all'} windows x {ev.seq_len} tokens of `{text}`")
-    if any(t not in ("ppl", "kl") for t in ev.tasks):
-        settings.append(f"limit {ev.limit or 'all'} items per task")
+    item_tasks = [t for t in ev.tasks if t not in ("ppl", "kl")]
+    if item_tasks:  # a task's own limit (task_options) wins over the shared one
+        limits = {t: (ev.task_options.get(t) or {}).get("limit", ev.limit) for t in item_tasks}
+        if len(set(limits.values())) == 1:
+            settings.append(f"limit {next(iter(limits.values())) or 'all'} items per task")
+        else:
+            settings.append("items: " + ", ".join(f"{t} {lim or 'all'}" for t, lim in limits.items()))
     settings += [f"backend {ev.backend}", f"device {plan.device}"]
     lines = ["## awqkit orchestrate", "",
              f"- plan: `{plan.source}`; output: `{plan.output_dir}`",
