@@ -6,6 +6,10 @@ WikiText-2 test text). Evaluation: WikiText-2 test perplexity on the first ``--w
 windows. Each quantization runs in its own process so its wall time and peak RSS are its own.
 
 Usage: python scripts/benchmark_awq.py [--n-samples 128] [--windows 16] [--runs rtn,awq,awq-float]
+       [--search search_samples=8 --search search_tokens=4096] [--section TITLE]
+
+``--search KEY=VALUE`` (SearchConfig fields, JSON values) applies to every AWQ run; ``--section`` picks the
+BENCHMARKS.md section (an ablation goes to its own section instead of replacing the main table).
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+SECTION = "AWQ vs RTN on SmolLM2-135M-Instruct (w4 g64)"
+
 RUNS = {
     "rtn": {"method": "rtn"},
     "awq": {"method": "awq"},
     "awq-float": {"method": "awq", "search": {"propagate": "float"}},
     "awq-x": {"method": "awq", "search": {"scale_mode": "x"}},
     "awq-noclip": {"method": "awq", "search": {"clip": False}},
+    # clip search with a second pass that moves each end of the range alone (asymmetric ranges)
+    "awq-clipind": {"method": "awq", "search": {"clip_independent": True}},
+    # ... plus v -> o scaling under grouped-query attention (scales tied per kv head)
+    "awq-clipind-gqa": {"method": "awq", "search": {"clip_independent": True, "gqa_v_o": True}},
 }
 
 CHILD = r"""
@@ -65,7 +75,19 @@ def main() -> None:
     ap.add_argument("--runs", default="rtn,awq,awq-float")
     ap.add_argument("--work", default=None, help="output folder (default: a temporary folder)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
+    ap.add_argument("--search", action="append", default=[], metavar="KEY=VALUE",
+                    help="SearchConfig override for every AWQ run (JSON value), e.g. search_samples=8")
+    ap.add_argument("--section", default=SECTION, help="BENCHMARKS.md section title (default: %(default)s)")
     a = ap.parse_args()
+    common: dict = {}
+    for item in a.search:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--search {item!r}: expected KEY=VALUE, e.g. search_samples=8")
+        try:
+            common[key] = json.loads(value)
+        except json.JSONDecodeError:
+            common[key] = value
     logging.basicConfig(level=logging.WARNING)
 
     import torch
@@ -91,7 +113,7 @@ def main() -> None:
         child = {"src": str(src), "dst": str(dst), "method": spec["method"],
                  "quant": {"bits": 4, "group_size": a.group_size},
                  "calib": {"source": str(calib_file), "n_samples": a.n_samples, "seq_len": 512, "seed": 13},
-                 "search": spec.get("search", {})}
+                 "search": {**common, **spec.get("search", {})} if spec["method"] == "awq" else {}}
         print(f"quantizing {name} ...", flush=True)
         results[name] = {"dst": dst, **run_child(child)}
 
@@ -101,7 +123,7 @@ def main() -> None:
     fp_size = fp16_size_bytes(base)
     rows, fp_ppl = [], None
     for name, r in results.items():
-        q = load_quantized(r["dst"])
+        q = load_quantized(r["dst"], backend="torch")  # the fp32 reference kernel: ppl of the checkpoint itself
         m = kl_divergence(q, base, windows)
         fp_ppl = m["ppl_baseline"]
         r.update(ppl=m["ppl_model"], kl=m["kl"], top1=m["top1_agreement"])
@@ -124,13 +146,18 @@ def main() -> None:
         f"windows; \"gap closed\" = (ppl_RTN − ppl) / (ppl_RTN − ppl_FP). Quantization wall time and peak RSS "
         f"of each run in its own process on this machine ({torch.get_num_threads()} threads). Size: the output "
         f"folder; the FP row gives the fp16 weights' size. `awq` = defaults (scale mode both, clip on, next layer "
-        f"fed the quantized outputs); `awq-float` = the same with the float outputs propagated.\n\n"
-        f"Produced by `python scripts/benchmark_awq.py --n-samples {a.n_samples} --windows {a.windows} "
-        f"--runs {a.runs}`.\n\n{table}\n"
+        f"fed the quantized outputs); `awq-float` = the same with the float outputs propagated; `awq-clipind` "
+        f"adds the clip search's independent-ends pass; `awq-clipind-gqa` also scales v_proj -> o_proj under "
+        f"grouped-query attention."
+        + (f" Search overrides for every AWQ run: {', '.join(f'{k}={v}' for k, v in common.items())}." if common else "")
+        + "\n\nProduced by `python scripts/benchmark_awq.py --n-samples "
+        f"{a.n_samples} --windows {a.windows} --runs {a.runs}"
+        + "".join(f" --search {x}" for x in a.search)
+        + (f" --section '{a.section}'" if a.section != SECTION else "") + f"`.\n\n{table}\n"
     )
     print(body)
     if not a.no_write:
-        write_benchmarks_section(ROOT / "BENCHMARKS.md", "AWQ vs RTN on SmolLM2-135M-Instruct (w4 g64)", body)
+        write_benchmarks_section(ROOT / "BENCHMARKS.md", a.section, body)
 
 
 if __name__ == "__main__":
