@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from awqkit.commands.bench_cmd import build_specs, register
+from awqkit.commands.bench_cmd import register
 from awqkit.eval import bench, bench_llamacpp, bench_report
-from awqkit.eval.bench import BenchSettings, ModeSpec
+from awqkit.eval.bench import BenchSettings, ModeSpec, build_specs
 from conftest import make_tiny_tokenizer
 
 torch.set_num_threads(1)

@@ -264,3 +264,23 @@ def test_cli_errors(env: dict[str, Path]) -> None:
     with pytest.raises(SystemExit):
         p.parse_args(["eval", str(env["src"]), "--limit", "0"])
     assert p.parse_args(["eval", "m", "--windows", "all"]).windows is None
+
+
+def test_bench_rows_with_retention(env: dict[str, Path], rtn_folder: Path) -> None:
+    from awqkit.eval.bench import BenchSettings, disk_weight_bytes
+
+    settings = BenchSettings(prompt_tokens=8, new_tokens=3, batch_sizes=(1, 2), repeats=1, warmup=0)
+    r = evaluate_model(rtn_folder, baseline=env["src"], tasks="ppl", data_dir=env["data"], seq_len=SEQ_LEN,
+                       windows=WINDOWS, backend="torch", bench=settings, progress=False)
+    rows = {x["metric"]: x for x in r["metrics"] if x["task"] == "bench"}
+    assert list(rows) == ["prefill_ms", "decode_tok_s_b1", "decode_tok_s_b2", "peak_rss_mb", "weights_disk_mb",
+                          "weights_memory_mb"]
+    assert all(row["model"] > 0 and row["baseline"] > 0 for row in rows.values())
+    speed, disk = rows["decode_tok_s_b1"], rows["weights_disk_mb"]
+    assert speed["higher_is_better"] and speed["retention"] == pytest.approx(speed["model"] / speed["baseline"])
+    assert not disk["higher_is_better"] and disk["retention"] == pytest.approx(disk["baseline"] / disk["model"])
+    assert disk["model"] == pytest.approx(disk_weight_bytes(rtn_folder) / 1e6)
+    bench = r["tasks"]["bench"]
+    assert bench["model"]["backend"] == "torch" and bench["baseline"]["backend"] is None
+    assert r["settings"]["bench"]["batch_sizes"] == [1, 2] or r["settings"]["bench"]["batch_sizes"] == (1, 2)
+    assert "decode_tok_s_b2" in results_markdown(r)

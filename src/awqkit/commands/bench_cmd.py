@@ -47,40 +47,9 @@ def _str_list(text: str) -> list[str]:
     return values
 
 
-_DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-def build_specs(model: str, baseline: str | None, backends: list[str], dtype: str,
-                baseline_dtypes: list[str], device: str = "cpu") -> list[Any]:
-    """The :class:`~awqkit.eval.bench.ModeSpec` list: baseline modes first, then MODEL's."""
-    from awqkit.eval.bench import DTYPES, ModeSpec, is_quantized_folder
-
-    for d in (dtype, *baseline_dtypes):
-        if d not in DTYPES:
-            raise ValueError(f"dtype {d!r} is not one of {sorted(DTYPES)}")
-    specs = []
-    if baseline is not None:
-        if not Path(baseline).is_dir():
-            raise FileNotFoundError(f"baseline folder not found: {baseline}")
-        if is_quantized_folder(baseline):
-            raise ValueError(f"--baseline {baseline} is a quantized checkpoint; pass the dense (float) model")
-        name = Path(baseline).name
-        specs += [ModeSpec(f"{name} {_DTYPE_SHORT[d]} dense", str(baseline), False, d, None, device)
-                  for d in baseline_dtypes]
-    if not Path(model).is_dir():
-        raise FileNotFoundError(f"model folder not found: {model}")
-    name = Path(model).name
-    if is_quantized_folder(model):
-        rest = "" if dtype == "float32" else f", {_DTYPE_SHORT[dtype]} rest"
-        specs += [ModeSpec(f"{name} int4 ({b}{rest})", str(model), True, dtype, b, device) for b in backends]
-    else:
-        specs.append(ModeSpec(f"{name} {_DTYPE_SHORT[dtype]} dense", str(model), False, dtype, None, device))
-    return specs
-
-
 def cmd_bench(a: argparse.Namespace) -> int:
     """Measure, print the table, write ``--json`` / ``--png``."""
-    from awqkit.eval.bench import BenchSettings, run_modes
+    from awqkit.eval.bench import BenchSettings, build_specs, run_modes
     from awqkit.eval.bench_report import decode_ratio, format_table, plot_png, write_json
 
     if a.llama_cpp is not None and not Path(a.llama_cpp).is_file():

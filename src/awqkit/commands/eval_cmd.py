@@ -20,6 +20,9 @@ ppl/kl windows: the first --windows consecutive non-overlapping windows of --seq
 retention column (model/baseline, or baseline/model for ppl where lower is better; 1.0 = baseline).
 --backend applies to quantized folders: on CPU 'auto' runs the bf16 cpu-int4 kernel where a layer
 fits it (else the fp32 torch reference); 'torch' forces the fp32 reference. The JSON records which ran.
+--bench adds speed and memory rows (as `awqkit bench`: prompt 128 tokens, 64 decoded tokens at batch 1
+and 8, medians of --bench-repeats; the model with --backend, the baseline float32 dense, each in its
+own process): prefill ms, decode tok/s, peak RSS, weight MB on disk and in memory.
 """
 
 
@@ -34,6 +37,14 @@ def _windows(text: str) -> int | None:
     return None if text.lower() == "all" else _positive(text)
 
 
+def _bench_settings(a: argparse.Namespace) -> Any:
+    if not a.bench:
+        return None
+    from awqkit.eval.bench import BenchSettings
+
+    return BenchSettings(repeats=a.bench_repeats)
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     """Run the evaluation, print the Markdown report, write ``--json`` / ``--markdown``."""
     from awqkit.eval.runner import evaluate_model, parse_tasks, results_markdown
@@ -43,7 +54,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     results = evaluate_model(
         a.model, baseline=a.baseline, tasks=tasks, limit=a.limit, text=a.text, data_dir=a.data_dir,
         seq_len=a.seq_len, windows=a.windows, batch_size=a.batch_size, backend=a.backend, device=a.device,
-        trust_remote_code=a.trust_remote_code, progress=a.progress,
+        trust_remote_code=a.trust_remote_code, progress=a.progress, bench=_bench_settings(a),
     )
     report = results_markdown(results)
     print(report, end="")
@@ -79,6 +90,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full results as JSON to OUT")
     p.add_argument("--markdown", default=None, metavar="OUT", help="write the Markdown report to OUT")
+    p.add_argument("--bench", action="store_true", help="add speed and memory rows (see below)")
+    p.add_argument("--bench-repeats", type=_positive, default=3, help="timed runs for --bench (default %(default)s)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.set_defaults(func=cmd_eval)
 

@@ -290,6 +290,35 @@ def run_in_subprocess(spec: ModeSpec | dict[str, Any], settings: BenchSettings, 
         return json.loads(out_file.read_text())
 
 
+_DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def build_specs(model: str, baseline: str | None, backends: list[str], dtype: str,
+                baseline_dtypes: list[str], device: str = "cpu") -> list[ModeSpec]:
+    """The :class:`~awqkit.eval.bench.ModeSpec` list: baseline modes first, then MODEL's."""
+    for d in (dtype, *baseline_dtypes):
+        if d not in DTYPES:
+            raise ValueError(f"dtype {d!r} is not one of {sorted(DTYPES)}")
+    specs = []
+    if baseline is not None:
+        if not Path(baseline).is_dir():
+            raise FileNotFoundError(f"baseline folder not found: {baseline}")
+        if is_quantized_folder(baseline):
+            raise ValueError(f"--baseline {baseline} is a quantized checkpoint; pass the dense (float) model")
+        name = Path(baseline).name
+        specs += [ModeSpec(f"{name} {_DTYPE_SHORT[d]} dense", str(baseline), False, d, None, device)
+                  for d in baseline_dtypes]
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"model folder not found: {model}")
+    name = Path(model).name
+    if is_quantized_folder(model):
+        rest = "" if dtype == "float32" else f", {_DTYPE_SHORT[dtype]} rest"
+        specs += [ModeSpec(f"{name} int4 ({b}{rest})", str(model), True, dtype, b, device) for b in backends]
+    else:
+        specs.append(ModeSpec(f"{name} {_DTYPE_SHORT[dtype]} dense", str(model), False, dtype, None, device))
+    return specs
+
+
 def run_modes(specs: list[ModeSpec], settings: BenchSettings, *, subprocesses: bool = True,
               llama_cpp: str | Path | None = None) -> list[dict[str, Any]]:
     """Measure every mode (each in its own subprocess unless ``subprocesses=False``), then llama.cpp on

@@ -158,6 +158,7 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     task_options: dict[str, dict[str, Any]] | None = None,
+    bench: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the folder ``model_path`` (and ``baseline``) on ``tasks``; see the module docstring.
@@ -173,6 +174,9 @@ def evaluate_model(
         task_options: extra keyword arguments per downstream task, e.g. ``{"gsm8k": {"num_fewshot": 5}}``;
             a task's ``limit`` there replaces ``limit`` for that task (``{"squad": {"limit": 200}}`` with
             ``limit=None``: every ARC item, 200 SQuAD items).
+        bench: an :class:`~awqkit.eval.bench.BenchSettings` to add speed and memory rows
+            (:mod:`awqkit.eval.runner_bench`: prefill, decode tokens/s, peak RSS, weight bytes; the model
+            with ``backend``, the baseline float32 dense, each measured in its own process), or None.
     Returns:
         a JSON-ready dict: ``versions``, ``settings``, ``model`` / ``baseline`` (path, detection, loader,
         kernels), ``data`` (file paths and sha256), ``tasks`` (per-task metrics and wall seconds),
@@ -254,6 +258,15 @@ def evaluate_model(
         results["data"][name] = {"path": entry["model"].get("path"), "sha256": entry["model"].get("sha256")}
         ran[name] = entry
     results["tasks"] = {t: ran[t] for t in names}
+    if bench is not None:
+        from awqkit.eval.runner_bench import run_bench
+
+        del m, b  # free both models before the measuring processes start
+        t0 = time.perf_counter()
+        results["tasks"]["bench"] = run_bench(model_path, baseline, backend=backend, device=str(device),
+                                              settings=bench)
+        results["tasks"]["bench"]["seconds"] = wall["bench"] = time.perf_counter() - t0
+        results["settings"]["bench"] = results["tasks"]["bench"]["settings"]
     results["metrics"] = metric_rows(results)
     wall.update({t: ran[t]["seconds"] for t in names})
     wall["total"] = time.perf_counter() - t_start
@@ -266,7 +279,7 @@ def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     has_baseline = results.get("baseline") is not None
     for task, entry in results.get("tasks", {}).items():
-        for metric, higher in METRICS.get(task, []):
+        for metric, higher in METRICS.get(task) or [tuple(x) for x in entry.get("metric_spec", [])]:
             mv = entry.get("model", {}).get(metric)
             bv = entry.get("baseline", {}).get(metric) if has_baseline else None
             ratio = _ratio(mv, bv) if metric != "kl" else None
