@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "Inference speed (issue 4)"
@@ -46,34 +47,10 @@ def gguf_path(arg: str) -> Path | None:
     return cached
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="dense HF folder (default: SmolLM2-135M-Instruct via awqkit.zoo)")
-    ap.add_argument("--quantized", default=None, help="int4 checkpoint folder (default: RTN g64 made here)")
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--llama-cpp", default="auto", metavar="GGUF|auto|none",
-                    help="GGUF for the llama.cpp row; auto = SmolLM2's Q4_1 file (default); none = no row")
-    ap.add_argument("--bf16-rest", action="store_true", help="add cpu-int4 with bf16 non-quantized weights")
-    ap.add_argument("--json", default=None, help="write all samples as JSON")
-    ap.add_argument("--png", default=None, help="write a bar chart (matplotlib)")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
-    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update")
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def measure(a: argparse.Namespace, settings: Any) -> tuple[list[dict[str, Any]], str]:
+    """Run every mode; ``(results, the int4 checkpoint's short name)``."""
+    from awqkit.eval.bench import ModeSpec, run_modes
 
-    from awqkit.eval.bench import BenchSettings, ModeSpec, run_modes
-    from awqkit.eval.bench_report import decode_ratio, environment, format_table, plot_png, write_json
-    from awqkit.report.table import write_benchmarks_section
-
-    settings = BenchSettings(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
-                             warmup=a.warmup, threads=a.threads,
-                             batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",")))
     if a.model is None:
         from awqkit.zoo import fetch_smollm2
 
@@ -93,17 +70,68 @@ def main() -> None:
                  ModeSpec(f"int4 {g} cpu-int4", qpath, True, "float32", "cpu-int4")]
         if a.bf16_rest:
             specs.append(ModeSpec(f"int4 {g} cpu-int4, bf16 rest", qpath, True, "bfloat16", "cpu-int4"))
-        gguf = gguf_path(a.llama_cpp)
-        results = run_modes(specs, settings, llama_cpp=gguf)
+        return run_modes(specs, settings, llama_cpp=gguf_path(a.llama_cpp)), g
 
-    int4, fp32 = specs[3].label, specs[0].label
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="dense HF folder (default: SmolLM2-135M-Instruct via awqkit.zoo)")
+    ap.add_argument("--quantized", default=None, help="int4 checkpoint folder (default: RTN g64 made here)")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-cpp", default="auto", metavar="GGUF|auto|none",
+                    help="GGUF for the llama.cpp row; auto = SmolLM2's Q4_1 file (default); none = no row")
+    ap.add_argument("--bf16-rest", action="store_true", help="add cpu-int4 with bf16 non-quantized weights")
+    ap.add_argument("--json", default=None, help="write all samples as JSON")
+    ap.add_argument("--png", default=None, help="write a bar chart (matplotlib)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
+    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update")
+    ap.add_argument("--from-json", default=None, metavar="FILE",
+                    help="measure nothing: render the table of a run saved with --json (its settings win)")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from awqkit.eval.bench import BenchSettings
+    from awqkit.eval.bench_report import decode_ratio, environment, format_table, plot_png, write_json
+    from awqkit.report.table import write_benchmarks_section
+
+    if a.from_json:
+        import json
+
+        saved = json.loads(Path(a.from_json).read_text())
+        results, env = saved["results"], saved["environment"]
+        st = saved["settings"]
+        settings = BenchSettings(**{**st, "batch_sizes": tuple(st["batch_sizes"])})
+        a.prompt_tokens, a.new_tokens, a.repeats, a.warmup = (settings.prompt_tokens, settings.new_tokens,
+                                                               settings.repeats, settings.warmup)
+        a.threads = settings.threads
+        a.model = next(r["path"] for r in results if r.get("engine") == "transformers")
+        qpath = next(r["path"] for r in results if r.get("backend") == "cpu-int4")
+        if Path(qpath).name != "rtn":  # not the temporary RTN checkpoint measure() makes
+            a.quantized = qpath
+        g = Path(qpath).name if a.quantized else f"g{a.group_size}"
+        command = saved.get("command", "(measuring command not recorded)")
+    else:
+        settings = BenchSettings(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
+                                 warmup=a.warmup, threads=a.threads,
+                                 batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",")))
+        results, g = measure(a, settings)
+        env = environment()
+        command = " ".join(["python scripts/benchmark_inference.py", *sys.argv[1:]])
+
+    fp32 = next(r["label"] for r in results if r.get("engine") == "transformers" and r.get("dtype") == "float32")
+    int4 = next(r["label"] for r in results if r.get("backend") == "cpu-int4" and r.get("dtype") == "float32")
     llama = next((r for r in results if r.get("backend") == "llama.cpp" or r.get("engine") == "llama.cpp"), None)
     ratios = {f"cpu-int4 / fp32 dense, decode B={b}": decode_ratio(results, int4, fp32, b)
               for b in settings.batch_sizes}
     if llama is not None:
         ratios["cpu-int4 / llama.cpp, decode B=1"] = decode_ratio(results, int4, llama["label"], 1)
     table = format_table(results)
-    env = environment()
     goal_lines = []
     r1 = ratios.get("cpu-int4 / fp32 dense, decode B=1")
     if r1 is not None:
@@ -121,14 +149,14 @@ def main() -> None:
     print(table)
     print("\n".join(goal_lines))
     if a.json:
-        write_json(a.json, results, settings, {"ratios": ratios})
+        write_json(a.json, results, settings, {"ratios": ratios, "command": command})
     if a.png:
         plot_png(a.png, results, title=f"{Path(a.model).name}, {a.threads} threads, prompt {a.prompt_tokens}, "
                                        f"{a.new_tokens} new tokens")
     if a.no_write:
         return
     body = "\n".join([
-        f"`{' '.join(['python scripts/benchmark_inference.py', *sys.argv[1:]])}`",
+        f"`{command}`" + (f" (table rendered from its JSON with `--from-json`)" if a.from_json else ""),
         "",
         f"{Path(a.model).name}, int4 {g} ({'RTN' if a.quantized is None else a.quantized}), threads: {a.threads}, prompt "
         f"{a.prompt_tokens} random token ids, {a.new_tokens} greedy new tokens (forced length), median of "
