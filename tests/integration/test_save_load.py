@@ -275,3 +275,19 @@ def test_ct_checkpoint_loads_in_transformers(tmp_path):
     for name in _layer_linears(_tiny()):
         ours = get_module(model, name).dequantized_weight()
         assert torch.equal(get_module(hf, name).weight.float(), ours.half().float()), name
+
+
+def test_side_config_files_autoawq_read_autogptq_refused(tmp_path):
+    # AutoAWQ's quant_config.json (no quant_method) is AWQ; AutoGPTQ's quantize_config.json is not
+    awq = tmp_path / "awq"
+    awq.mkdir()
+    (awq / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 64, "w_bit": 4,
+                                                       "version": "GEMM"}))
+    qc = read_quant_config(awq)
+    assert (qc["quant_method"], qc["bits"], qc["group_size"]) == ("awq", 4, 64)
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    (gptq / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128, "desc_act": False,
+                                                          "sym": True, "damp_percent": 0.01}))
+    with pytest.raises(ValueError, match="quant_method='gptq' is not supported"):
+        read_quant_config(gptq)

@@ -47,15 +47,19 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if cfg_file.is_file():
         raw = json.loads(cfg_file.read_text()).get("quantization_config")
+    side_file = None
     for alt in ("quant_config.json", "quantize_config.json"):
         if raw is None and (path / alt).is_file():
-            raw = json.loads((path / alt).read_text())
+            raw, side_file = json.loads((path / alt).read_text()), alt
     if not isinstance(raw, dict):
         raise ValueError(
             f"{path} has no quantization_config in config.json (nor quant_config.json); "
             "it is not a quantized checkpoint, load it with transformers directly"
         )
-    method = str(raw.get("quant_method", "awq")).lower()
+    method = raw.get("quant_method")
+    if method is None and side_file is not None and {"desc_act", "damp_percent", "sym"} & set(raw):
+        method = "gptq"  # AutoGPTQ's quantize_config.json has no quant_method either: do not read it as AWQ
+    method = str(method or "awq").lower()
     if method == "awq":
         version = str(raw.get("version", raw.get("format", "gemm"))).lower()
         bits = int(raw.get("bits", raw.get("w_bit", 4)))
