@@ -93,6 +93,8 @@ class _LayerCache:
                 xf = flat.float()
                 self.gram[name] += (xf.T @ xf).double().cpu()
             if name in self.clip_gram_groups:
+                if name in self.gram:
+                    return None  # finish() takes its clip blocks from the full Gram's diagonal
                 g = self.clip_gram_groups[name]
                 last = self._last_block
                 if last is not None and last[0] is args[0] and last[1] == g:
@@ -115,7 +117,12 @@ class _LayerCache:
         return hook
 
     def finish(self) -> None:
-        """Merge per-batch token samples into one batch (one large matmul beats many small ones)."""
+        """Merge per-batch token samples into one batch (one large matmul beats many small ones); take the
+        clip Gram blocks of linears that accumulate a full input Gram from its diagonal."""
+        for name, g in self.clip_gram_groups.items():
+            if name in self.gram:
+                full = self.gram[name]
+                self.clip_gram[name] = torch.stack([full[i:i + g, i:i + g] for i in range(0, full.shape[0], g)])
         for k, items in self.inputs.items():
             if self._tokenwise.get(k) and items:
                 x = torch.cat([a[0] for a, _ in items], dim=1)

@@ -8,6 +8,7 @@ logits against the float model, and that search → apply → pack are separable
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -399,3 +400,24 @@ def test_float_propagation_without_clip_and_mha(tmp_path):
     q = load_quantized(tmp_path / "out")
     ids = _ids(q.config.vocab_size)
     torch.testing.assert_close(_logits(rebuilt, ids), _logits(q, ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 4: MHA, so o_proj is scored by its full Gram as down_proj is
+def test_clip_over_every_token_equals_clip_over_a_sample_of_all_tokens(tmp_path, kv_heads):
+    """clip_n_tokens=0 (per-group Gram blocks over every token) chooses what a token sample holding every
+    token chooses: the same objective on the same tokens."""
+    _make_source(tmp_path, "llama", kv_heads=kv_heads)
+    model, tok, _ = load_source(tmp_path / "src", hash_files=False)
+    ids = load_calibration(str(tmp_path / "calib.txt"), tok, _calib(tmp_path))
+    targets = set(select_targets(model, resolve_arch(model), QCFG).quantized)
+    runs = []
+    for n_tokens in (0, 10**6):  # every search batch is sampled whole: 4 blocks, search_samples=4
+        scfg = dataclasses.replace(SCFG, search_samples=4, clip_n_tokens=n_tokens)
+        runs.append(run_awq(_float_model(tmp_path / "src"), ids, QCFG, scfg, targets, progress=False))
+    gram, sample = runs
+    assert [c.name for c in gram.clips] == [c.name for c in sample.clips] and gram.clips
+    assert any(c.name.endswith("o_proj") for c in gram.clips)
+    for a, b in zip(gram.clips, sample.clips):
+        assert a.err_after == pytest.approx(b.err_after, rel=1e-4), a.name
+        same = (torch.isclose(a.min_val, b.min_val) & torch.isclose(a.max_val, b.max_val)).float().mean().item()
+        assert same > 0.99, (a.name, same)
