@@ -97,14 +97,22 @@ def _ct_settings(qc: dict[str, Any]) -> tuple[int | None, int | None]:
     return _int_or_none(weights.get("num_bits")), group_size
 
 
+def side_config_method(qc: dict[str, Any]) -> str | None:
+    """The method of a side config file without ``quant_method`` (``quant_config.json`` /
+    ``quantize_config.json``): ``"awq"`` for AutoAWQ's keys (``w_bit``, ``version``), ``"gptq"`` for
+    AutoGPTQ's (``desc_act``, ``damp_percent``, ``sym``), else None."""
+    if "w_bit" in qc or "version" in qc:
+        return "awq"
+    if {"desc_act", "damp_percent", "sym"} & set(qc):
+        return "gptq"
+    return None
+
+
 def _from_quant_config(qc: dict[str, Any], source: str, side_file: bool = False) -> QuantizationInfo:
     """Read a ``quantization_config``-like dict (see the module docstring, 1 and 3)."""
     method = qc.get("quant_method")
     if method is None and side_file:
-        if "w_bit" in qc or "version" in qc:
-            method = "awq"
-        elif {"desc_act", "damp_percent", "sym"} & set(qc):
-            method = "gptq"
+        method = side_config_method(qc)
     method = str(method or "unknown").lower()
     if method == "compressed-tensors":
         bits, group_size = _ct_settings(qc)

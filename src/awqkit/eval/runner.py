@@ -38,6 +38,7 @@ import torch
 
 from awqkit.eval.perplexity import WIKITEXT_TEST_RELPATH, kl_divergence, load_wikitext_test, make_windows, perplexity
 from awqkit.eval.runner_load import LoadedModel, check_folder, load_for_eval, same_vocabulary
+from awqkit.eval.tasks._common import check_positive
 from awqkit.report.table import markdown_table
 
 logger = logging.getLogger(__name__)
@@ -189,17 +190,14 @@ def evaluate_model(
     if "kl" in names and baseline is None:
         raise ValueError("task 'kl' compares against a baseline model; pass --baseline MODEL (baseline=...)")
     for label, value in (("limit", limit), ("windows", windows), ("batch_size", batch_size)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        check_positive(label, value)
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     unknown_opts = [k for k in (task_options or {}) if k not in ("arc", "squad", "gsm8k")]
     if unknown_opts:
         raise ValueError(f"task_options names {unknown_opts}; only arc, squad and gsm8k take options")
     for task, opts in (task_options or {}).items():
-        lim = opts.get("limit")
-        if lim is not None and (not isinstance(lim, int) or isinstance(lim, bool) or lim < 1):
-            raise ValueError(f"task_options[{task!r}]['limit'] must be a positive integer, got {lim!r}")
+        check_positive(f"task_options[{task!r}]['limit']", opts.get("limit"))
     if backend != "auto":
         from awqkit import kernels
 

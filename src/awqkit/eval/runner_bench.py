@@ -1,6 +1,6 @@
 """``awqkit eval --bench``: speed and memory of the model (and its baseline) as rows of the eval table.
 
-Runs :func:`awqkit.eval.bench.run_modes` (each mode in its own process unless ``in_process``) for the
+Runs :func:`awqkit.eval.bench.run_modes` (each mode in its own process) for the
 baseline as a float32 dense model and for the model with the eval's kernel ``backend``, and reduces each
 to a few metrics (medians, see :mod:`awqkit.eval.bench` for how they are taken):
 
@@ -16,13 +16,10 @@ for lower-is-better ones), so a speed-up shows as a retention above 1.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any
 
-from awqkit.eval.bench import BenchSettings, build_specs, measure_mode, run_modes
-
-logger = logging.getLogger(__name__)
+from awqkit.eval.bench import BenchSettings, build_specs, run_modes
 
 
 def bench_metric_spec(settings: BenchSettings) -> list[tuple[str, bool]]:
@@ -44,15 +41,12 @@ def _metrics(result: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
 
 
 def run_bench(model: str | Path, baseline: str | Path | None, *, backend: str, device: str,
-              settings: BenchSettings, in_process: bool = False) -> dict[str, Any]:
+              settings: BenchSettings) -> dict[str, Any]:
     """The ``tasks["bench"]`` entry: ``{"model": metrics, "baseline": metrics | absent, "settings",
     "metric_spec", "modes": raw results}``."""
     specs = build_specs(str(model), str(baseline) if baseline is not None else None, [backend], "float32",
                         ["float32"], device)
-    if in_process:
-        results = [measure_mode(spec, settings) for spec in specs]
-    else:
-        results = run_modes(specs, settings)
+    results = run_modes(specs, settings)
     entry: dict[str, Any] = {"model": _metrics(results[-1], settings), "settings": dataclasses.asdict(settings),
                              "metric_spec": bench_metric_spec(settings), "modes": results}
     if baseline is not None:

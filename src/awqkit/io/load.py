@@ -57,8 +57,10 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
             "it is not a quantized checkpoint, load it with transformers directly"
         )
     method = raw.get("quant_method")
-    if method is None and side_file is not None and {"desc_act", "damp_percent", "sym"} & set(raw):
-        method = "gptq"  # AutoGPTQ's quantize_config.json has no quant_method either: do not read it as AWQ
+    if method is None and side_file is not None:
+        from awqkit.eval.detect import side_config_method  # AutoGPTQ's side file must not be read as AWQ
+
+        method = side_config_method(raw)
     method = str(method or "awq").lower()
     if method == "awq":
         version = str(raw.get("version", raw.get("format", "gemm"))).lower()
