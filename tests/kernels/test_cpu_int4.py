@@ -185,7 +185,9 @@ def test_other_bits_and_grad_fall_back():
 
 
 def test_auto_picks_cpu_int4_on_cpu():
-    assert kernels.list_backends(only_available=True)[:2] == ["cpu-int4", "torch"]
+    order = kernels.list_backends(only_available=True)
+    assert order.index("cpu-int4") < order.index("torch")
+    # 32 output columns: below cpu-avx2's 64-column blocks, so cpu-int4 is the best taker
     assert kernels.resolve_backend("auto", _x(1, 64), _ql(64, 32, 32)).name == "cpu-int4"
 
 
@@ -285,7 +287,7 @@ def test_prepare_model_reports_fallbacks(caplog):
         "g16": _ql(64, 32, 16),
         "b3": QuantLinear.from_linear(_linear(64, 32), 3, 32),
     })
-    with caplog.at_level(logging.INFO, logger="awqkit.kernels.cpu_int4"):
+    with caplog.at_level(logging.INFO, logger="awqkit.kernels"):
         report = cpu_int4.prepare_model(model)
     assert report.as_counts() == {"converted": 1, "fallback": 3}
     assert set(report.reasons) == {"narrow", "g16", "b3"}

@@ -107,10 +107,12 @@ def test_symmetric_gemm_stores_zero_8():
 
 # ----------------------------------------------------------------------------- kernel registry
 def test_registry_auto_is_the_best_available_and_errors_list_backends():
-    # cpu-int4 (priority 5) outranks the torch reference (0) wherever PyTorch ships its int4 CPU ops
-    from awqkit.kernels import cpu_int4
+    # cpu-avx2 (priority 7, where its native kernels build) outranks cpu-int4 (5, where PyTorch ships its
+    # int4 CPU ops), which outranks the torch reference (0)
+    from awqkit.kernels import cpu_avx2, cpu_int4
 
-    assert kernels.get_backend("auto").name == ("cpu-int4" if cpu_int4.is_available() else "torch")
+    best = "cpu-avx2" if cpu_avx2.is_available() else "cpu-int4" if cpu_int4.is_available() else "torch"
+    assert kernels.get_backend("auto").name == best
     assert "torch" in kernels.list_backends(only_available=True)
     with pytest.raises(ValueError, match=r"unknown kernel backend 'nope'.*torch"):
         kernels.get_backend("nope")

@@ -215,6 +215,7 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     backend: str = "auto",
     trust_remote_code: bool = False,
+    fp16_head: bool | None = None,
 ) -> nn.Module:
     """Load a quantized causal LM from ``path`` onto ``device``.
 
@@ -225,6 +226,10 @@ def load_quantized(
             config's dtype (fp16 if unset). Packed buffers keep their stored dtypes (int32, fp16 scales).
         backend: kernel backend for every QuantLinear (``"auto"``, ``"torch"``, ...).
         trust_remote_code: passed to transformers for models with custom code.
+        fp16_head: keep the LM head (and its tied embedding) in fp16 storage, computed in fp32
+            (:func:`awqkit.nn.fp16_storage.store_head_fp16`; only when its weights are exactly fp16, so
+            outputs do not change). None: on for CPU + float32 + backend ``auto``/``cpu-avx2`` when the
+            ``cpu-avx2`` kernels are available (it halves the head's read per decoded token).
     Returns:
         the model in eval mode, with ``model.awqkit_quant_config`` = :func:`read_quant_config`'s dict.
     """
@@ -288,16 +293,32 @@ def load_quantized(
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.backend = backend
-    if torch.device(device).type == "cpu" and backend in ("auto", "cpu-int4"):
-        from awqkit.kernels import cpu_int4
-
-        if cpu_int4.is_available():  # convert once now; log (auto) or refuse (cpu-int4) unsupported layers
-            cpu_int4.prepare_model(model, backend=backend)
+    _prepare_cpu(model, device, dtype, backend, fp16_head)
     model.eval()
     model.awqkit_quant_config = qc
     logger.info("loaded %s: %d quantized linears (%s, %d-bit, g=%d) on %s",
                 path, len(qnames), qc["format"], qc["bits"], qc["group_size"], device)
     return model
+
+
+def _prepare_cpu(model: nn.Module, device: torch.device, dtype: torch.dtype, backend: str,
+                 fp16_head: bool | None) -> None:
+    """Convert the quantized layers for the CPU backend ``backend`` resolves to, once, now (unsupported
+    layers are logged under ``auto`` and refused under a named backend), and apply ``fp16_head``."""
+    from awqkit.kernels import cpu_avx2, cpu_int4
+
+    on_cpu = device.type == "cpu"
+    avx2 = on_cpu and backend in ("auto", cpu_avx2.NAME) and cpu_avx2.is_available()
+    if avx2:
+        cpu_avx2.prepare_model(model, backend=backend)
+    elif on_cpu and backend in ("auto", cpu_int4.NAME) and cpu_int4.is_available():
+        cpu_int4.prepare_model(model, backend=backend)
+    if fp16_head is None:
+        fp16_head = avx2 and dtype == torch.float32
+    if fp16_head:
+        from awqkit.nn.fp16_storage import store_head_fp16
+
+        store_head_fp16(model)
 
 
 def _tied_embedding(model: nn.Module, config: Any, sd: dict[str, Tensor], missing: list[str]) -> dict[str, str]:

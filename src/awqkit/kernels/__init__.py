@@ -48,6 +48,11 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+_ORDERED: list[Backend] = []  # _REGISTRY by priority, highest first; rebuilt on (un)registration
+
+
+def _reorder() -> None:
+    _ORDERED[:] = sorted(_REGISTRY.values(), key=lambda b: -b.priority)
 
 
 def register_backend(
@@ -66,6 +71,7 @@ def register_backend(
         raise ValueError(f"backend {name!r} is already registered; pass replace=True to override it")
     backend = Backend(name=name, fn=fn, available=available, priority=priority, supports=supports)
     _REGISTRY[name] = backend
+    _reorder()
     return backend
 
 
@@ -75,12 +81,12 @@ def unregister_backend(name: str) -> None:
         raise ValueError("the 'torch' reference backend cannot be unregistered")
     if _REGISTRY.pop(name, None) is None:
         raise ValueError(f"backend {name!r} is not registered (registered: {list_backends()})")
+    _reorder()
 
 
 def list_backends(only_available: bool = False) -> list[str]:
     """Registered backend names, highest priority first."""
-    ordered = sorted(_REGISTRY.values(), key=lambda b: -b.priority)
-    return [b.name for b in ordered if not only_available or b.is_available()]
+    return [b.name for b in _ORDERED if not only_available or b.is_available()]
 
 
 def get_backend(name: str = "auto") -> Backend:
@@ -115,9 +121,8 @@ def resolve_backend(name: str, x: Tensor, module: QuantLinear) -> Backend:
                 f"x {x.dtype} on {x.device}); use backend='auto' or 'torch'"
             )
         return backend
-    for backend_name in list_backends(only_available=True):
-        backend = _REGISTRY[backend_name]
-        if backend.handles(x, module):
+    for backend in _ORDERED:  # runs on every forward: no list building
+        if backend.is_available() and backend.handles(x, module):
             return backend
     raise RuntimeError(
         f"no available kernel backend supports bits={module.bits}, group_size={module.group_size} "
@@ -126,11 +131,13 @@ def resolve_backend(name: str, x: Tensor, module: QuantLinear) -> Backend:
 
 
 def _register_builtin() -> None:
-    from awqkit.kernels import cpu_int4, torch_ref
+    from awqkit.kernels import cpu_avx2, cpu_int4, torch_ref
 
     register_backend("torch", torch_ref.forward, lambda: True, priority=0, replace=True)
     register_backend(cpu_int4.NAME, cpu_int4.forward, cpu_int4.is_available, priority=cpu_int4.PRIORITY,
                      supports=cpu_int4.supports, replace=True)
+    register_backend(cpu_avx2.NAME, cpu_avx2.forward, cpu_avx2.is_available, priority=cpu_avx2.PRIORITY,
+                     supports=cpu_avx2.supports, replace=True)
     try:  # optional: the module imports without triton (is_available() is then False), but never fail here
         from awqkit.kernels import triton_w4a16
     except Exception as exc:  # pragma: no cover - a broken triton install must not break `import awqkit`

@@ -53,14 +53,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from awqkit.kernels import torch_ref
+from awqkit.kernels import _cache, torch_ref
+from awqkit.kernels._cache import PrepareReport
 
 if TYPE_CHECKING:
     from awqkit.nn.qlinear import QuantLinear
@@ -114,22 +114,6 @@ def _effective_group_size(module: QuantLinear) -> int:
     return module.in_features if module.group_size == -1 else int(module.group_size)
 
 
-_SOURCES = {
-    "gemm": ("qweight", "qzeros", "scales", "bias"),
-    "pack-quantized": ("weight_packed", "weight_scale", "weight_zero_point", "bias"),
-}
-
-
-def _get(module: QuantLinear, name: str) -> Tensor | None:
-    buffers = module._buffers
-    return buffers[name] if name in buffers else getattr(module, name, None)  # fast path for buffers
-
-
-def _source_tensors(module: QuantLinear) -> tuple[Tensor | None, ...]:
-    """The tensors the conversion reads (packed ints, scales, zeros, bias), None where absent."""
-    return tuple(_get(module, n) for n in _SOURCES.get(module.format, ()))
-
-
 def layer_unsupported_reason(module: QuantLinear) -> str | None:
     """Why this layer cannot run on ``cpu-int4`` (independent of the input), or None if it can."""
     if not is_available():
@@ -146,7 +130,7 @@ def layer_unsupported_reason(module: QuantLinear) -> str | None:
         return f"in_features={module.in_features} is not a multiple of group_size={g}"
     if module.out_features % N_MULTIPLE != 0:
         return f"out_features={module.out_features} is not a multiple of {N_MULTIPLE}"
-    devices = {t.device.type for t in _source_tensors(module) if t is not None}
+    devices = {t.device.type for t in _cache.source_tensors(module) if t is not None}
     if devices != {"cpu"}:
         return f"packed buffers on {', '.join(sorted(devices))} (needs cpu)"
     return None
@@ -179,10 +163,6 @@ def supports(x: Tensor, module: QuantLinear) -> bool:
 
 
 # --------------------------------------------------------------------------- conversion + cache
-def _dropped() -> None:
-    return None
-
-
 @dataclass
 class _Cache:
     """Converted tensors of one QuantLinear. Pickling or deep-copying the module drops it (it unpickles
@@ -195,22 +175,10 @@ class _Cache:
     compute_dtype: torch.dtype
     group_size: int
     # (buffer name, weak reference or None when absent, version counter) of every source tensor
-    sources: tuple[tuple[str, weakref.ref | None, int | None], ...] = ()
+    sources: _cache.Signature = ()
 
     def __reduce__(self) -> tuple:
-        return (_dropped, ())
-
-
-def _version(t: Tensor) -> int | None:
-    return None if t.is_inference() else t._version  # inference tensors have no version counter
-
-
-def _signature(module: QuantLinear) -> tuple[tuple[str, weakref.ref | None, int | None], ...]:
-    out = []
-    for name in _SOURCES.get(module.format, ()):
-        t = _get(module, name)
-        out.append((name, None, None) if t is None else (name, weakref.ref(t), _version(t)))
-    return tuple(out)
+        return (_cache.dropped, ())
 
 
 def _fresh_cache(module: QuantLinear) -> _Cache | None:
@@ -218,14 +186,7 @@ def _fresh_cache(module: QuantLinear) -> _Cache | None:
     cache = module.__dict__.get(_CACHE_ATTR)
     if cache is None or cache.compute_dtype != module.__dict__.get(_DTYPE_ATTR, DEFAULT_COMPUTE_DTYPE):
         return None
-    for name, ref, version in cache.sources:
-        t = _get(module, name)
-        if t is None:
-            if ref is not None:
-                return None
-        elif ref is None or ref() is not t or _version(t) != version:
-            return None
-    return cache
+    return cache if _cache.matches(cache.sources, module) else None
 
 
 def convert(module: QuantLinear, compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> tuple[Tensor, Tensor]:
@@ -268,7 +229,7 @@ def prepare_module(module: QuantLinear, compute_dtype: torch.dtype | None = None
     with torch.no_grad():
         packed, sz = convert(module, dt)
         bias = module.bias.detach().float() if module.bias is not None else None
-    cache = _Cache(packed, sz, bias, dt, _effective_group_size(module), _signature(module))
+    cache = _Cache(packed, sz, bias, dt, _effective_group_size(module), _cache.signature(module))
     module.__dict__[_CACHE_ATTR] = cache
     return cache
 
@@ -297,18 +258,6 @@ def forward(x: Tensor, module: QuantLinear) -> Tensor:
 
 
 # --------------------------------------------------------------------------- whole models
-@dataclass(frozen=True)
-class PrepareReport:
-    """What :func:`prepare_model` did: layers converted, layers left to the torch backend and why."""
-
-    converted: int
-    fallback: int
-    reasons: dict[str, str]
-
-    def as_counts(self) -> dict[str, int]:
-        return {"converted": self.converted, "fallback": self.fallback}
-
-
 def prepare_model(
     model: nn.Module, backend: str = "auto", *, compute_dtype: torch.dtype | None = None
 ) -> PrepareReport:
@@ -323,31 +272,10 @@ def prepare_model(
             kernel); None keeps each module's current choice.
     Does not change ``module.backend``; ``load_quantized`` sets that. Returns a :class:`PrepareReport`.
     """
-    from awqkit.nn.qlinear import QuantLinear
-
-    if backend not in ("auto", NAME):
-        raise ValueError(f"prepare_model prepares for backend 'auto' or {NAME!r}, got {backend!r}")
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype={compute_dtype} is not supported by cpu-int4; use one of {COMPUTE_DTYPES}")
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
-    reasons = {name: r for name, m in layers if (r := layer_unsupported_reason(m)) is not None}
-    if backend == NAME and reasons:
-        listing = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:10])
-        more = f" (+{len(reasons) - 10} more)" if len(reasons) > 10 else ""
-        raise ValueError(
-            f"backend={NAME!r} cannot run {len(reasons)} of {len(layers)} quantized layers: {listing}{more}; "
-            "use backend='auto' to run those on the torch backend"
-        )
-    converted = 0
-    for name, m in layers:
-        if name in reasons:
-            logger.info("cpu-int4: %s falls back to the torch backend: %s", name or "<root>", reasons[name])
-            continue
-        prepare_module(m, compute_dtype)
-        converted += 1
-    logger.info("cpu-int4: converted %d of %d quantized layers (%d fall back to torch)",
-                converted, len(layers), len(reasons))
-    return PrepareReport(converted=converted, fallback=len(reasons), reasons=reasons)
+    return _cache.prepare_layers(model, NAME, backend, layer_unsupported_reason,
+                                 lambda m: prepare_module(m, compute_dtype))
 
 
 __all__ = [

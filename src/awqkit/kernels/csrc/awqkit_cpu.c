@@ -1,0 +1,141 @@
+/* awqkit cpu-avx2 kernels: fp32-exact GEMV for few-row inputs (decode) on x86-64 with AVX2 + FMA + F16C.
+ *
+ * Built at first use by awqkit/kernels/cpu_avx2.py (gcc/cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared) and
+ * called through ctypes with raw pointers; every shape and layout check happens in Python before a call.
+ * OpenMP: the library names libgomp.so.1, which resolves to the copy torch has already loaded, so these
+ * loops share torch's thread pool (the caller passes torch.get_num_threads()).
+ *
+ * awqkit_int4_gemv: y[m, n] = sum_k x[m, k] * (q[k, n] - z[k/g, n]) * s[k/g, n] (+ bias[n])
+ *   x      float32 [M, K] row-major
+ *   wq     uint32  [N/64, K, 8]: word (b, k, j) = AWQ GEMM qweight[k, 8b + j] (a copy re-blocked so one
+ *          64-column block streams contiguously); nibble i (bits 4i..4i+3) of word j holds column
+ *          64b + 8j + AWQ_ORDER[i], AWQ_ORDER = {0, 2, 4, 6, 1, 3, 5, 7}
+ *   sp, zs float32 [N/64, K/g, 8, 8]: scale and zero*scale of column 64b + 8j + AWQ_ORDER[i] at (b, g, i, j)
+ *   Per group it accumulates a[i][j] = sum_k x[k] * q (exact small integers as floats, fp32 FMA) and adds
+ *   s * a - (z * s) * sum_k x[k]: the reference's (q - z) * s expanded, fp32 throughout.
+ *
+ * awqkit_f16_gemv: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); w float16 [N, K] row-major, widened to
+ *   fp32 exactly (F16C), fp32 FMA accumulation. K % 8 == 0.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+static const int AWQ_ORDER[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+int awqkit_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+int awqkit_abi_version(void) { return 1; }
+
+static void split(int64_t total, int nt, int t, int64_t *lo, int64_t *hi) {
+    int64_t base = total / nt, rem = total % nt;
+    *lo = t * base + (t < rem ? t : rem);
+    *hi = *lo + base + (t < rem ? 1 : 0);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+void awqkit_int4_gemv(const float *x, const uint32_t *wq, const float *sp, const float *zs, const float *bias,
+                      float *y, int64_t M, int64_t K, int64_t N, int64_t group, int n_threads) {
+    const int64_t NB = N / 64, G = K / group;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > NB) n_threads = (int)NB;
+#pragma omp parallel num_threads(n_threads)
+    {
+        int64_t lo, hi;
+        split(NB, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        const __m256i mask = _mm256_set1_epi32(0xF);
+        float out[64] __attribute__((aligned(32)));
+        for (int64_t b = lo; b < hi; ++b) {
+            const uint32_t *wb = wq + b * K * 8;
+            for (int64_t m = 0; m < M; ++m) {
+                const float *xm = x + m * K;
+                __m256 o[8];
+                for (int i = 0; i < 8; ++i) o[i] = _mm256_setzero_ps();
+                for (int64_t g = 0; g < G; ++g) {
+                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                    __m256 xs = _mm256_setzero_ps();
+                    const uint32_t *wg = wb + g * group * 8;
+                    const float *xg = xm + g * group;
+                    for (int64_t k = 0; k < group; ++k) {
+                        const __m256i w = _mm256_loadu_si256((const __m256i *)(wg + k * 8));
+                        const __m256 xk = _mm256_broadcast_ss(xg + k);
+                        xs = _mm256_add_ps(xs, xk);
+                        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w, mask)), xk, a0);
+                        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 4), mask)), xk, a1);
+                        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 8), mask)), xk, a2);
+                        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 12), mask)), xk, a3);
+                        a4 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 16), mask)), xk, a4);
+                        a5 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 20), mask)), xk, a5);
+                        a6 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 24), mask)), xk, a6);
+                        a7 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28)), xk, a7);
+                    }
+                    const float *s = sp + (b * G + g) * 64, *z = zs + (b * G + g) * 64;
+                    __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+                    for (int i = 0; i < 8; ++i) {
+                        o[i] = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8 * i), acc[i], o[i]);
+                        o[i] = _mm256_fnmadd_ps(_mm256_loadu_ps(z + 8 * i), xs, o[i]);
+                    }
+                }
+                for (int i = 0; i < 8; ++i) _mm256_store_ps(out + 8 * i, o[i]);
+                float *ym = y + m * N + b * 64;
+                for (int i = 0; i < 8; ++i)
+                    for (int j = 0; j < 8; ++j) {
+                        const int64_t c = 8 * j + AWQ_ORDER[i];
+                        ym[c] = out[8 * i + j] + (bias ? bias[b * 64 + c] : 0.0f);
+                    }
+            }
+        }
+    }
+}
+
+void awqkit_f16_gemv(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t K,
+                     int64_t N, int n_threads) {
+    const int64_t R = 4, NR = N / R;  /* rows in fours; the N % 4 tail row by row */
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel num_threads(n_threads)
+    {
+        int64_t lo, hi;
+        split(NR, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        const int64_t CH = 64;  /* row-fours per chunk: 256 rows, reused from L2 across the M inputs */
+        for (int64_t c0 = lo; c0 < hi; c0 += CH) {
+            const int64_t c1 = c0 + CH < hi ? c0 + CH : hi;
+            for (int64_t m = 0; m < M; ++m) {
+                const float *xm = x + m * K;
+                for (int64_t r4 = c0; r4 < c1; ++r4) {
+                    const uint16_t *w0 = w + r4 * R * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                    for (int64_t k = 0; k < K; k += 8) {
+                        const __m256 xv = _mm256_loadu_ps(xm + k);
+                        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w0 + k))), xv, a0);
+                        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w1 + k))), xv, a1);
+                        a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w2 + k))), xv, a2);
+                        a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w3 + k))), xv, a3);
+                    }
+                    float *ym = y + m * N + r4 * R;
+                    ym[0] = hsum(a0) + (bias ? bias[r4 * R] : 0.0f);
+                    ym[1] = hsum(a1) + (bias ? bias[r4 * R + 1] : 0.0f);
+                    ym[2] = hsum(a2) + (bias ? bias[r4 * R + 2] : 0.0f);
+                    ym[3] = hsum(a3) + (bias ? bias[r4 * R + 3] : 0.0f);
+                }
+            }
+        }
+    }
+    for (int64_t n = NR * R; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 8)
+                a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + n * K + k))),
+                                    _mm256_loadu_ps(x + m * K + k), a);
+            y[m * N + n] = hsum(a) + (bias ? bias[n] : 0.0f);
+        }
+}
