@@ -93,6 +93,16 @@ def test_bytes_per_step_hand_count(folders: dict, batch: int) -> None:
         int4 = LAYERS * sum(k * n // 2 + (k // GROUP) * n * 2 * 2 for k, n in LINEARS)
         model = load_quantized(folders["q"], backend="cpu-int4")
         assert bench.weight_bytes_per_step(model, batch) == int4 + rest
+    from awqkit.kernels import cpu_avx2
+
+    if cpu_avx2.is_available():
+        # auto: cpu-avx2 blocks (int32 words K*N/8 + fp32 scales and zero x scale) where N % 64 == 0, the
+        # narrower k/v projections on their packed buffers (cpu-int4 converts lazily), the head in fp16
+        avx2 = LAYERS * sum(k * n // 2 + (k // GROUP) * n * 8 for k, n in LINEARS if n % 64 == 0)
+        narrow = LAYERS * sum(k * n // 2 + (k // GROUP) * n // 2 + (k // GROUP) * n * 2
+                              for k, n in LINEARS if n % 64 != 0)
+        model = load_quantized(folders["q"], backend="auto")
+        assert bench.weight_bytes_per_step(model, batch) == avx2 + narrow + rest - vocab * H * 2
     dense = LlamaForCausalLM.from_pretrained(folders["src"])
     assert bench.weight_bytes_per_step(dense, batch) == LAYERS * sum(4 * k * n for k, n in LINEARS) + rest
 

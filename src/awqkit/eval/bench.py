@@ -19,9 +19,11 @@ untimed runs, reporting the median of the samples:
 
 Bytes read per decode step (:func:`weight_bytes_per_step`) is an estimate of the *weight* bytes one
 decode step must read from memory: for each quantized linear the tensors its backend actually reads
-(``cpu-int4``: its converted uint8 weight + bf16 scales-and-zeros cache; ``torch``: the packed buffers
+(``cpu-avx2``: its re-blocked int4 words + fp32 scales and zero x scale; ``cpu-int4``: its converted uint8
+weight + bf16 scales-and-zeros cache; ``torch``: the packed buffers
 ``qweight``/``qzeros``/``scales``/``bias``; the fp32 weight the torch backend dequantizes into on every call
-is a temporary and not counted), every other parameter in full (norms, float linears, the LM head), except
+is a temporary and not counted), every other parameter and float buffer in full (norms, float linears, the LM
+head, also when it is kept in fp16 buffers), except
 the input embedding, of which only the ``B`` rows looked up are read (a tied embedding is the LM head too
 and counts once, in full). KV-cache reads and activations are not counted. The implied bandwidth is
 ``bytes_per_step * steps/s`` (``steps/s = tokens/s / B``).
@@ -102,17 +104,24 @@ def disk_weight_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def _cpu_int4_cache(module: nn.Module) -> Any | None:
-    from awqkit.kernels import cpu_int4
+def _kernel_cache_tensors(module: nn.Module) -> list[Tensor] | None:
+    """The converted tensors a fast CPU backend reads for this QuantLinear (cpu-avx2 first, as ``auto``
+    prefers it), or None when the module runs from its packed buffers."""
+    from awqkit.kernels import cpu_avx2, cpu_int4
 
-    return cpu_int4._fresh_cache(module) if getattr(module, "backend", None) in ("auto", cpu_int4.NAME) else None
+    backend = getattr(module, "backend", None)
+    if backend in ("auto", cpu_avx2.NAME) and (c := cpu_avx2._fresh_cache(module)) is not None:
+        return [t for t in (c.wq, c.sp, c.zs, c.bias) if t is not None]
+    if backend in ("auto", cpu_int4.NAME) and (c := cpu_int4._fresh_cache(module)) is not None:
+        return [t for t in (c.packed, c.scales_and_zeros, c.bias) if t is not None]
+    return None
 
 
 def _quant_read_tensors(module: nn.Module) -> list[Tensor]:
     """The tensors a QuantLinear's backend reads per call (see the module docstring)."""
-    cache = _cpu_int4_cache(module)
-    if cache is not None:
-        return [t for t in (cache.packed, cache.scales_and_zeros, cache.bias) if t is not None]
+    cached = _kernel_cache_tensors(module)
+    if cached is not None:
+        return cached
     return [b for n, b in module.named_buffers(recurse=False) if b is not None and n != "weight_shape"]
 
 
@@ -121,18 +130,14 @@ def _key(t: Tensor) -> tuple[str, int]:
 
 
 def weight_memory_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (shared storages once) plus cpu-int4 caches."""
+    """Bytes of the model's parameters and buffers (shared storages once) plus the fast backends' caches."""
     from awqkit.nn.qlinear import QuantLinear
 
     seen: dict[tuple[str, int], int] = {}
-    for t in (*model.parameters(), *model.buffers()):
+    cached = [t for m in model.modules() if isinstance(m, QuantLinear) for t in (_kernel_cache_tensors(m) or [])]
+    for t in (*model.parameters(), *model.buffers(), *cached):
         seen[_key(t)] = max(seen.get(_key(t), 0), t.untyped_storage().nbytes())
-    extra = 0
-    for m in model.modules():
-        cache = _cpu_int4_cache(m) if isinstance(m, QuantLinear) else None
-        if cache is not None:
-            extra += sum(t.untyped_storage().nbytes() for t in (cache.packed, cache.scales_and_zeros))
-    return sum(seen.values()) + extra
+    return sum(seen.values())
 
 
 def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
@@ -145,7 +150,10 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
             total += sum(t.nbytes for t in _quant_read_tensors(m))
     emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = emb_out is not None and emb_out.weight.data_ptr() == emb_in.weight.data_ptr()
-    for p in model.parameters():
+    dense_buffers = [b for m in model.modules() if not isinstance(m, QuantLinear)  # e.g. fp16-storage heads
+                     for n, b in m.named_buffers(recurse=False)
+                     if b.is_floating_point() and n not in m._non_persistent_buffers_set]  # not rotary tables
+    for p in (*model.parameters(), *dense_buffers):
         if _key(p) in seen:
             continue
         seen.add(_key(p))
