@@ -69,7 +69,7 @@ tasks = ["ppl", "kl", "arc", "squad", "gsm8k"]
 windows = {windows}
 seq_len = 2048
 batch_size = 1
-backend = "torch"
+backend = "auto"
 task_options = {{ arc = {{ batch_size = 8 }}, squad = {gen}, gsm8k = {gen} }}
 """
     path = work / "plan.toml"
@@ -141,9 +141,10 @@ def main() -> None:
         "questions included) and GSM8K (final-number exact match), greedy generation with the chat template "
         f"on the first {a.items} items. Items scored: "
         + ", ".join(f"{t} {n}" for t, n in counts.items() if t not in ("ppl", "kl")) + ". "
-        "Retention: model / fp (fp / model for ppl; 1.0 = the float model). Quantized models run the "
-        "fp32 `torch` reference kernel (the checkpoint's exact values; the bf16 cpu-int4 kernel is the fast "
-        "path, see the speed section). Machine: this project's 2-core CPU "
+        "Retention: model / fp (fp / model for ppl; 1.0 = the float model). Quantized models run the `auto` "
+        "backend, all in fp32 on the checkpoint's exact values: forward passes of more than 16 rows (ppl, KL, "
+        "ARC, generation prefill) the `torch` reference kernel, decode steps awqkit's `cpu-avx2` GEMV (equal "
+        "to the reference up to summation order). Machine: this project's 2-core CPU "
         f"({torch.get_num_threads()} threads); whole run {wall / 60:.0f} min including what was not cached.\n\n"
         f"Produced by `python scripts/benchmark_eval.py --items {a.items} --windows {a.windows}` (an "
         "`awqkit orchestrate` plan; the full results with CSV/JSON and plots are in its output folder).\n\n"

@@ -37,7 +37,7 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / RUN
 
 
-def _write_plan(tmp_path: Path, src: Path, windows: int = 2) -> Path:
+def _write_plan(tmp_path: Path, src: Path, windows: int = 2, backend: str = "torch") -> Path:
     text = f"""
 output_dir = "out"
 [defaults]
@@ -65,7 +65,7 @@ tasks = ["ppl", "kl"]
 seq_len = 16
 windows = {windows}
 text = "{src.parent / 'text.txt'}"
-backend = "torch"
+backend = "{backend}"
 """
     (tmp_path / "plan.toml").write_text(text)
     return tmp_path / "plan.toml"
@@ -175,6 +175,16 @@ def test_orchestrate_resumes_after_failure_and_interruption(tmp_path: Path, src:
     assert len(evals.seen) == 4 and quant.seen == []
     data = json.loads((out / "eval" / f"{RUN}_FP16.json").read_text())
     assert data["results"]["data"]["text"]["n_windows"] == 3
+
+    # 6. another kernel backend: only the quantized cells are measured again (the float baseline has no
+    # quantized layers), also when its stored key is an older one that still listed the backend
+    fp_file = out / "eval" / f"{RUN}_FP16.json"
+    data["key"]["eval"]["backend"] = "torch"
+    fp_file.write_text(json.dumps(data))
+    plan = _write_plan(tmp_path, src, windows=3, backend="auto")
+    evals = Spy(monkeypatch, awqkit.eval.runner, "evaluate_model")
+    report = orchestrate(plan, progress=False, plots=False)
+    assert report.ok and sorted(evals.seen) == sorted(f.name for f in folders)
 
 
 def test_bits_per_weight() -> None:

@@ -133,6 +133,10 @@ def test_auto_prefers_cpu_avx2_and_falls_back_per_layer():
     q3 = _ql(128, 64, 64, bits=3)
     assert "bits=3" in cpu_avx2.layer_unsupported_reason(q3)
     assert kernels.resolve_backend("auto", x, q3).name == "torch"
+    f32 = _ql(128, 64, 64)
+    f32.scales = f32.scales.float()  # the kernel reads fp16 scales; others fall back
+    assert "float16 scales" in cpu_avx2.layer_unsupported_reason(f32)
+    assert kernels.resolve_backend("auto", x, f32).name != "cpu-avx2"
 
 
 def test_grad_falls_back_to_torch():

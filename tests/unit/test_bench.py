@@ -96,9 +96,9 @@ def test_bytes_per_step_hand_count(folders: dict, batch: int) -> None:
     from awqkit.kernels import cpu_avx2
 
     if cpu_avx2.is_available():
-        # auto: cpu-avx2 blocks (int32 words K*N/8 + fp32 scales and zero x scale) where N % 64 == 0, the
+        # auto: cpu-avx2 blocks (int32 words K*N/8 + fp16 scales + uint8 zeros) where N % 64 == 0, the
         # narrower k/v projections on their packed buffers (cpu-int4 converts lazily), the head in fp16
-        avx2 = LAYERS * sum(k * n // 2 + (k // GROUP) * n * 8 for k, n in LINEARS if n % 64 == 0)
+        avx2 = LAYERS * sum(k * n // 2 + (k // GROUP) * n * 3 for k, n in LINEARS if n % 64 == 0)
         narrow = LAYERS * sum(k * n // 2 + (k // GROUP) * n // 2 + (k // GROUP) * n * 2
                               for k, n in LINEARS if n % 64 != 0)
         model = load_quantized(folders["q"], backend="auto")

@@ -220,12 +220,15 @@ def test_quantized_folder_is_detected_and_kernels_recorded(env: dict[str, Path],
 
 
 def test_auto_backend_records_the_kernel_that_ran(env: dict[str, Path], rtn_folder: Path) -> None:
-    from awqkit.kernels import cpu_int4
+    from awqkit.kernels import cpu_avx2, cpu_int4
 
     r = evaluate_model(rtn_folder, tasks="ppl", data_dir=env["data"], seq_len=SEQ_LEN, windows=1, progress=False)
     layers = r["model"]["kernels"]["layers"]
     assert sum(layers.values()) == 14 and r["model"]["kernels"]["backend"] == "auto"
-    if cpu_int4.is_available():
+    if cpu_avx2.is_available():  # q/o/gate/up/down (64-column multiples); the 32-wide k/v go to the next kernel
+        assert layers.get("cpu-avx2 (float32)", 0) == 10
+        assert sum(v for k, v in layers.items() if k != "cpu-avx2 (float32)") == 4
+    elif cpu_int4.is_available():
         assert layers.get("cpu-int4 (bfloat16)", 0) > 0
     else:
         assert layers == {"torch (float32)": 14}

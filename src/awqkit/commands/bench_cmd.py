@@ -1,4 +1,4 @@
-"""``awqkit bench MODEL [--baseline MODEL] [--backend torch,cpu-int4] [--json OUT] [--png OUT] [--llama-cpp GGUF]``.
+"""``awqkit bench MODEL [--baseline MODEL] [--backend torch,cpu-avx2] [--json OUT] [--png OUT] [--llama-cpp GGUF]``.
 
 Prefill latency, decode tokens/s per batch size, peak RSS (and VRAM on cuda), weight bytes on disk and in
 memory, and weight bytes read per decoded token with the implied memory bandwidth, for MODEL (every
@@ -94,7 +94,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="torch / llama.cpp threads (default: torch's)")
     p.add_argument("--backend", type=_str_list, default=["auto"],
-                   help="kernel backend(s) of a quantized MODEL, comma list, e.g. torch,cpu-int4 (default auto)")
+                   help="kernel backend(s) of a quantized MODEL, comma list, e.g. torch,cpu-avx2,cpu-int4 (default auto)")
     p.add_argument("--dtype", default="float32",
                    help="dtype of MODEL's non-quantized weights (or of a dense MODEL) (default %(default)s)")
     p.add_argument("--baseline-dtype", type=_str_list, default=["float32"],

@@ -18,8 +18,9 @@ agreement on the same windows; needs --baseline), arc, squad, gsm8k (--limit ite
 ppl/kl windows: the first --windows consecutive non-overlapping windows of --seq-len tokens
 (stride = window length), deterministic. With --baseline every metric gets model/baseline and a
 retention column (model/baseline, or baseline/model for ppl where lower is better; 1.0 = baseline).
---backend applies to quantized folders: on CPU 'auto' runs the bf16 cpu-int4 kernel where a layer
-fits it (else the fp32 torch reference); 'torch' forces the fp32 reference. The JSON records which ran.
+--backend applies to quantized folders: on x86 CPUs 'auto' runs awqkit's fp32 cpu-avx2 kernel where a
+layer fits it, else the bf16 cpu-int4 kernel, else the fp32 torch reference; 'torch' forces the fp32
+reference. The JSON records which ran.
 --bench adds speed and memory rows (as `awqkit bench`: prompt 128 tokens, 64 decoded tokens at batch 1
 and 8, medians of --bench-repeats; the model with --backend, the baseline float32 dense, each in its
 own process): prefill ms, decode tok/s, peak RSS, weight MB on disk and in memory.
@@ -84,8 +85,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--windows", type=_windows, default=16, help="ppl/kl windows, or 'all' (default %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward pass (default %(default)s)")
     p.add_argument("--backend", default="auto",
-                   help="kernel backend for quantized folders: auto (CPU: bf16 cpu-int4 where it fits), "
-                        "torch (fp32 reference), cpu-int4 (default %(default)s)")
+                   help="kernel backend for quantized folders: auto (CPU: cpu-avx2, then bf16 cpu-int4, where "
+                        "a layer fits), torch (fp32 reference), cpu-avx2, cpu-int4 (default %(default)s)")
     p.add_argument("--device", default="cpu", help="device for both models (default %(default)s)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full results as JSON to OUT")

@@ -16,8 +16,8 @@ _EPILOG = """\
 Any lm-eval task name or glob works (`lm-eval ls tasks` lists them). --include-path adds a folder of
 task YAMLs of your own (e.g. over local JSONL files); with --no-default-tasks only those are indexed,
 which skips the few seconds lm-eval spends indexing its built-in tasks.
---backend applies to quantized folders: on CPU 'auto' runs the bf16 cpu-int4 kernel where a layer fits
-it (else the fp32 torch reference); 'torch' forces the fp32 reference. The JSON records which ran
+--backend applies to quantized folders: on x86 CPUs 'auto' runs the fp32 cpu-avx2 kernel where a layer
+fits it, else the bf16 cpu-int4 kernel, else the fp32 torch reference; 'torch' forces the fp32 reference. The JSON records which ran
 (config.awqkit). The same adapter is lm-eval's model "awqkit" once awqkit.eval.lm_eval_adapter is
 imported: lm_eval.simple_evaluate(model="awqkit", model_args="pretrained=PATH,backend=torch", ...).
 """
@@ -78,7 +78,7 @@ def register(subparsers: Any) -> None:
                    help="items per task, or a fraction of each task when below 1 (default: all)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     p.add_argument("--backend", default="auto",
-                   help="kernel backend for quantized folders: auto, torch (fp32 reference), cpu-int4 "
+                   help="kernel backend for quantized folders: auto, torch (fp32 reference), cpu-avx2, cpu-int4 "
                         "(default %(default)s)")
     p.add_argument("--batch-size", type=_batch_size, default=1,
                    help="requests per forward pass, or auto (default %(default)s)")

@@ -2,7 +2,7 @@
 
 A *mode* (:class:`ModeSpec`) is a checkpoint plus how it is run: a dense Hugging Face folder in fp32 or
 bf16, or a quantized folder (:func:`awqkit.io.load.load_quantized`) with a kernel backend (``torch``,
-``cpu-int4``, ``auto``) and a dtype for its non-quantized weights. :func:`run_modes` measures each mode in
+``cpu-avx2``, ``cpu-int4``, ``auto``) and a dtype for its non-quantized weights. :func:`run_modes` measures each mode in
 its own subprocess (``python -m awqkit.eval.bench SPEC OUT``), so each peak RSS belongs to that mode alone.
 
 What is timed (:func:`measure_model`), for each batch size ``B``, ``repeats`` times after ``warmup``
@@ -19,7 +19,7 @@ untimed runs, reporting the median of the samples:
 
 Bytes read per decode step (:func:`weight_bytes_per_step`) is an estimate of the *weight* bytes one
 decode step must read from memory: for each quantized linear the tensors its backend actually reads
-(``cpu-avx2``: its re-blocked int4 words + fp32 scales and zero x scale; ``cpu-int4``: its converted uint8
+(``cpu-avx2``: its re-blocked int4 words + fp16 scales + uint8 zeros; ``cpu-int4``: its converted uint8
 weight + bf16 scales-and-zeros cache; ``torch``: the packed buffers
 ``qweight``/``qzeros``/``scales``/``bias``; the fp32 weight the torch backend dequantizes into on every call
 is a temporary and not counted), every other parameter and float buffer in full (norms, float linears, the LM
@@ -111,7 +111,7 @@ def _kernel_cache_tensors(module: nn.Module) -> list[Tensor] | None:
 
     backend = getattr(module, "backend", None)
     if backend in ("auto", cpu_avx2.NAME) and (c := cpu_avx2._fresh_cache(module)) is not None:
-        return [t for t in (c.wq, c.sp, c.zs, c.bias) if t is not None]
+        return [t for t in (c.wq, c.sp, c.zq, c.bias) if t is not None]
     if backend in ("auto", cpu_int4.NAME) and (c := cpu_int4._fresh_cache(module)) is not None:
         return [t for t in (c.packed, c.scales_and_zeros, c.bias) if t is not None]
     return None

@@ -53,7 +53,7 @@ def _adapter_class() -> type:
 
         Args:
             pretrained: the model folder.
-            backend: awqkit kernel backend for quantized folders (``auto``, ``torch``, ``cpu-int4``, ...).
+            backend: awqkit kernel backend for quantized folders (``auto``, ``torch``, ``cpu-avx2``, ``cpu-int4``, ...).
             device: where the model is loaded and run.
             batch_size: requests per forward pass (an int, or lm-eval's ``"auto"``).
             trust_remote_code: allow custom model code.

@@ -97,12 +97,27 @@ def _text_sha(plan: Plan) -> str | None:
 
 
 def eval_key(plan: Plan, cell: EvalCell, text_sha: str | None) -> dict[str, Any]:
-    """What a cell's results depend on; a stored result with another key is measured again."""
+    """What a cell's results depend on; a stored result with another key is measured again.
+
+    The kernel ``backend`` only applies to quantized layers, so a float cell's key leaves it out (changing
+    the backend re-evaluates the quantized cells only)."""
     settings = plan.eval.to_dict()
+    if not cell.quantized:
+        settings.pop("backend", None)
     return {"model": str(cell.path), "baseline": str(cell.model.path) if cell.quantized else None,
             "eval": settings, "text_sha256": text_sha,
             "quantization_metadata_sha256": _sha256(cell.path / "quantization_metadata.json") if cell.quantized
             else None}
+
+
+def _same_key(stored: Any, key: dict[str, Any], cell: EvalCell) -> bool:
+    """``stored == key``; for a float cell also when ``stored`` is an older key that still listed a backend."""
+    if stored == key:
+        return True
+    if cell.quantized or not isinstance(stored, dict) or not isinstance(stored.get("eval"), dict):
+        return False
+    old = {**stored, "eval": {k: v for k, v in stored["eval"].items() if k != "backend"}}
+    return old == key
 
 
 def _load_cell(file: Path) -> dict[str, Any] | None:
@@ -238,7 +253,7 @@ def _evaluate_all(plan: Plan, state: RunState | None, text_sha: str | None, *, p
                 logger.error("%s: not evaluated: not quantized (%s)", where, reason)
                 record("failed", f"not quantized: {reason}")
                 continue
-        if stored is not None and stored.get("key") == key:
+        if stored is not None and _same_key(stored.get("key"), key, cell):
             logger.info("%s: already evaluated; skipped", where)
             if not cell.quantized:
                 fp_results[cell.model.run_name] = stored.get("results")

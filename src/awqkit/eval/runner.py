@@ -21,8 +21,9 @@ good as the baseline" and less means worse in every row. KL has no retention (th
 itself is 0 by definition; its top-1 agreement with itself is 1). A ratio with a zero denominator is
 ``None``.
 
-Loading and kernel backends: :mod:`awqkit.eval.runner_load` (``backend="auto"`` on CPU runs the bf16
-``cpu-int4`` kernel where it fits, ``"torch"`` the fp32 reference; the results record which ran).
+Loading and kernel backends: :mod:`awqkit.eval.runner_load` (``backend="auto"`` on x86 CPUs runs the fp32
+``cpu-avx2`` kernel, else the bf16 ``cpu-int4`` kernel, where a layer fits; ``"torch"`` the fp32 reference; the
+results record which ran).
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def evaluate_model(
         data_dir: data folder for the default text and the task files (default: ``default_data_dir()``).
         seq_len, windows: window length in tokens and number of windows (``None``: all complete ones).
         batch_size: windows per forward pass for ppl / kl.
-        backend: kernel backend for quantized folders (``"auto"``, ``"torch"``, ``"cpu-int4"``).
+        backend: kernel backend for quantized folders (``"auto"``, ``"torch"``, ``"cpu-avx2"``, ``"cpu-int4"``).
         task_options: extra keyword arguments per downstream task, e.g. ``{"gsm8k": {"num_fewshot": 5}}``;
             a task's ``limit`` there replaces ``limit`` for that task (``{"squad": {"limit": 200}}`` with
             ``limit=None``: every ARC item, 200 SQuAD items).

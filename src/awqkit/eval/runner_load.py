@@ -9,8 +9,10 @@
   A method found only in the folder's name is reported but does not make the folder quantized.
 
 Kernel backends (``backend``, quantized folders only): ``"auto"`` picks the fastest available kernel for
-each layer; on CPU that is ``cpu-int4`` (PyTorch's int4 kernel, computing in **bfloat16** with fp32
-accumulation, so outputs carry bf16 rounding) where the layer fits it, else the fp32 ``torch`` reference.
+each layer; on x86 CPUs that is ``cpu-avx2`` (awqkit's native GEMV, fp32 arithmetic, the reference's results to
+summation order; prefill-sized inputs run the reference) where the layer fits it, else ``cpu-int4`` (PyTorch's
+int4 kernel, computing in **bfloat16** with fp32 accumulation, so outputs carry bf16 rounding), else the fp32
+``torch`` reference.
 ``"torch"`` forces the fp32 reference everywhere. :func:`kernel_summary` records what each quantized
 layer actually runs on.
 """
@@ -88,8 +90,8 @@ def kernel_summary(model: nn.Module, backend: str, device: str | torch.device) -
 
             dtype = module.__dict__.get("_cpu_int4_compute_dtype", cpu_int4.DEFAULT_COMPUTE_DTYPE)
             label = f"cpu-int4 ({str(dtype).removeprefix('torch.')})"
-        elif name == "torch":
-            label = "torch (float32)"
+        elif name in ("torch", "cpu-avx2"):
+            label = f"{name} (float32)"
         else:
             label = name
         counts[label] = counts.get(label, 0) + 1

@@ -122,7 +122,7 @@ def resolve_backend(name: str, x: Tensor, module: QuantLinear) -> Backend:
             )
         return backend
     for backend in _ORDERED:  # runs on every forward: no list building
-        if backend.is_available() and backend.handles(x, module):
+        if backend.handles(x, module) and backend.is_available():  # supports() first: cheap and decisive
             return backend
     raise RuntimeError(
         f"no available kernel backend supports bits={module.bits}, group_size={module.group_size} "

@@ -7,20 +7,20 @@ backend's kernel (``csrc/awqkit_cpu.c``, built on first use by :mod:`awqkit.kern
 
 * per 64 output columns and group of ``g`` input rows it accumulates ``a = sum_k x[k] * q[k, n]`` (small
   integers widened to fp32, fp32 FMA) and adds ``s * a - (z * s) * sum_k x[k]``, which is the reference's
-  ``sum_k x[k] * (q - z) * s`` reordered. Results equal the ``torch`` backend's to fp32 accumulation-order
+  ``sum_k x[k] * (q - z) * s`` reordered (``s`` widened exactly from fp16, ``z * s`` exact in fp32). Results equal the ``torch`` backend's to fp32 accumulation-order
   noise (relative error ~1e-6; the tests allow 2e-5 of the output's largest magnitude).
 * Inputs with at most :data:`MAX_ROWS` rows (decode steps, small batches) run the kernel; larger inputs
   (prefill) go to the ``torch`` reference (dequantize + one fp32 GEMM), which is faster there on this
   machine class than both this GEMV and ``cpu-int4``.
-* Layers: 4-bit, GEMM or pack-quantized storage, any group size dividing ``in_features`` (and per-row
-  ``-1``), ``out_features % 64 == 0``, buffers on CPU. Other layers fall back (``auto``) per layer.
+* Layers: 4-bit, GEMM or pack-quantized storage with fp16 scales (awqkit's and AutoAWQ's), any group size
+  dividing ``in_features`` (and per-row ``-1``), ``out_features % 64 == 0``, buffers on CPU. Other layers fall back (``auto``) per layer.
 * x of any float dtype (converted to fp32 and back); calls that need gradients are declined.
 
 Layout (built once per module at first use or by :func:`prepare_model`, kept like ``cpu-int4``'s cache,
 see :mod:`awqkit.kernels._cache`): ``wq`` int32 ``[N/64, K, 8]`` = the GEMM ``qweight`` re-blocked so each
 64-column block is contiguous (word ``(b, k, j)`` = ``qweight[k, 8b + j]``, nibble ``i`` = column
-``64b + 8j + AWQ_ORDER[i]``); ``sp`` and ``zs`` float32 ``[N/64, K/g, 64]``: scale and zero x scale in the
-same column order. Memory: about as much as the packed buffers again.
+``64b + 8j + AWQ_ORDER[i]``); ``sp`` float16 and ``zq`` uint8 ``[N/64, K/g, 64]``: scale and zero point in the
+same column order (3 bytes per group and column, as read per token). Memory: about the packed buffers again.
 
 :func:`f16_linear` is the same kernel family for a dense fp16-stored weight (the LM head kept in its
 checkpoint dtype, see :mod:`awqkit.nn.fp16_storage`): exact fp16 -> fp32 widening, fp32 accumulation.
@@ -51,6 +51,7 @@ MAX_ROWS = 16  # rows up to which the GEMV beats dequantize + GEMM (decode, smal
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _CACHE_ATTR = "_cpu_avx2_cache"
 _LIB: Any = None  # the native library once is_available() has loaded it
+_F32 = torch.float32
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,11 +63,10 @@ def is_available() -> bool:
     k, n, g = 16, 64, 8
     q = (torch.arange(k * n, dtype=torch.int32) % 16).reshape(n, k)
     zeros, scales = torch.full((n, k // g), 3, dtype=torch.int32), torch.full((n, k // g), 0.5)
-    wq, sp, zs = _layout(q, zeros, scales, g)
+    wq, sp, zq = _layout(q, zeros, scales, g)
     x = torch.linspace(-1, 1, k).unsqueeze(0)
     y = torch.empty(1, n)
-    lib.awqkit_int4_gemv(x.data_ptr(), wq.data_ptr(), sp.data_ptr(), zs.data_ptr(), None, y.data_ptr(),
-                         1, k, n, g, 1)
+    lib.awqkit_int4_gemv(wq.data_ptr(), sp.data_ptr(), zq.data_ptr(), None, k, n, g, x.data_ptr(), y.data_ptr(), 1, 1)
     expected = x @ ((q - 3).float() * 0.5).t()
     global _LIB
     _LIB = lib
@@ -93,6 +93,9 @@ def layer_unsupported_reason(module: QuantLinear) -> str | None:
         return f"bits={module.bits} (needs 4)"
     if module.format not in _cache.SOURCES:
         return f"format={module.format!r}"
+    scale = _cache.get_tensor(module, "scales" if module.format == "gemm" else "weight_scale")
+    if scale is None or scale.dtype != torch.float16:
+        return f"scales stored as {None if scale is None else scale.dtype} (the kernel reads float16 scales)"
     if module.in_features % _group(module) != 0:
         return f"in_features={module.in_features} is not a multiple of group_size={_group(module)}"
     if module.out_features % BLOCK_N != 0:
@@ -115,8 +118,8 @@ def supports(x: Tensor, module: QuantLinear) -> bool:
 
 # --------------------------------------------------------------------------- layout + cache
 def _layout(q: Tensor, zeros: Tensor, scales: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(wq, sp, zs)`` of the module docstring from ``q`` int ``[N, K]`` (0..15), ``zeros`` int
-    ``[N, K/g]`` and ``scales`` float ``[N, K/g]``."""
+    """``(wq, sp, zq)`` of the module docstring from ``q`` int ``[N, K]`` (0..15), ``zeros`` int
+    ``[N, K/g]`` (0..15) and ``scales`` float ``[N, K/g]`` (values exactly representable in fp16)."""
     n, k = q.shape
     nb, n_groups = n // BLOCK_N, k // group
     order = torch.tensor(AWQ_ORDER)
@@ -126,13 +129,11 @@ def _layout(q: Tensor, zeros: Tensor, scales: Tensor, group: int) -> tuple[Tenso
     wq = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
     cols = (8 * torch.arange(8).unsqueeze(0) + order.unsqueeze(1)).reshape(-1)  # (i, j) -> 8j + ORDER[i]
     idx = (torch.arange(nb).unsqueeze(1) * BLOCK_N + cols).reshape(-1)  # [nb * 64]
-    s = scales.float()
-    zs_all = zeros.float() * s
 
     def arrange(t: Tensor) -> Tensor:  # [N, G] -> [nb, G, 64] in (i, j) order
         return t[idx].reshape(nb, BLOCK_N, n_groups).transpose(1, 2).contiguous()
 
-    return wq, arrange(s), arrange(zs_all)
+    return wq, arrange(scales.to(torch.float16)), arrange(zeros.to(torch.uint8))
 
 
 @dataclass
@@ -141,15 +142,17 @@ class _Cache:
 
     wq: Tensor
     sp: Tensor
-    zs: Tensor
+    zq: Tensor
     bias: Tensor | None  # float32 [N]
     group_size: int
     sources: _cache.Signature = ()
-    pointers: tuple[int, int, int, int | None] = (0, 0, 0, None)  # wq, sp, zs, bias: set by __post_init__
+    gemv: Any = None  # gemv(x_ptr, y_ptr, rows, n_threads): the kernel bound to this layer (__post_init__)
 
     def __post_init__(self) -> None:
-        self.pointers = (self.wq.data_ptr(), self.sp.data_ptr(), self.zs.data_ptr(),
-                         self.bias.data_ptr() if self.bias is not None else None)
+        n_blocks, k, _ = self.wq.shape
+        self.gemv = functools.partial(
+            _LIB.awqkit_int4_gemv, self.wq.data_ptr(), self.sp.data_ptr(), self.zq.data_ptr(),
+            self.bias.data_ptr() if self.bias is not None else None, k, n_blocks * BLOCK_N, self.group_size)
 
     def __reduce__(self) -> tuple:
         return (_cache.dropped, ())
@@ -170,9 +173,9 @@ def prepare_module(module: QuantLinear) -> _Cache:
         raise ValueError(f"cannot convert this QuantLinear for {NAME}: {reason}")
     with torch.no_grad():
         q, zeros, scales = torch_ref.unpack_module(module)  # [N, K], [N, G], [N, G]
-        wq, sp, zs = _layout(q, zeros, scales, _group(module))
+        wq, sp, zq = _layout(q, zeros, scales, _group(module))
         bias = module.bias.detach().float().contiguous() if module.bias is not None else None
-    cache = _Cache(wq, sp, zs, bias, _group(module), _cache.signature(module))
+    cache = _Cache(wq, sp, zq, bias, _group(module), _cache.signature(module))
     module.__dict__[_CACHE_ATTR] = cache
     return cache
 
@@ -196,19 +199,19 @@ def _rows(x: Tensor, k: int) -> Tensor:
 def forward(x: Tensor, module: QuantLinear) -> Tensor:
     """``y = x @ W^T + b``: ``x [..., K] -> y [..., N]`` in ``x.dtype``; the native GEMV up to
     :data:`MAX_ROWS` rows, the torch reference above."""
-    k, n = module.in_features, module.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"input last dim {x.shape[-1]} does not match in_features={k} of this QuantLinear")
+    k, shape = module.in_features, x.shape  # lean: this runs ~200 times per decoded token
+    if shape[-1] != k:
+        raise ValueError(f"input last dim {shape[-1]} does not match in_features={k} of this QuantLinear")
     rows = x.numel() // k
     if rows > MAX_ROWS:
         return torch_ref.forward(x, module)
-    cache = _fresh_cache(module) or prepare_module(module)
-    fp32 = x.dtype == torch.float32
-    x2 = x if fp32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
-    wq, sp, zs, bias = cache.pointers
-    _LIB.awqkit_int4_gemv(x2.data_ptr(), wq, sp, zs, bias, y.data_ptr(), rows, k, n, cache.group_size,
-                          torch.get_num_threads())
+    cache = module.__dict__.get(_CACHE_ATTR)
+    if cache is None or not _cache.matches(cache.sources, module):
+        cache = prepare_module(module)
+    fp32 = x.dtype is _F32
+    x2 = x if fp32 and x.is_contiguous() else x.to(_F32).contiguous()
+    y = torch.empty(shape[:-1] + (module.out_features,), dtype=_F32)
+    cache.gemv(x2.data_ptr(), y.data_ptr(), rows, torch.get_num_threads())
     return y if fp32 else y.to(x.dtype)
 
 

@@ -37,12 +37,12 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "awqkit_cpu.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-ABI_VERSION = 1  # must equal awqkit_abi_version() in the C file
+ABI_VERSION = 3  # must equal awqkit_abi_version() in the C file
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
-    # x, wq, sp, zs, bias, y, M, K, N, group, n_threads
-    "awqkit_int4_gemv": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
+    # wq, sp (fp16 scales), zq (uint8 zeros), bias, K, N, group | x, y, M, n_threads
+    "awqkit_int4_gemv": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _INT],
     # x, w, bias, y, M, K, N, n_threads
     "awqkit_f16_gemv": [_P, _P, _P, _P, _I64, _I64, _I64, _INT],
 }

@@ -104,7 +104,9 @@ _MAX_NUMEL = 2**31 - 1
 
 # --------------------------------------------------------------------------- availability
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
+    # cached: find_spec walks sys.path (~20-100 us), and auto resolution asks on every forward call
     return importlib.util.find_spec("triton") is not None
 
 

@@ -6,13 +6,16 @@
  * loops share torch's thread pool (the caller passes torch.get_num_threads()).
  *
  * awqkit_int4_gemv: y[m, n] = sum_k x[m, k] * (q[k, n] - z[k/g, n]) * s[k/g, n] (+ bias[n])
+ *   arguments: the layer's (wq, sp, zs, bias, K, N, g) first, then the call's (x, y, M, n_threads)
  *   x      float32 [M, K] row-major
  *   wq     uint32  [N/64, K, 8]: word (b, k, j) = AWQ GEMM qweight[k, 8b + j] (a copy re-blocked so one
  *          64-column block streams contiguously); nibble i (bits 4i..4i+3) of word j holds column
  *          64b + 8j + AWQ_ORDER[i], AWQ_ORDER = {0, 2, 4, 6, 1, 3, 5, 7}
- *   sp, zs float32 [N/64, K/g, 8, 8]: scale and zero*scale of column 64b + 8j + AWQ_ORDER[i] at (b, g, i, j)
+ *   sp     float16 [N/64, K/g, 8, 8]: scale of column 64b + 8j + AWQ_ORDER[i] at (b, g, i, j)
+ *   zq     uint8   [N/64, K/g, 8, 8]: zero point of the same column
  *   Per group it accumulates a[i][j] = sum_k x[k] * q (exact small integers as floats, fp32 FMA) and adds
- *   s * a - (z * s) * sum_k x[k]: the reference's (q - z) * s expanded, fp32 throughout.
+ *   s * a - (z * s) * sum_k x[k]: the reference's (q - z) * s expanded, fp32 throughout (s widened exactly,
+ *   z * s exact in fp32: an 8-bit integer times an 11-bit significand).
  *
  * awqkit_f16_gemv: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); w float16 [N, K] row-major, widened to
  *   fp32 exactly (F16C), fp32 FMA accumulation. K % 8 == 0.
@@ -29,7 +32,7 @@ int awqkit_cpu_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-int awqkit_abi_version(void) { return 1; }
+int awqkit_abi_version(void) { return 3; }
 
 static void split(int64_t total, int nt, int t, int64_t *lo, int64_t *hi) {
     int64_t base = total / nt, rem = total % nt;
@@ -44,8 +47,8 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-void awqkit_int4_gemv(const float *x, const uint32_t *wq, const float *sp, const float *zs, const float *bias,
-                      float *y, int64_t M, int64_t K, int64_t N, int64_t group, int n_threads) {
+void awqkit_int4_gemv(const uint32_t *wq, const uint16_t *sp, const uint8_t *zq, const float *bias, int64_t K,
+                      int64_t N, int64_t group, const float *x, float *y, int64_t M, int n_threads) {
     const int64_t NB = N / 64, G = K / group;
     if (n_threads < 1) n_threads = 1;
     if (n_threads > NB) n_threads = (int)NB;
@@ -79,11 +82,14 @@ void awqkit_int4_gemv(const float *x, const uint32_t *wq, const float *sp, const
                         a6 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 24), mask)), xk, a6);
                         a7 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28)), xk, a7);
                     }
-                    const float *s = sp + (b * G + g) * 64, *z = zs + (b * G + g) * 64;
+                    const uint16_t *s16 = sp + (b * G + g) * 64;
+                    const uint8_t *z8 = zq + (b * G + g) * 64;
                     __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
                     for (int i = 0; i < 8; ++i) {
-                        o[i] = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8 * i), acc[i], o[i]);
-                        o[i] = _mm256_fnmadd_ps(_mm256_loadu_ps(z + 8 * i), xs, o[i]);
+                        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + 8 * i)));
+                        const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z8 + 8 * i))));
+                        o[i] = _mm256_fmadd_ps(s, acc[i], o[i]);
+                        o[i] = _mm256_fnmadd_ps(_mm256_mul_ps(z, s), xs, o[i]);
                     }
                 }
                 for (int i = 0; i < 8; ++i) _mm256_store_ps(out + 8 * i, o[i]);
