@@ -95,3 +95,42 @@ def save_tiny_llama(folder: "Path", **config: Any) -> "Path":
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def tiny_fp16_llama(hidden: int, intermediate: int, vocab: int, tie: bool = True, seed: int = 0) -> Any:
+    """A seeded 2-layer Llama (4 heads, 2 KV heads) in eval mode whose fp32 weights are exactly fp16 values."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                   tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+def quantize_decoder_linears(model: Any, group_size: int, zero_point: bool = True) -> Any:
+    """RTN-quantize every linear of the decoder layers to 4-bit QuantLinear modules (the LM head stays float)."""
+    from awqkit.nn.replace import replace_linears
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    replace_linears(model, names, 4, group_size, zero_point)
+    return model
+
+
+def set_backend(model: Any, backend: str) -> None:
+    """Point every QuantLinear of ``model`` at kernel backend ``backend``."""
+    from awqkit.nn.qlinear import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = backend
+
+
+def greedy(model: Any, ids: "torch.Tensor", n: int = 12) -> list[int]:
+    """The ``n`` greedily generated token ids after ``ids`` (forced length)."""
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()

@@ -21,14 +21,13 @@ from awqkit import kernels
 from awqkit.kernels import cpu_avx2, native, torch_ref
 from awqkit.nn.fp16_storage import Fp16Embedding, Fp16Linear, store_head_fp16
 from awqkit.nn.qlinear import QuantLinear
-from awqkit.nn.replace import replace_linears
 
 if not cpu_avx2.is_available():
     pytest.skip(f"cpu-avx2 unavailable here: {cpu_avx2.unavailable_reason()}", allow_module_level=True)
 
 U_FP32 = 2.0**-24
 
-from conftest import random_linear  # noqa: E402
+from conftest import greedy, quantize_decoder_linears, random_linear, set_backend, tiny_fp16_llama  # noqa: E402
 
 
 def _ql(in_f=256, out_f=128, group_size=64, zero_point=True, bias=True, fmt=None, seed=0, bits=4):
@@ -215,46 +214,23 @@ def test_f16_linear_matches_fp32(n, k, rows):
 
 
 # ----------------------------------------------------------------------------- whole models
-def _tiny_llama(tie=True, seed=0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=160, tie_word_embeddings=tie)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.half().float())
-    return model
+def _tiny_llama(tie=True):
+    return tiny_fp16_llama(128, 256, 160, tie)
 
 
 def _quantized_llama(group_size=32, zero_point=True, tie=True):
-    model = _tiny_llama(tie)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
-    replace_linears(model, names, 4, group_size, zero_point)
-    return model
-
-
-def _set_backend(model, backend):
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.backend = backend
-
-
-def _greedy(model, ids, n=12):
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    return quantize_decoder_linears(_tiny_llama(tie), group_size, zero_point)
 
 
 @pytest.mark.parametrize("group_size,zero_point", [(32, True), (64, False)])
 def test_greedy_generation_matches_torch(group_size, zero_point):
     model = _quantized_llama(group_size, zero_point)
     ids = torch.tensor([[1, 17, 42, 99, 5, 63]])
-    _set_backend(model, "torch")
-    expected = _greedy(model, ids)
+    set_backend(model, "torch")
+    expected = greedy(model, ids)
     assert cpu_avx2.prepare_model(model, "cpu-avx2").as_counts() == {"converted": 14, "fallback": 0}
-    _set_backend(model, "cpu-avx2")
-    assert _greedy(model, ids) == expected
+    set_backend(model, "cpu-avx2")
+    assert greedy(model, ids) == expected
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -275,7 +251,7 @@ def test_store_head_fp16_keeps_outputs_and_keys(tie):
         last = model(ids, logits_to_keep=1).logits
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, ref, rtol=1e-5, atol=1e-5) and torch.allclose(last, ref[:, -1:], rtol=1e-5, atol=1e-5)
-    assert _greedy(model, ids) == _greedy(_tiny_llama(tie), ids)
+    assert greedy(model, ids) == greedy(_tiny_llama(tie), ids)
 
 
 def test_store_head_fp16_refuses_weights_fp16_cannot_hold():
@@ -295,16 +271,16 @@ def test_load_quantized_auto_uses_cpu_avx2_and_fp16_head(tmp_path):
     dst = save_quantized(model, tmp_path / "q", quant_config=QuantConfig(bits=4, group_size=32, zero_point=True),
                          src_dir=None, metadata={}, modules_to_not_convert=[])
     ids = torch.tensor([[3, 8, 120, 64]])
-    _set_backend(model, "torch")
-    expected = _greedy(model, ids, 6)
+    set_backend(model, "torch")
+    expected = greedy(model, ids, 6)
     loaded = load_quantized(dst)
     qls = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
     assert all(getattr(m, "_cpu_avx2_cache", None) is not None for m in qls)
     assert isinstance(loaded.lm_head, Fp16Linear)
-    assert _greedy(loaded, ids, 6) == expected
+    assert greedy(loaded, ids, 6) == expected
     plain = load_quantized(dst, backend="torch")
     assert type(plain.lm_head) is nn.Linear  # fp16_head defaults on only for auto / cpu-avx2
-    assert _greedy(load_quantized(dst, fp16_head=False), ids, 6) == expected
+    assert greedy(load_quantized(dst, fp16_head=False), ids, 6) == expected
 
 
 # ----------------------------------------------------------------------------- the native build

@@ -26,7 +26,6 @@ from torch import nn
 from awqkit import kernels
 from awqkit.kernels import cpu_int4, torch_ref
 from awqkit.nn.qlinear import QuantLinear
-from awqkit.nn.replace import replace_linears
 
 if not cpu_int4.is_available():
     pytest.skip("torch has no working aten._weight_int4pack_mm_for_cpu / _convert_weight_to_int4pack_for_cpu",
@@ -36,7 +35,7 @@ U_BF16 = 2.0**-9
 U_FP32 = 2.0**-24
 
 
-from conftest import random_linear  # noqa: E402
+from conftest import greedy, quantize_decoder_linears, random_linear, set_backend, tiny_fp16_llama  # noqa: E402
 
 _linear = random_linear
 
@@ -235,49 +234,22 @@ def test_cache_follows_buffer_changes():
 
 
 # ----------------------------------------------------------------------------- whole models
-def _tiny_llama(seed=0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.half().float())
-    return model
-
-
 def _quantized_llama(group_size=32, zero_point=True):
-    model = _tiny_llama()
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
-    replace_linears(model, names, 4, group_size, zero_point)
-    return model
-
-
-def _set_backend(model, backend):
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.backend = backend
-
-
-def _greedy(model, ids, n=12):
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    return quantize_decoder_linears(tiny_fp16_llama(64, 128, 128), group_size, zero_point)
 
 
 @pytest.mark.parametrize("group_size,zero_point", [(32, True), (64, False)])
 def test_greedy_generation_matches_torch(group_size, zero_point):
     model = _quantized_llama(group_size, zero_point)
     ids = torch.tensor([[1, 17, 42, 99, 5, 63]])
-    _set_backend(model, "torch")
-    expected = _greedy(model, ids)
+    set_backend(model, "torch")
+    expected = greedy(model, ids)
     report = cpu_int4.prepare_model(model, "cpu-int4")
     assert report.as_counts() == {"converted": 14, "fallback": 0}
-    _set_backend(model, "cpu-int4")
-    assert _greedy(model, ids) == expected
-    _set_backend(model, "auto")
-    assert _greedy(model, ids) == expected
+    set_backend(model, "cpu-int4")
+    assert greedy(model, ids) == expected
+    set_backend(model, "auto")
+    assert greedy(model, ids) == expected
 
 
 def test_prepare_model_reports_fallbacks(caplog):
@@ -315,8 +287,8 @@ def test_load_quantized_with_cpu_int4(tmp_path):
                          src_dir=None, metadata={}, modules_to_not_convert=[])
     loaded = load_quantized(dst, backend="cpu-int4")
     ids = torch.tensor([[3, 8, 120, 64]])
-    _set_backend(model, "torch")
-    assert _greedy(loaded, ids, 6) == _greedy(model, ids, 6)
+    set_backend(model, "torch")
+    assert greedy(loaded, ids, 6) == greedy(model, ids, 6)
     qls = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
     assert len(qls) == 14 and all(m.backend == "cpu-int4" for m in qls)
     assert all(getattr(m, "_cpu_int4_cache", None) is not None for m in qls)  # converted (lazily or up front)

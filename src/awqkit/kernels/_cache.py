@@ -1,5 +1,5 @@
 """Process-local kernel caches on a QuantLinear: which source tensors a cache was built from, and whether
-they are still the module's current, unmodified buffers.
+they are still the module's current, unmodified buffers; plus the layer checks the CPU kernels share.
 
 A fast backend converts a module's packed buffers once into its own layout and keeps the result in a
 private attribute (not a buffer: not in ``state_dict()``, not moved by ``.to()``). The cache records a weak
@@ -38,6 +38,25 @@ def get_tensor(module: QuantLinear, name: str) -> Tensor | None:
 def source_tensors(module: QuantLinear) -> tuple[Tensor | None, ...]:
     """The tensors a conversion reads (packed ints, scales, zeros, bias), None where absent."""
     return tuple(get_tensor(module, n) for n in SOURCES.get(module.format, ()))
+
+
+def effective_group_size(module: QuantLinear) -> int:
+    """The module's group size, with ``-1`` (one group per row) spelled as ``in_features``."""
+    return module.in_features if module.group_size == -1 else int(module.group_size)
+
+
+def cpu_layout_reason(module: QuantLinear, n_multiple: int) -> str | None:
+    """Why a CPU kernel that tiles output columns by ``n_multiple`` cannot take this layer's shape or
+    placement (``in_features`` not whole groups, ``out_features`` not whole tiles, buffers off the CPU), or None."""
+    g = effective_group_size(module)
+    if module.in_features % g != 0:
+        return f"in_features={module.in_features} is not a multiple of group_size={g}"
+    if module.out_features % n_multiple != 0:
+        return f"out_features={module.out_features} is not a multiple of {n_multiple}"
+    devices = {t.device.type for t in source_tensors(module) if t is not None}
+    if devices != {"cpu"}:
+        return f"packed buffers on {', '.join(sorted(devices))} (needs cpu)"
+    return None
 
 
 def _version(t: Tensor) -> int | None:

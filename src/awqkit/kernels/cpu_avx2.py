@@ -81,10 +81,6 @@ def unavailable_reason() -> str | None:
 
 
 # --------------------------------------------------------------------------- support checks
-def _group(module: QuantLinear) -> int:
-    return module.in_features if module.group_size == -1 else int(module.group_size)
-
-
 def layer_unsupported_reason(module: QuantLinear) -> str | None:
     """Why this layer cannot run on ``cpu-avx2`` (independent of the input), or None if it can."""
     if not is_available():
@@ -96,14 +92,7 @@ def layer_unsupported_reason(module: QuantLinear) -> str | None:
     scale = _cache.get_tensor(module, "scales" if module.format == "gemm" else "weight_scale")
     if scale is None or scale.dtype != torch.float16:
         return f"scales stored as {None if scale is None else scale.dtype} (the kernel reads float16 scales)"
-    if module.in_features % _group(module) != 0:
-        return f"in_features={module.in_features} is not a multiple of group_size={_group(module)}"
-    if module.out_features % BLOCK_N != 0:
-        return f"out_features={module.out_features} is not a multiple of {BLOCK_N}"
-    devices = {t.device.type for t in _cache.source_tensors(module) if t is not None}
-    if devices != {"cpu"}:
-        return f"packed buffers on {', '.join(sorted(devices))} (needs cpu)"
-    return None
+    return _cache.cpu_layout_reason(module, BLOCK_N)
 
 
 def supports(x: Tensor, module: QuantLinear) -> bool:
@@ -173,9 +162,9 @@ def prepare_module(module: QuantLinear) -> _Cache:
         raise ValueError(f"cannot convert this QuantLinear for {NAME}: {reason}")
     with torch.no_grad():
         q, zeros, scales = torch_ref.unpack_module(module)  # [N, K], [N, G], [N, G]
-        wq, sp, zq = _layout(q, zeros, scales, _group(module))
+        wq, sp, zq = _layout(q, zeros, scales, _cache.effective_group_size(module))
         bias = module.bias.detach().float().contiguous() if module.bias is not None else None
-    cache = _Cache(wq, sp, zq, bias, _group(module), _cache.signature(module))
+    cache = _Cache(wq, sp, zq, bias, _cache.effective_group_size(module), _cache.signature(module))
     module.__dict__[_CACHE_ATTR] = cache
     return cache
 

@@ -110,10 +110,6 @@ def is_available() -> bool:
 
 
 # --------------------------------------------------------------------------- support checks
-def _effective_group_size(module: QuantLinear) -> int:
-    return module.in_features if module.group_size == -1 else int(module.group_size)
-
-
 def layer_unsupported_reason(module: QuantLinear) -> str | None:
     """Why this layer cannot run on ``cpu-int4`` (independent of the input), or None if it can."""
     if not is_available():
@@ -122,18 +118,11 @@ def layer_unsupported_reason(module: QuantLinear) -> str | None:
         return f"bits={module.bits} (needs 4)"
     if module.format not in ("gemm", "pack-quantized"):
         return f"format={module.format!r}"
-    g = _effective_group_size(module)
+    g = _cache.effective_group_size(module)
     if g not in GROUP_SIZES:
         what = f"group_size={module.group_size}" + (f" (= in_features {g})" if module.group_size == -1 else "")
         return f"{what} (kernel takes {', '.join(map(str, GROUP_SIZES))})"
-    if module.in_features % g != 0:
-        return f"in_features={module.in_features} is not a multiple of group_size={g}"
-    if module.out_features % N_MULTIPLE != 0:
-        return f"out_features={module.out_features} is not a multiple of {N_MULTIPLE}"
-    devices = {t.device.type for t in _cache.source_tensors(module) if t is not None}
-    if devices != {"cpu"}:
-        return f"packed buffers on {', '.join(sorted(devices))} (needs cpu)"
-    return None
+    return _cache.cpu_layout_reason(module, N_MULTIPLE)
 
 
 def call_unsupported_reason(x: Tensor, module: QuantLinear) -> str | None:
@@ -229,7 +218,7 @@ def prepare_module(module: QuantLinear, compute_dtype: torch.dtype | None = None
     with torch.no_grad():
         packed, sz = convert(module, dt)
         bias = module.bias.detach().float() if module.bias is not None else None
-    cache = _Cache(packed, sz, bias, dt, _effective_group_size(module), _cache.signature(module))
+    cache = _Cache(packed, sz, bias, dt, _cache.effective_group_size(module), _cache.signature(module))
     module.__dict__[_CACHE_ATTR] = cache
     return cache
 

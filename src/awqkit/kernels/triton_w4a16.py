@@ -84,6 +84,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from awqkit.kernels._cache import effective_group_size
+
 if TYPE_CHECKING:
     from awqkit.nn.qlinear import QuantLinear
 
@@ -154,10 +156,6 @@ def is_available() -> bool:
 
 
 # --------------------------------------------------------------------------- support checks
-def _effective_group_size(module: QuantLinear) -> int:
-    return module.in_features if module.group_size == -1 else int(module.group_size)
-
-
 def layer_unsupported_reason(module: QuantLinear) -> str | None:
     """Why this layer cannot run on the triton kernel at all (independent of ``x``), or None."""
     if not _triton_importable():
@@ -166,7 +164,7 @@ def layer_unsupported_reason(module: QuantLinear) -> str | None:
         return f"bits={module.bits} (needs 4)"
     if module.format != "gemm":
         return f"format={module.format!r} (needs 'gemm')"
-    g = _effective_group_size(module)
+    g = effective_group_size(module)
     if g % MIN_GROUP_MULTIPLE != 0:
         what = f"group_size={module.group_size}" + (f" (= in_features {g})" if module.group_size == -1 else "")
         return f"{what} is not a multiple of {MIN_GROUP_MULTIPLE}"
@@ -656,7 +654,7 @@ def forward(x: Tensor, module: QuantLinear) -> Tensor:
             f"input last dim {x.shape[-1]} does not match in_features={module.in_features} of this QuantLinear"
         )
     x2 = x.reshape(-1, module.in_features)
-    y = w4a16_matmul(x2, module.qweight, module.qzeros, module.scales, _effective_group_size(module), module.bias)
+    y = w4a16_matmul(x2, module.qweight, module.qzeros, module.scales, effective_group_size(module), module.bias)
     return y.reshape(*x.shape[:-1], module.out_features)
 
 
