@@ -298,3 +298,36 @@ def test_build_into_a_fresh_cache_and_disable_switch(tmp_path, monkeypatch):
     monkeypatch.setenv("AWQKIT_KERNEL_CACHE", str(tmp_path / "other"))
     with pytest.raises(RuntimeError, match="cannot run the C compiler|failed"):
         native._load()
+
+
+# ----------------------------------------------------------------------------- fused siblings (decode loop)
+def test_fused_siblings_equal_the_separate_layers():
+    """q/k/v-style siblings (different widths, one without bias) as one GEMV: the same numbers as each
+    layer's own cpu-avx2 call, bit for bit (same kernel, same order); the modules keep working on views
+    of the fused tensors; the in-kernel residual add equals ``residual + y``."""
+    from awqkit.runtime.linear import FusedInt4, bind, fusable_reason
+
+    mods = [_ql(256, 128, 64, seed=1), _ql(256, 64, 64, seed=2, bias=False), _ql(256, 64, 64, seed=3)]
+    x = _x(3, 256, seed=4)
+    before = [_run(m, x) for m in mods]
+    op = bind(mods)
+    assert isinstance(op, FusedInt4) and op.out_features == 256
+    y = op(x)
+    assert torch.equal(y, torch.cat(before, dim=-1))
+    after = [_run(m, x) for m in mods]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    fused_ptr = op.cache.wq.data_ptr()
+    assert mods[1].__dict__[cpu_avx2._CACHE_ATTR].wq.data_ptr() == fused_ptr + 128 // 64 * 256 * 8 * 4
+    residual = _x(3, 256, seed=5)
+    expected = residual + y
+    out = op(x, residual)
+    assert out is residual and torch.equal(out, expected)
+    # more rows than the GEMV takes: the modules' own forward (the torch reference)
+    xl = _x(cpu_avx2.MAX_ROWS + 2, 256, seed=6)
+    ref = torch.cat([_run(m, xl, "torch") for m in mods], dim=-1)
+    _assert_fp32_close(op(xl)[:, :128], ref[:, :128], xl, mods[0])
+    # what cannot fuse is named and runs as module calls
+    mods[2].backend = "torch"
+    assert "backend 'torch'" in fusable_reason(mods)
+    assert bind(mods).kind == "modules"
+    assert "different in_features" in fusable_reason([_ql(256, 64), _ql(128, 64)])

@@ -187,6 +187,35 @@ def test_build_specs(folders: dict) -> None:
         build_specs(str(folders["q"]), None, ["torch"], "float64", ["float32"])
 
 
+def test_build_specs_with_the_awqkit_loop(folders: dict) -> None:
+    specs = build_specs(str(folders["q"]), str(folders["src"]), ["auto"], "float32", ["float32", "bfloat16"],
+                        loops=["transformers", "awqkit"])
+    # the awqkit loop runs float32 only: no bf16 row for it
+    assert [(s.loop, s.dtype, s.quantized) for s in specs] == [
+        ("transformers", "float32", False), ("transformers", "bfloat16", False), ("transformers", "float32", True),
+        ("awqkit", "float32", False), ("awqkit", "float32", True)]
+    assert all(s.label.endswith("[awqkit loop]") == (s.loop == "awqkit") for s in specs)
+    with pytest.raises(ValueError, match="decode loops"):
+        build_specs(str(folders["q"]), None, ["auto"], "float32", ["float32"], loops=["vllm"])
+    with pytest.raises(ValueError, match="no mode to measure"):
+        build_specs(str(folders["q"]), None, ["auto"], "bfloat16", ["float32"], loops=["awqkit"])
+
+
+def test_awqkit_loop_decodes_the_same_tokens(folders: dict) -> None:
+    """Both loops time the same greedy decoding: equal tokens from the same prompt."""
+    from awqkit.io.load import load_quantized
+    from awqkit.runtime.decoder import Decoder
+
+    model = load_quantized(folders["q"], device="cpu", dtype=torch.float32, backend="auto")
+    ids = bench.make_prompt(folders["vocab"], 2, 8)
+    _, _, ref = bench.time_generation(model, ids, 5)
+    p, d, toks = bench.time_decoder(Decoder(model), ids, 5)
+    assert torch.equal(toks, ref) and p > 0 and d > 0
+    r = bench.measure_mode(ModeSpec("q", str(folders["q"]), True, "float32", "auto", loop="awqkit"), SETTINGS)
+    assert r["loop"] == "awqkit" and set(r["batches"]) == {"1", "2"}
+    _check_stats(r["batches"]["2"]["decode_tok_s"], SETTINGS.repeats)
+
+
 def _fake(label: str, tok_s: float) -> dict:
     stats = {"median": tok_s, "min": tok_s, "max": tok_s, "samples": [tok_s]}
     pre = {"median": 0.01, "min": 0.01, "max": 0.01, "samples": [0.01]}
@@ -223,10 +252,14 @@ def test_cli_bench_writes_json(folders: dict, tmp_path: Path, monkeypatch: pytes
     doc = json.loads(out.read_text())
     assert doc["settings"]["batch_sizes"] == [1] and doc["environment"]["torch"] == torch.__version__
     labels = [r["label"] for r in doc["results"]]
-    assert labels == ["src fp32 dense", "q int4 (torch)", "llama.cpp Q4_1"]
-    assert doc["results"][2]["skipped"].startswith("llama-cpp-python")
-    for r in doc["results"][:2]:
+    # default loops: transformers, then awqkit's
+    assert labels == ["src fp32 dense", "q int4 (torch)", "src fp32 dense [awqkit loop]",
+                      "q int4 (torch) [awqkit loop]", "llama.cpp Q4_1"]
+    assert doc["results"][4]["skipped"].startswith("llama-cpp-python")
+    for r in doc["results"][:4]:
         _check_stats(r["batches"]["1"]["decode_tok_s"], 2)
         assert r["peak_rss_bytes"] > 0
-    assert set(doc["ratios"]) == {"q int4 (torch) / src fp32 dense decode B=1"}
+    assert set(doc["ratios"]) == {"q int4 (torch) / src fp32 dense decode B=1",
+                                  "q int4 (torch) [awqkit loop] / src fp32 dense [awqkit loop] decode B=1",
+                                  "q int4 (torch) [awqkit loop] / src fp32 dense decode B=1"}
     assert "q int4 (torch)" in capsys.readouterr().out

@@ -9,11 +9,12 @@ from awqkit.arch.resolve import (
     resolve_mappings,
     supported_architectures,
 )
-from awqkit.arch.specs import REGISTRY, ArchSpec, Mapping
+from awqkit.arch.specs import REGISTRY, ArchSpec, DecodeSpec, Mapping
 
 __all__ = [
     "REGISTRY",
     "ArchSpec",
+    "DecodeSpec",
     "Mapping",
     "ResolvedMapping",
     "get_layers",

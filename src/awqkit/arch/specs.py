@@ -49,6 +49,33 @@ class Mapping:
 
 
 @dataclass(frozen=True)
+class DecodeSpec:
+    """Where awqkit's own decode loop (:mod:`awqkit.runtime.decoder`) finds a Llama-style model's parts.
+
+    Top-level paths (from the ``*ForCausalLM`` model): ``embed``, ``rotary`` (the module whose
+    ``forward(x, position_ids)`` returns ``(cos, sin)``), ``final_norm``, ``head``. Layer-relative paths:
+    the two pre-norms, the attention module (its ``head_dim``, ``scaling`` and, where present,
+    ``sliding_window`` are read from it), the projections, optional per-head ``q_norm``/``k_norm``
+    (Qwen3), the gated MLP (``act_fn`` must be SiLU). The layer computes
+    ``h += o(attn(input_norm(h))); h += down(silu(gate(x)) * up(x)), x = post_attn_norm(h)``.
+    """
+
+    embed: str = "model.embed_tokens"
+    rotary: str = "model.rotary_emb"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    input_norm: str = "input_layernorm"
+    post_attn_norm: str = "post_attention_layernorm"
+    attn: str = "self_attn"
+    qkv: tuple[str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    o: str = "self_attn.o_proj"
+    q_norm: str | None = None
+    k_norm: str | None = None
+    gate_up: tuple[str, str] = ("mlp.gate_proj", "mlp.up_proj")
+    down: str = "mlp.down_proj"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """What awqkit must know about one family of Hugging Face architectures.
 
@@ -59,6 +86,7 @@ class ArchSpec:
         q/k projections feed a q·kᵀ product, whose error the per-linear clip objective cannot see.
     norm_offset: the norms compute ``x̂ · (norm_offset + w)``: 0 for Llama-style, 1 for Gemma's (1 + w).
     not_convert: regexes (fullmatch on the full module name) of linears never quantized.
+    decode: where awqkit's decode loop finds the parts, or None when it does not run this family.
     """
 
     name: str
@@ -68,6 +96,7 @@ class ArchSpec:
     no_clip: str = r"self_attn\.(q|k)_proj"
     norm_offset: float = 0.0
     not_convert: tuple[str, ...] = (r"lm_head",)
+    decode: DecodeSpec | None = None
 
 
 # Llama-style decoder layer: input_layernorm → attention; post_attention_layernorm → gated MLP.
@@ -92,10 +121,14 @@ _GEMMA3_MAPPINGS = (
     Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "linear"),
 )
 
+_LLAMA_DECODE = DecodeSpec()
+_QWEN3_DECODE = DecodeSpec(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+
+# Gemma3 has no decode spec (sandwich norms, scaled embeddings, soft-capping): it runs the transformers loop.
 REGISTRY: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("LlamaForCausalLM",), "model.layers", _LLAMA_MAPPINGS),
-    ArchSpec("mistral", ("MistralForCausalLM",), "model.layers", _LLAMA_MAPPINGS),
-    ArchSpec("qwen2", ("Qwen2ForCausalLM",), "model.layers", _LLAMA_MAPPINGS),
-    ArchSpec("qwen3", ("Qwen3ForCausalLM",), "model.layers", _LLAMA_MAPPINGS),
+    ArchSpec("llama", ("LlamaForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_LLAMA_DECODE),
+    ArchSpec("mistral", ("MistralForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_LLAMA_DECODE),
+    ArchSpec("qwen2", ("Qwen2ForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_LLAMA_DECODE),
+    ArchSpec("qwen3", ("Qwen3ForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_QWEN3_DECODE),
     ArchSpec("gemma3", ("Gemma3ForCausalLM",), "model.layers", _GEMMA3_MAPPINGS, norm_offset=1.0),
 )

@@ -1,4 +1,4 @@
-"""``awqkit bench MODEL [--baseline MODEL] [--backend torch,cpu-avx2] [--json OUT] [--png OUT] [--llama-cpp GGUF]``.
+"""``awqkit bench MODEL [--baseline MODEL] [--backend torch,cpu-avx2] [--loop transformers,awqkit] [--json OUT] ...``.
 
 Prefill latency, decode tokens/s per batch size, peak RSS (and VRAM on cuda), weight bytes on disk and in
 memory, and weight bytes read per decoded token with the implied memory bandwidth, for MODEL (every
@@ -19,6 +19,10 @@ decode (--new-tokens greedy steps over the KV cache, forced length); the table s
 decode tok/s = batch x new tokens / decode wall time (prefill excluded). MB read/token: weight bytes
 one decode step reads (packed int4 + scales/zeros as the backend stores them, other weights in full,
 one embedding row per sequence); GB/s = that x steps/s.
+--loop: "transformers" decodes with the model's own forward and DynamicCache (what generate() runs);
+"awqkit" with awqkit's lean decode loop over the same weights (static KV cache, fused GEMVs, native
+norm/attention; float32 on CPU, Llama-style models; rows marked [awqkit loop]). Ratios compare rows of
+the same loop, and each awqkit-loop row also with the transformers-loop baseline.
 --llama-cpp GGUF adds llama.cpp (llama-cpp-python, batch 1) on a GGUF file; skipped if not installed.
 """
 
@@ -56,18 +60,20 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--llama-cpp GGUF file not found: {a.llama_cpp}")
     settings = BenchSettings(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch_sizes=a.batch_sizes,
                              repeats=a.repeats, warmup=a.warmup, threads=a.threads)
-    specs = build_specs(a.model, a.baseline, a.backend, a.dtype, a.baseline_dtype, a.device)
+    specs = build_specs(a.model, a.baseline, a.backend, a.dtype, a.baseline_dtype, a.device, a.loop)
     results = run_modes(specs, settings, subprocesses=not a.in_process, llama_cpp=a.llama_cpp)
     print(f"prompt {settings.prompt_tokens} tokens, {settings.new_tokens} new tokens, "
           f"{settings.repeats} repeats (medians) after {settings.warmup} warm-up, threads {a.threads or 'default'}")
     print(format_table(results))
     ratios = {}
     if a.baseline is not None:
-        for spec in specs[len(a.baseline_dtype):]:
-            for b in settings.batch_sizes:
-                r = decode_ratio(results, spec.label, specs[0].label, b)
-                if r is not None:
-                    ratios[f"{spec.label} / {specs[0].label} decode B={b}"] = r
+        bases = [s for s in specs if s.path == str(a.baseline) and s.dtype == a.baseline_dtype[0]]
+        for spec in (s for s in specs if s.path != str(a.baseline)):
+            for base in (b for b in bases if b.loop in (spec.loop, "transformers")):
+                for b in settings.batch_sizes:
+                    r = decode_ratio(results, spec.label, base.label, b)
+                    if r is not None:
+                        ratios[f"{spec.label} / {base.label} decode B={b}"] = r
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
     if a.json:
@@ -100,6 +106,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--baseline-dtype", type=_str_list, default=["float32"],
                    help="dtype(s) of the baseline, comma list, e.g. float32,bfloat16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--loop", type=_str_list, default=["transformers", "awqkit"],
+                   help="decode loop(s), comma list: transformers, awqkit (default transformers,awqkit; see below)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every sample and setting as JSON")
     p.add_argument("--png", default=None, metavar="OUT", help="write a bar chart (needs matplotlib)")
     p.add_argument("--llama-cpp", default=None, metavar="GGUF", help="also run llama.cpp on this GGUF file")

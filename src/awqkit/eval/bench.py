@@ -17,6 +17,12 @@ untimed runs, reporting the median of the samples:
   ``model.generate`` so the two phases are timed separately and nothing else (logits processors,
   stopping criteria, streamer hooks) is in the measured time.
 
+Two decode *loops* (``ModeSpec.loop``): ``transformers`` calls the model's own forward with its
+``DynamicCache`` (what ``model.generate`` runs); ``awqkit`` runs :class:`awqkit.runtime.decoder.Decoder`, awqkit's
+lean loop over the same modules and weights (static KV cache, fused sibling GEMVs and native norm/attention
+ops; float32 on CPU, Llama-style architectures). Prefill is timed the same way in both (one pass over the
+prompt, last logits), decode as ``new_tokens`` single-token steps.
+
 Bytes read per decode step (:func:`weight_bytes_per_step`) is an estimate of the *weight* bytes one
 decode step must read from memory: for each quantized linear the tensors its backend actually reads
 (``cpu-avx2``: its re-blocked int4 words + fp16 scales + uint8 zeros; ``cpu-int4``: its converted uint8
@@ -47,25 +53,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from awqkit.eval.bench_specs import DTYPES, LOOPS, ModeSpec, build_specs, is_quantized_folder
 from awqkit.eval.resources import current_rss_bytes, peak_rss_bytes
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-
-
-@dataclass(frozen=True)
-class ModeSpec:
-    """One model to measure. ``quantized``: load with ``load_quantized`` and ``backend``; ``dtype``: the
-    dense model's dtype, or the dtype of a quantized model's non-quantized weights."""
-
-    label: str
-    path: str
-    quantized: bool
-    dtype: str = "float32"
-    backend: str | None = None
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -83,15 +76,6 @@ class BenchSettings:
             raise ValueError(f"prompt_tokens, new_tokens, repeats must be >= 1 and warmup >= 0, got {self}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
-
-
-def is_quantized_folder(path: str | Path) -> bool:
-    """True when ``path/config.json`` has a ``quantization_config`` (or an AutoAWQ quant_config.json)."""
-    path = Path(path)
-    cfg = path / "config.json"
-    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
-        return True
-    return any((path / n).is_file() for n in ("quant_config.json", "quantize_config.json"))
 
 
 def disk_weight_bytes(path: str | Path) -> int:
@@ -212,23 +196,47 @@ def time_generation(model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[flo
     return t1 - t0, t2 - t1, torch.cat(tokens, dim=1)
 
 
+def time_decoder(decoder: Any, ids: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
+    """:func:`time_generation` for awqkit's :class:`~awqkit.runtime.decoder.Decoder` (same phases, same ids)."""
+    b, t = ids.shape
+    decoder.start(b, t + new_tokens + 1)
+    t0 = time.perf_counter()
+    nxt = decoder.prefill(ids).argmax(-1, keepdim=True)
+    t1 = time.perf_counter()
+    tokens = [nxt]
+    for _ in range(new_tokens):
+        nxt = decoder.step(nxt).argmax(-1, keepdim=True)
+        tokens.append(nxt)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, torch.cat(tokens, dim=1)
+
+
 def summarize(samples: list[float]) -> dict[str, Any]:
     """``{"median", "min", "max", "samples"}`` of a list of floats."""
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
-def measure_model(model: nn.Module, settings: BenchSettings, device: str | torch.device = "cpu") -> dict[str, Any]:
+def measure_model(model: nn.Module, settings: BenchSettings, device: str | torch.device = "cpu",
+                  loop: str = "transformers") -> dict[str, Any]:
     """Prefill/decode timings (medians of ``repeats``) per batch size, bytes per step and bandwidth."""
     device = torch.device(device)
+    run = time_generation
+    if loop == "awqkit":
+        from awqkit.runtime.decoder import Decoder
+
+        decoder = Decoder(model)
+
+        def run(_model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
+            return time_decoder(decoder, ids, new_tokens)
     vocab = model.get_input_embeddings().weight.shape[0]
     out: dict[str, Any] = {}
     for batch in settings.batch_sizes:
         ids = make_prompt(vocab, batch, settings.prompt_tokens, settings.seed).to(device)
         for _ in range(settings.warmup):
-            time_generation(model, ids, settings.new_tokens)
+            run(model, ids, settings.new_tokens)
         prefill, decode = [], []
         for _ in range(settings.repeats):
-            p, d, _ = time_generation(model, ids, settings.new_tokens)
+            p, d, _ = run(model, ids, settings.new_tokens)
             prefill.append(p)
             decode.append(batch * settings.new_tokens / d)
         per_step = weight_bytes_per_step(model, batch)
@@ -265,7 +273,7 @@ def measure_mode(spec: ModeSpec, settings: BenchSettings) -> dict[str, Any]:
     model = load_mode(spec)
     load_s = time.perf_counter() - t0
     rss_loaded = current_rss_bytes()
-    batches = measure_model(model, settings, device)
+    batches = measure_model(model, settings, device, spec.loop)
     return {
         **dataclasses.asdict(spec),
         "engine": "awqkit" if spec.quantized else "transformers",
@@ -296,35 +304,6 @@ def run_in_subprocess(spec: ModeSpec | dict[str, Any], settings: BenchSettings, 
             label = payload["spec"].get("label", "?")
             raise RuntimeError(f"benchmark of {label!r} failed (exit {proc.returncode}): {proc.stderr.strip()[-3000:]}")
         return json.loads(out_file.read_text())
-
-
-_DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-def build_specs(model: str, baseline: str | None, backends: list[str], dtype: str,
-                baseline_dtypes: list[str], device: str = "cpu") -> list[ModeSpec]:
-    """The :class:`~awqkit.eval.bench.ModeSpec` list: baseline modes first, then MODEL's."""
-    for d in (dtype, *baseline_dtypes):
-        if d not in DTYPES:
-            raise ValueError(f"dtype {d!r} is not one of {sorted(DTYPES)}")
-    specs = []
-    if baseline is not None:
-        if not Path(baseline).is_dir():
-            raise FileNotFoundError(f"baseline folder not found: {baseline}")
-        if is_quantized_folder(baseline):
-            raise ValueError(f"--baseline {baseline} is a quantized checkpoint; pass the dense (float) model")
-        name = Path(baseline).name
-        specs += [ModeSpec(f"{name} {_DTYPE_SHORT[d]} dense", str(baseline), False, d, None, device)
-                  for d in baseline_dtypes]
-    if not Path(model).is_dir():
-        raise FileNotFoundError(f"model folder not found: {model}")
-    name = Path(model).name
-    if is_quantized_folder(model):
-        rest = "" if dtype == "float32" else f", {_DTYPE_SHORT[dtype]} rest"
-        specs += [ModeSpec(f"{name} int4 ({b}{rest})", str(model), True, dtype, b, device) for b in backends]
-    else:
-        specs.append(ModeSpec(f"{name} {_DTYPE_SHORT[dtype]} dense", str(model), False, dtype, None, device))
-    return specs
 
 
 def run_modes(specs: list[ModeSpec], settings: BenchSettings, *, subprocesses: bool = True,
@@ -372,6 +351,10 @@ def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
     if isinstance(obj, list):
         return [kv for i, v in enumerate(obj) for kv in _numbers(v, f"{prefix}{i}.")]
     return [(prefix.rstrip("."), float(obj))] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+__all__ = ["DTYPES", "LOOPS", "BenchSettings", "ModeSpec", "build_specs", "is_quantized_folder", "measure_mode",
+           "measure_model", "run_modes", "time_decoder", "time_generation"]
 
 
 if __name__ == "__main__":  # the subprocess entry of run_in_subprocess

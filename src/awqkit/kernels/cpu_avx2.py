@@ -66,7 +66,7 @@ def is_available() -> bool:
     wq, sp, zq = _layout(q, zeros, scales, g)
     x = torch.linspace(-1, 1, k).unsqueeze(0)
     y = torch.empty(1, n)
-    lib.awqkit_int4_gemv(wq.data_ptr(), sp.data_ptr(), zq.data_ptr(), None, k, n, g, x.data_ptr(), y.data_ptr(), 1, 1)
+    lib.awqkit_int4_gemv(wq.data_ptr(), sp.data_ptr(), zq.data_ptr(), None, k, n, g, x.data_ptr(), y.data_ptr(), 1, 1, 0)
     expected = x @ ((q - 3).float() * 0.5).t()
     global _LIB
     _LIB = lib
@@ -135,7 +135,7 @@ class _Cache:
     bias: Tensor | None  # float32 [N]
     group_size: int
     sources: _cache.Signature = ()
-    gemv: Any = None  # gemv(x_ptr, y_ptr, rows, n_threads): the kernel bound to this layer (__post_init__)
+    gemv: Any = None  # gemv(x_ptr, y_ptr, rows, n_threads, accumulate): the kernel bound to this layer
 
     def __post_init__(self) -> None:
         n_blocks, k, _ = self.wq.shape
@@ -169,6 +169,31 @@ def prepare_module(module: QuantLinear) -> _Cache:
     return cache
 
 
+def fuse(modules: list[QuantLinear]) -> _Cache:
+    """One cache computing ``cat([m(x) for m in modules], -1)`` in a single GEMV (q/k/v, gate/up).
+
+    The layers must take the same input (``in_features``) with the same group size. Their converted
+    blocks are concatenated along the output-block axis (each layer's ``N % 64 == 0``), and every module's
+    own cache is re-pointed to its slice of the fused tensors, so memory is not doubled. A missing bias
+    is zeros in the fused one (``y + 0.0``). Raises ValueError for layers cpu-avx2 cannot take.
+    """
+    caches = [prepare_module(m) for m in modules]
+    if len({(c.wq.shape[1], c.group_size) for c in caches}) != 1:
+        raise ValueError("cannot fuse layers with different in_features or group sizes: "
+                         f"{[(c.wq.shape[1], c.group_size) for c in caches]}")
+    wq, sp, zq = (torch.cat([getattr(c, f) for c in caches]) for f in ("wq", "sp", "zq"))
+    bias = None
+    if any(c.bias is not None for c in caches):
+        bias = torch.cat([c.bias if c.bias is not None else torch.zeros(c.wq.shape[0] * BLOCK_N) for c in caches])
+    start = 0
+    for m, c in zip(modules, caches):
+        nb = c.wq.shape[0]
+        part = slice(start, start + nb)
+        m.__dict__[_CACHE_ATTR] = _Cache(wq[part], sp[part], zq[part], c.bias, c.group_size, c.sources)
+        start += nb
+    return _Cache(wq, sp, zq, bias, caches[0].group_size)
+
+
 def clear_cache(model: nn.Module) -> int:
     """Drop the cpu-avx2 caches of ``model`` (or of one QuantLinear); returns how many were dropped."""
     return sum(m.__dict__.pop(_CACHE_ATTR, None) is not None for m in model.modules())
@@ -200,7 +225,7 @@ def forward(x: Tensor, module: QuantLinear) -> Tensor:
     fp32 = x.dtype is _F32
     x2 = x if fp32 and x.is_contiguous() else x.to(_F32).contiguous()
     y = torch.empty(shape[:-1] + (module.out_features,), dtype=_F32)
-    cache.gemv(x2.data_ptr(), y.data_ptr(), rows, torch.get_num_threads())
+    cache.gemv(x2.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(), 0)
     return y if fp32 else y.to(x.dtype)
 
 
@@ -244,6 +269,7 @@ __all__ = [
     "prepare_module",
     "prepare_model",
     "clear_cache",
+    "fuse",
     "forward",
     "f16_linear",
     "f16_linear_supported",

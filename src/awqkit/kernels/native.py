@@ -37,14 +37,22 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "awqkit_cpu.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-ABI_VERSION = 3  # must equal awqkit_abi_version() in the C file
+ABI_VERSION = 4  # must equal awqkit_abi_version() in the C file
 
-_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    # wq, sp (fp16 scales), zq (uint8 zeros), bias, K, N, group | x, y, M, n_threads
-    "awqkit_int4_gemv": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _INT],
+    # wq, sp (fp16 scales), zq (uint8 zeros), bias, K, N, group | x, y, M, n_threads, accumulate
+    "awqkit_int4_gemv": [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _INT, _INT],
     # x, w, bias, y, M, K, N, n_threads
     "awqkit_f16_gemv": [_P, _P, _P, _P, _I64, _I64, _I64, _INT],
+    # x, w, y, rows, n, eps, offset
+    "awqkit_rmsnorm": [_P, _P, _P, _I64, _I64, _F, _F],
+    # gu, y, rows, n
+    "awqkit_silu_mul": [_P, _P, _I64, _I64],
+    # qkv, row_stride, kc, vc, cos, sin, qn, kn, norm_eps, out, scratch, B, H, KV, D, pos, maxlen, window,
+    # scale, n_threads
+    "awqkit_decode_attention": [_P, _I64, _P, _P, _P, _P, _P, _P, _F, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
+                                _I64, _F, _INT],
 }
 
 _reason: str | None = None

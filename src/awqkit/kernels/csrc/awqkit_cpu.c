@@ -17,10 +17,25 @@
  *   s * a - (z * s) * sum_k x[k]: the reference's (q - z) * s expanded, fp32 throughout (s widened exactly,
  *   z * s exact in fp32: an 8-bit integer times an 11-bit significand).
  *
+ *   accumulate != 0 adds the result to y instead of overwriting it (y += W x + b: a fused residual add,
+ *   (W x + b) + y as the unfused sum computes it).
+ *
  * awqkit_f16_gemv: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); w float16 [N, K] row-major, widened to
  *   fp32 exactly (F16C), fp32 FMA accumulation. K % 8 == 0.
+ *
+ * Decoder glue for awqkit.runtime's decode loop (float32, row-major, every size checked in Python):
+ * awqkit_rmsnorm: y[r, :] = (x[r, :] * (1 / sqrt(mean(x[r, :]^2) + eps))) * (offset + w), as transformers'
+ *   RMSNorm (offset 0: Llama's w, 1: Gemma's 1 + w).
+ * awqkit_silu_mul: y[r, i] = silu(gu[r, i]) * gu[r, n + i] for a fused [gate | up] output of width 2n.
+ * awqkit_decode_attention: one decode step of grouped-query attention for B rows at position pos:
+ *   qkv [B, row_stride] holds q (H heads), k, v (KV heads) of head_dim D, contiguous from column 0;
+ *   optional per-head RMSNorm of q and k (qn/kn weights [D], Qwen3), rotary embedding (transformers'
+ *   rotate_half convention, cos/sin [B, D]) in place, k and v written to the caches kc/vc
+ *   [B, KV, maxlen, D] at pos, then softmax(q k^T * scale) v over cache positions max(0, pos - window + 1)
+ *   .. pos (window 0: all) into out [B, H * D]; scratch holds B * H * maxlen floats. D % 8 == 0.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -32,7 +47,7 @@ int awqkit_cpu_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-int awqkit_abi_version(void) { return 3; }
+int awqkit_abi_version(void) { return 4; }
 
 static void split(int64_t total, int nt, int t, int64_t *lo, int64_t *hi) {
     int64_t base = total / nt, rem = total % nt;
@@ -48,7 +63,8 @@ static inline float hsum(__m256 v) {
 }
 
 void awqkit_int4_gemv(const uint32_t *wq, const uint16_t *sp, const uint8_t *zq, const float *bias, int64_t K,
-                      int64_t N, int64_t group, const float *x, float *y, int64_t M, int n_threads) {
+                      int64_t N, int64_t group, const float *x, float *y, int64_t M, int n_threads,
+                      int accumulate) {
     const int64_t NB = N / 64, G = K / group;
     if (n_threads < 1) n_threads = 1;
     if (n_threads > NB) n_threads = (int)NB;
@@ -97,7 +113,8 @@ void awqkit_int4_gemv(const uint32_t *wq, const uint16_t *sp, const uint8_t *zq,
                 for (int i = 0; i < 8; ++i)
                     for (int j = 0; j < 8; ++j) {
                         const int64_t c = 8 * j + AWQ_ORDER[i];
-                        ym[c] = out[8 * i + j] + (bias ? bias[b * 64 + c] : 0.0f);
+                        const float r = out[8 * i + j] + (bias ? bias[b * 64 + c] : 0.0f);
+                        ym[c] = accumulate ? r + ym[c] : r;
                     }
             }
         }
@@ -144,4 +161,92 @@ void awqkit_f16_gemv(const float *x, const uint16_t *w, const float *bias, float
                                     _mm256_loadu_ps(x + m * K + k), a);
             y[m * N + n] = hsum(a) + (bias ? bias[n] : 0.0f);
         }
+}
+
+void awqkit_rmsnorm(const float *x, const float *w, float *y, int64_t R, int64_t n, float eps, float offset) {
+    for (int64_t r = 0; r < R; ++r) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        for (int64_t i = 0; i < n; ++i) yr[i] = (xr[i] * inv) * (offset + w[i]);
+    }
+}
+
+void awqkit_silu_mul(const float *gu, float *y, int64_t R, int64_t n) {
+    for (int64_t r = 0; r < R; ++r) {
+        const float *g = gu + r * 2 * n, *u = g + n;
+        float *yr = y + r * n;
+        for (int64_t i = 0; i < n; ++i) yr[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+    }
+}
+
+static void head_rmsnorm(float *v, const float *w, int64_t D, float eps) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; ++i) ss += v[i] * v[i];
+    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    for (int64_t i = 0; i < D; ++i) v[i] = w[i] * (v[i] * inv);
+}
+
+static void rope(float *v, const float *cos, const float *sin, int64_t D) {
+    const int64_t h = D / 2;
+    for (int64_t i = 0; i < h; ++i) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a * cos[i] + (-b) * sin[i];
+        v[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+static inline float dot8(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    return hsum(acc);
+}
+
+void awqkit_decode_attention(float *qkv, int64_t row_stride, float *kc, float *vc, const float *cos,
+                             const float *sin, const float *qn, const float *kn, float norm_eps, float *out,
+                             float *scratch, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t pos,
+                             int64_t maxlen, int64_t window, float scale, int n_threads) {
+    const int64_t rep = H / KV;
+    for (int64_t b = 0; b < B; ++b) {
+        float *q = qkv + b * row_stride, *k = q + H * D, *v = k + KV * D;
+        const float *cb = cos + b * D, *sb = sin + b * D;
+        for (int64_t h = 0; h < H; ++h) {
+            if (qn) head_rmsnorm(q + h * D, qn, D, norm_eps);
+            rope(q + h * D, cb, sb, D);
+        }
+        for (int64_t h = 0; h < KV; ++h) {
+            if (kn) head_rmsnorm(k + h * D, kn, D, norm_eps);
+            rope(k + h * D, cb, sb, D);
+            memcpy(kc + ((b * KV + h) * maxlen + pos) * D, k + h * D, (size_t)D * sizeof(float));
+            memcpy(vc + ((b * KV + h) * maxlen + pos) * D, v + h * D, (size_t)D * sizeof(float));
+        }
+    }
+    const int64_t start = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0, L = pos + 1 - start;
+    if (n_threads < 1) n_threads = 1;
+    if (B * H * L * D < 65536) n_threads = 1;  /* below this the fork costs more than it saves */
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H, kh = h / rep;
+        const float *q = qkv + b * row_stride + h * D;
+        const float *kb = kc + ((b * KV + kh) * maxlen + start) * D, *vb = vc + ((b * KV + kh) * maxlen + start) * D;
+        float *p = scratch + bh * maxlen, mx = -INFINITY, den = 0.0f;
+        for (int64_t j = 0; j < L; ++j) {
+            p[j] = dot8(q, kb + j * D, D) * scale;
+            if (p[j] > mx) mx = p[j];
+        }
+        for (int64_t j = 0; j < L; ++j) {
+            p[j] = expf(p[j] - mx);
+            den += p[j];
+        }
+        const float inv = 1.0f / den;
+        float *o = out + b * H * D + h * D;
+        for (int64_t d = 0; d < D; d += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t j = 0; j < L; ++j)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j] * inv), _mm256_loadu_ps(vb + j * D + d), acc);
+            _mm256_storeu_ps(o + d, acc);
+        }
+    }
 }
