@@ -27,9 +27,10 @@ REL = 1e-4
 PROMPT, STEPS, WINDOW = 14, 6, 5
 
 
-def _tiny(arch: str, seed: int = 0) -> torch.nn.Module:
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, vocab_size=200)
+def _tiny(arch: str, seed: int = 0, wide: bool = False) -> torch.nn.Module:
+    """2 layers, 4 heads / 2 KV heads; ``wide``: every linear width a multiple of 64 (what cpu-avx2 takes)."""
+    common = dict(hidden_size=128 if wide else 64, intermediate_size=192 if wide else 96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32 if wide else 16, vocab_size=200)
     cfg = {"llama": lambda: T.LlamaConfig(**common),
            "mistral": lambda: T.MistralConfig(**common, sliding_window=WINDOW),
            "qwen2": lambda: T.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW,
@@ -120,9 +121,25 @@ def test_quantized_model_matches_transformers(backend):
     kinds = {op.kind for lay in dec.layers for op in (lay.qkv, lay.o, lay.gate_up, lay.down)}
     fused = backend == "auto" and native.library() is not None
     assert kinds == ({"cpu-avx2 fused"} if fused else {"modules"})
+    assert (dec.stack is not None) == fused
     _assert_same(model, dec, _ids(160, batch=3))
     # the fused GEMVs re-point the modules' own caches: the transformers forward still gives the same
     _assert_same(model, Decoder(model), _ids(160, batch=1))
+
+
+@pytest.mark.skipif(native.library() is None, reason="native kernels unavailable")
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+def test_one_call_stack_equals_the_per_op_path_bit_for_bit(arch):
+    """The native stack calls the same kernels in the same order: identical logits at every step, batches
+    of 1 and 4 (q/k norms for Qwen3, a sliding window shorter than the prompt for Mistral)."""
+    model = quantize_decoder_linears(_tiny(arch, wide=True), group_size=32)
+    one, per_op = Decoder(model), Decoder(model, native_stack=False)
+    assert one.stack is not None and per_op.stack is None
+    for batch in (1, 4):
+        a, ta = _decoder_steps(one, _ids(200, batch), STEPS)
+        b, tb = _decoder_steps(per_op, _ids(200, batch), STEPS)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(ta, tb)
+    _assert_same(model, one, _ids(200, 2))
 
 
 def test_generate_stops_at_eos_and_pads_finished_rows():

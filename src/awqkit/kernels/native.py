@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "awqkit_cpu.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-ABI_VERSION = 4  # must equal awqkit_abi_version() in the C file
+ABI_VERSION = 5  # must equal awqkit_abi_version() in the C file
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -53,6 +53,8 @@ _SIGNATURES = {
     # scale, n_threads
     "awqkit_decode_attention": [_P, _I64, _P, _P, _P, _P, _P, _P, _F, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
                                 _I64, _F, _INT],
+    # layers (awqkit_layer array, see awqkit.runtime.stack), n_layers, h, B, hidden, pos, cos, sin, scratch, n_threads
+    "awqkit_decode_layers": [_P, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _INT],
 }
 
 _reason: str | None = None

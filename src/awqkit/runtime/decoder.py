@@ -32,7 +32,8 @@ from awqkit.arch import REGISTRY, DecodeSpec, resolve_arch, supported_architectu
 from awqkit.arch.resolve import get_layers, get_submodule
 from awqkit.kernels import decode_ops, native
 from awqkit.kernels.decode_ops import AttentionShape
-from awqkit.runtime import linear
+from awqkit.kernels.cpu_avx2 import MAX_ROWS
+from awqkit.runtime import linear, stack
 from awqkit.runtime.linear import FusedInt4, ModuleCalls
 
 logger = logging.getLogger(__name__)
@@ -93,11 +94,13 @@ class Decoder:
 
     ``start(batch, max_len)`` allocates the caches; ``prefill(ids)`` runs a ``[B, T]`` prompt and returns the
     last position's logits ``[B, vocab]``; ``step(ids)`` one new token per sequence (``[B, 1]``);
-    :meth:`generate` does all three greedily. ``native``: None uses the native CPU ops where available,
-    False the torch reference ops only.
+    :meth:`generate` does all three greedily. ``native_ops``: None uses the native CPU ops where available,
+    False the torch reference ops only. ``native_stack``: run a decode step's whole layer stack as one native
+    call (:mod:`awqkit.runtime.stack`) when every layer allows it; the same numbers as the per-op path.
+    Build the decoder after the weights are final: it keeps fused copies of the int4 layers.
     """
 
-    def __init__(self, model: nn.Module, native_ops: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, native_ops: bool | None = None, native_stack: bool = True) -> None:
         spec = decode_spec(model)
         _check_float32_cpu(model)
         cfg = model.config
@@ -119,7 +122,11 @@ class Decoder:
         self.layers = [self._bind_layer(layer, i, heads, kv_heads) for i, layer in
                        enumerate(get_layers(model, resolve_arch(model)))]
         kinds = sorted({op.kind for lay in self.layers for op in (lay.qkv, lay.o, lay.gate_up, lay.down)})
-        logger.info("decode loop: %d layers, linears %s, native ops %s", len(self.layers), kinds, self.native)
+        hidden = int(cfg.hidden_size)
+        why = stack.unsupported_reason(self.layers, hidden) if self.native else "native ops are off"
+        self.stack = stack.NativeStack(self.layers, hidden) if native_stack and why is None else None
+        logger.info("decode loop: %d layers, linears %s, native ops %s, one-call stack %s", len(self.layers), kinds,
+                    self.native, "on" if self.stack else f"off ({why or 'not asked for'})")
         self.k_cache: list[Tensor] = []
         self.v_cache: list[Tensor] = []
         self.pos = 0
@@ -155,6 +162,8 @@ class Decoder:
         if [tuple(k.shape) for k in self.k_cache] != want:
             self.k_cache = [torch.zeros(w, dtype=_F32) for w in want]
             self.v_cache = [torch.zeros(w, dtype=_F32) for w in want]
+            if self.stack is not None:
+                self.stack.bind_caches(self.k_cache, self.v_cache)
         self.pos = 0
 
     # ------------------------------------------------------------------ forward
@@ -180,13 +189,23 @@ class Decoder:
                              "; start() with a larger max_len")
         h = self.embed(ids).to(_F32).contiguous()  # [B, T, D]; fresh, updated in place below
         cos, sin = self._rope(h, t)
+        if t == 1 and self.stack is not None and b <= MAX_ROWS:
+            self.stack(h, self.pos, cos, sin)  # every layer in one native call
+        else:
+            h = self._layers(h, cos, sin)
+        self.pos += t
+        last = decode_ops.rms_norm(h[:, -1].contiguous(), self.final_norm, self.final_eps, native_flag=self.native)
+        return self.head(last).float()
+
+    def _layers(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The layer stack op by op (prefill, or where the one-call stack does not apply)."""
+        b, t, _ = h.shape
         nat = self.native
-        fused_attn = nat and t == 1
         for i, lay in enumerate(self.layers):
             x = decode_ops.rms_norm(h, lay.in_norm, lay.eps, native_flag=nat)
             qkv = lay.qkv(x)
             sh = lay.shape
-            if fused_attn and sh.head_dim % 8 == 0:
+            if nat and t == 1 and sh.head_dim % 8 == 0:
                 a = decode_ops.attention_fused(qkv.view(b, -1), self.k_cache[i], self.v_cache[i], self.pos,
                                                cos, sin, sh, lay.q_norm, lay.k_norm)
             else:
@@ -197,9 +216,7 @@ class Decoder:
             h = lay.o(a, h)
             x = decode_ops.rms_norm(h, lay.post_norm, lay.eps, native_flag=nat)
             h = lay.down(decode_ops.silu_mul(lay.gate_up(x), native_flag=nat), h)
-        self.pos += t
-        last = decode_ops.rms_norm(h[:, -1].contiguous(), self.final_norm, self.final_eps, native_flag=nat)
-        return self.head(last).float()
+        return h
 
     @torch.inference_mode()
     def prefill(self, ids: Tensor) -> Tensor:

@@ -33,6 +33,11 @@
  *   rotate_half convention, cos/sin [B, D]) in place, k and v written to the caches kc/vc
  *   [B, KV, maxlen, D] at pos, then softmax(q k^T * scale) v over cache positions max(0, pos - window + 1)
  *   .. pos (window 0: all) into out [B, H * D]; scratch holds B * H * maxlen floats. D % 8 == 0.
+ * awqkit_decode_layers: a whole decode step of n_layers Llama-style layers on the residual stream h [B, hidden]
+ *   in place, one call instead of ~9 per layer: per layer the calls above in the order of awqkit.runtime's
+ *   per-op path (rmsnorm, qkv GEMV, attention, o GEMV += h, rmsnorm, gate|up GEMV, silu_mul, down GEMV += h),
+ *   so the numbers are the same. Layers are awqkit_layer structs (mirrored by ctypes in awqkit/runtime/
+ *   stack.py); scratch holds B * (hidden + qkv.N + H*D + gu.N + gu.N/2 + H * maxlen) floats.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -47,7 +52,7 @@ int awqkit_cpu_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-int awqkit_abi_version(void) { return 4; }
+int awqkit_abi_version(void) { return 5; }
 
 static void split(int64_t total, int nt, int t, int64_t *lo, int64_t *hi) {
     int64_t base = total / nt, rem = total % nt;
@@ -248,5 +253,44 @@ void awqkit_decode_attention(float *qkv, int64_t row_stride, float *kc, float *v
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j] * inv), _mm256_loadu_ps(vb + j * D + d), acc);
             _mm256_storeu_ps(o + d, acc);
         }
+    }
+}
+
+typedef struct {
+    const uint32_t *wq;
+    const uint16_t *sp;
+    const uint8_t *zq;
+    const float *bias;
+    int64_t K, N, group;
+} awqkit_linear;
+
+typedef struct {
+    awqkit_linear qkv, o, gu, down;
+    const float *in_norm, *post_norm, *q_norm, *k_norm;
+    float *kc, *vc;
+    float eps, norm_eps, scale;
+    int64_t H, KV, D, maxlen, window;
+} awqkit_layer;
+
+static void lin(const awqkit_linear *l, const float *x, float *y, int64_t B, int n_threads, int accumulate) {
+    awqkit_int4_gemv(l->wq, l->sp, l->zq, l->bias, l->K, l->N, l->group, x, y, B, n_threads, accumulate);
+}
+
+void awqkit_decode_layers(const awqkit_layer *layers, int64_t n_layers, float *h, int64_t B, int64_t hidden,
+                          int64_t pos, const float *cos, const float *sin, float *scratch, int n_threads) {
+    for (int64_t i = 0; i < n_layers; ++i) {
+        const awqkit_layer *L = layers + i;
+        const int64_t inter = L->gu.N / 2;
+        float *x = scratch, *qkv = x + B * hidden, *a = qkv + B * L->qkv.N, *gu = a + B * L->H * L->D;
+        float *m = gu + B * L->gu.N, *att = m + B * inter;
+        awqkit_rmsnorm(h, L->in_norm, x, B, hidden, L->eps, 0.0f);
+        lin(&L->qkv, x, qkv, B, n_threads, 0);
+        awqkit_decode_attention(qkv, L->qkv.N, L->kc, L->vc, cos, sin, L->q_norm, L->k_norm, L->norm_eps, a, att, B,
+                                L->H, L->KV, L->D, pos, L->maxlen, L->window, L->scale, n_threads);
+        lin(&L->o, a, h, B, n_threads, 1);
+        awqkit_rmsnorm(h, L->post_norm, x, B, hidden, L->eps, 0.0f);
+        lin(&L->gu, x, gu, B, n_threads, 0);
+        awqkit_silu_mul(gu, m, B, inter);
+        lin(&L->down, m, h, B, n_threads, 1);
     }
 }
