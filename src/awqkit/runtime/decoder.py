@@ -9,7 +9,9 @@ mathematics from the model's own modules and weights with far fewer calls per la
     h += o(attention(qkv, cache, pos))                  (rotary, cache write, GQA softmax: one native call)
     x = post_attn_norm(h);  h += down(silu(gate(x)) * up(x))   ([gate | up] one GEMV; residuals in-kernel)
 
-and ``logits = head(final_norm(h))`` for the last position. Everything else (embedding, rotary tables,
+and ``logits = head(final_norm(h))`` for the last position. When every linear is a fused cpu-avx2 op, a
+decode step's whole layer stack is one native call (:mod:`awqkit.runtime.stack`, same kernels, same order,
+bit-identical). Everything else (embedding, rotary tables,
 the head, dense or other-backend linears) calls the model's modules, so what a checkpoint computes is
 unchanged: logits equal the transformers forward's to fp32 rounding, greedy tokens are the same (tests).
 
