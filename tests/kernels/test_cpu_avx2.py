@@ -76,6 +76,16 @@ def test_many_rows_go_to_the_reference_exactly():
     assert torch.equal(_run(ql, x), torch_ref.forward(x, ql))
 
 
+@pytest.mark.parametrize("group_size", [32, 96, 192, -1])  # 192 and -1: groups of more than one 64-row chunk
+def test_multi_row_kernel_equals_row_by_row_bit_for_bit(group_size):
+    """3..16 rows take the tile-reusing loop (int4_gemv_rows): the same FMAs in the same order as one row."""
+    ql = _ql(384, 128, group_size, seed=group_size % 7)
+    for rows in (2, 3, 5, cpu_avx2.MAX_ROWS):
+        x = _x(rows, 384, seed=rows)
+        y = _run(ql, x)
+        assert torch.equal(y, torch.cat([_run(ql, x[i:i + 1]) for i in range(rows)]))
+
+
 def test_thread_count_does_not_change_results():
     ql = _ql(256, 640, 64)  # 10 column blocks: uneven split over 3 threads
     x = _x(3, 256)

@@ -107,13 +107,16 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cach
     end = pos + t
     start = max(0, end - t - shape.window + 1) if shape.window > 0 else 0
     keys, values = k_cache[:, :, start:end], v_cache[:, :, start:end]
-    qpos = torch.arange(pos, end, device=q.device).unsqueeze(1)
-    kpos = torch.arange(start, end, device=q.device).unsqueeze(0)
-    mask = kpos <= qpos
-    if shape.window > 0:
-        mask &= kpos > qpos - shape.window
+    if start == pos and (shape.window == 0 or shape.window >= t):  # plain causal (a prompt from position 0)
+        mask, causal = None, t > 1
+    else:
+        qpos = torch.arange(pos, end, device=q.device).unsqueeze(1)
+        kpos = torch.arange(start, end, device=q.device).unsqueeze(0)
+        mask, causal = kpos <= qpos, False
+        if shape.window > 0:
+            mask &= kpos > qpos - shape.window
     out = torch.nn.functional.scaled_dot_product_attention(
-        qh, keys, values, attn_mask=mask, scale=shape.scale, enable_gqa=kv != h)
+        qh, keys, values, attn_mask=mask, is_causal=causal, scale=shape.scale, enable_gqa=kv != h)
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 

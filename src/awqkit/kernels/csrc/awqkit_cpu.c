@@ -17,6 +17,9 @@
  *   s * a - (z * s) * sum_k x[k]: the reference's (q - z) * s expanded, fp32 throughout (s widened exactly,
  *   z * s exact in fp32: an 8-bit integer times an 11-bit significand).
  *
+ *   3..16 rows (int4_gemv_rows): each 64-column block is unpacked once per chunk of <= 64 input rows into an
+ *   L1 tile of floats that every input row then reads, instead of unpacking it again per row; the same FMAs
+ *   in the same order per output, so the results are bit-identical to the one-row loop.
  *   accumulate != 0 adds the result to y instead of overwriting it (y += W x + b: a fused residual add,
  *   (W x + b) + y as the unfused sum computes it).
  *
@@ -52,7 +55,7 @@ int awqkit_cpu_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-int awqkit_abi_version(void) { return 5; }
+int awqkit_abi_version(void) { return 6; }
 
 static void split(int64_t total, int nt, int t, int64_t *lo, int64_t *hi) {
     int64_t base = total / nt, rem = total % nt;
@@ -67,9 +70,106 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+#define ROWS_MAX 16 /* = cpu_avx2.MAX_ROWS: the row buffers of int4_gemv_rows */
+
+/* multi-row variant: unpack each 64-column block chunk once into an L1 tile, reuse for every row. */
+static void int4_gemv_rows(const uint32_t *wq, const uint16_t *sp, const uint8_t *zq, const float *bias, int64_t K,
+                           int64_t N, int64_t group, const float *x, float *y, int64_t M, int n_threads,
+                           int accumulate) {
+    const int64_t NB = N / 64, G = K / group, KC = 64;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > NB) n_threads = (int)NB;
+#pragma omp parallel num_threads(n_threads)
+    {
+        int64_t lo, hi;
+        split(NB, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        const __m256i mask = _mm256_set1_epi32(0xF);
+        float qt[64 * 64] __attribute__((aligned(32)));      /* [k in chunk][i][j]: nibble i of word j */
+        float acc[ROWS_MAX * 64] __attribute__((aligned(32))); /* per row: a[i][j] of the current group */
+        float outb[ROWS_MAX * 64] __attribute__((aligned(32)));
+        float xs[ROWS_MAX];
+        for (int64_t b = lo; b < hi; ++b) {
+            const uint32_t *wb = wq + b * K * 8;
+            memset(outb, 0, sizeof(float) * 64 * M);
+            for (int64_t g = 0; g < G; ++g) {
+                memset(acc, 0, sizeof(float) * 64 * M);
+                for (int64_t m = 0; m < M; ++m) xs[m] = 0.0f;
+                for (int64_t k0 = 0; k0 < group; k0 += KC) {
+                    const int64_t kn = group - k0 < KC ? group - k0 : KC;
+                    const uint32_t *wg = wb + (g * group + k0) * 8;
+                    for (int64_t k = 0; k < kn; ++k) {
+                        const __m256i w = _mm256_loadu_si256((const __m256i *)(wg + k * 8));
+                        float *t = qt + k * 64;
+                        _mm256_store_ps(t + 0, _mm256_cvtepi32_ps(_mm256_and_si256(w, mask)));
+                        _mm256_store_ps(t + 8, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 4), mask)));
+                        _mm256_store_ps(t + 16, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 8), mask)));
+                        _mm256_store_ps(t + 24, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 12), mask)));
+                        _mm256_store_ps(t + 32, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 16), mask)));
+                        _mm256_store_ps(t + 40, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 20), mask)));
+                        _mm256_store_ps(t + 48, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 24), mask)));
+                        _mm256_store_ps(t + 56, _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28)));
+                    }
+                    for (int64_t m = 0; m < M; ++m) {
+                        const float *xg = x + m * K + g * group + k0;
+                        float *am = acc + m * 64;
+                        __m256 a0 = _mm256_load_ps(am), a1 = _mm256_load_ps(am + 8), a2 = _mm256_load_ps(am + 16),
+                               a3 = _mm256_load_ps(am + 24), a4 = _mm256_load_ps(am + 32), a5 = _mm256_load_ps(am + 40),
+                               a6 = _mm256_load_ps(am + 48), a7 = _mm256_load_ps(am + 56);
+                        float s = xs[m];
+                        for (int64_t k = 0; k < kn; ++k) {
+                            const float *t = qt + k * 64;
+                            const __m256 xk = _mm256_broadcast_ss(xg + k);
+                            s += xg[k];
+                            a0 = _mm256_fmadd_ps(_mm256_load_ps(t), xk, a0);
+                            a1 = _mm256_fmadd_ps(_mm256_load_ps(t + 8), xk, a1);
+                            a2 = _mm256_fmadd_ps(_mm256_load_ps(t + 16), xk, a2);
+                            a3 = _mm256_fmadd_ps(_mm256_load_ps(t + 24), xk, a3);
+                            a4 = _mm256_fmadd_ps(_mm256_load_ps(t + 32), xk, a4);
+                            a5 = _mm256_fmadd_ps(_mm256_load_ps(t + 40), xk, a5);
+                            a6 = _mm256_fmadd_ps(_mm256_load_ps(t + 48), xk, a6);
+                            a7 = _mm256_fmadd_ps(_mm256_load_ps(t + 56), xk, a7);
+                        }
+                        xs[m] = s;
+                        _mm256_store_ps(am, a0); _mm256_store_ps(am + 8, a1); _mm256_store_ps(am + 16, a2);
+                        _mm256_store_ps(am + 24, a3); _mm256_store_ps(am + 32, a4); _mm256_store_ps(am + 40, a5);
+                        _mm256_store_ps(am + 48, a6); _mm256_store_ps(am + 56, a7);
+                    }
+                }
+                const uint16_t *s16 = sp + (b * G + g) * 64;
+                const uint8_t *z8 = zq + (b * G + g) * 64;
+                for (int i = 0; i < 8; ++i) {
+                    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + 8 * i)));
+                    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z8 + 8 * i))));
+                    const __m256 zs = _mm256_mul_ps(z, s);
+                    for (int64_t m = 0; m < M; ++m) {
+                        __m256 o = _mm256_load_ps(outb + m * 64 + 8 * i);
+                        o = _mm256_fmadd_ps(s, _mm256_load_ps(acc + m * 64 + 8 * i), o);
+                        o = _mm256_fnmadd_ps(zs, _mm256_set1_ps(xs[m]), o);
+                        _mm256_store_ps(outb + m * 64 + 8 * i, o);
+                    }
+                }
+            }
+            for (int64_t m = 0; m < M; ++m) {
+                float *ym = y + m * N + b * 64;
+                const float *om = outb + m * 64;
+                for (int i = 0; i < 8; ++i)
+                    for (int j = 0; j < 8; ++j) {
+                        const int64_t c = 8 * j + AWQ_ORDER[i];
+                        const float r = om[8 * i + j] + (bias ? bias[b * 64 + c] : 0.0f);
+                        ym[c] = accumulate ? r + ym[c] : r;
+                    }
+            }
+        }
+    }
+}
+
 void awqkit_int4_gemv(const uint32_t *wq, const uint16_t *sp, const uint8_t *zq, const float *bias, int64_t K,
                       int64_t N, int64_t group, const float *x, float *y, int64_t M, int n_threads,
                       int accumulate) {
+    if (M >= 3 && M <= ROWS_MAX) {
+        int4_gemv_rows(wq, sp, zq, bias, K, N, group, x, y, M, n_threads, accumulate);
+        return;
+    }
     const int64_t NB = N / 64, G = K / group;
     if (n_threads < 1) n_threads = 1;
     if (n_threads > NB) n_threads = (int)NB;
