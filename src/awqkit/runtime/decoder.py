@@ -136,7 +136,9 @@ class Decoder:
     def _bind_layer(self, layer: nn.Module, i: int, heads: int, kv_heads: int) -> _Layer:
         s = self.spec
         attn = get_submodule(layer, s.attn)
-        head_dim = int(getattr(attn, "head_dim"))
+        head_dim = getattr(attn, "head_dim", None)
+        if not isinstance(head_dim, int) or head_dim < 2:
+            raise ValueError(f"layer {i}: {s.attn} ({type(attn).__name__}) has no integer head_dim")
         window = getattr(attn, "sliding_window", getattr(self.model.config, "sliding_window", None)) or 0
         in_norm, eps = _norm_weight(get_submodule(layer, s.input_norm), f"layer {i} {s.input_norm}")
         post_norm, _ = _norm_weight(get_submodule(layer, s.post_attn_norm), f"layer {i} {s.post_attn_norm}")
