@@ -72,13 +72,40 @@ static inline float hsum(__m256 v) {
 
 #define ROWS_MAX 16 /* = cpu_avx2.MAX_ROWS: the row buffers of int4_gemv_rows */
 
+/* Shared pieces of the two int4 GEMV loops (inlined; the same operations as written out in each). */
+static inline int gemv_threads(int n_threads, int64_t n_blocks) {
+    if (n_threads < 1) n_threads = 1;
+    return n_threads > n_blocks ? (int)n_blocks : n_threads;
+}
+
+/* nibble i (bits 4i..4i+3) of each of the 8 words, widened to fp32 */
+static inline __m256 nibble(__m256i w, int i, __m256i mask) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 4 * i), mask));
+}
+
+/* scale s and z * s of the 8 columns (nibble i of the 8 words) of block b, group g */
+static inline void scale_zero(const uint16_t *sp, const uint8_t *zq, int64_t bg, int i, __m256 *s, __m256 *zs) {
+    *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp + bg * 64 + 8 * i)));
+    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zq + bg * 64 + 8 * i))));
+    *zs = _mm256_mul_ps(z, *s);
+}
+
+/* out [8 nibbles][8 words] of one 64-column block -> ym[column] (+ bias), overwritten or accumulated */
+static inline void store_block(const float *out, float *ym, const float *bias_b, int accumulate) {
+    for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 8; ++j) {
+            const int64_t c = 8 * j + AWQ_ORDER[i];
+            const float r = out[8 * i + j] + (bias_b ? bias_b[c] : 0.0f);
+            ym[c] = accumulate ? r + ym[c] : r;
+        }
+}
+
 /* multi-row variant: unpack each 64-column block chunk once into an L1 tile, reuse for every row. */
 static void int4_gemv_rows(const uint32_t *wq, const uint16_t *sp, const uint8_t *zq, const float *bias, int64_t K,
                            int64_t N, int64_t group, const float *x, float *y, int64_t M, int n_threads,
                            int accumulate) {
     const int64_t NB = N / 64, G = K / group, KC = 64;
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > NB) n_threads = (int)NB;
+    n_threads = gemv_threads(n_threads, NB);
 #pragma omp parallel num_threads(n_threads)
     {
         int64_t lo, hi;
@@ -100,14 +127,7 @@ static void int4_gemv_rows(const uint32_t *wq, const uint16_t *sp, const uint8_t
                     for (int64_t k = 0; k < kn; ++k) {
                         const __m256i w = _mm256_loadu_si256((const __m256i *)(wg + k * 8));
                         float *t = qt + k * 64;
-                        _mm256_store_ps(t + 0, _mm256_cvtepi32_ps(_mm256_and_si256(w, mask)));
-                        _mm256_store_ps(t + 8, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 4), mask)));
-                        _mm256_store_ps(t + 16, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 8), mask)));
-                        _mm256_store_ps(t + 24, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 12), mask)));
-                        _mm256_store_ps(t + 32, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 16), mask)));
-                        _mm256_store_ps(t + 40, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 20), mask)));
-                        _mm256_store_ps(t + 48, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 24), mask)));
-                        _mm256_store_ps(t + 56, _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28)));
+                        for (int i = 0; i < 8; ++i) _mm256_store_ps(t + 8 * i, nibble(w, i, mask));
                     }
                     for (int64_t m = 0; m < M; ++m) {
                         const float *xg = x + m * K + g * group + k0;
@@ -135,12 +155,9 @@ static void int4_gemv_rows(const uint32_t *wq, const uint16_t *sp, const uint8_t
                         _mm256_store_ps(am + 48, a6); _mm256_store_ps(am + 56, a7);
                     }
                 }
-                const uint16_t *s16 = sp + (b * G + g) * 64;
-                const uint8_t *z8 = zq + (b * G + g) * 64;
                 for (int i = 0; i < 8; ++i) {
-                    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + 8 * i)));
-                    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z8 + 8 * i))));
-                    const __m256 zs = _mm256_mul_ps(z, s);
+                    __m256 s, zs;
+                    scale_zero(sp, zq, b * G + g, i, &s, &zs);
                     for (int64_t m = 0; m < M; ++m) {
                         __m256 o = _mm256_load_ps(outb + m * 64 + 8 * i);
                         o = _mm256_fmadd_ps(s, _mm256_load_ps(acc + m * 64 + 8 * i), o);
@@ -149,16 +166,8 @@ static void int4_gemv_rows(const uint32_t *wq, const uint16_t *sp, const uint8_t
                     }
                 }
             }
-            for (int64_t m = 0; m < M; ++m) {
-                float *ym = y + m * N + b * 64;
-                const float *om = outb + m * 64;
-                for (int i = 0; i < 8; ++i)
-                    for (int j = 0; j < 8; ++j) {
-                        const int64_t c = 8 * j + AWQ_ORDER[i];
-                        const float r = om[8 * i + j] + (bias ? bias[b * 64 + c] : 0.0f);
-                        ym[c] = accumulate ? r + ym[c] : r;
-                    }
-            }
+            for (int64_t m = 0; m < M; ++m)
+                store_block(outb + m * 64, y + m * N + b * 64, bias ? bias + b * 64 : NULL, accumulate);
         }
     }
 }
@@ -171,8 +180,7 @@ void awqkit_int4_gemv(const uint32_t *wq, const uint16_t *sp, const uint8_t *zq,
         return;
     }
     const int64_t NB = N / 64, G = K / group;
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > NB) n_threads = (int)NB;
+    n_threads = gemv_threads(n_threads, NB);
 #pragma omp parallel num_threads(n_threads)
     {
         int64_t lo, hi;
@@ -194,33 +202,25 @@ void awqkit_int4_gemv(const uint32_t *wq, const uint16_t *sp, const uint8_t *zq,
                         const __m256i w = _mm256_loadu_si256((const __m256i *)(wg + k * 8));
                         const __m256 xk = _mm256_broadcast_ss(xg + k);
                         xs = _mm256_add_ps(xs, xk);
-                        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w, mask)), xk, a0);
-                        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 4), mask)), xk, a1);
-                        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 8), mask)), xk, a2);
-                        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 12), mask)), xk, a3);
-                        a4 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 16), mask)), xk, a4);
-                        a5 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 20), mask)), xk, a5);
-                        a6 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 24), mask)), xk, a6);
-                        a7 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28)), xk, a7);
+                        a0 = _mm256_fmadd_ps(nibble(w, 0, mask), xk, a0);
+                        a1 = _mm256_fmadd_ps(nibble(w, 1, mask), xk, a1);
+                        a2 = _mm256_fmadd_ps(nibble(w, 2, mask), xk, a2);
+                        a3 = _mm256_fmadd_ps(nibble(w, 3, mask), xk, a3);
+                        a4 = _mm256_fmadd_ps(nibble(w, 4, mask), xk, a4);
+                        a5 = _mm256_fmadd_ps(nibble(w, 5, mask), xk, a5);
+                        a6 = _mm256_fmadd_ps(nibble(w, 6, mask), xk, a6);
+                        a7 = _mm256_fmadd_ps(nibble(w, 7, mask), xk, a7);
                     }
-                    const uint16_t *s16 = sp + (b * G + g) * 64;
-                    const uint8_t *z8 = zq + (b * G + g) * 64;
                     __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
                     for (int i = 0; i < 8; ++i) {
-                        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + 8 * i)));
-                        const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z8 + 8 * i))));
+                        __m256 s, zs;
+                        scale_zero(sp, zq, b * G + g, i, &s, &zs);
                         o[i] = _mm256_fmadd_ps(s, acc[i], o[i]);
-                        o[i] = _mm256_fnmadd_ps(_mm256_mul_ps(z, s), xs, o[i]);
+                        o[i] = _mm256_fnmadd_ps(zs, xs, o[i]);
                     }
                 }
                 for (int i = 0; i < 8; ++i) _mm256_store_ps(out + 8 * i, o[i]);
-                float *ym = y + m * N + b * 64;
-                for (int i = 0; i < 8; ++i)
-                    for (int j = 0; j < 8; ++j) {
-                        const int64_t c = 8 * j + AWQ_ORDER[i];
-                        const float r = out[8 * i + j] + (bias ? bias[b * 64 + c] : 0.0f);
-                        ym[c] = accumulate ? r + ym[c] : r;
-                    }
+                store_block(out, y + m * N + b * 64, bias ? bias + b * 64 : NULL, accumulate);
             }
         }
     }
