@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from awqkit.arch import REGISTRY, DecodeSpec, resolve_arch, supported_architectures
+from awqkit.arch import REGISTRY, DecodeSpec, resolve_arch
 from awqkit.arch.resolve import get_layers, get_submodule
 from awqkit.kernels import decode_ops, native
 from awqkit.kernels.decode_ops import AttentionShape
@@ -256,10 +256,7 @@ class Decoder:
 
 def supported() -> list[str]:
     """``config.architectures`` names the decode loop runs."""
-    from awqkit.arch import REGISTRY
-
-    names = {a for s in REGISTRY if s.decode is not None for a in s.architectures}
-    return sorted(n for n in supported_architectures() if n in names)
+    return sorted(a for s in REGISTRY if s.decode is not None for a in s.architectures)
 
 
 __all__ = ["Decoder", "decode_spec", "supported"]
