@@ -308,8 +308,13 @@ def test_existing_dst_is_refused_unless_overwrite(llama_root):
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite"):
         _quantize(llama_root, dst, method="rtn")
+    with pytest.raises(FileExistsError, match="not an awqkit output"):  # not awqkit's: never replaced
+        _quantize(llama_root, dst, method="rtn", overwrite=True)
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    (dst / "keep.txt").unlink()
     _quantize(llama_root, dst, method="rtn", overwrite=True)
+    (dst / "keep.txt").write_text("mine")
+    _quantize(llama_root, dst, method="rtn", overwrite=True)  # awqkit's own output is replaced whole
     assert not (dst / "keep.txt").exists()
     assert json.loads((dst / "quantization_metadata.json").read_text())["method"] == "rtn"
     assert not [p.name for p in llama_root.iterdir() if p.name.startswith(".")]

@@ -15,7 +15,7 @@ from torch import nn
 from awqkit.config import QuantConfig
 from awqkit.io import save as save_mod
 from awqkit.io.load import load_quantized, read_quant_config
-from awqkit.io.save import save_quantized
+from awqkit.io.save import file_digest, save_quantized, verify_files
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module, replace_linears, set_module
 from awqkit.quant import primitives as P
@@ -101,7 +101,14 @@ def test_gemm_roundtrip_exact_logits_config_and_tying(tmp_path):
     assert loaded.model.embed_tokens.weight.dtype == expected
     assert load_quantized(dst, fp16_head=False).model.embed_tokens.weight.dtype == torch.float32
     assert isinstance(get_module(loaded, "model.layers.1.mlp.down_proj"), QuantLinear)
-    assert (dst / "quantization_metadata.json").read_text() == '{\n  "alpha": [\n    1,\n    2\n  ],\n  "zeta": 1\n}\n'
+    text = (dst / "quantization_metadata.json").read_text()
+    meta = json.loads(text)
+    assert text == json.dumps(meta, sort_keys=True, indent=2) + "\n"
+    files = meta.pop("files")  # what the write recorded of each weight file, checked against the files
+    assert meta == {"alpha": [1, 2], "zeta": 1}
+    assert files == {"model.safetensors": file_digest(dst / "model.safetensors")}
+    assert files["model.safetensors"]["bytes"] == (dst / "model.safetensors").stat().st_size
+    assert verify_files(dst, {"files": files}) is None
     assert read_quant_config(dst)["group_size"] == 32
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -142,9 +149,15 @@ def test_existing_dst_refused_then_overwritten(tmp_path):
     (dst / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         _save(model, qc, dst)
-    assert (dst / "keep.txt").read_text() == "old"
-    _save(model, qc, dst, overwrite=True)
-    assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").is_file()
+    # a folder awqkit did not write is never replaced, --overwrite or not
+    with pytest.raises(FileExistsError, match="not an awqkit output"):
+        _save(model, qc, dst, overwrite=True)
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"] and (dst / "keep.txt").read_text() == "old"
+    (dst / "keep.txt").unlink()
+    _save(model, qc, dst, overwrite=True)  # an empty folder may be filled
+    (dst / "stale.txt").write_text("from an older output")
+    _save(model, qc, dst, overwrite=True)  # awqkit's own output is replaced whole
+    assert not (dst / "stale.txt").exists() and (dst / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp/old folders left
 
 
@@ -160,6 +173,7 @@ def test_failure_mid_save_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     # with overwrite, the previous checkpoint survives a failed save untouched
     (tmp_path / "prev").mkdir()
+    (tmp_path / "prev" / "quantization_metadata.json").write_text("{}")
     (tmp_path / "prev" / "marker").write_text("x")
     with pytest.raises(RuntimeError, match="disk full"):
         _save(model, qc, tmp_path / "prev", overwrite=True)

@@ -13,22 +13,24 @@ Layout of ``dst``:
 * tokenizer files, chat templates, ``generation_config.json`` copied from ``src_dir``.
 * ``quantization_metadata.json``: the caller's metadata (sorted keys, indent 2).
 
-Everything is written to a hidden sibling ``.<name>.tmp-XXXX`` and renamed to ``dst`` only when complete,
-so an interrupted save never leaves a half-written ``dst`` (nor the temporary folder).
+Everything is written to a hidden sibling ``.<name>.tmp-XXXX`` and put in ``dst``'s place only when
+complete, through :mod:`awqkit.io.destination` (which ``dst`` may be replaced, the journaled replacement, and
+the recovery of what a killed run left). ``quantization_metadata.json`` records each weight file's size and
+sha256 under ``"files"`` (:data:`FILES_KEY`), so a reader can tell a complete output from a damaged one
+(:func:`verify_files`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import hashlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from awqkit.config import QuantConfig
+from awqkit.errors import DestinationError, InputError
+from awqkit.io import destination
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import name_matches
 
 logger = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
+FILES_KEY = "files"  # quantization_metadata.json: {file name: {"bytes": int, "sha256": str}} of the weights
 SRC_FILE_PATTERNS = (
     "tokenizer*",
     "special_tokens_map.json",
@@ -184,7 +189,9 @@ def _convert(key: str, t: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def _write_shards(plan: dict[str, tuple[Tensor, torch.dtype]], folder: Path, max_bytes: int) -> None:
+def _write_shards(plan: dict[str, tuple[Tensor, torch.dtype]], folder: Path, max_bytes: int) -> list[str]:
+    """Write the state dict as safetensors shards (and their index when there are several); returns the
+    names of the files written."""
     shards: list[list[str]] = [[]]
     size = 0
     total = 0
@@ -206,9 +213,42 @@ def _write_shards(plan: dict[str, tuple[Tensor, torch.dtype]], folder: Path, max
         save_file(tensors, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in keys})
         del tensors
+    names = sorted(set(weight_map.values()))
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        names.append("model.safetensors.index.json")
+    return names
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex digest}`` of ``path``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def verify_files(folder: str | Path, metadata: dict[str, Any], *, hashes: bool = True) -> str | None:
+    """Why ``folder``'s weight files differ from what ``metadata[FILES_KEY]`` recorded at the end of their
+    write (missing, another size, another sha256 when ``hashes``), or None when they all match.
+
+    Metadata written before awqkit recorded files has no such entry: that is reported too."""
+    files = metadata.get(FILES_KEY)
+    if not isinstance(files, dict) or not files:
+        return "its quantization_metadata.json records no weight files (written by an older awqkit)"
+    folder = Path(folder)
+    for name, want in sorted(files.items()):
+        path = folder / name
+        if not isinstance(want, dict) or not path.is_file():
+            return f"weight file {name} is missing"
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            return f"weight file {name} has {size} bytes, {want.get('bytes')} were written"
+        if hashes and file_digest(path)["sha256"] != want.get("sha256"):
+            return f"weight file {name} changed since it was written (sha256 differs)"
+    return None
 
 
 def _config_dict(model: nn.Module, qcfg: dict[str, Any]) -> dict[str, Any]:
@@ -262,22 +302,14 @@ def save_quantized(
         extra_files: called with the temporary folder before it is renamed into place, to add files
             (e.g. ``AWQResults.save``) that must be part of the atomic write.
     Raises:
-        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        DestinationError (a FileExistsError): ``dst`` exists and ``overwrite`` is False, or it may not be
+            replaced (:func:`awqkit.io.destination.check_destination`); writing failed (disk full, ...).
         ValueError: nothing quantized, modules disagree with ``quant_config``, metadata not JSON,
             broken tied embeddings, or a value that overflows fp16.
     """
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True to replace it or choose another path")
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"{dst} exists and is not a directory; refusing to replace it")
+    dst = destination.check_destination(dst, overwrite=overwrite, src=src_dir)
     max_bytes = parse_size(max_shard_size)
-    try:
-        meta_text = json.dumps(metadata, sort_keys=True, indent=2) + "\n"
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"metadata is not JSON-serializable ({exc}); convert values to str/int/float/list/dict"
-        ) from None
+    meta_text(metadata, {})  # not JSON: fail before writing anything
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quantized:
         raise ValueError("model has no QuantLinear modules; quantize it (nn.replace.replace_linears) before saving")
@@ -297,25 +329,39 @@ def save_quantized(
     cfg = _config_dict(model, qcfg)
     plan = _state_plan(model)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    destination.recover(dst)
     try:
-        _write_shards(plan, tmp, max_bytes)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        copied = _copy_src_files(Path(src_dir), tmp) if src_dir is not None else []
-        gen = getattr(model, "generation_config", None)
-        if "generation_config.json" not in copied and gen is not None:
-            gen.to_json_file(tmp / "generation_config.json", use_diff=True)
-        (tmp / "quantization_metadata.json").write_text(meta_text)
-        if extra_files is not None:
-            extra_files(tmp)
-        _normal_permissions(tmp)
-        _commit(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with destination.staging(dst) as tmp:
+            written = _write_shards(plan, tmp, max_bytes)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            copied = _copy_src_files(Path(src_dir), tmp) if src_dir is not None else []
+            gen = getattr(model, "generation_config", None)
+            if "generation_config.json" not in copied and gen is not None:
+                gen.to_json_file(tmp / "generation_config.json", use_diff=True)
+            files = {name: file_digest(tmp / name) for name in written}
+            (tmp / "quantization_metadata.json").write_text(meta_text(metadata, files))
+            if extra_files is not None:
+                extra_files(tmp)
+            _normal_permissions(tmp)
+            destination.commit(tmp, dst)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
+            raise
+        raise DestinationError(f"writing the output to {dst} failed ({exc.strerror or exc}"
+                               f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was replaced. Free "
+                               "disk space or fix permissions, then run again") from exc
     logger.info("saved %d quantized linears (%d-bit) to %s", len(quantized), quant_config.bits, dst)
     return dst
+
+
+def meta_text(metadata: dict[str, Any], files: dict[str, Any]) -> str:
+    """``quantization_metadata.json``'s text: ``metadata`` with the written weight files under :data:`FILES_KEY`."""
+    try:
+        return json.dumps({**metadata, FILES_KEY: files}, sort_keys=True, indent=2) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"metadata is not JSON-serializable ({exc}); convert values to str/int/float/list/dict"
+        ) from None
 
 
 def _normal_permissions(folder: Path) -> None:
@@ -327,19 +373,4 @@ def _normal_permissions(folder: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _commit(tmp: Path, dst: Path) -> None:
-    """Rename ``tmp`` to ``dst``; an existing ``dst`` is moved aside first and deleted only afterwards."""
-    if not dst.exists():
-        tmp.rename(dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    dst.rename(old)
-    try:
-        tmp.rename(dst)
-    except BaseException:
-        old.rename(dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-__all__ = ["save_quantized", "build_quantization_config", "parse_size"]
+__all__ = ["FILES_KEY", "build_quantization_config", "file_digest", "parse_size", "save_quantized", "verify_files"]
