@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -22,12 +23,20 @@ from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_ar
 from awqkit.calib import load_calibration, text_file_hash
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
 from awqkit.eval.resources import track_peak_rss
+from awqkit.errors import InputError
+from awqkit.io.destination import check_destination, check_free_space, check_writable, recover
 from awqkit.io.save import save_quantized
-from awqkit.io.source import SourceInfo, load_source
+from awqkit.io.source import SourceCheck, SourceInfo, check_finite, inspect_source, load_source
 from awqkit.nn.replace import replace_linears
 from awqkit.pipeline import run_awq
 from awqkit.platform.info import training_link
 from awqkit.platform.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
+from awqkit.preflight import (
+    check_calibration_source,
+    check_device,
+    check_seq_len,
+    expected_output_bytes,
+)
 from awqkit.report.model_card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -75,14 +84,14 @@ def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targe
                f"{listed}{' ...' if len(unaligned) > 6 else ''}. Group sizes that fit every "
                f"layer: {ok}.")
         if not qcfg.keep_unaligned_fp16:
-            raise ValueError(msg + " Choose one of them, or keep these layers in fp16 with --keep-unaligned-fp16.")
+            raise InputError(msg + " Choose one of them, or keep these layers in fp16 with --keep-unaligned-fp16.")
         logger.warning("%s Keeping them in fp16 as asked.", msg)
     all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for pattern in qcfg.modules_to_not_convert:
         if not any(matches(n, (pattern,)) for n in all_linears):
             logger.warning("modules_to_not_convert entry %r matches no linear layer of this model", pattern)
     if not out.quantized:
-        raise ValueError("no linear layer is left to quantize; check modules_to_not_convert and group_size")
+        raise InputError("no linear layer is left to quantize; check modules_to_not_convert and group_size")
     return out
 
 
@@ -93,6 +102,40 @@ class QuantizeReport:
     results: AWQResults | None
     seconds: float
     peak_rss_bytes: int
+
+
+def _method_and_quant(method: str | None, spec: QuantizationSpec | None,
+                      quant: QuantConfig | None) -> tuple[str, QuantConfig, QuantizationSpec]:
+    """``(method, quant, spec)`` from what the caller passed (see :func:`quantize`)."""
+    if spec is not None:
+        if quant is not None:
+            raise InputError("pass either spec or quant, not both (the spec's weights settings are the QuantConfig)")
+        if method is not None and QuantMethod.parse(method) is not spec.method:
+            raise InputError(f"method={method!r} disagrees with spec.method={spec.method.value!r}; pass one of them")
+        if not spec.method.quantizes:
+            raise InputError("spec.method is 'none' (the float model): there is nothing to quantize")
+        warn_unapplied(spec, logger)
+        method, quant = spec.method.value, spec.to_quant_config()
+    method = method or "awq"
+    quant = quant or QuantConfig()
+    if method not in METHODS:
+        raise InputError(f"method {method!r} is not supported; choose one of {METHODS}")
+    return method, quant, spec or QuantizationSpec.from_quant_config(method, quant)
+
+
+def _check_before_loading(src: str | Path, dst: str | Path, method: str, calib: CalibConfig,
+                          device: str | torch.device, overwrite: bool) -> tuple[Path, torch.device, SourceCheck]:
+    """The checks of :mod:`awqkit.preflight` that need no model: ``(dst, device, source check)``."""
+    recover(dst)
+    path = check_destination(dst, overwrite=overwrite, src=src)
+    check_writable(path.parent)
+    dev = check_device(device)
+    checked = inspect_source(src)
+    if method == "awq":
+        check_calibration_source(calib.source)
+        if checked.config is not None:
+            check_seq_len(calib.seq_len, checked.config, str(src))
+    return path, dev, checked
 
 
 def quantize(
@@ -116,69 +159,65 @@ def quantize(
     warned about and recorded as ``not_applied`` in the metadata. When the source folder holds
     ``training_metadata.json`` it is copied into ``dst`` and linked from the metadata (``"training"``).
 
-    ``dst`` is written to a temporary sibling and renamed into place when complete; an existing
-    ``dst`` is refused unless ``overwrite``. Same inputs and seed give identical tensors.
+    Everything that can be checked is checked before calibration starts (:mod:`awqkit.preflight`).
+    ``dst`` is written to a temporary sibling and put in place when complete (:mod:`awqkit.io.destination`);
+    an existing ``dst`` is refused unless ``overwrite``, and even then only a folder awqkit wrote (or an empty
+    one) is replaced. Same inputs and seed give identical tensors.
     """
-    if spec is not None:
-        if quant is not None:
-            raise ValueError("pass either spec or quant, not both (the spec's weights settings are the QuantConfig)")
-        if method is not None and QuantMethod.parse(method) is not spec.method:
-            raise ValueError(f"method={method!r} disagrees with spec.method={spec.method.value!r}; pass one of them")
-        if not spec.method.quantizes:
-            raise ValueError("spec.method is 'none' (the float model): there is nothing to quantize")
-        warn_unapplied(spec, logger)
-        method, quant = spec.method.value, spec.to_quant_config()
-    method = method or "awq"
-    quant, calib, search = quant or QuantConfig(), calib or CalibConfig(), search or SearchConfig()
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not supported; choose one of {METHODS}")
-    spec = spec or QuantizationSpec.from_quant_config(method, quant)
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) or choose another --dst")
+    method, quant, spec = _method_and_quant(method, spec, quant)
+    calib, search = calib or CalibConfig(), search or SearchConfig()
+    dst, dev, checked = _check_before_loading(src, dst, method, calib, device, overwrite)
     t0 = time.perf_counter()
     with track_peak_rss() as rss:
         # [STEP 1]
-        model, tokenizer, info = load_source(src, trust_remote_code=trust_remote_code)
+        model, tokenizer, info = load_source(src, trust_remote_code=trust_remote_code, checked=checked)
         arch = resolve_arch(model)
         # [STEP 2]
         targets = select_targets(model, arch, quant)
-        results = None
-        calib_meta: dict[str, Any] = {}
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
+        ids = None
         if method == "awq":
             # [STEP 3]
+            check_seq_len(calib.seq_len, model.config, str(src))
             t = time.perf_counter()
             torch.manual_seed(calib.seed)
             ids = load_calibration(calib.source, tokenizer, calib, model=model)
-            calib_meta = _calib_metadata(calib, ids)
             timings["calibration_data"] = time.perf_counter() - t
-            # [STEP 4]
+        check_finite(model, f"source model {src}")
+        check_free_space(dst.parent, expected_output_bytes(model, targets.quantized, quant.bits, quant.group_size))
+        # [STEP 4]
+        results = None
+        if ids is not None:
             t = time.perf_counter()
-            results = run_awq(model, ids, quant, search, set(targets.quantized), device=device, progress=progress)
+            results = run_awq(model, ids, quant, search, set(targets.quantized), device=dev, progress=progress)
             timings["search"] = time.perf_counter() - t
         # [STEP 5]
         t = time.perf_counter()
         replace_linears(model, targets.quantized, quant.bits, quant.group_size, quant.zero_point)
         timings["pack"] = time.perf_counter() - t
         timings["total_before_save"] = time.perf_counter() - t0
-        metadata = build_metadata(method, quant, calib if method == "awq" else None, search if method == "awq" else None,
-                                  info, targets, results, calib_meta, timings, spec=spec,
+        metadata = build_metadata(method, quant, calib if ids is not None else None,
+                                  search if ids is not None else None, info, targets, results,
+                                  _calib_metadata(calib, ids) if ids is not None else {}, timings, spec=spec,
                                   training=training_link(info))
         # [STEP 6]
-        keep = sorted(targets.kept)
-
-        def extra_files(tmp: Path) -> None:
-            if results is not None:
-                results.save(tmp)
-            base = info.name_or_path or (info.folder.name if info.folder else str(src))
-            write_model_card(tmp, base_model=base, metadata=metadata, name=dst.name)
-
-        path = save_quantized(model, dst, src_dir=info.folder, quant_config=quant, metadata=metadata,
-                              modules_to_not_convert=keep, overwrite=overwrite, extra_files=extra_files)
+        path = _save(model, dst, src, info, quant, metadata, targets, results, overwrite)
     seconds = time.perf_counter() - t0
     logger.info("quantized %s with %s in %.1f s (peak RSS %.2f GB)", src, method, seconds, rss.peak / 1e9)
-    return QuantizeReport(path, metadata, results, seconds, rss.peak)
+    written = json.loads((path / "quantization_metadata.json").read_text(encoding="utf-8"))
+    return QuantizeReport(path, written, results, seconds, rss.peak)
+
+
+def _save(model: nn.Module, dst: Path, src: str | Path, info: SourceInfo, quant: QuantConfig,
+          metadata: dict[str, Any], targets: Targets, results: AWQResults | None, overwrite: bool) -> Path:
+    def extra_files(tmp: Path) -> None:
+        if results is not None:
+            results.save(tmp)
+        base = info.name_or_path or (info.folder.name if info.folder else str(src))
+        write_model_card(tmp, base_model=base, metadata=metadata, name=dst.name)
+
+    return save_quantized(model, dst, src_dir=info.folder, quant_config=quant, metadata=metadata,
+                          modules_to_not_convert=sorted(targets.kept), overwrite=overwrite, extra_files=extra_files)
 
 
 def _calib_metadata(calib: CalibConfig, ids: torch.Tensor) -> dict[str, Any]:
@@ -218,6 +257,7 @@ def build_metadata(
         "zero_point": quant.zero_point,
         "quant_config": to_dict(quant),
         "search_config": to_dict(search) if search is not None else None,
+        "calib_config": to_dict(calib) if calib is not None else None,
         "calibration": calib_meta or None,
         "source_model": info.to_dict(),
         "quantized_modules": len(targets.quantized),
@@ -253,7 +293,7 @@ def quantize_with_awq(
         backend: the quantization method, "awq" or "rtn".
     """
     if not skip_lm_head:
-        raise ValueError("awqkit never quantizes the LM head; call with skip_lm_head=True")
+        raise InputError("awqkit never quantizes the LM head; call with skip_lm_head=True")
     report = quantize(
         src, dst, method=backend,
         quant=QuantConfig(bits=bits, group_size=group_size),

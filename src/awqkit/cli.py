@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
+from typing import Any
+
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, defaults
+from awqkit.errors import AwqkitError, InputError
 
 Q, C, S = defaults(QuantConfig), defaults(CalibConfig), defaults(SearchConfig)
 
@@ -84,7 +90,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from awqkit.api import quantize
 
     if not a.keep_lm_head_fp16:
-        raise ValueError("awqkit never quantizes the LM head; drop --no-keep-lm-head-fp16")
+        raise InputError("awqkit never quantizes the LM head; drop --no-keep-lm-head-fp16")
     quant, calib, search = _configs(a)
     report = quantize(a.src, a.dst, method=a.method, quant=quant, calib=calib, search=search, device=a.device,
                       overwrite=a.overwrite, trust_remote_code=a.trust_remote_code)
@@ -166,15 +172,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Expected failures: printed as one line (exit 2); anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (AwqkitError, ValueError, OSError, ModuleNotFoundError)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (a job scheduler, ``kill``) ends a run like Ctrl-C: unfinished outputs are removed."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, AwqkitError):
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    if isinstance(exc, KeyError):  # str(KeyError) is the quoted key only
+        text = f"missing key {text}"
+    return text or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``awqkit`` command; returns its exit status (0, 1 for partial failures, 2 errors, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return int(args.func(args))
-    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"awqkit {args.command}: error: {exc}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"awqkit {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"awqkit {args.command}: interrupted; unfinished outputs were removed, finished ones kept. Run the "
+              "same command again to continue", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from awqkit.errors import InputError
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
 SCALE_MODES = ("x", "duo", "both")
@@ -38,13 +40,13 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
+            raise InputError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(
+            raise InputError(
                 f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
             )
         if self.version != "gemm":
-            raise ValueError(f"version={self.version!r} is not supported; awqkit writes 'gemm'")
+            raise InputError(f"version={self.version!r} is not supported; awqkit writes 'gemm'")
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
 
     @property
@@ -73,9 +75,9 @@ class CalibConfig:
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
-            raise ValueError(f"n_samples={self.n_samples} must be >= 1")
+            raise InputError(f"n_samples={self.n_samples} must be >= 1")
         if self.seq_len < 8:
-            raise ValueError(f"seq_len={self.seq_len} must be >= 8 tokens")
+            raise InputError(f"seq_len={self.seq_len} must be >= 8 tokens")
 
 
 @dataclass(frozen=True)
@@ -112,15 +114,15 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         if self.scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode={self.scale_mode!r}; choose one of {SCALE_MODES}")
+            raise InputError(f"scale_mode={self.scale_mode!r}; choose one of {SCALE_MODES}")
         if self.propagate not in PROPAGATE_MODES:
-            raise ValueError(f"propagate={self.propagate!r}; choose one of {PROPAGATE_MODES}")
+            raise InputError(f"propagate={self.propagate!r}; choose one of {PROPAGATE_MODES}")
         if self.n_grid < 2:
-            raise ValueError(f"n_grid={self.n_grid} must be >= 2 (it includes both ends of [0, 1])")
+            raise InputError(f"n_grid={self.n_grid} must be >= 2 (it includes both ends of [0, 1])")
         if not 0.0 <= self.clip_max_shrink < 1.0:
-            raise ValueError(f"clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
+            raise InputError(f"clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
         if min(self.search_samples, self.search_tokens, self.batch_size) < 1 or self.clip_n_tokens < 0:
-            raise ValueError("search_samples, search_tokens and batch_size must be >= 1, clip_n_tokens >= 0 "
+            raise InputError("search_samples, search_tokens and batch_size must be >= 1, clip_n_tokens >= 0 "
                              "(0: every calibration token)")
 
 

@@ -7,6 +7,7 @@ from awqkit.arch.resolve import (
     matches,
     resolve_arch,
     resolve_mappings,
+    spec_for_architectures,
     supported_architectures,
 )
 from awqkit.arch.specs import REGISTRY, ArchSpec, DecodeSpec, Mapping
@@ -22,5 +23,6 @@ __all__ = [
     "matches",
     "resolve_arch",
     "resolve_mappings",
+    "spec_for_architectures",
     "supported_architectures",
 ]

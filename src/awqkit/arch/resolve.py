@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from awqkit.arch.specs import REGISTRY, ArchSpec, Mapping
+from awqkit.errors import InputError
 from awqkit.nn.replace import name_matches
 
 logger = logging.getLogger(__name__)
@@ -18,15 +19,23 @@ def supported_architectures() -> list[str]:
     return sorted(a for spec in REGISTRY for a in spec.architectures)
 
 
-def resolve_arch(model: nn.Module) -> ArchSpec:
-    """The spec for ``model`` (by ``config.architectures``, then class name); loud error if unknown."""
-    names = list(getattr(getattr(model, "config", None), "architectures", None) or [])
-    names.append(type(model).__name__)
+def spec_for_architectures(names: list[str] | tuple[str, ...]) -> ArchSpec | None:
+    """The spec serving the first of ``names`` (``config.architectures``) that awqkit knows, else None."""
     for name in names:
         for spec in REGISTRY:
             if name in spec.architectures:
                 return spec
-    raise ValueError(
+    return None
+
+
+def resolve_arch(model: nn.Module) -> ArchSpec:
+    """The spec for ``model`` (by ``config.architectures``, then class name); loud error if unknown."""
+    names = list(getattr(getattr(model, "config", None), "architectures", None) or [])
+    names.append(type(model).__name__)
+    spec = spec_for_architectures(names)
+    if spec is not None:
+        return spec
+    raise InputError(
         f"unsupported architecture {names[0]!r} (model class {type(model).__name__}); awqkit supports "
         f"{', '.join(supported_architectures())}. Add an ArchSpec in awqkit/arch/specs.py to support it."
     )

@@ -87,6 +87,8 @@ class ArchSpec:
     norm_offset: the norms compute ``x̂ · (norm_offset + w)``: 0 for Llama-style, 1 for Gemma's (1 + w).
     not_convert: regexes (fullmatch on the full module name) of linears never quantized.
     decode: where awqkit's decode loop finds the parts, or None when it does not run this family.
+    config_fields: integer fields the (text) config must state; transformers would fill absent ones with its
+        defaults and build a model of another size than the weights.
     """
 
     name: str
@@ -97,6 +99,8 @@ class ArchSpec:
     norm_offset: float = 0.0
     not_convert: tuple[str, ...] = (r"lm_head",)
     decode: DecodeSpec | None = None
+    config_fields: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                      "num_attention_heads", "vocab_size")
 
 
 # Llama-style decoder layer: input_layernorm → attention; post_attention_layernorm → gated MLP.

@@ -2,21 +2,34 @@
 
 * folder: safetensors, or ``pytorch_model*.bin`` read with ``weights_only=True`` (transformers' default);
 * ``.gguf`` file: transformers' GGUF reader (needs the ``gguf`` package) dequantizes it to float32;
-* anything else is passed to transformers as a hub id (needs a network connection).
+* anything else is passed to transformers as a hub id (needs a network connection or the hub cache).
 
 ``trust_remote_code`` is False unless asked for. The model lands on CPU in its stored dtype (or
 ``dtype``); awqkit computes each layer in float32 whatever the stored dtype.
+
+:func:`inspect_source` checks a source before anything heavy is loaded, each problem a one-line
+:mod:`awqkit.errors` error: a missing local path (also one that only looks like a hub id, such as
+``models/my-model`` when ``models/`` exists here), a hub id the hub does not know or cannot be asked about,
+a folder without ``config.json`` or weights, an already quantized model, an architecture awqkit does not
+support, a config without the size fields the architecture needs, and weight files whose safetensors header
+is damaged or whose data is cut short (``safe_open`` checks that the header covers the file exactly).
+:func:`check_finite` names the first tensor of a loaded model holding NaN or Inf.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import pickle  # only for its UnpicklingError: weights are read with weights_only=True
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from awqkit.errors import CheckpointError, InputError, NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -54,50 +67,196 @@ def _weight_files(folder: Path) -> list[Path]:
     return [p for pat in WEIGHT_PATTERNS[:2] for p in folder.glob(pat)]
 
 
+@dataclass
+class SourceCheck:
+    """What :func:`inspect_source` found: where to load from and the raw ``config.json`` (None for hub ids
+    not in the local cache and for GGUF files)."""
+
+    src: str
+    kind: str  # "folder", "gguf" or "hub"
+    folder: Path | None
+    load_dir: str
+    extra: dict[str, Any]
+    files: list[Path]
+    config: dict[str, Any] | None
+
+    def text_config(self) -> dict[str, Any]:
+        """The language model's part of the config (``text_config`` of multimodal configs)."""
+        cfg = self.config or {}
+        text = cfg.get("text_config")
+        return text if isinstance(text, dict) else cfg
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON ({exc}); restore the model's config.json") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} holds a {type(cfg).__name__}, not a JSON object; restore the model's "
+                              "config.json")
+    return cfg
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"weight file {f} is damaged or cut short ({exc}); download or save the model "
+                                  "again") from None
+
+
+def _check_index(folder: Path) -> None:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a readable shard index ({exc}); save the model again") from None
+    missing = sorted(s for s in shards if not (folder / s).is_file())
+    if missing:
+        raise CheckpointError(f"{folder} lacks the weight shards {missing} listed in its index; download or save "
+                              "the model again")
+
+
+def _check_config(src: str, cfg: dict[str, Any]) -> None:
+    from awqkit.arch import spec_for_architectures, supported_architectures
+
+    qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        raise InputError(f"{src} is already quantized (quant_method {method!r} in config.json); pass the float "
+                         "model it was made from")
+    names = cfg.get("architectures") or []
+    spec = spec_for_architectures(names)
+    if spec is None:
+        raise InputError(f"{src}: architecture {names or cfg.get('model_type')!r} is not supported; supported: "
+                         f"{', '.join(supported_architectures())}")
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    missing = [k for k in spec.config_fields if not isinstance(text.get(k), int) or isinstance(text.get(k), bool)]
+    if missing:
+        raise CheckpointError(f"{src}/config.json lacks the size fields {missing} (or they are not integers); "
+                              "restore the config.json the model was saved with")
+
+
+def _local_prefix_exists(src: str) -> Path | None:
+    """The first component of ``src`` when it is a local folder (``models`` of ``models/my-model``)."""
+    first = Path(src).parts[0] if Path(src).parts else ""
+    return Path(first) if first and Path(first).is_dir() else None
+
+
+def _check_hub_id(src: str) -> None:
+    """A hub id must be in the local hub cache or known to the hub (one quick request, no retries)."""
+    local = _local_prefix_exists(src)
+    if local is not None:
+        raise InputError(f"model source {src!r} does not exist (the folder {local}/ does, so this looks like a "
+                         "mistyped local path); check the path, or prefix a hub id's owner with nothing local")
+    try:
+        from huggingface_hub import HfApi, try_to_load_from_cache
+        from huggingface_hub.errors import RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return
+    if isinstance(try_to_load_from_cache(src, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise InputError(f"model source {src!r} is not a local path, and HF_HUB_OFFLINE is set with no cached copy; "
+                         "pass a local folder or a .gguf file")
+    try:
+        HfApi().model_info(src, timeout=10)
+    except RepositoryNotFoundError:
+        raise InputError(f"model source {src!r} is neither a local path nor a model on the Hugging Face hub; "
+                         "check the spelling") from None
+    except Exception as exc:  # noqa: BLE001 - the hub client's transport errors (httpx, httpx2, requests) share no
+        # base class below Exception; any failure here means the hub could not be asked
+        if getattr(getattr(exc, "response", None), "status_code", None) in (401, 403):
+            return  # gated or private: transformers will use the user's token
+        raise InputError(f"model source {src!r} is not a local path, and the Hugging Face hub could not be asked "
+                         f"about it ({type(exc).__name__}: {str(exc)[:120]}); pass a local folder, or check the "
+                         "network") from None
+
+
+def inspect_source(src: str | Path) -> SourceCheck:
+    """Check ``src`` before loading it (see the module docstring); raises InputError / CheckpointError."""
+    path = Path(src).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return SourceCheck(str(src), "gguf", path.parent, str(path.parent), {"gguf_file": path.name}, [path], None)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise InputError(f"{path} has no config.json; expected a Hugging Face model folder or a .gguf file")
+        cfg = _read_config(cfg_file)
+        _check_config(str(src), cfg)
+        files = _weight_files(path)
+        if not files:
+            raise InputError(f"{path} holds no *.safetensors or pytorch_model*.bin weights")
+        _check_index(path)
+        _check_safetensors(files)
+        return SourceCheck(str(src), "folder", path, str(path), {}, files, cfg)
+    if path.exists():
+        raise InputError(f"{path} is a file but not a .gguf; pass its folder (with config.json) instead")
+    if str(src).count("/") == 1 and not str(src).startswith((".", "/", "~")):
+        _check_hub_id(str(src))
+        return SourceCheck(str(src), "hub", None, str(src), {}, [], None)
+    raise InputError(f"model source {str(src)!r} does not exist; pass a local folder, a .gguf file or a hub id")
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """Raise NonFiniteError naming the first parameter or buffer of ``model`` that holds NaN or Inf."""
+    seen: set[int] = set()
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if id(t) in seen or not t.is_floating_point() or t.numel() == 0:
+            continue
+        seen.add(id(t))
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"{where}: tensor {name} holds {bad} NaN/Inf value(s); fix or re-export the model "
+                                 "(awqkit cannot quantize or keep non-finite weights)")
+
+
 def load_source(
     src: str | Path,
     *,
     dtype: torch.dtype | str = "auto",
     trust_remote_code: bool = False,
     hash_files: bool = True,
+    checked: SourceCheck | None = None,
 ) -> tuple[Any, Any, SourceInfo]:
-    """Return ``(model, tokenizer, SourceInfo)`` for ``src`` (see module docstring), model in eval mode on CPU."""
+    """Return ``(model, tokenizer, SourceInfo)`` for ``src`` (see module docstring), model in eval mode on CPU.
+
+    ``checked``: :func:`inspect_source`'s result when the caller ran it already.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(src).expanduser()
+    chk = checked or inspect_source(src)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if path.is_file() and path.suffix == ".gguf":
-        kind, folder, load_dir, extra = "gguf", path.parent, str(path.parent), {"gguf_file": path.name}
-        files = [path]
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path} has no config.json; expected a Hugging Face model folder or a .gguf file")
-        files = _weight_files(path)
-        if not files:
-            raise ValueError(f"{path} holds no *.safetensors or pytorch_model*.bin weights")
-        kind, folder, load_dir, extra = "folder", path, str(path), {}
-    elif path.exists():
-        raise ValueError(f"{path} is a file but not a .gguf; pass its folder (with config.json) instead")
-    elif str(src).count("/") == 1 and not str(src).startswith((".", "/", "~")):
-        kind, folder, load_dir, extra, files = "hub", None, str(src), {}, []
-    else:
-        raise ValueError(f"model source {str(src)!r} does not exist; pass a local folder, a .gguf file or a hub id")
-
-    logger.info("loading %s model from %s", kind, src)
-    model = AutoModelForCausalLM.from_pretrained(load_dir, dtype=dtype, low_cpu_mem_usage=True, **extra, **common)
-    tokenizer = AutoTokenizer.from_pretrained(load_dir, **extra, **common)
-    if kind == "gguf":  # the GGUF reader returns a plain float model tagged as "gguf-quantized"
+    logger.info("loading %s model from %s", chk.kind, src)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(chk.load_dir, dtype=dtype, low_cpu_mem_usage=True,
+                                                     **chk.extra, **common)
+        tokenizer = AutoTokenizer.from_pretrained(chk.load_dir, **chk.extra, **common)
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        # transformers', safetensors' and torch.load's errors for files that are not what they claim
+        raise CheckpointError(f"loading {src} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+                              "check that it is a complete Hugging Face causal LM") from exc
+    if chk.kind == "gguf":  # the GGUF reader returns a plain float model tagged as "gguf-quantized"
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     if getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError(f"{src} is already quantized ({model.config.quantization_config}); pass a float model")
+        raise InputError(f"{src} is already quantized ({model.config.quantization_config}); pass a float model")
     model.eval()
     info = SourceInfo(
-        src=str(src), kind=kind, folder=folder,
+        src=str(src), kind=chk.kind, folder=chk.folder,
         architectures=list(getattr(model.config, "architectures", None) or [type(model).__name__]),
-        weights_sha256=hash_weights(files) if (hash_files and files) else None,
+        weights_sha256=hash_weights(chk.files) if (hash_files and chk.files) else None,
         name_or_path=str(getattr(model.config, "_name_or_path", "") or src),
     )
     return model, tokenizer, info

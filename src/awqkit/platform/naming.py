@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
+from awqkit.errors import InputError
+
 if TYPE_CHECKING:
     from awqkit.platform.spec import QuantizationSpec
 
@@ -56,7 +58,7 @@ _HEAD_RE = re.compile(r"head([A-Za-z0-9]+)", re.IGNORECASE)
 _KV_RE = re.compile(r"kv(\d+)", re.IGNORECASE)
 
 
-class RunNameError(ValueError):
+class RunNameError(InputError):
     """A run name (or one of its parts) does not follow :data:`PATTERN`."""
 
 

@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from awqkit.config import CalibConfig, SearchConfig, to_dict
+from awqkit.errors import InputError
 from awqkit.platform.naming import (
     RunNameError,
     base_model_name,
@@ -92,6 +93,8 @@ from awqkit.platform.naming import (
     quantized_folder_name,
 )
 from awqkit.platform.spec import APPLIED_EXTRAS, QuantizationSpec, resolve_quantization_spec
+
+from awqkit.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ EVAL_KEYS = ("tasks", "limit", "windows", "seq_len", "batch_size", "text", "data
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """The plan file is unreadable or invalid; the message names the file and every bad key."""
 
 
@@ -635,6 +638,13 @@ def plan_from_dict(data: dict[str, Any], *, base_dir: str | Path = ".", source: 
     device = data.get("device", "cpu")
     if not isinstance(device, str):
         errors.add("device", f"{device!r} is not a device name such as 'cpu' or 'cuda'")
+    else:
+        from awqkit.preflight import check_device
+
+        try:
+            check_device(device)
+        except (ValueError, RuntimeError) as exc:
+            errors.add("device", str(exc).replace("--device ", "", 1))
     trust = data.get("trust_remote_code", False)
     if not isinstance(trust, bool):
         errors.add("trust_remote_code", f"{trust!r} is not true or false")
