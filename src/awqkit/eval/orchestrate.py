@@ -3,7 +3,8 @@
 The plan is the one of ``awqkit batch`` (:mod:`awqkit.platform.plan`); its ``[eval]`` table sets the tasks.
 
 1. **Quantize**: exactly as ``awqkit batch`` (:func:`awqkit.platform.batch.quantize_cells`: complete
-   outputs are skipped, stale temporary folders removed, a failure recorded and the rest go on).
+   outputs are skipped, stale ones redone, interrupted writes finished or rolled back, a failure recorded
+   and the rest go on).
 2. **Evaluate** every *evaluation cell*: for each model, first its float baseline (the source folder
    itself, named ``<run name>_FP16``; evaluated, never quantized, whether or not the plan lists a ``fp``
    spec), then each quantized output. The baseline runs every task but ``kl``; a quantized folder runs
@@ -39,9 +40,10 @@ from awqkit.platform.batch import (
     STATE_FILE,
     CellOutcome,
     RunState,
-    clean_stale_temps,
+    expected_settings,
     folder_state,
     quantize_cells,
+    recover_destinations,
     run_lock,
     write_json_atomic,
 )
@@ -243,7 +245,8 @@ def _evaluate_all(plan: Plan, state: RunState | None, text_sha: str | None, *, p
                              path=str(file) if status == "done" else None, model=str(cell.path))
 
         if cell.quantized:
-            qstatus, why = folder_state(cell.path, cell.spec)
+            # quantize_cells has just checked the files' hashes: their sizes suffice here
+            qstatus, why = folder_state(cell.path, expected_settings(plan, cell.model, cell.spec), hashes=False)
             if qstatus != "complete":
                 prev = state.get("quantize", cell.name) if state is not None else None
                 reason = (prev or {}).get("error") or why or "its quantized folder does not exist"
@@ -318,7 +321,7 @@ def orchestrate(plan: Plan | str | Path, *, output_dir: str | Path | None = None
         report.evaluate = _evaluate_all(plan, None, text_sha, progress=progress, dry_run=True)
         return report
     with run_lock(plan.output_dir):
-        clean_stale_temps(plan.cells())
+        recover_destinations(plan.cells())
         state = RunState(plan.output_dir / STATE_FILE, plan.source)
         report.quantize = quantize_cells(plan, state, progress=progress)
         report.evaluate = _evaluate_all(plan, state, text_sha, progress=progress, dry_run=False)

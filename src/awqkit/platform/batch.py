@@ -3,17 +3,21 @@
 The plan format is :mod:`awqkit.platform.plan` (shared with ``awqkit orchestrate``). Each pair (a *cell*)
 is written to ``<output_dir>/<run name>_quantized`` with :func:`awqkit.api.quantize`.
 
-* **Complete** (:func:`folder_state`): the folder exists, its ``config.json`` holds a
-  ``quantization_config`` and it holds ``quantization_metadata.json`` whose spec gives the cell's quant tag.
-  :func:`awqkit.io.save.save_quantized` writes into a hidden sibling ``.<name>.tmp-XXXX`` and renames it
-  into place when complete, so a folder under the final name is never half written. A complete folder is
-  skipped; a folder under the final name that is not complete (or holds another spec) is reported as a
-  failed cell and left alone (remove it to have it made).
-* **Interrupted runs**: temporary siblings ``.<name>.tmp-*`` (and ``.<name>.old-*``) of the plan's outputs
-  left by a killed run are removed at the start, with a warning each.
+* **Complete means complete** (:func:`folder_state`): a cell's folder is complete when it holds
+  ``quantization_metadata.json`` and a ``quantization_config``, its weight files have the sizes and sha256
+  recorded at the end of their write (:func:`awqkit.io.save.verify_files`), and its recorded settings
+  equal the plan's for that cell (:func:`settings_mismatch`: the spec, which includes the method; for
+  methods that calibrate, the calibration settings, the calibration file's sha256 and the search
+  settings). A complete folder is skipped. An awqkit folder that is not complete (damaged, stale, made
+  under other settings) is *redone*, replacing it, with a warning that says why. A folder under the final
+  name that awqkit did not write (no ``quantization_metadata.json``) is reported as a failed cell and
+  left alone (move it away to have the output made).
+* **Interrupted runs**: before anything else each cell's destination is recovered
+  (:func:`awqkit.io.destination.recover`): an interrupted replacement is finished or rolled back, staged
+  folders of killed runs are removed.
 * **Failures**: an exception while quantizing one cell is logged (with its traceback), recorded and the
   batch goes on; the report lists it at the end. ``KeyboardInterrupt`` stops the batch (what was finished
-  stays finished). Rerunning the same plan redoes only the missing and failed cells.
+  stays finished). Rerunning the same plan redoes only the missing, stale and failed cells.
 * **State** (:data:`STATE_FILE` in ``output_dir``; rewritten atomically after every cell)::
 
       {"format_version": 1, "plan": "<plan file>", "updated": "<UTC time>",
@@ -35,7 +39,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import tempfile
 import time
@@ -46,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from awqkit.platform.naming import quant_tag
-from awqkit.platform.plan import Cell, Plan, is_quantized_folder, load_plan
+from awqkit.platform.plan import Cell, Plan, PlanModel, is_quantized_folder, load_plan
+from awqkit.platform.spec import QuantizationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -75,50 +79,85 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------- folders
-def folder_state(folder: Path, spec: Any = None) -> tuple[str, str | None]:
-    """``("missing", None)``, ``("complete", None)`` or ``("incomplete", why)`` for an output folder.
+def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> dict[str, Any]:
+    """What the ``quantization_metadata.json`` of ``model`` quantized under ``spec`` must record for the cell to be current (see
+    :func:`settings_mismatch`): the spec, and for methods that calibrate the calibration and search settings
+    (``calib_config`` without the source path, the source file's sha256, ``search_config``)."""
+    from awqkit.calib import text_file_hash
+    from awqkit.config import to_dict
 
-    With ``spec``, a complete folder must also hold that spec (its quant tag) according to its
-    ``quantization_metadata.json``.
-    """
-    from awqkit.platform.spec import spec_from_metadata
+    out: dict[str, Any] = {"spec": spec.to_dict()}
+    if spec.method.value == "awq":
+        calib = to_dict(model.calib)
+        source = calib.pop("source")
+        out["calib_config"] = calib
+        out["calibration_sha256"] = None if source == "self" else (
+            text_file_hash(source) if Path(source).is_file() else f"missing file {source}")
+        out["search_config"] = to_dict(plan.search)
+    return out
 
-    if not folder.exists():
+
+def settings_mismatch(meta: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """The first recorded setting of ``meta`` that differs from ``expected`` (:func:`expected_settings`), or
+    None when all agree."""
+    recorded: dict[str, Any] = {"spec": meta.get("spec")}
+    if "calib_config" in expected:
+        calib = meta.get("calib_config")
+        recorded["calib_config"] = {k: v for k, v in calib.items() if k != "source"} if isinstance(calib, dict) \
+            else None
+        calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
+        recorded["calibration_sha256"] = calibration.get("sha256")
+        recorded["search_config"] = meta.get("search_config")
+    for key, want in expected.items():
+        have = recorded.get(key)
+        if have != want:
+            if isinstance(have, dict) and isinstance(want, dict):
+                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+                return f"its {key} differs from the plan's in {diff}"
+            return f"its {key} is {have!r}, the plan asks for {want!r}"
+    return None
+
+
+def folder_state(folder: Path, expected: dict[str, Any] | None = None, *, hashes: bool = True) -> tuple[str, str | None]:
+    """``(status, why)`` of an output folder: ``missing``, ``complete``, ``stale`` (awqkit's, but damaged or
+    made under other settings than ``expected``: redo it) or ``foreign`` (not awqkit's: never touched).
+
+    ``hashes=False`` checks the weight files' sizes only (cheaper for large models)."""
+    from awqkit.io.save import verify_files
+
+    if not folder.exists() and not folder.is_symlink():
         return "missing", None
-    if not folder.is_dir():
-        return "incomplete", f"{folder} exists and is not a folder"
-    if not (folder / "config.json").is_file() or not is_quantized_folder(folder):
-        return "incomplete", f"{folder} exists but its config.json has no quantization_config"
+    if not folder.is_dir() or folder.is_symlink():
+        return "foreign", f"{folder} exists and is not a folder"
     meta_file = folder / "quantization_metadata.json"
+    if not meta_file.is_file():
+        return "foreign", f"{folder} exists but is not an awqkit output (no quantization_metadata.json)"
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "incomplete", f"{folder} exists but has no readable quantization_metadata.json"
-    if spec is not None:
-        found = spec_from_metadata(meta) if isinstance(meta, dict) else None
-        if found is None or quant_tag(found) != quant_tag(spec):
-            what = quant_tag(found) if found is not None else "an unknown spec"
-            return "incomplete", (f"{folder} holds {what} according to its quantization_metadata.json, not "
-                                  f"{quant_tag(spec)}")
+        meta = None
+    if not isinstance(meta, dict):
+        return "stale", f"{folder}: its quantization_metadata.json is unreadable"
+    if not (folder / "config.json").is_file() or not is_quantized_folder(folder):
+        return "stale", f"{folder}: its config.json has no quantization_config"
+    damage = verify_files(folder, meta, hashes=hashes)
+    if damage is not None:
+        return "stale", f"{folder}: {damage}"
+    if expected is not None:
+        mismatch = settings_mismatch(meta, expected)
+        if mismatch is not None:
+            return "stale", f"{folder} was made under other settings: {mismatch}"
     return "complete", None
 
 
-def clean_stale_temps(cells: list[Cell]) -> list[Path]:
-    """Remove ``.<name>.tmp-*`` / ``.<name>.old-*`` siblings of the cells' folders; returns what was removed."""
-    removed: list[Path] = []
+def recover_destinations(cells: list[Cell]) -> list[str]:
+    """:func:`awqkit.io.destination.recover` for every cell's folder; returns what was done."""
+    from awqkit.io.destination import recover
+
+    done: list[str] = []
     for cell in cells:
-        parent = cell.folder.parent
-        if not parent.is_dir():
-            continue
-        for pattern in (f".{cell.folder.name}.tmp-*", f".{cell.folder.name}.old-*"):
-            for stale in sorted(parent.glob(pattern)):
-                logger.warning("removing %s: a temporary folder left by an interrupted run", stale)
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
-                removed.append(stale)
-    return removed
+        done.extend(recover(cell.folder))
+    return done
 
 
 # ------------------------------------------------------------------------------------------- state and lock
@@ -230,7 +269,7 @@ class BatchReport:
 
     plan: Plan
     outcomes: list[CellOutcome] = field(default_factory=list)
-    removed_temps: list[Path] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)  # what was finished or removed of interrupted runs
 
     def _with(self, status: str) -> list[CellOutcome]:
         return [o for o in self.outcomes if o.status == status]
@@ -260,7 +299,7 @@ class BatchReport:
         lines = [head, *(o.line() for o in self.outcomes)]
         if self.failed:
             lines.append(f"{len(self.failed)} failed; fix the cause and run the same plan again to make them "
-                         "(finished outputs are not redone)")
+                         "(complete outputs are not redone)")
         return "\n".join(lines)
 
 
@@ -281,7 +320,7 @@ def quantize_cells(plan: Plan, state: RunState | None, *, progress: bool = True,
     outcomes: list[CellOutcome] = []
     for i, cell in enumerate(cells, 1):
         where = f"[{i}/{len(cells)}] {cell.folder.name}"
-        status, why = folder_state(cell.folder, cell.spec)
+        status, why = folder_state(cell.folder, expected_settings(plan, cell.model, cell.spec))
         common = {"path": str(cell.folder), "model": str(cell.model.path), "spec": cell.spec.to_dict()}
         if status == "complete":
             logger.info("%s: complete; skipped", where)
@@ -290,13 +329,15 @@ def quantize_cells(plan: Plan, state: RunState | None, *, progress: bool = True,
             if state is not None and (prev is None or prev.get("status") != "done"):
                 state.record("quantize", cell.name, status="done", error=None, seconds=None, reused=True, **common)
             continue
-        if status == "incomplete":
-            msg = f"{why}; remove it (or move it away) to have it made"
+        if status == "foreign":
+            msg = f"{why}; awqkit does not replace it: move it away to have the output made"
             logger.error("%s: %s", where, msg)
             outcomes.append(CellOutcome(cell.name, cell.folder, "failed", error=msg))
             if state is not None:
                 state.record("quantize", cell.name, status="failed", error=msg, seconds=None, reused=False, **common)
             continue
+        if status == "stale":
+            logger.warning("%s: %s; it is made again", where, why)
         if dry_run:
             outcomes.append(CellOutcome(cell.name, cell.folder, "planned"))
             continue
@@ -304,7 +345,8 @@ def quantize_cells(plan: Plan, state: RunState | None, *, progress: bool = True,
         t0 = time.perf_counter()
         try:
             api.quantize(cell.model.path, cell.folder, spec=cell.spec, calib=cell.model.calib, search=plan.search,
-                         device=plan.device, trust_remote_code=plan.trust_remote_code, progress=progress)
+                         device=plan.device, trust_remote_code=plan.trust_remote_code, progress=progress,
+                         overwrite=status == "stale")
         except Exception as exc:  # noqa: BLE001 - one failed model must not stop the batch
             secs = time.perf_counter() - t0
             logger.error("%s: failed after %.1f s: %s", where, secs, _error_text(exc), exc_info=True)
@@ -340,12 +382,12 @@ def run_batch(plan: Plan | str | Path, *, output_dir: str | Path | None = None, 
         report.outcomes = quantize_cells(plan, None, progress=progress, dry_run=True)
         return report
     with run_lock(plan.output_dir):
-        report.removed_temps = clean_stale_temps(plan.cells())
+        report.recovered = recover_destinations(plan.cells())
         state = RunState(plan.output_dir / STATE_FILE, plan.source)
         report.outcomes = quantize_cells(plan, state, progress=progress)
     logger.info("%s", report.summary().splitlines()[0])
     return report
 
 
-__all__ = ["BatchReport", "CellOutcome", "LOCK_FILE", "RunState", "STATE_FILE", "clean_stale_temps", "folder_state",
-           "quantize_cells", "run_batch", "run_lock", "write_json_atomic"]
+__all__ = ["BatchReport", "CellOutcome", "LOCK_FILE", "RunState", "STATE_FILE", "expected_settings", "folder_state",
+           "quantize_cells", "recover_destinations", "run_batch", "run_lock", "settings_mismatch", "write_json_atomic"]
