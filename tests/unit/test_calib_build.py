@@ -153,13 +153,17 @@ def test_csv_with_custom_column_and_name(tmp_path: Path) -> None:
 def test_warns_when_set_is_too_small(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = _jsonl(tmp_path / "tiny.jsonl", _rows(10))
     with caplog.at_level(logging.WARNING, logger="awqkit.platform.calib_build"):
-        res = build_calibration_set(data, make_tiny_tokenizer(), out_dir=tmp_path, n_blocks=128, seq_len=512)
-    assert res.blocks_available < 128
-    assert any("fewer than the 128 requested (65536 tokens)" in w for w in res.warnings)
+        res = build_calibration_set(data, make_tiny_tokenizer(), out_dir=tmp_path, n_blocks=128, seq_len=16)
+    assert 1 <= res.blocks_available < 128
+    assert any("fewer than the 128 requested (2048 tokens)" in w for w in res.warnings)
     assert "fewer than the 128 requested" in caplog.text
-    assert "calibration blocks of 512 tokens available" in res.summary()
+    assert "calibration blocks of 16 tokens available" in res.summary()
     ok = build_calibration_set(data, make_tiny_tokenizer(), out_dir=tmp_path / "ok", n_blocks=2, seq_len=16)
     assert ok.blocks_available >= 2 and ok.warnings == []
+    # less than one block is an error, raised before anything is written
+    with pytest.raises(ValueError, match="not enough for one calibration block of 512 tokens"):
+        build_calibration_set(data, make_tiny_tokenizer(), out_dir=tmp_path / "none", n_blocks=128, seq_len=512)
+    assert not (tmp_path / "none").exists()
 
 
 def test_input_errors(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ def cmd_calib_build(a: argparse.Namespace) -> int:
         system_prompt=a.system_prompt, seed=a.seed, fraction=a.fraction, min_samples=a.min_samples,
         max_samples=a.max_samples, split=a.split, n_blocks=a.n_samples, seq_len=a.seq_len,
         chat_template_kwargs=dict(a.template_kwarg) or None, trust_remote_code=a.trust_remote_code,
+        overwrite=a.overwrite,
     )
     print(result.summary())
     return 0
@@ -76,6 +77,7 @@ def register(subparsers: Any) -> None:
     b.add_argument("--template-kwarg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra chat-template variable training used, e.g. enable_thinking=false (JSON values)")
     b.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code (off by default)")
+    b.add_argument("--overwrite", action="store_true", help="replace a calibration file of the same name")
     b.set_defaults(func=cmd_calib_build)
 
 

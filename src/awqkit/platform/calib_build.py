@@ -40,6 +40,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from awqkit.errors import DestinationError, InputError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_COLUMN = "question"
@@ -60,7 +62,7 @@ ACCEPTED = ("a CSV/TSV, JSONL/JSON or Parquet file, or a folder written by datas
 _LINE_BREAKS_JSON_KEEPS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
-class MissingDependencyError(ImportError, ValueError):
+class MissingDependencyError(ImportError, InputError):
     """An optional package is needed for this input (the message says which and how to install it)."""
 
 
@@ -377,6 +379,7 @@ def build_calibration_set(
     seq_len: int = DEFAULT_SEQ_LEN,
     chat_template_kwargs: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> CalibrationSet:
     """Sample, render and write a calibration set from training data (steps in the module docstring).
 
@@ -389,10 +392,14 @@ def build_calibration_set(
         column: the column holding the user turn. system_prompt: optional system turn.
         seed, fraction, min_samples, max_samples: the sampling rule (:func:`calibration_sample_size`).
         split: the split of a saved DatasetDict (default ``train``).
-        n_blocks, seq_len: the calibration blocks quantization will ask for (warning when short).
+        n_blocks, seq_len: the calibration blocks quantization will ask for (warning when short; an error
+            when the set holds less than one block).
+        overwrite: replace an existing calibration file (and its ``.meta.json``) of the same name.
         chat_template_kwargs: extra template variables training used (e.g. ``{"enable_thinking": False}``).
     Raises:
-        ValueError: bad input, missing column, no usable rows, no chat template (see the readers).
+        ValueError: bad input, missing column, no usable rows, no chat template (see the readers), fewer
+            tokens than one block.
+        DestinationError: the output file exists and ``overwrite`` is False (checked before any work).
         MissingDependencyError: Parquet / saved datasets without the package that reads them.
     """
     from awqkit.calib.blocks import separator_ids, tokenize_samples
@@ -413,22 +420,31 @@ def build_calibration_set(
         warnings.append(f"only {len(usable)} usable rows, fewer than min_samples={min_samples}; using all of them")
     picked = sample_rows(len(usable), k, seed)
     indices = [usable[j][0] for j in picked]
+    name = dataset_slug(dataset_name if dataset_name is not None else (src.stem if src.is_file() else src.name))
+    target = Path(out_dir).expanduser() / calibration_file_name(name, k)
+    if not overwrite:
+        for existing in (target, target.with_suffix(".meta.json")):
+            if existing.exists():
+                raise DestinationError(f"{existing} already exists; pass --overwrite (overwrite=True) to replace it, "
+                                       "or choose another --out or --dataset-name")
 
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     prompts = [render_prompt(tokenizer, usable[j][1], system_prompt, chat_template_kwargs) for j in picked]
     counts = [len(ids) for ids in tokenize_samples(prompts, tokenizer)]
     stream = sum(counts) + max(0, len(counts) - 1) * len(separator_ids(tokenizer))
     available = stream // seq_len
+    if available == 0:
+        raise InputError(f"{src}: the {k} sampled prompts hold {stream} tokens, not enough for one calibration block "
+                         f"of {seq_len} tokens; use more rows (--min-samples, --fraction), longer prompts, or a "
+                         "smaller --seq-len")
     if available < n_blocks:
         warnings.append(
             f"the set holds {stream} tokens (with separators), enough for {available} calibration blocks of "
             f"{seq_len} tokens, fewer than the {n_blocks} requested ({n_blocks * seq_len} tokens); quantization "
             f"will use {available} blocks: lower --n-samples/--seq-len, or raise --max-samples/--fraction")
-    name = dataset_slug(dataset_name if dataset_name is not None else (src.stem if src.is_file() else src.name))
     if dataset_name is not None and name != dataset_name:
         logger.info("dataset name %r written as %r in the file name", dataset_name, name)
-    out = Path(out_dir).expanduser()
-    path = write_calibration_file(prompts, out / calibration_file_name(name, k))
+    path = write_calibration_file(prompts, target)
     meta_path = path.with_suffix(".meta.json")
     template = getattr(tokenizer, "chat_template", None)
     meta = {
