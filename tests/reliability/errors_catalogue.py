@@ -46,7 +46,8 @@ def entries() -> dict[str, Entry]:
             raise ValueError(f"docs/errors.md entry {current} appears twice")
         out[current] = Entry(current, msg[1:-1], fields["cause"], fields["fix"], section)
 
-    for line in CATALOGUE.read_text(encoding="utf-8").splitlines():
+    text = re.sub(r"<!--.*?-->", "", CATALOGUE.read_text(encoding="utf-8"), flags=re.DOTALL)  # format notes
+    for line in text.splitlines():
         if line.startswith("## "):
             close()
             current, fields, section = None, {}, line[3:].strip()

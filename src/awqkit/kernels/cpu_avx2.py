@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from awqkit.kernels import _cache, native, torch_ref
 from awqkit.kernels._cache import PrepareReport
+from awqkit.kernels._native_checks import check_last_dim, check_optional, check_size, check_tensor, fail
 
 if TYPE_CHECKING:
     from awqkit.nn.qlinear import QuantLinear
@@ -127,7 +128,9 @@ def _layout(q: Tensor, zeros: Tensor, scales: Tensor, group: int) -> tuple[Tenso
 
 @dataclass
 class _Cache:
-    """Converted tensors of one QuantLinear (pickles as None; rebuilt on first use)."""
+    """Converted tensors of one QuantLinear (pickles as None; rebuilt on first use): ``wq`` int32
+    ``[N/64, K, 8]``, ``sp`` float16 and ``zq`` uint8 ``[N/64, K/g, 64]``, ``bias`` float32 ``[N]`` or None,
+    all contiguous on CPU (checked here, once: the bound ``gemv`` reads them through raw pointers)."""
 
     wq: Tensor
     sp: Tensor
@@ -136,15 +139,33 @@ class _Cache:
     group_size: int
     sources: _cache.Signature = ()
     gemv: Any = None  # gemv(x_ptr, y_ptr, rows, n_threads, accumulate): the kernel bound to this layer
+    k: int = field(init=False, default=0)  # K (in_features) and N (out_features) the kernel is bound to
+    n: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        n_blocks, k, _ = self.wq.shape
+        self.k, self.n = _check_layout(self.wq, self.sp, self.zq, self.bias, self.group_size)
         self.gemv = functools.partial(
             _LIB.awqkit_int4_gemv, self.wq.data_ptr(), self.sp.data_ptr(), self.zq.data_ptr(),
-            self.bias.data_ptr() if self.bias is not None else None, k, n_blocks * BLOCK_N, self.group_size)
+            self.bias.data_ptr() if self.bias is not None else None, self.k, self.n, self.group_size)
 
     def __reduce__(self) -> tuple:
         return (_cache.dropped, ())
+
+
+def _check_layout(wq: Tensor, sp: Tensor, zq: Tensor, bias: Tensor | None, group: int) -> tuple[int, int]:
+    """Everything ``awqkit_int4_gemv`` assumes of a layer's converted tensors (see the module docstring);
+    returns ``(K, N)``. Raises :class:`awqkit.errors.KernelInputError`."""
+    fn = "cpu_avx2._Cache"
+    check_tensor(fn, "wq", wq, dtype=torch.int32, shape=(None, None, 8), what="[N/64, K, 8] packed words")
+    n_blocks, k, _ = wq.shape
+    check_size(fn, "n_blocks", n_blocks, why="N/64 output blocks of 64 columns")
+    check_size(fn, "group_size", group, why="input rows per scale group")
+    check_size(fn, "K", k, multiple_of=group, why=f"in_features in whole groups of {group}")
+    layout = (n_blocks, k // group, BLOCK_N)
+    check_tensor(fn, "sp", sp, dtype=torch.float16, shape=layout, what="[N/64, K/g, 64] fp16 scales")
+    check_tensor(fn, "zq", zq, dtype=torch.uint8, shape=layout, what="[N/64, K/g, 64] zero points")
+    check_optional(fn, "bias", bias, shape=(n_blocks * BLOCK_N,), what="[N] float32")
+    return int(k), int(n_blocks * BLOCK_N)
 
 
 def _fresh_cache(module: QuantLinear) -> _Cache | None:
@@ -210,20 +231,26 @@ def _rows(x: Tensor, k: int) -> Tensor:
     return x.reshape(-1, k).to(torch.float32).contiguous()
 
 
+_FORWARD = "cpu_avx2.forward"
+
+
 def forward(x: Tensor, module: QuantLinear) -> Tensor:
     """``y = x @ W^T + b``: ``x [..., K] -> y [..., N]`` in ``x.dtype``; the native GEMV up to
     :data:`MAX_ROWS` rows, the torch reference above."""
     k, shape = module.in_features, x.shape  # lean: this runs ~200 times per decoded token
-    if shape[-1] != k:
-        raise ValueError(f"input last dim {shape[-1]} does not match in_features={k} of this QuantLinear")
+    check_last_dim(_FORWARD, "x", x, k, "in_features")
     rows = x.numel() // k
     if rows > MAX_ROWS:
         return torch_ref.forward(x, module)
     cache = module.__dict__.get(_CACHE_ATTR)
     if cache is None or not _cache.matches(cache.sources, module):
         cache = prepare_module(module)
+    if cache.k != k or cache.n != module.out_features:  # the kernel writes cache.n columns of y
+        fail(_FORWARD, "module", f"has shape (N, K) = ({module.out_features}, {k})",
+             f"({cache.n}, {cache.k}) as converted (clear_cache() after changing a layer's shape)")
     fp32 = x.dtype is _F32
     x2 = x if fp32 and x.is_contiguous() else x.to(_F32).contiguous()
+    check_tensor(_FORWARD, "x", x2)  # CPU, dense (the conversion above made it float32, contiguous)
     y = torch.empty(shape[:-1] + (module.out_features,), dtype=_F32)
     cache.gemv(x2.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(), 0)
     return y if fp32 else y.to(x.dtype)
@@ -242,16 +269,20 @@ def f16_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     The native kernel for CPU inputs of at most :data:`MAX_ROWS` rows with ``K % 8 == 0``; otherwise
     ``F.linear`` on ``weight`` widened to fp32 (CPU) or to ``x.dtype`` (other devices)."""
+    fn = "cpu_avx2.f16_linear"
+    if weight.dim() != 2:
+        fail(fn, "weight", f"has shape {tuple(weight.shape)}", "[N, K] (2 dims)")
     n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"input last dim {x.shape[-1]} does not match the weight's in_features={k}")
+    check_last_dim(fn, "x", x, k, "the weight's in_features")
     if not f16_linear_supported(x, weight):
         dt = torch.float32 if x.is_cpu else x.dtype
         b = bias.to(dt) if bias is not None else None
         return nn.functional.linear(x.to(dt), weight.to(dt), b).to(x.dtype)
+    # f16_linear_supported checked the weight (fp16 [N, K] contiguous CPU, K % 8 == 0), x (CPU) and rows
     x2 = _rows(x, k)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     b = bias.detach().float().contiguous() if bias is not None else None
+    check_optional(fn, "bias", b, shape=(n,), what="[N] = the weight's out_features")
     _LIB.awqkit_f16_gemv(
         x2.data_ptr(), weight.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
         x2.shape[0], k, n, torch.get_num_threads())

@@ -23,28 +23,39 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from awqkit.errors import KernelInputError
 from awqkit.kernels import native
+from awqkit.kernels._native_checks import check_decode_attention, check_optional, check_position, fail
 
 _F32 = torch.float32
+_STRIDED = torch.strided
 
 
-def _native_ok(native_flag: bool | None, *tensors: Tensor) -> bool:
+def _native_ok(native_flag: bool | None, fn: str, named: tuple[tuple[str, Tensor | None], ...]) -> bool:
+    """Whether ``fn`` runs natively: ``native_flag`` None picks the native kernel when the library loads and
+    every named tensor (None: absent) is dense contiguous float32 on CPU, else the torch reference; True
+    requires it (:class:`awqkit.errors.KernelInputError` naming the first tensor that is not, ValueError
+    when the library is unavailable); False never."""
     if native_flag is False:
         return False
     ok = native.library() is not None and all(
-        t.is_cpu and t.dtype is _F32 and t.is_contiguous() for t in tensors)
+        t is None or (t.is_cpu and t.dtype is _F32 and t.layout is _STRIDED and t.is_contiguous()) for _, t in named)
     if native_flag and not ok:
-        raise ValueError("native=True needs the native CPU kernels and contiguous float32 CPU tensors "
-                         f"({native.unavailable_reason() or 'a tensor is not contiguous float32 on CPU'})")
+        if native.library() is None:
+            raise ValueError(f"{fn}: native=True needs the native CPU kernels ({native.unavailable_reason()})")
+        for name, t in named:
+            check_optional(fn, name, t)
     return ok
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0, native_flag: bool | None = None) -> Tensor:
     """RMSNorm over the last dim; see the module docstring. ``x [..., n]``, ``weight [n]``."""
+    fn = "decode_ops.rms_norm"
+    if x.dim() == 0 or weight.shape != (x.shape[-1],):
+        fail(fn, "weight", f"has shape {tuple(weight.shape)}",
+             f"({x.shape[-1] if x.dim() else '?'},) (the weight shape must equal x's last dim)")
     n = x.shape[-1]
-    if weight.shape != (n,):
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {n}")
-    if _native_ok(native_flag, x, weight):
+    if n and _native_ok(native_flag, fn, (("x", x), ("weight", weight))):  # n == 0: nothing to normalize
         y = torch.empty_like(x)
         native.library().awqkit_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps, offset)
         return y
@@ -55,10 +66,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0, native_
 
 def silu_mul(gu: Tensor, native_flag: bool | None = None) -> Tensor:
     """``silu(gate) * up`` of a fused ``gu [..., 2n]`` output -> ``[..., n]``."""
-    if gu.shape[-1] % 2:
-        raise ValueError(f"silu_mul: last dim {gu.shape[-1]} is not even (expected a [gate | up] concatenation)")
+    if gu.dim() == 0 or gu.shape[-1] % 2:
+        fail("decode_ops.silu_mul", "gu", f"has shape {tuple(gu.shape)}",
+             "(..., 2n) (a [gate | up] concatenation; its last dim is not even)")
     n = gu.shape[-1] // 2
-    if _native_ok(native_flag, gu):
+    if n and _native_ok(native_flag, "decode_ops.silu_mul", (("gu", gu),)):  # n == 0: an empty result
         y = torch.empty(gu.shape[:-1] + (n,), dtype=_F32)
         native.library().awqkit_silu_mul(gu.data_ptr(), y.data_ptr(), gu.numel() // (2 * n), n)
         return y
@@ -124,44 +136,52 @@ def attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
               sin: Tensor, shape: AttentionShape, q_norm: Tensor | None = None, k_norm: Tensor | None = None,
               native_flag: bool | None = None) -> Tensor:
     """Attention of ``T`` new positions starting at ``pos`` (see the module docstring); writes the caches."""
+    fn = "decode_ops.attention"
+    if q.dim() != 3:
+        fail(fn, "q", f"has shape {tuple(q.shape)}", "[B, T, H*D] (3 dims)")
     b, t, _ = q.shape
     h, kv, d = shape.heads, shape.kv_heads, shape.head_dim
-    maxlen = k_cache.shape[2]
+    maxlen = k_cache.shape[2] if k_cache.dim() == 4 else -1
     if k_cache.shape != (b, kv, maxlen, d) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"KV caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not match [B={b}, KV={kv}, "
-                         f"maxlen, D={d}]")
-    if pos < 0 or pos + t > maxlen:
-        raise ValueError(f"positions {pos}..{pos + t - 1} do not fit the KV cache of {maxlen} positions")
-    if q.shape[-1] != h * d or k.shape[-1] != kv * d or v.shape[-1] != kv * d or cos.shape != (b, t, d):
-        raise ValueError(f"attention inputs q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos "
-                         f"{tuple(cos.shape)} do not match heads={h}, kv_heads={kv}, head_dim={d}")
-    norms = [w for w in (q_norm, k_norm) if w is not None]
-    if t != 1 or d % 8 or not _native_ok(native_flag, k_cache, v_cache, cos, sin, *norms):
+        raise KernelInputError(f"{fn}: KV caches k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} "
+                               f"do not match [B={b}, KV={kv}, maxlen, D={d}], expected two caches of that shape")
+    check_position(fn, pos, t, maxlen)
+    heads = f"inputs do not match heads={h}, kv_heads={kv}, head_dim={d}"
+    for name, x, width in (("q", q, h * d), ("k", k, kv * d), ("v", v, kv * d), ("cos", cos, d), ("sin", sin, d)):
+        if x.shape != (b, t, width):
+            fail(fn, name, f"has shape {tuple(x.shape)}", f"{(b, t, width)} ({heads})")
+    named = (("k_cache", k_cache), ("v_cache", v_cache), ("cos", cos), ("sin", sin), ("q_norm", q_norm),
+             ("k_norm", k_norm))
+    if t != 1 or d % 8 or not _native_ok(native_flag, fn, named):
         return attention_reference(q, k, v, k_cache, v_cache, pos, cos, sin, shape, q_norm, k_norm)
     qkv = torch.cat((q, k, v), dim=-1).to(_F32).reshape(b, -1)  # a private copy: the kernel ropes it in place
-    out = torch.empty(b, h * d, dtype=_F32)
-    return _native_attention(qkv, k_cache, v_cache, pos, cos, sin, shape, q_norm, k_norm, out).view(b, 1, h * d)
+    return _native_attention(qkv, k_cache, v_cache, pos, cos, sin, shape, q_norm, k_norm, fn).view(b, 1, h * d)
 
 
 def attention_fused(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos: Tensor, sin: Tensor,
                     shape: AttentionShape, q_norm: Tensor | None = None, k_norm: Tensor | None = None) -> Tensor:
     """Native decode-step attention from a fused ``qkv [B, (H + 2 KV) * D]`` float32 buffer (consumed: q and
-    k are normed and rotated in place) -> ``[B, 1, H * D]``. Callers check shapes once (:func:`attention`
-    does, per call); this is the per-step path of :mod:`awqkit.runtime.decoder`."""
-    b = qkv.shape[0]
-    out = torch.empty(b, shape.heads * shape.head_dim, dtype=_F32)
-    return _native_attention(qkv, k_cache, v_cache, pos, cos, sin, shape, q_norm, k_norm, out).view(b, 1, -1)
+    k are normed and rotated in place) -> ``[B, 1, H * D]``; the per-step path of :mod:`awqkit.runtime.decoder`.
+    Every input is checked as :func:`awqkit.kernels._native_checks.check_decode_attention` says
+    (:class:`awqkit.errors.KernelInputError`)."""
+    out = _native_attention(qkv, k_cache, v_cache, pos, cos, sin, shape, q_norm, k_norm, "decode_ops.attention_fused")
+    return out.view(out.shape[0], 1, -1)
 
 
 def _native_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos: Tensor, sin: Tensor,
-                      shape: AttentionShape, q_norm: Tensor | None, k_norm: Tensor | None, out: Tensor) -> Tensor:
-    b, maxlen = qkv.shape[0], k_cache.shape[2]
-    scratch = torch.empty(b * shape.heads * maxlen, dtype=_F32)
+                      shape: AttentionShape, q_norm: Tensor | None, k_norm: Tensor | None, fn: str) -> Tensor:
+    """``awqkit_decode_attention`` -> ``out [B, H * D]`` after checking everything it reads and writes."""
+    h, d = shape.heads, shape.head_dim
+    maxlen = check_decode_attention(fn, qkv, k_cache, v_cache, pos, cos, sin, q_norm, k_norm, heads=h,
+                                    kv_heads=shape.kv_heads, head_dim=d)
+    b = qkv.shape[0]
+    out = torch.empty(b, h * d, dtype=_F32)  # [B, H * D] and B * H * maxlen floats, from the checked sizes
+    scratch = torch.empty(b * h * maxlen, dtype=_F32)
     native.library().awqkit_decode_attention(
         qkv.data_ptr(), qkv.shape[1], k_cache.data_ptr(), v_cache.data_ptr(), cos.data_ptr(), sin.data_ptr(),
         q_norm.data_ptr() if q_norm is not None else None, k_norm.data_ptr() if k_norm is not None else None,
-        shape.norm_eps, out.data_ptr(), scratch.data_ptr(), b, shape.heads, shape.kv_heads, shape.head_dim, pos,
-        maxlen, shape.window, shape.scale, torch.get_num_threads())
+        shape.norm_eps, out.data_ptr(), scratch.data_ptr(), b, h, shape.kv_heads, d, pos, maxlen, shape.window,
+        shape.scale, torch.get_num_threads())
     return out
 
 

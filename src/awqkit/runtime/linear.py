@@ -19,8 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from awqkit.kernels import cpu_avx2
+from awqkit.kernels._native_checks import check_last_dim, check_tensor, fail
 
 _F32 = torch.float32
+_FN = "FusedInt4"
 
 
 class LinearOp(Protocol):
@@ -45,7 +47,10 @@ class ModuleCalls:
 
 
 class FusedInt4:
-    """The siblings as one ``cpu-avx2`` GEMV (see the module docstring); ``x`` float32 ``[..., K]``."""
+    """The siblings as one ``cpu-avx2`` GEMV (see the module docstring): ``x [..., K]`` -> ``[..., N]``
+    (``N`` = the siblings' summed ``out_features``); with ``residual [..., N]`` (x's leading dims, float32,
+    contiguous, CPU) the result is added into it in place. The native GEMV takes float32 contiguous CPU
+    ``x`` of up to ``MAX_ROWS`` rows; other dtypes, strides and more rows call the modules."""
 
     kind = "cpu-avx2 fused"
 
@@ -54,19 +59,26 @@ class FusedInt4:
         self.cache: Any = cpu_avx2.fuse(modules)  # type: ignore[arg-type]
         self.out_features = sum(int(m.out_features) for m in modules)
         self.in_features = int(modules[0].in_features)
+        if (self.cache.k, self.cache.n) != (self.in_features, self.out_features):
+            fail(_FN, "modules", f"have shape (N, K) = ({self.out_features}, {self.in_features})",
+                 f"({self.cache.n}, {self.cache.k}) as the fused kernel was built")
         self._fallback = ModuleCalls(modules)
 
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        rows = x.numel() // self.in_features
+        k = self.in_features
+        check_last_dim(_FN, "x", x, k, "in_features")  # rows = numel // K below
+        rows = x.numel() // k
         if rows > cpu_avx2.MAX_ROWS or x.dtype is not _F32 or not x.is_contiguous():
             return self._fallback(x, residual)
+        if not x.is_cpu or x.layout is not torch.strided:
+            check_tensor(_FN, "x", x)  # names the device / layout
+        n = self.out_features
         if residual is None:
-            y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=_F32)
+            y = torch.empty(x.shape[:-1] + (n,), dtype=_F32)
             self.cache.gemv(x.data_ptr(), y.data_ptr(), rows, torch.get_num_threads(), 0)
             return y
-        if residual.dtype is not _F32 or not residual.is_contiguous() or residual.numel() != rows * self.out_features:
-            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not fit {rows} rows of "
-                             f"{self.out_features} float32 outputs")
+        want = (*x.shape[:-1], n)  # a plain tuple: cheaper than slicing a torch.Size into another
+        check_tensor(_FN, "residual", residual, shape=want, what="[x's leading dims, out_features]")
         self.cache.gemv(x.data_ptr(), residual.data_ptr(), rows, torch.get_num_threads(), 1)
         return residual
 

@@ -10,7 +10,9 @@ bit (tested); what it saves is the Python and dispatch time between the kernels 
 SmolLM2-135M, 30 layers).
 
 The structs hold raw pointers: :meth:`NativeStack.bind_caches` must be called whenever the KV caches are
-(re)allocated, and the stack keeps references to every tensor it points to.
+(re)allocated, and the stack keeps references to every tensor it points to. Nothing the C code relies on is
+trusted: ``bind_caches`` checks the caches, every step checks ``h``, ``pos``, the rotary tables and that the
+bound caches are still the buffers the structs point to (:mod:`awqkit.kernels._native_checks`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from awqkit.errors import KernelInputError
 from awqkit.kernels import cpu_avx2, native
+from awqkit.kernels._native_checks import (check_kv_caches, check_optional, check_position, check_rope, check_rows,
+                                           check_tensor)
 from awqkit.runtime.linear import FusedInt4
 
 if TYPE_CHECKING:
@@ -58,8 +63,11 @@ def unsupported_reason(layers: list[_Layer], hidden: int) -> str | None:
     first = layers[0]
     for i, lay in enumerate(layers):
         ops = (lay.qkv, lay.o, lay.gate_up, lay.down)
-        if lay.shape.heads != first.shape.heads or lay.gate_up.out_features != first.gate_up.out_features:
-            return f"layer {i} differs in heads or MLP width from layer 0 (the scratch layout assumes one shape)"
+        s0, s1 = first.shape, lay.shape
+        if ((s1.heads, s1.kv_heads, s1.head_dim, lay.qkv.out_features, lay.gate_up.out_features)
+                != (s0.heads, s0.kv_heads, s0.head_dim, first.qkv.out_features, first.gate_up.out_features)):
+            return (f"layer {i} differs in heads, head_dim or projection widths from layer 0 (the scratch layout "
+                    "and the rotary tables assume one shape)")
         if not all(isinstance(op, FusedInt4) for op in ops):
             return f"layer {i} has linears that are not cpu-avx2 int4"
         sh = lay.shape
@@ -84,14 +92,35 @@ class NativeStack:
             raise ValueError(f"cannot run the decoder stack natively: {reason}")
         self.layers, self.hidden = layers, hidden
         self.structs: Any = None
-        self.maxlen = 0
+        self._bound: list[tuple[Tensor, Tensor, int, int, tuple[int, ...]]] = []
+        self.maxlen = self.batch = 0
+        fn = "NativeStack"
+        for i, lay in enumerate(layers):  # what the structs will point to, checked once
+            d = (lay.shape.head_dim,)
+            check_tensor(fn, f"layers[{i}].in_norm", lay.in_norm, shape=(hidden,), what="[hidden]")
+            check_tensor(fn, f"layers[{i}].post_norm", lay.post_norm, shape=(hidden,), what="[hidden]")
+            check_optional(fn, f"layers[{i}].q_norm", lay.q_norm, shape=d, what="[head_dim]")
+            check_optional(fn, f"layers[{i}].k_norm", lay.k_norm, shape=d, what="[head_dim]")
         lay = layers[0]
         self._width = (hidden + lay.qkv.out_features + lay.shape.heads * lay.shape.head_dim
                        + lay.gate_up.out_features + lay.gate_up.out_features // 2)
 
     def bind_caches(self, k_cache: list[Tensor], v_cache: list[Tensor]) -> None:
-        """(Re)build the C structs for these KV caches (``[B, KV, maxlen, D]`` float32, one per layer)."""
-        arr = (_LayerStruct * len(self.layers))()
+        """(Re)build the C structs for these KV caches: one ``[B, KV, maxlen, D]`` float32 contiguous CPU tensor
+        per layer in each list, every layer with the same ``B`` and ``maxlen``. Raises
+        :class:`awqkit.errors.KernelInputError` for anything else (the structs would point past the buffers)."""
+        fn, n = "NativeStack.bind_caches", len(self.layers)
+        if len(k_cache) != n or len(v_cache) != n:
+            raise KernelInputError(f"{fn}: KV caches k_cache ({len(k_cache)} tensors) / v_cache ({len(v_cache)} "
+                                   f"tensors) do not match the {n} layers, expected one cache of each per layer")
+        batch: int | None = None
+        maxlen: int | None = None
+        for i, (lay, kc, vc) in enumerate(zip(self.layers, k_cache, v_cache)):
+            sh = lay.shape
+            maxlen = check_kv_caches(fn, kc, vc, batch=batch, kv_heads=sh.kv_heads, head_dim=sh.head_dim,
+                                     maxlen=maxlen, names=(f"k_cache[{i}]", f"v_cache[{i}]"))
+            batch = kc.shape[0]  # every later layer: layer 0's batch and length
+        arr = (_LayerStruct * n)()
         for s, lay, kc, vc in zip(arr, self.layers, k_cache, v_cache):
             sh = lay.shape
             s.qkv, s.o, s.gu, s.down = (_linear(op) for op in (lay.qkv, lay.o, lay.gate_up, lay.down))
@@ -100,15 +129,31 @@ class NativeStack:
             s.kc, s.vc = kc.data_ptr(), vc.data_ptr()
             s.eps, s.norm_eps, s.scale = lay.eps, sh.norm_eps, sh.scale
             s.H, s.KV, s.D, s.maxlen, s.window = sh.heads, sh.kv_heads, sh.head_dim, kc.shape[2], sh.window
-        self.structs, self.maxlen = arr, k_cache[0].shape[2]
-        self._caches = (k_cache, v_cache)  # keep the pointed-to tensors alive
+        self.structs, self.maxlen, self.batch = arr, int(maxlen or 0), int(batch or 0)
+        # the pointed-to tensors (kept alive here) and what the structs hold of them, re-checked every step
+        self._bound = [(kc, vc, kc.data_ptr(), vc.data_ptr(), tuple(kc.shape)) for kc, vc in zip(k_cache, v_cache)]
 
     def __call__(self, h: Tensor, pos: int, cos: Tensor, sin: Tensor) -> Tensor:
-        """One decode step on the residual stream ``h [B, 1, hidden]`` (float32, contiguous), in place."""
+        """One decode step on the residual stream ``h [B, 1, hidden]`` (float32, contiguous, CPU), in place, at
+        position ``0 <= pos < maxlen``; ``B <= MAX_ROWS`` and equal to the bound caches' batch; ``cos``/``sin``
+        ``[B, 1, D]`` float32. Raises :class:`awqkit.errors.KernelInputError` for anything else."""
         if self.structs is None:
             raise RuntimeError("NativeStack.bind_caches() was not called")
-        b = h.shape[0]
-        scratch = torch.empty(b * (self._width + self.layers[0].shape.heads * self.maxlen), dtype=torch.float32)
+        fn, lay = "NativeStack", self.layers[0]
+        if isinstance(h, Tensor) and h.dim() == 3:
+            check_rows(fn, "h", h.shape[0], cpu_avx2.MAX_ROWS)
+        b = self.batch
+        check_tensor(fn, "h", h, shape=(b, 1, self.hidden), what="[B, 1, hidden] with B = the KV caches' batch")
+        check_position(fn, pos, 1, self.maxlen)
+        check_rope(fn, cos, sin, batch=b, head_dim=lay.shape.head_dim)
+        for i, (kc, vc, kp, vp, shape) in enumerate(self._bound):  # ~0.3 us a layer
+            if kc.data_ptr() != kp or vc.data_ptr() != vp or kc.shape != shape or vc.shape != shape \
+                    or not (kc.is_contiguous() and vc.is_contiguous()):
+                raise KernelInputError(
+                    f"{fn}: KV caches k_cache[{i}] {tuple(kc.shape)} / v_cache[{i}] {tuple(vc.shape)} do not match "
+                    f"the {shape} contiguous buffers bind_caches() bound (changed in place since), expected "
+                    "bind_caches() again after reallocating the caches")
+        scratch = torch.empty(b * (self._width + lay.shape.heads * self.maxlen), dtype=torch.float32)
         native.library().awqkit_decode_layers(
             ctypes.addressof(self.structs), len(self.layers), h.data_ptr(), b, self.hidden, pos, cos.data_ptr(),
             sin.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
