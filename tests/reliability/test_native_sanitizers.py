@@ -56,7 +56,7 @@ def _env() -> dict[str, str]:
 
 
 def _compile(cc: str, sources: list[Path], out: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([cc, *_flags(), "-o", str(out), *map(str, sources), "-lm"], capture_output=True, text=True,
+    return subprocess.run([cc, *_flags(), f"-I{native.SOURCE.parent}", "-o", str(out), *map(str, sources), "-lm"], capture_output=True, text=True,
                           check=False, timeout=300)
 
 

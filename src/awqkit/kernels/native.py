@@ -1,8 +1,8 @@
 """Build and load awqkit's native CPU kernels (``csrc/awqkit_cpu.c``) with the system C compiler.
 
-The C file is compiled on first use (about a second) with ``-O3 -mavx2 -mfma -mf16c -fopenmp -shared
+The C file (with its header ``csrc/awqkit_cpu.h``) is compiled on first use (about a second) with ``-O3 -mavx2 -mfma -mf16c -fopenmp -shared
 -fPIC`` into a cache folder and loaded with :mod:`ctypes`; later processes reuse the built library. The
-file name carries a hash of the source, the compiler's version line and the flags, so an edit or another
+file name carries a hash of the source and header, the compiler's version line and the flags, so an edit or another
 compiler builds a new one; the build writes a temporary file and renames it into place, so concurrent
 first uses do not see a half-written library.
 
@@ -36,6 +36,7 @@ import torch  # noqa: F401 - loads torch's libgomp.so.1 before the library asks 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "awqkit_cpu.c"
+HEADER = SOURCE.with_suffix(".h")  # its declarations, shared with the sanitizer harness
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 ABI_VERSION = 6  # must equal awqkit_abi_version() in the C file
 
@@ -102,7 +103,8 @@ def _load() -> ctypes.CDLL:
                                  timeout=60).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"cannot run the C compiler {cc}: {exc}") from exc
-    digest = hashlib.sha256(SOURCE.read_bytes() + repr((version, FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes()
+                            + repr((version, FLAGS)).encode()).hexdigest()[:16]
     target = cache_dir() / f"awqkit_cpu-{digest}.so"
     if not target.is_file():
         logger.info("building awqkit's native CPU kernels with %s into %s", cc, target)
@@ -136,4 +138,4 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-__all__ = ["library", "unavailable_reason", "cache_dir", "SOURCE", "FLAGS"]
+__all__ = ["library", "unavailable_reason", "cache_dir", "SOURCE", "HEADER", "FLAGS"]

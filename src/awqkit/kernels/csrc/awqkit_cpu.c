@@ -48,6 +48,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "awqkit_cpu.h"
+
 static const int AWQ_ORDER[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
 int awqkit_cpu_supported(void) {
@@ -355,22 +357,6 @@ void awqkit_decode_attention(float *qkv, int64_t row_stride, float *kc, float *v
         }
     }
 }
-
-typedef struct {
-    const uint32_t *wq;
-    const uint16_t *sp;
-    const uint8_t *zq;
-    const float *bias;
-    int64_t K, N, group;
-} awqkit_linear;
-
-typedef struct {
-    awqkit_linear qkv, o, gu, down;
-    const float *in_norm, *post_norm, *q_norm, *k_norm;
-    float *kc, *vc;
-    float eps, norm_eps, scale;
-    int64_t H, KV, D, maxlen, window;
-} awqkit_layer;
 
 static void lin(const awqkit_linear *l, const float *x, float *y, int64_t B, int n_threads, int accumulate) {
     awqkit_int4_gemv(l->wq, l->sp, l->zq, l->bias, l->K, l->N, l->group, x, y, B, n_threads, accumulate);
