@@ -56,8 +56,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from awqkit.eval.bench import BenchSettings, build_specs, run_modes
     from awqkit.eval.bench_report import decode_ratio, format_table, plot_png, write_json
 
+    from awqkit.preflight import check_device
+
     if a.llama_cpp is not None and not Path(a.llama_cpp).is_file():
         raise FileNotFoundError(f"--llama-cpp GGUF file not found: {a.llama_cpp}")
+    check_device(a.device)  # before any model is loaded or subprocess started
     settings = BenchSettings(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch_sizes=a.batch_sizes,
                              repeats=a.repeats, warmup=a.warmup, threads=a.threads)
     specs = build_specs(a.model, a.baseline, a.backend, a.dtype, a.baseline_dtype, a.device, a.loop)

@@ -132,7 +132,8 @@ def check_free_space(parent: Path, needed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ staging
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -151,7 +152,7 @@ def _owner_gone(info: object) -> bool:
     if not isinstance(info, dict):
         return True
     pid, host = info.get("pid"), info.get("host")
-    return isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid)
+    return isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid)
 
 
 def _write_json_atomic(path: Path, data: dict[str, object]) -> None:
@@ -306,4 +307,4 @@ def recover(dst: str | Path) -> list[str]:
 
 
 __all__ = ["MARKER", "check_destination", "check_free_space", "check_writable", "commit", "journal_path",
-           "recover", "recovery_prefix", "staged_prefix", "staging"]
+           "pid_alive", "recover", "recovery_prefix", "staged_prefix", "staging"]

@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from awqkit.io.destination import pid_alive
 from awqkit.platform.naming import quant_tag
 from awqkit.platform.plan import Cell, Plan, PlanModel, is_quantized_folder, load_plan
 from awqkit.platform.spec import QuantizationSpec
@@ -195,16 +196,6 @@ class RunState:
         write_json_atomic(self.path, self.data)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def run_lock(output_dir: Path) -> Iterator[Path]:
     """Hold ``output_dir/.awqkit.lock`` for the duration (see the module docstring).
@@ -224,7 +215,7 @@ def run_lock(output_dir: Path) -> Iterator[Path]:
             except (OSError, ValueError):
                 info = {}
             pid, lock_host = info.get("pid"), info.get("host")
-            if not info or (isinstance(pid, int) and lock_host == host and not _pid_alive(pid)):
+            if not info or (isinstance(pid, int) and lock_host == host and not pid_alive(pid)):
                 logger.warning("removing stale lock %s (process %s is not running)", path, pid)
                 path.unlink(missing_ok=True)
                 continue
