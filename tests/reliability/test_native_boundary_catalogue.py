@@ -3,7 +3,8 @@ KernelInputError with the catalogued message (the full per-argument matrix is te
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch

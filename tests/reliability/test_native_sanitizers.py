@@ -1,8 +1,8 @@
 """awqkit's native CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer.
 
-``sanitize/harness.c`` (with its reference loops, ``sanitize/reference.h``) is compiled together with ``src/awqkit/kernels/csrc/awqkit_cpu.c`` with the
-production flags (:data:`awqkit.kernels.native.FLAGS`: ``-O3 -mavx2 -mfma -mf16c -fopenmp``, as an executable)
-plus ``-fsanitize=address,undefined -fno-omit-frame-pointer -g``, and run with two OpenMP threads:
+``sanitize/harness.c`` (with its reference loops, ``sanitize/reference.h``) is compiled together with
+``src/awqkit/kernels/csrc/awqkit_cpu.c`` with the production flags (:data:`awqkit.kernels.native.FLAGS`:
+``-O3 -mavx2 -mfma -mf16c -fopenmp``, as an executable) plus ``-fsanitize=address,undefined -fno-omit-frame-pointer -g``, and run with two OpenMP threads:
 
 * ``check`` drives every exported kernel on valid edge-case shapes (one group / many groups / chunked
   groups, N = 64 and 128, 1..17 rows, N % 4 tails, attention at pos 0 and maxlen - 1 with sliding windows
@@ -56,8 +56,8 @@ def _env() -> dict[str, str]:
 
 
 def _compile(cc: str, sources: list[Path], out: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([cc, *_flags(), f"-I{native.SOURCE.parent}", "-o", str(out), *map(str, sources), "-lm"], capture_output=True, text=True,
-                          check=False, timeout=300)
+    cmd = [cc, *_flags(), f"-I{native.SOURCE.parent}", "-o", str(out), *map(str, sources), "-lm"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def _shape_str(shape: tuple[int | None, ...]) -> str:
 
 
 def _shape_fits(found: tuple[int, ...], want: Shape) -> bool:
-    return len(found) == len(want) and all(w is None or f == w for f, w in zip(found, want))
+    return len(found) == len(want) and all(w is None or f == w for f, w in zip(found, want, strict=True))
 
 
 def check_tensor(fn: str, name: str, t: Tensor, *, dtype: torch.dtype = F32, shape: Shape | None = None,

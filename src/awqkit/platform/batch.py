@@ -81,9 +81,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 # ------------------------------------------------------------------------------------------- folders
 def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> dict[str, Any]:
-    """What the ``quantization_metadata.json`` of ``model`` quantized under ``spec`` must record for the cell to be current (see
-    :func:`settings_mismatch`): the spec, and for methods that calibrate the calibration and search settings
-    (``calib_config`` without the source path, the source file's sha256, ``search_config``)."""
+    """What the ``quantization_metadata.json`` of ``model`` quantized under ``spec`` must record for the cell to
+    be current (see :func:`settings_mismatch`): the spec, and for methods that calibrate the calibration and
+    search settings (``calib_config`` without the source path, the source file's sha256, ``search_config``)."""
     from awqkit.calib import text_file_hash
     from awqkit.config import to_dict
 
@@ -119,7 +119,8 @@ def settings_mismatch(meta: dict[str, Any], expected: dict[str, Any]) -> str | N
     return None
 
 
-def folder_state(folder: Path, expected: dict[str, Any] | None = None, *, hashes: bool = True) -> tuple[str, str | None]:
+def folder_state(folder: Path, expected: dict[str, Any] | None = None, *,
+                 hashes: bool = True) -> tuple[str, str | None]:
     """``(status, why)`` of an output folder: ``missing``, ``complete``, ``stale`` (awqkit's, but damaged or
     made under other settings than ``expected``: redo it) or ``foreign`` (not awqkit's: never touched).
 
