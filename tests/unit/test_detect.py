@@ -113,6 +113,17 @@ def test_autogptq_quantize_config_without_method(tmp_path):
     assert (info.method, info.bits, info.group_size, info.source) == ("gptq", 4, 128, "quantize_config.json")
 
 
+def test_gptq_keys_win_over_a_version_key_and_config_without_method(tmp_path):
+    side = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "version": 1}
+    folder = _folder(tmp_path, "gptq_version", {"config.json": _config(), "quantize_config.json": side})
+    assert detect_quantization_method(folder).method == "gptq"
+    autoawq = {"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"}
+    folder = _folder(tmp_path, "autoawq_side", {"config.json": _config(), "quant_config.json": autoawq})
+    assert (detect_quantization_method(folder).method, detect_quantization_method(folder).format) == ("awq", "awq")
+    bare = _folder(tmp_path, "bare", {"config.json": _config({"bits": 4, "group_size": 128})})
+    assert (detect_quantization_method(bare).method, detect_quantization_method(bare).format) == ("unknown", "unknown")
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
@@ -149,13 +160,32 @@ def test_precedence_config_beats_side_file_and_name(tmp_path):
     assert (info.method, info.bits, info.group_size, info.source) == ("awq", 4, 128, "config.json")
 
 
-def test_precedence_metadata_beats_side_file_and_name(tmp_path):
+def test_precedence_metadata_refines_side_file_and_beats_name(tmp_path):
     folder = _folder(tmp_path, "x_GPTQ_w3_g64", {
+        "quantization_metadata.json": {"method": "rtn", "bits": 4, "group_size": 128},
+        "quantization_config.json": {"quant_method": "awq", "bits": 4, "group_size": 32},
+    })
+    info = detect_quantization_method(folder)
+    assert (info.method, info.bits, info.group_size, info.source, info.format) == (
+        "rtn", 4, 32, "quantization_metadata.json+quantization_config.json", "awq")
+    meta_only = _folder(tmp_path, "y_GPTQ_w3_g64", {
+        "quantization_metadata.json": {"method": "rtn", "bits": 4, "group_size": 128}})
+    info = detect_quantization_method(meta_only)
+    assert (info.method, info.bits, info.source, info.format) == ("rtn", 4, "quantization_metadata.json", None)
+
+
+def test_stale_metadata_never_renames_a_gptq_storage_config(tmp_path, caplog):
+    """A GPTQ side file (awqkit never writes GPTQ) wins over an awqkit metadata file: the weights are stored as
+    GPTQ, so detection (and info, and the loader) must say gptq, not the metadata's method."""
+    folder = _folder(tmp_path, "x_RTN_w4_g128", {
         "quantization_metadata.json": {"method": "rtn", "bits": 4, "group_size": 128},
         "quantization_config.json": {"quant_method": "gptq", "bits": 2, "group_size": 32},
     })
-    info = detect_quantization_method(folder)
-    assert (info.method, info.bits, info.source) == ("rtn", 4, "quantization_metadata.json")
+    with caplog.at_level("WARNING"):
+        info = detect_quantization_method(folder)
+    assert (info.method, info.bits, info.group_size, info.source, info.format) == (
+        "gptq", 2, 32, "quantization_config.json", "gptq")
+    assert "ignoring the stale quantization_metadata.json" in caplog.text
 
 
 def test_precedence_side_file_beats_name(tmp_path):

@@ -1,6 +1,7 @@
 """``awqkit info PATH [--json] [--verify]``: what a model folder is.
 
-Method, bits, group size, the quantization spec (and what of it was not applied), calibration, sizes,
+Method, bits, group size (the same detection ``load_quantized`` and ``awqkit eval`` use, and whether they
+load the folder), the quantization spec (and what of it was not applied), calibration, sizes,
 and where it came from (source model, training metadata and its link, the run name), read from
 ``config.json``, ``quantization_metadata.json`` and ``training_metadata.json``, the folder name last.
 See :mod:`awqkit.platform.info`.

@@ -6,7 +6,13 @@
   AutoAWQ GEMM and compressed-tensors pack-quantized checkpoints; anything else is a clear error),
   its non-quantized weights in float32 on CPU.
 * Any other folder is a float model: ``AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)``.
-  A method found only in the folder's name is reported but does not make the folder quantized.
+  A method found only in the folder's name (or awqkit metadata) is reported but does not make the folder
+  quantized; a float folder whose weights hold packed quantized tensors (``*.qweight``, ...) is refused, as
+  transformers would leave those layers randomly initialized, and transformers' load failures become a
+  :class:`~awqkit.errors.CheckpointError` naming the folder.
+
+Detection is :func:`awqkit.eval.detect.detect_quantization_method`, the same that ``awqkit info`` and
+:func:`~awqkit.io.load.load_quantized` use, so all three agree on every folder.
 
 Kernel backends (``backend``, quantized folders only): ``"auto"`` picks the fastest available kernel for
 each layer; on x86 CPUs that is ``cpu-avx2`` (awqkit's native GEMV, fp32 arithmetic, the reference's results to
@@ -28,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from awqkit.errors import AwqkitError, CheckpointError, InputError
 from awqkit.eval.detect import QuantizationInfo, detect_quantization_method
 
 logger = logging.getLogger(__name__)
@@ -58,14 +65,14 @@ class LoadedModel:
 
 
 def check_folder(path: str | Path, what: str) -> Path:
-    """``path`` as a Path; FileNotFoundError / ValueError unless it is an existing folder."""
+    """``path`` as a Path; FileNotFoundError / InputError (a ValueError) unless it is a folder with config.json."""
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{what} folder {p} does not exist; pass a model folder holding config.json")
     if not p.is_dir():
-        raise ValueError(f"{what} {p} is a file; pass the model folder that holds it")
+        raise InputError(f"{what} {p} is a file; pass the model folder that holds it")
     if not (p / "config.json").is_file():
-        raise ValueError(f"{what} folder {p} has no config.json; pass a Hugging Face model folder")
+        raise InputError(f"{what} folder {p} has no config.json; pass a Hugging Face model folder")
     return p
 
 
@@ -107,7 +114,7 @@ def load_for_eval(
     what: str = "model",
 ) -> LoadedModel:
     """Detect and load the folder ``path`` with its tokenizer (see the module docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = check_folder(path, what)
     t0 = time.perf_counter()
@@ -121,16 +128,32 @@ def load_for_eval(
 
         model = load_quantized(folder, device=device, backend=backend, trust_remote_code=trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=trust_remote_code
-        ).to(device)
-        model.eval()
+        model = _load_float(folder, info, device, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     loaded = LoadedModel(folder, model, tokenizer, info, quantized,
                          kernel_summary(model, backend, device), time.perf_counter() - t0)
     logger.info("loaded %s %s (%s, detected from %s) in %.1f s", what, folder, info.method, info.source,
                 loaded.load_seconds)
     return loaded
+
+
+def _load_float(folder: Path, info: QuantizationInfo, device: str | torch.device,
+                trust_remote_code: bool) -> nn.Module:
+    """The float model in ``folder`` in float32 on ``device`` (see the module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    from awqkit.io.validate import check_float_weights
+
+    check_float_weights(folder, None if info.method == "fp" else info.method)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except AwqkitError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"loading {folder} as a float model failed ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}); check that it is a complete Hugging Face "
+                              "causal LM folder (config.json and weights)") from None
+    return model.to(device).eval()
 
 
 def same_vocabulary(a: Any, b: Any) -> bool:

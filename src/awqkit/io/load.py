@@ -6,12 +6,17 @@ meta device (buffers such as rotary ``inv_freq`` are computed for real, as they 
 dict), swap each linear whose checkpoint has ``qweight`` / ``weight_packed`` for an empty
 :class:`QuantLinear`, assign the checkpoint tensors (``load_state_dict(assign=True)``; missing and
 unexpected keys are errors), then re-tie tied weights (a tied LM head is not stored).
+
+Which folders load: the method is read by :mod:`awqkit.eval.detect` (the same answer ``awqkit info`` and
+``awqkit eval`` give); gptq, bitsandbytes, ... and float folders are refused with a named error. Before any
+tensor is assigned, :mod:`awqkit.io.validate` checks the config's size fields, the safetensors files, and
+every tensor's dtype, shape and finiteness. Expected failures are :class:`~awqkit.errors.AwqkitError`
+(``docs/errors.md``, section "Loading").
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -19,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from awqkit import kernels
+from awqkit.errors import AwqkitError, CheckpointError, InputError
+from awqkit.io import validate
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module
 from awqkit.quant.packing import pack_ct, unpack_ct
@@ -36,77 +42,45 @@ _MAX_LISTED = 20
 def read_quant_config(path: str | Path) -> dict[str, Any]:
     """Normalized quantization settings of a checkpoint folder.
 
-    Reads ``config.json["quantization_config"]`` (or AutoAWQ's ``quant_config.json`` /
-    ``quantize_config.json``) and returns ``{"quant_method": "awq" | "compressed-tensors", "format":
-    "gemm" | "pack-quantized", "bits", "group_size" (-1 = per row), "zero_point",
-    "modules_to_not_convert": list, "raw": the original dict}``. Accepts AutoAWQ's ``w_bit`` /
-    ``q_group_size`` keys and ``modules_to_not_convert: null``.
+    The storage config and its method come from :func:`awqkit.eval.detect.inspect_folder` (the same place
+    ``awqkit info`` and ``awqkit eval`` read them): ``config.json["quantization_config"]`` (or its
+    ``text_config``'s), else ``quantization_config.json`` / AutoAWQ's ``quant_config.json`` / AutoGPTQ's
+    ``quantize_config.json``. Returns ``{"quant_method": "awq" | "compressed-tensors", "format": "gemm" |
+    "pack-quantized", "bits", "group_size" (-1 = per row), "zero_point", "modules_to_not_convert": list,
+    "raw": the original dict}``. Accepts AutoAWQ's ``w_bit`` / ``q_group_size`` keys and
+    ``modules_to_not_convert: null``.
+
+    Raises:
+        CheckpointError: no storage config, a method awqkit does not load (gptq, bitsandbytes, ...), or
+            settings it does not support (the message names them).
     """
+    from awqkit.eval.detect import inspect_folder, load_refusal
+
     path = Path(path)
-    raw = None
-    cfg_file = path / "config.json"
-    if cfg_file.is_file():
-        raw = json.loads(cfg_file.read_text()).get("quantization_config")
-    side_file = None
-    for alt in ("quant_config.json", "quantize_config.json"):
-        if raw is None and (path / alt).is_file():
-            raw, side_file = json.loads((path / alt).read_text()), alt
-    if not isinstance(raw, dict):
-        raise ValueError(
-            f"{path} has no quantization_config in config.json (nor quant_config.json); "
-            "it is not a quantized checkpoint, load it with transformers directly"
-        )
-    method = raw.get("quant_method")
-    if method is None and side_file is not None:
-        from awqkit.eval.detect import side_config_method  # AutoGPTQ's side file must not be read as AWQ
-
-        method = side_config_method(raw)
-    method = str(method or "awq").lower()
-    if method == "awq":
-        version = str(raw.get("version", raw.get("format", "gemm"))).lower()
-        bits = int(raw.get("bits", raw.get("w_bit", 4)))
-        if version != "gemm" or bits != 4:
-            raise ValueError(
-                f"{path}: AWQ version={version!r}, bits={bits} is not supported; awqkit loads 4-bit 'gemm' checkpoints"
-            )
-        return {
-            "quant_method": "awq",
-            "format": "gemm",
-            "bits": 4,
-            "group_size": int(raw.get("group_size", raw.get("q_group_size", 128))),
-            "zero_point": bool(raw.get("zero_point", True)),
-            "modules_to_not_convert": list(raw.get("modules_to_not_convert") or []),
-            "raw": raw,
-        }
-    if method == "compressed-tensors":
-        return _read_ct(path, raw)
-    raise ValueError(f"{path}: quant_method={method!r} is not supported; awqkit loads 'awq' and 'compressed-tensors'")
-
-
-def _read_ct(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
-    groups = raw.get("config_groups") or {}
-    if len(groups) != 1:
-        raise ValueError(f"{path}: expected exactly one compressed-tensors config group, found {len(groups)}")
-    group = next(iter(groups.values()))
-    fmt = group.get("format") or raw.get("format")
-    if fmt != "pack-quantized" or raw.get("quantization_status", "compressed") != "compressed":
-        raise ValueError(
-            f"{path}: compressed-tensors format={fmt!r}, status={raw.get('quantization_status')!r} is not "
-            "supported; awqkit loads compressed 'pack-quantized' weight-only checkpoints"
-        )
-    w = group.get("weights") or {}
-    if group.get("input_activations") or w.get("type", "int") != "int" or w.get("actorder") == "group":
-        raise ValueError(f"{path}: only weight-only int quantization without group act-order is supported")
-    strategy = w.get("strategy", "group")
-    if strategy not in ("group", "channel"):
-        raise ValueError(f"{path}: weight strategy {strategy!r} is not supported (use 'group' or 'channel')")
+    info, found = inspect_folder(path)
+    refusal = load_refusal(info, path)
+    if refusal is not None or found is None:
+        raise CheckpointError(refusal or f"{path} has no quantization config")
+    raw = found.raw
+    if found.method == "compressed-tensors":
+        return validate.read_ct_config(path, raw)
+    version = str(raw.get("version", raw.get("format", "gemm"))).lower()
+    bits = validate.int_setting(path, raw, ("bits", "w_bit"), 4)
+    if version != "gemm" or bits != 4:
+        raise CheckpointError(f"{path}: quantization_config AWQ version={version!r}, bits={bits} is not "
+                              "supported; awqkit loads 4-bit 'gemm' checkpoints")
+    group_size = validate.int_setting(path, raw, ("group_size", "q_group_size"), 128)
+    validate.check_bits_group(path, bits, group_size)
+    zero_point = raw.get("zero_point", True)
+    if not isinstance(zero_point, bool):
+        raise CheckpointError(f"{path}: quantization_config zero_point={zero_point!r} must be true or false")
     return {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "bits": int(w["num_bits"]),
-        "group_size": -1 if strategy == "channel" else int(w["group_size"]),
-        "zero_point": not bool(w.get("symmetric", True)),
-        "modules_to_not_convert": list(raw.get("ignore") or []),
+        "quant_method": "awq",
+        "format": "gemm",
+        "bits": 4,
+        "group_size": group_size,
+        "zero_point": zero_point,
+        "modules_to_not_convert": validate.name_list(path, raw, "modules_to_not_convert"),
         "raw": raw,
     }
 
@@ -138,22 +112,6 @@ def _no_init() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _read_tensors(path: Path) -> dict[str, Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-    tensors: dict[str, Tensor] = {}
-    for fname in files:
-        if not (path / fname).is_file():
-            raise ValueError(f"{path}: shard {fname} listed in the index is missing")
-        tensors.update(load_file(str(path / fname), device="cpu"))
-    return tensors
-
-
 def _strip_quant_config(config: Any) -> None:
     for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
         if hasattr(cfg, "quantization_config"):
@@ -166,46 +124,98 @@ def _listing(keys: list[str]) -> str:
 
 
 def _install_quant_linears(
-    model: nn.Module, sd: dict[str, Tensor], qc: dict[str, Any]
+    model: nn.Module, sd: dict[str, Tensor], qc: dict[str, Any], path: Path
 ) -> list[str]:
     """Swap every linear with packed tensors in ``sd`` for an empty (meta) QuantLinear; returns names."""
     gemm = qc["format"] == "gemm"
     marker, other = (".qweight", ".weight_packed") if gemm else (".weight_packed", ".qweight")
     if any(k.endswith(other) for k in sd):
-        raise ValueError(f"checkpoint mixes layouts: found '*{other}' tensors in a {qc['format']!r} checkpoint")
+        raise CheckpointError(f"checkpoint {path} mixes layouts: found '*{other}' tensors in a {qc['format']!r} "
+                              "checkpoint; re-save it with one quantization format")
     names = [k[: -len(marker)] for k in sd if k.endswith(marker)]
     if not names:
-        raise ValueError(f"checkpoint has no '*{marker}' tensors although quantization_config says it is quantized")
+        raise CheckpointError(f"checkpoint {path} has no '*{marker}' tensors although quantization_config says it "
+                              f"is {qc['quant_method']!r}; restore the config.json the checkpoint was saved with")
     for name in names:
-        linear = get_module(model, name)
+        try:
+            linear = get_module(model, name)
+        except ValueError:
+            raise CheckpointError(
+                f"checkpoint {path} does not match the {type(model).__name__} built from its config: it has "
+                f"packed weights for {name!r}, which that model lacks (does config.json belong to these weights?)"
+            ) from None
         if not isinstance(linear, nn.Linear):
-            raise ValueError(f"checkpoint has packed weights for {name!r}, but the model's module there is "
-                             f"a {type(linear).__name__}, not an nn.Linear")
+            raise CheckpointError(f"checkpoint {path} has packed weights for {name!r}, but the model's module "
+                                  f"there is a {type(linear).__name__}, not an nn.Linear")
         zero_point = qc["zero_point"] if gemm else f"{name}.weight_zero_point" in sd
-        with torch.device("meta"):
-            qlinear = QuantLinear(
-                linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
-                bias=f"{name}.bias" in sd, zero_point=zero_point, format=qc["format"],
-            )
-        if not gemm:
-            _repack_legacy_ct(sd, name, qlinear)
+        try:
+            with torch.device("meta"):
+                qlinear = QuantLinear(
+                    linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
+                    bias=f"{name}.bias" in sd, zero_point=zero_point, format=qc["format"],
+                )
+        except ValueError as exc:
+            raise CheckpointError(
+                f"checkpoint {path}: quantization_config (bits={qc['bits']}, group_size={qc['group_size']}) does "
+                f"not fit the {linear.in_features}->{linear.out_features} linear {name} ({exc}); restore the "
+                "config.json the checkpoint was saved with"
+            ) from None
         parent_name, _, leaf = name.rpartition(".")
         setattr(get_module(model, parent_name), leaf, qlinear)
     return names
 
 
 def _repack_legacy_ct(sd: dict[str, Tensor], name: str, qlinear: QuantLinear) -> None:
-    """Convert older padded compressed-tensors words (3/5/6/7 bits) to the dense layout in place."""
+    """Convert older padded compressed-tensors words (3/5/6/7 bits) to the dense layout in place (the
+    tensors were validated: int32, dense or padded widths)."""
     wp = sd.get(f"{name}.weight_packed")
-    if wp is None or wp.shape == qlinear.weight_packed.shape or f"{name}.weight_scale" not in sd:
-        return
     zp = sd.get(f"{name}.weight_zero_point")
+    dense = wp is None or wp.shape == qlinear.weight_packed.shape
+    if zp is not None:
+        dense = dense and zp.shape == qlinear.weight_zero_point.shape
+    if dense or wp is None or f"{name}.weight_scale" not in sd:
+        return
     shape = (qlinear.out_features, qlinear.in_features)
     q, zeros, scales = unpack_ct(wp, sd[f"{name}.weight_scale"], shape, qlinear.bits, zp)
     repacked = pack_ct(q, zeros, scales, qlinear.bits, include_zero_point=zp is not None)
     sd[f"{name}.weight_packed"] = repacked["weight_packed"]
     if zp is not None:
         sd[f"{name}.weight_zero_point"] = repacked["weight_zero_point"]
+
+
+def _resolve_dtype(config: Any, device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    if device.type == "cpu":
+        return torch.float32
+    cfg_dtype = getattr(config, "dtype", None) or torch.float16
+    cfg_dtype = getattr(torch, cfg_dtype, None) if isinstance(cfg_dtype, str) else cfg_dtype
+    if not isinstance(cfg_dtype, torch.dtype) or not cfg_dtype.is_floating_point:
+        logger.warning("config.json names dtype %r, not a float dtype; using float16", getattr(config, "dtype", None))
+        return torch.float16
+    return cfg_dtype
+
+
+def _build_model(path: Path, raw_cfg: dict[str, Any], device: torch.device, dtype: torch.dtype | None,
+                 trust_remote_code: bool) -> tuple[Any, nn.Module, torch.dtype]:
+    """``(config, model with parameters on meta, dtype)`` from ``config.json``; a config transformers cannot
+    build a causal LM from is a CheckpointError (its own exception, whatever its type, is quoted)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        _strip_quant_config(config)
+        validate.check_config_fields(path, raw_cfg, config)
+        dtype = _resolve_dtype(config, device, dtype)
+        with _params_on_meta(), _no_init():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except AwqkitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- transformers raises many types for a bad config; all mean that
+        raise CheckpointError(f"building the model from {path / 'config.json'} failed ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}); restore the config.json the checkpoint was "
+                              "saved with") from None
+    return config, model, dtype
 
 
 def load_quantized(
@@ -233,28 +243,32 @@ def load_quantized(
     Returns:
         the model in eval mode, with ``model.awqkit_quant_config`` = :func:`read_quant_config`'s dict.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from awqkit.eval.detect import read_config_json
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json; pass a checkpoint folder written by save_quantized or AutoAWQ")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; pass a checkpoint folder written by save_quantized or "
+                              "AutoAWQ")
+    raw_cfg = read_config_json(path) or {}
     qc = read_quant_config(path)
     if backend != "auto":
-        kernels.get_backend(backend)  # fail early on unknown / unavailable backends
+        try:
+            kernels.get_backend(backend)  # fail early on unknown / unavailable backends
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(str(exc)) from None
     device = torch.device(device)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    _strip_quant_config(config)
-    if dtype is None:
-        cfg_dtype = getattr(config, "dtype", None) or torch.float16
-        cfg_dtype = getattr(torch, cfg_dtype) if isinstance(cfg_dtype, str) else cfg_dtype
-        dtype = torch.float32 if device.type == "cpu" else cfg_dtype
-    with _params_on_meta(), _no_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    validate.check_config_fields(path, raw_cfg)
+    sd, where = validate.read_tensors(path)
+    validate.check_config_against_tensors(path, raw_cfg, sd)
+    config, model, dtype = _build_model(path, raw_cfg, device, dtype, trust_remote_code)
 
-    sd = _read_tensors(path)
     for key in [k for k in sd if _BENIGN_EXTRA.search(k)]:
         del sd[key]
-    qnames = set(_install_quant_linears(model, sd, qc))
+    qnames = set(_install_quant_linears(model, sd, qc, path))
+    validate.check_tensors(model, sd, where, path, qc)
+    for name in qnames:
+        if qc["format"] != "gemm":
+            _repack_legacy_ct(sd, name, get_module(model, name))  # type: ignore[arg-type]
     for key, t in sd.items():
         if t.is_floating_point() and key.rpartition(".")[0] not in qnames:
             sd[key] = t.to(dtype)
@@ -264,10 +278,10 @@ def load_quantized(
         aliases.setdefault(id(p), []).append(name)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    except RuntimeError as exc:  # size mismatches
-        raise ValueError(
+    except RuntimeError as exc:  # size mismatches (validate.check_tensors catches them first)
+        raise CheckpointError(
             f"checkpoint {path}: tensor shapes do not match the {type(model).__name__} built from its config "
-            f"(is group_size={qc['group_size']} in quantization_config right?): {exc}"
+            f"(is group_size={qc['group_size']} in quantization_config right?): {' '.join(str(exc).split())}"
         ) from None
     retie: dict[str, str] = {}
     for names in aliases.values():
@@ -277,7 +291,7 @@ def load_quantized(
     retie.update(_tied_embedding(model, config, sd, missing))
     missing = [k for k in missing if k not in retie]
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
             f"missing keys [{_listing(missing)}]; unexpected keys [{_listing(unexpected)}]. "
             "Was it written for another architecture or transformers version?"
@@ -287,13 +301,19 @@ def load_quantized(
         setattr(get_module(model, parent_name), leaf, model.get_parameter(source))
     still_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if still_meta:
-        raise ValueError(f"tensors left uninitialized after loading {path}: {_listing(still_meta)}")
+        raise CheckpointError(f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
+                              f"tensors left uninitialized after loading: {_listing(still_meta)}")
 
     model.to(device)
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.backend = backend
-    _prepare_cpu(model, device, dtype, backend, fp16_head)
+    try:
+        _prepare_cpu(model, device, dtype, backend, fp16_head)
+    except AwqkitError:
+        raise
+    except ValueError as exc:  # a named backend that cannot run these layers (e.g. cpu-avx2, non-fp16 scales)
+        raise InputError(f"{path}: {' '.join(str(exc).split())}") from None
     model.eval()
     model.awqkit_quant_config = qc
     logger.info("loaded %s: %d quantized linears (%s, %d-bit, g=%d) on %s",

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from awqkit.errors import CheckpointError, InputError, NonFiniteError
+from awqkit.io import validate
 
 logger = logging.getLogger(__name__)
 
@@ -98,34 +99,6 @@ def _read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _check_safetensors(files: list[Path]) -> None:
-    from safetensors import SafetensorError, safe_open
-
-    for f in files:
-        if f.suffix != ".safetensors":
-            continue
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"weight file {f} is damaged or cut short ({exc}); download or save the model "
-                                  "again") from None
-
-
-def _check_index(folder: Path) -> None:
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return
-    try:
-        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index} is not a readable shard index ({exc}); save the model again") from None
-    missing = sorted(s for s in shards if not (folder / s).is_file())
-    if missing:
-        raise CheckpointError(f"{folder} lacks the weight shards {missing} listed in its index; download or save "
-                              "the model again")
-
-
 def _check_config(src: str, cfg: dict[str, Any]) -> None:
     from awqkit.arch import spec_for_architectures, supported_architectures
 
@@ -139,11 +112,7 @@ def _check_config(src: str, cfg: dict[str, Any]) -> None:
     if spec is None:
         raise InputError(f"{src}: architecture {names or cfg.get('model_type')!r} is not supported; supported: "
                          f"{', '.join(supported_architectures())}")
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-    missing = [k for k in spec.config_fields if not isinstance(text.get(k), int) or isinstance(text.get(k), bool)]
-    if missing:
-        raise CheckpointError(f"{src}/config.json lacks the size fields {missing} (or they are not integers); "
-                              "restore the config.json the model was saved with")
+    validate.check_config_fields(Path(src), cfg)
 
 
 def _local_prefix_exists(src: str) -> Path | None:
@@ -196,8 +165,10 @@ def inspect_source(src: str | Path) -> SourceCheck:
         files = _weight_files(path)
         if not files:
             raise InputError(f"{path} holds no *.safetensors or pytorch_model*.bin weights")
-        _check_index(path)
-        _check_safetensors(files)
+        validate.check_index(path)
+        for f in files:
+            if f.suffix == ".safetensors":
+                validate.safetensors_keys(f)
         return SourceCheck(str(src), "folder", path, str(path), {}, files, cfg)
     if path.exists():
         raise InputError(f"{path} is a file but not a .gguf; pass its folder (with config.json) instead")

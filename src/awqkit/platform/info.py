@@ -2,8 +2,11 @@
 
 Sources, files first and the folder name last:
 
-* :func:`awqkit.eval.detect.detect_quantization_method`: method, bits, group size (``config.json``'s
-  ``quantization_config``, ``quantization_metadata.json``, side files, then the folder name);
+* :func:`awqkit.eval.detect.detect_quantization_method`: method, bits, group size (the storage config:
+  ``config.json``'s ``quantization_config`` or a side file; ``quantization_metadata.json``; then the folder
+  name), and :func:`~awqkit.eval.detect.describe_loader`: whether awqkit's loader reads the folder. The
+  method shown, the spec and the loader's verdict all come from that one detection, so ``info``,
+  ``load_quantized`` and ``awqkit eval`` agree on every folder;
 * ``quantization_metadata.json`` (awqkit): the spec and what of it was not applied, calibration, the
   source model (path, architectures, weights sha256), the training link, versions;
 * ``training_metadata.json``: written by training; carried verbatim into the quantized folder, and linked
@@ -11,7 +14,7 @@ Sources, files first and the folder name last:
   folder's absolute path and the sha256 of its weights (the same hash as ``source_model.weights_sha256``,
   :func:`awqkit.io.source.hash_weights`);
 * the folder name, parsed as a run name (:func:`awqkit.platform.naming.parse_run_name`), for the parts
-  no file gives, and as the spec only when nothing else says how the folder was quantized.
+  no file gives (base model, dataset, ...); the method a name suggests is the detection's (the same parse).
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ class FolderInfo:
     run_name_error: str | None
     quantization_metadata: dict[str, Any] | None
     checks: dict[str, Any] = field(default_factory=dict)
+    loading: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,37 +127,29 @@ class FolderInfo:
             "not_applied": self.not_applied, "calibration": self.calibration, "sizes": self.sizes,
             "source_model": self.source_model, "training_link": self.training_link,
             "training_metadata": self.training_metadata, "run_name": self.run_name,
-            "run_name_error": self.run_name_error, "checks": self.checks,
+            "run_name_error": self.run_name_error, "checks": self.checks, "loading": self.loading,
         }
 
     def format(self) -> str:
         return format_info(self)
 
 
-def _spec_and_source(detected: Any, qmeta: dict[str, Any] | None, parsed: Any) -> tuple[QuantizationSpec | None,
-                                                                                      str | None]:
-    if qmeta is not None:
+def _spec_and_source(detected: Any, qmeta: dict[str, Any] | None) -> tuple[QuantizationSpec | None, str | None]:
+    """The spec from the detection: awqkit's metadata when the detection used it, else the detected method,
+    bits and group size (an awqkit method only; gptq, ... have no awqkit spec)."""
+    if qmeta is not None and detected.source.startswith(QUANTIZATION_METADATA):
         spec = spec_from_metadata(qmeta)
         if spec is not None:
             return spec, QUANTIZATION_METADATA + ("" if "spec" in qmeta else " (method, bits, group size)")
-    candidates = []
-    if detected.source != "folder name":
-        candidates.append((detected.method, detected.bits, detected.group_size, detected.source))
-    elif parsed is not None and parsed.tag is not None:
-        t = parsed.tag
-        candidates.append((t.method, t.weights_bits, t.group_size, "folder name"))
-    for method, bits, group, source in candidates:
-        try:
-            m = QuantMethod.parse("none" if method == "fp" else method)
-        except ValueError:
-            return None, None
-        try:
-            if not m.quantizes:
-                return QuantizationSpec(m, weights_bits=bits if bits in (16, 32) else 16, group_size=None), source
-            if bits is not None and group is not None:
-                return QuantizationSpec(m, weights_bits=bits, group_size=group), source
-        except ValueError:
-            return None, None
+    method, bits, group, source = detected.method, detected.bits, detected.group_size, detected.source
+    try:
+        m = QuantMethod.parse("none" if method == "fp" else method)
+        if not m.quantizes:
+            return QuantizationSpec(m, weights_bits=bits if bits in (16, 32) else 16, group_size=None), source
+        if bits is not None and group is not None:
+            return QuantizationSpec(m, weights_bits=bits, group_size=group), source
+    except ValueError:
+        return None, None
     return None, None
 
 
@@ -166,19 +162,19 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
     Raises:
         FileNotFoundError / NotADirectoryError: ``path`` is not a folder.
     """
-    from awqkit.eval.detect import detect_quantization_method
+    from awqkit.eval.detect import describe_loader, detect_quantization_method
 
     folder = Path(path).expanduser()
     detected = detect_quantization_method(folder)
+    loading = describe_loader(detected, folder)
     folder = folder.resolve()
     qmeta = _read_json_dict(folder / QUANTIZATION_METADATA)
     tmeta = _read_json_dict(folder / TRAINING_METADATA)
     try:
-        parsed = parse_run_name(folder.name)
-        run_name, run_error = parsed.to_dict(), None
+        run_name, run_error = parse_run_name(folder.name).to_dict(), None
     except RunNameError as exc:
-        parsed, run_name, run_error = None, None, str(exc)
-    spec, spec_source = _spec_and_source(detected, qmeta, parsed)
+        run_name, run_error = None, str(exc)
+    spec, spec_source = _spec_and_source(detected, qmeta)
     not_applied = list(qmeta["not_applied"]) if qmeta and isinstance(qmeta.get("not_applied"), list) else (
         spec.unapplied() if spec is not None else [])
     link = qmeta.get("training") if qmeta and isinstance(qmeta.get("training"), dict) else None
@@ -201,7 +197,7 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
             checks["source_weights"] = _verify_source(link)
     return FolderInfo(folder, detected.to_dict(), spec, spec_source, not_applied,
                       qmeta.get("calibration") if qmeta else None, sizes, source_model, link, tmeta, run_name,
-                      run_error, qmeta, checks)
+                      run_error, qmeta, checks, loading)
 
 
 def _verify_source(link: dict[str, Any]) -> str:
@@ -240,6 +236,8 @@ def format_info(info: FolderInfo) -> str:
     fmt = f", format {d['format']}" if d.get("format") else ""
     origin = "no quantization config" if d["source"] == "none" else f"from {d['source']}"
     lines.append(f"method:       {what} ({origin}{fmt})")
+    if info.loading:
+        lines.append(f"loading:      {info.loading}")
     if info.spec is not None:
         origin = "no quantization config" if info.spec_source == "none" else f"from {info.spec_source}"
         lines.append(f"spec:         {info.spec.describe()} ({origin})")
