@@ -80,7 +80,7 @@ def check_seq_len(seq_len: int, config: Any, src: str) -> None:
     limit = max_positions(config)
     if limit is not None and seq_len > limit:
         raise InputError(f"--seq-len {seq_len} is longer than {src}'s {limit} positions "
-                         f"(max_position_embeddings); use --seq-len {min(limit, 512)} or less")
+                         f"(max_position_embeddings); use --seq-len {limit} or less")
 
 
 def expected_output_bytes(model: nn.Module, quantized: list[str], bits: int, group_size: int) -> int:

@@ -291,3 +291,23 @@ def test_bench_rows_with_retention(env: dict[str, Path], rtn_folder: Path) -> No
     assert bench["model"]["backend"] == "torch" and bench["baseline"]["backend"] is None
     assert r["settings"]["bench"]["batch_sizes"] == [1, 2] or r["settings"]["bench"]["batch_sizes"] == (1, 2)
     assert "decode_tok_s_b2" in results_markdown(r)
+
+
+def test_nonfinite_metrics_and_strict_json() -> None:
+    from awqkit.eval.runner import nonfinite_metrics, results_json
+
+    results = {"baseline": {"path": "b"}, "tasks": {
+        "ppl": {"model": {"ppl": math.nan}, "baseline": {"ppl": 12.0}},
+        "kl": {"model": {"kl": math.inf, "top1_agreement": 0.5}, "baseline": {"kl": 0.0, "top1_agreement": 1.0}},
+        "arc": {"model": {"acc": 0.25, "acc_norm": 0.5, "n": 4}, "baseline": {"acc": -math.inf, "acc_norm": 0.5}},
+    }}
+    results["metrics"] = metric_rows(results)
+    assert nonfinite_metrics(results) == ["ppl", "kl", "arc/acc (baseline)"]
+    text = results_json(results)
+    data = json.loads(text)  # strict JSON: no NaN / Infinity tokens
+    assert "NaN" not in text and "Infinity" not in text and text.endswith("\n")
+    assert data["tasks"]["ppl"]["model"]["ppl"] is None and data["tasks"]["ppl"]["baseline"]["ppl"] == 12.0
+    assert data["nonfinite_metrics"] == ["ppl", "kl", "arc/acc (baseline)"]
+    assert math.isnan(results["tasks"]["ppl"]["model"]["ppl"])  # the results themselves are left as they are
+    finite = {"baseline": None, "tasks": {"ppl": {"model": {"ppl": 3.0}}}}
+    assert nonfinite_metrics(finite) == [] and "nonfinite_metrics" not in json.loads(results_json(finite))

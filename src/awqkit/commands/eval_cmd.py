@@ -1,14 +1,17 @@
 """``awqkit eval MODEL [--baseline MODEL] --tasks ppl,kl,arc,squad,gsm8k [--limit N] [--json OUT]``.
 
 Prints the Markdown report of :func:`awqkit.eval.runner.results_markdown` and writes the full results
-as JSON (``--json``) and the report as a file (``--markdown``). Errors are ``ValueError`` /
-``FileNotFoundError``, which the ``awqkit`` entry point turns into exit status 2.
+as JSON (``--json``, strict JSON: NaN / Inf become ``null``) and the report as a file (``--markdown``).
+Errors are :class:`~awqkit.errors.AwqkitError` / ``ValueError`` / ``FileNotFoundError``, which the ``awqkit``
+entry point turns into one line and exit status 2. When a metric came out NaN or Inf the report and the
+files are still written, then one line ``awqkit eval: error: <metrics> came out NaN/Inf for <model>; ...``
+goes to stderr and the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,7 @@ def _bench_settings(a: argparse.Namespace) -> Any:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     """Run the evaluation, print the Markdown report, write ``--json`` / ``--markdown``."""
-    from awqkit.eval.runner import evaluate_model, parse_tasks, results_markdown
+    from awqkit.eval.runner import evaluate_model, nonfinite_metrics, parse_tasks, results_json, results_markdown
 
     tasks = a.tasks if a.tasks is not None else ("ppl,kl" if a.baseline else "ppl")
     parse_tasks(tasks)  # fail on bad names before anything is loaded
@@ -59,13 +62,29 @@ def cmd_eval(a: argparse.Namespace) -> int:
     )
     report = results_markdown(results)
     print(report, end="")
-    for out, content in ((a.json, json.dumps(results, indent=2) + "\n"), (a.markdown, report)):
+    for out, content in ((a.json, results_json(results)), (a.markdown, report)):
         if out:
             path = Path(out)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content, encoding="utf-8")
             print(f"wrote {path}")
+    bad = nonfinite_metrics(results)
+    if bad:
+        print(f"awqkit eval: error: {_nonfinite_line(bad, a.model, a.baseline)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _nonfinite_line(bad: list[str], model: str, baseline: str | None) -> str:
+    """The message of the one error line for the non-finite metrics ``bad`` (docs/errors.md: EVAL-NONFINITE)."""
+    mine = [b for b in bad if not b.endswith(" (baseline)")]
+    theirs = [b.removesuffix(" (baseline)") for b in bad if b.endswith(" (baseline)")]
+    parts = [f"{', '.join(mine)} came out NaN/Inf for {model}"] if mine else []
+    if theirs:
+        parts.append(f"{', '.join(theirs)} came out NaN/Inf for the baseline {baseline}")
+    return (" and ".join(parts) + "; the model's forward pass overflowed or its weights are damaged: check the "
+            "folder with `awqkit info`, re-run with --backend torch (the fp32 reference) to rule out a kernel, and "
+            "re-quantize from a finite float model (the report and --json were still written, NaN as null)")
 
 
 def register(subparsers: Any) -> None:

@@ -38,6 +38,14 @@ WIKITEXT_TEST_RELPATH = Path("wikitext-2-raw") / "wiki.test.raw"
 _CHUNK_ELEMENTS = 1 << 24
 
 
+
+def _exp(nll: float) -> float:
+    """``exp(nll)``, Inf where it overflows (a broken model's huge NLL is a result, reported as non-finite)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
 def _find_repo_root(start: Path) -> Path | None:
     """First folder at or above ``start`` holding the awqkit ``pyproject.toml``."""
     for folder in (start, *start.parents):
@@ -251,7 +259,7 @@ def perplexity(
                 n_tokens += e - s
             del logits
     return {
-        "ppl": math.exp(nll_sum / n_tokens),
+        "ppl": _exp(nll_sum / n_tokens),
         "nll_sum": nll_sum,
         "n_tokens": n_tokens,
         "n_windows": int(windows.shape[0]),
@@ -314,8 +322,8 @@ def kl_divergence(
         "kl": kl_sum / n_tokens,
         "kl_sum": kl_sum,
         "top1_agreement": agree / n_tokens,
-        "ppl_model": math.exp(nll_m / n_tokens),
-        "ppl_baseline": math.exp(nll_b / n_tokens),
+        "ppl_model": _exp(nll_m / n_tokens),
+        "ppl_baseline": _exp(nll_b / n_tokens),
         "nll_sum_model": nll_m,
         "nll_sum_baseline": nll_b,
         "n_tokens": n_tokens,

@@ -28,7 +28,9 @@ results record which ran).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Iterable, Sequence
@@ -37,6 +39,8 @@ from typing import Any
 
 import torch
 
+from awqkit.errors import InputError
+from awqkit.preflight import check_device, check_seq_len
 from awqkit.eval.perplexity import WIKITEXT_TEST_RELPATH, kl_divergence, load_wikitext_test, make_windows, perplexity
 from awqkit.eval.runner_load import LoadedModel, check_folder, load_for_eval, same_vocabulary
 from awqkit.eval.tasks._common import check_positive
@@ -61,7 +65,7 @@ def parse_tasks(tasks: str | Iterable[str]) -> tuple[str, ...]:
     """Task names from ``"ppl,kl"`` or a sequence (``"all"`` = every task), deduplicated, in :data:`TASKS` order.
 
     Raises:
-        ValueError: empty, or an unknown name (the message lists the valid ones).
+        InputError (a ValueError): empty, or an unknown name (the message lists the valid ones).
     """
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = [str(t).strip().lower() for t in items if str(t).strip()]
@@ -70,7 +74,7 @@ def parse_tasks(tasks: str | Iterable[str]) -> tuple[str, ...]:
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
         what = f"unknown task(s) {unknown}" if unknown else "no task given"
-        raise ValueError(f"{what}; valid tasks: {', '.join(TASKS)} (comma-separated, or 'all')")
+        raise InputError(f"{what}; valid tasks: {', '.join(TASKS)} (comma-separated, or 'all')")
     return tuple(t for t in TASKS if t in names)
 
 
@@ -182,32 +186,47 @@ def evaluate_model(
     Returns:
         a JSON-ready dict: ``versions``, ``settings``, ``model`` / ``baseline`` (path, detection, loader,
         kernels), ``data`` (file paths and sha256), ``tasks`` (per-task metrics and wall seconds),
-        ``metrics`` (one row per metric with ratio and retention) and ``wall_seconds``.
+        ``metrics`` (one row per metric with ratio and retention) and ``wall_seconds``. A metric that came
+        out NaN / Inf is returned as it is (no error here): :func:`nonfinite_metrics` lists them, and
+        :func:`results_json` writes them as ``null`` (``awqkit eval`` then exits 1).
     Raises:
-        ValueError / FileNotFoundError: bad task names, ``kl`` without a baseline, bad sizes, missing
-            folders or data files (all checked before any model is loaded).
+        InputError (a ValueError) / FileNotFoundError: bad task names, ``kl`` without a baseline, bad sizes,
+            missing folders or data files (all checked before any model is loaded).
+        CheckpointError / NonFiniteError: a model folder awqkit cannot load (:mod:`awqkit.eval.runner_load`).
     """
     names = parse_tasks(tasks)
     if "kl" in names and baseline is None:
-        raise ValueError("task 'kl' compares against a baseline model; pass --baseline MODEL (baseline=...)")
+        raise InputError("task 'kl' compares against a baseline model; pass --baseline MODEL (baseline=...)")
     for label, value in (("limit", limit), ("windows", windows), ("batch_size", batch_size)):
         check_positive(label, value)
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise InputError(f"seq_len must be at least 2, got {seq_len}")
     unknown_opts = [k for k in (task_options or {}) if k not in ("arc", "squad", "gsm8k")]
     if unknown_opts:
-        raise ValueError(f"task_options names {unknown_opts}; only arc, squad and gsm8k take options")
+        raise InputError(f"task_options names {unknown_opts}; only arc, squad and gsm8k take options")
     for task, opts in (task_options or {}).items():
         check_positive(f"task_options[{task!r}]['limit']", opts.get("limit"))
     if backend != "auto":
         from awqkit import kernels
 
-        kernels.get_backend(backend)  # unknown / unavailable: ValueError listing the available ones
+        try:
+            kernels.get_backend(backend)  # unknown / unavailable: the message lists the available ones
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(f"--backend: {exc}") from None
+    check_device(device)
     check_folder(model_path, "model")
     if baseline is not None:
         check_folder(baseline, "baseline")
     needs_windows = any(t in names for t in _WINDOW_TASKS)
     text_file = _text_file(text, data_dir) if needs_windows else None
+    if needs_windows:
+        for folder in (model_path, baseline):
+            try:
+                cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")) if folder else None
+            except (OSError, ValueError):
+                cfg = None  # the loader names what is wrong with it
+            if isinstance(cfg, dict):
+                check_seq_len(seq_len, cfg, str(folder))
 
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
@@ -233,7 +252,8 @@ def evaluate_model(
     }
     if b is not None and not same_vocabulary(m.tokenizer, b.tokenizer):
         if "kl" in names:
-            raise ValueError(f"{m.path} and {b.path} have different vocabularies; KL needs the same tokenizer")
+            raise InputError(f"{m.path} and {b.path} have different vocabularies; KL needs the same tokenizer: "
+                             "compare a model with the float model it was quantized from")
         logger.warning("model and baseline tokenizers differ; ppl windows use the model's tokenizer for both")
 
     ran: dict[str, dict[str, Any]] = {}
@@ -289,6 +309,40 @@ def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def nonfinite_metrics(results: dict[str, Any]) -> list[str]:
+    """The metrics of ``results`` whose value is NaN or Inf, as ``"ppl"``, ``"kl"``, ``"arc/acc"``, with
+    ``" (baseline)"`` for the baseline's; empty when every metric is finite (``awqkit eval`` then exits 0)."""
+    bad: list[str] = []
+    for row in results.get("metrics") or metric_rows(results):
+        label = row["metric"] if row["metric"] == row["task"] else f"{row['task']}/{row['metric']}"
+        for role in ("model", "baseline"):
+            value = row.get(role)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad.append(label if role == "model" else f"{label} (baseline)")
+    return bad
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def results_json(results: dict[str, Any]) -> str:
+    """``results`` as strict JSON text (indented, newline-terminated): NaN / Inf numbers become ``null`` (plain
+    ``json.dumps`` would write the invalid tokens ``NaN`` / ``Infinity``), and when any metric was non-finite
+    a top-level ``"nonfinite_metrics"`` lists them (:func:`nonfinite_metrics`)."""
+    data = _finite_or_none(results)
+    bad = nonfinite_metrics(results)
+    if bad:
+        data["nonfinite_metrics"] = bad
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
 def results_table(results: dict[str, Any]) -> str:
     """The metrics table alone (Markdown); with a baseline, ratio and retention columns and a legend."""
     rows = results.get("metrics") or metric_rows(results)
@@ -340,4 +394,5 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["METRICS", "TASKS", "evaluate_model", "metric_rows", "parse_tasks", "results_markdown", "results_table"]
+__all__ = ["METRICS", "TASKS", "evaluate_model", "metric_rows", "nonfinite_metrics", "parse_tasks", "results_json",
+           "results_markdown", "results_table"]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from awqkit.errors import InputError
 from awqkit.eval.perplexity import DATA_ENV_VAR, default_data_dir
 from awqkit.zoo import sha256_file
 
@@ -83,11 +84,12 @@ def read_jsonl(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def check_positive(name: str, value: int | None, allow_none: bool = True) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive int (or None when allowed)."""
+    """Raise :class:`~awqkit.errors.InputError` (a ``ValueError``) unless ``value`` is a positive int (or None
+    when allowed)."""
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+        raise InputError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
 
 
 def model_device(model: nn.Module) -> torch.device:
