@@ -2,7 +2,8 @@
 
 ``sanitize/harness.c`` (with its reference loops, ``sanitize/reference.h``) is compiled together with
 ``src/awqkit/kernels/csrc/awqkit_cpu.c`` with the production flags (:data:`awqkit.kernels.native.FLAGS`:
-``-O3 -mavx2 -mfma -mf16c -fopenmp``, as an executable) plus ``-fsanitize=address,undefined -fno-omit-frame-pointer -g``, and run with two OpenMP threads:
+``-O3 -mavx2 -mfma -mf16c -fopenmp``, as an executable) plus ``-fsanitize=address,undefined
+-fno-omit-frame-pointer -g``, and run with two OpenMP threads:
 
 * ``check`` drives every exported kernel on valid edge-case shapes (one group / many groups / chunked
   groups, N = 64 and 128, 1..17 rows, N % 4 tails, attention at pos 0 and maxlen - 1 with sliding windows
