@@ -175,6 +175,8 @@ def quantize(
         # [STEP 2]
         targets = select_targets(model, arch, quant)
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
+        check_finite(model, f"source model {src}")
+        check_free_space(dst.parent, expected_output_bytes(model, targets.quantized, quant.bits, quant.group_size))
         ids = None
         if method == "awq":
             # [STEP 3]
@@ -183,8 +185,6 @@ def quantize(
             torch.manual_seed(calib.seed)
             ids = load_calibration(calib.source, tokenizer, calib, model=model)
             timings["calibration_data"] = time.perf_counter() - t
-        check_finite(model, f"source model {src}")
-        check_free_space(dst.parent, expected_output_bytes(model, targets.quantized, quant.bits, quant.group_size))
         # [STEP 4]
         results = None
         if ids is not None:

@@ -211,8 +211,11 @@ def test_nan_in_a_quantized_weight_fails_before_the_search(env: Env, monkeypatch
     env.edit_weights(lambda sd: _nan(sd, "model.layers.1.mlp.down_proj.weight"))
     called: list[int] = []
     monkeypatch.setattr(awqkit.api, "run_awq", lambda *a, **k: called.append(1))
-    result = run(*env.quantize(method=AWQ))
-    assert result.rc == 2 and not called  # the search never started
+    monkeypatch.setattr(awqkit.api, "load_calibration", lambda *a, **k: called.append(2))
+    argv = env.quantize(method=AWQ)
+    argv[argv.index("--calib") + 1] = "self"
+    result = run(*argv)
+    assert result.rc == 2 and not called  # neither calibration (here: data-free generation) nor the search ran
     assert_error("SRC-NONFINITE", one_line_error(result, "quantize"))
     assert "model.layers.1.mlp.down_proj.weight" in result.err
 
