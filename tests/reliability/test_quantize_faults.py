@@ -195,8 +195,8 @@ def test_fault_is_one_line_exit_2_and_changes_nothing(error_id: str, setup: Setu
     assert {p: tree_hash(p) for p in env.sealed} == before
     assert _siblings(env) == journal_before  # no staged or recovery folder left behind
     if error_id not in ("DST-EXISTS", "DST-NOT-AWQKIT", "DST-FILE", "DST-SYMLINK", "DST-IS-SOURCE",
-                        "DST-CONTAINS-SOURCE", "DST-CWD", "DST-HOME", "DST-ROOT"):
-        assert not env.dst.exists()
+                        "DST-CONTAINS-SOURCE", "DST-CWD", "DST-HOME", "DST-ROOT", "DST-BUSY", "DST-JOURNAL"):
+        assert not env.dst.parent.exists()  # not even the output's parent folder was created
 
 
 def test_verbose_shows_the_traceback(env: Env) -> None:

@@ -111,21 +111,32 @@ def check_destination(dst: str | Path, *, overwrite: bool, src: str | Path | Non
     return path
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (the folder the output's missing parents would go in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(parent: Path) -> None:
-    """Create ``parent`` if needed and prove a file can be written there; raises DestinationError."""
+    """Prove a file can be written where ``parent`` is (or would be created) without leaving anything behind:
+    a probe file in ``parent``'s nearest existing ancestor. Raises DestinationError."""
+    base = _existing_ancestor(parent)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".awqkit-write-probe-", dir=parent)
+        if not base.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(base))
+        fd, probe = tempfile.mkstemp(prefix=".awqkit-write-probe-", dir=base)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise DestinationError(f"cannot write into {parent} ({exc.strerror or exc}); choose a --dst on a writable "
-                               "disk or fix the folder's permissions") from None
+        raise DestinationError(f"cannot write into {parent} ({exc.strerror or exc}"
+                               f"{': ' + str(exc.filename) if exc.filename else ''}); choose a --dst on a "
+                               "writable disk or fix the folder's permissions") from None
 
 
 def check_free_space(parent: Path, needed: int) -> None:
-    """``needed`` bytes must be free on ``parent``'s file system; raises DestinationError."""
-    free = shutil.disk_usage(parent).free
+    """``needed`` bytes must be free on the file system ``parent`` is (or would be) on; raises DestinationError."""
+    free = shutil.disk_usage(_existing_ancestor(parent)).free
     if free < needed:
         raise DestinationError(f"not enough disk space for the output in {parent}: about {needed / 1e9:.2f} GB "
                                f"needed, {free / 1e9:.2f} GB free; free some space or choose a --dst on another disk")
