@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from awqkit.config import CalibConfig, QuantConfig, SearchConfig, defaults
+from awqkit.config import PROPAGATE_MODES, RANK_BY, SCALE_MODES, CalibConfig, QuantConfig, SearchConfig, defaults
 from awqkit.errors import AwqkitError, InputError
 
 Q, C, S = defaults(QuantConfig), defaults(CalibConfig), defaults(SearchConfig)
@@ -47,7 +47,7 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale-mode", choices=("x", "duo", "both"), default=S["scale_mode"],
+    p.add_argument("--scale-mode", choices=SCALE_MODES, default=S["scale_mode"],
                    help="s = x^a (x), x^a / w^(1-a) (duo) or both (default %(default)s)")
     p.add_argument("--n-grid", type=int, default=S["n_grid"], help="alpha grid points in [0,1] (default %(default)s)")
     p.add_argument("--search-samples", type=int, default=S["search_samples"],
@@ -66,9 +66,17 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gqa-v-o", action=argparse.BooleanOptionalAction, default=S["gqa_v_o"],
                    help="scale v_proj -> o_proj under grouped-query attention, tied per kv head "
                         "(default %(default)s)")
-    p.add_argument("--propagate", choices=("quantized", "float"), default=S["propagate"],
+    p.add_argument("--propagate", choices=PROPAGATE_MODES, default=S["propagate"],
                    help="next layer sees the quantized or the float outputs (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=S["batch_size"], help="blocks per forward (default %(default)s)")
+    p.add_argument("--rank-top-k", type=int, default=S["rank_top_k"],
+                   help="attention/MLP scale candidates scored on the full objective after a cheap ranking pass "
+                        "over the whole grid; 0 scores every candidate (default %(default)s)")
+    p.add_argument("--rank-by", choices=RANK_BY, default=S["rank_by"],
+                   help="how the grid is ranked before exact scoring: the same objective on --rank-tokens tokens "
+                        "(subset) or the linears' own output error from Gram blocks (gram) (default %(default)s)")
+    p.add_argument("--rank-tokens", type=int, default=S["rank_tokens"],
+                   help="tokens of the ranking pass with --rank-by subset (default %(default)s)")
 
 
 def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchConfig]:
@@ -82,7 +90,8 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
                           search_tokens=a.search_tokens, clip=not a.no_clip, propagate=a.propagate,
                           batch_size=a.batch_size, clip_n_tokens=a.clip_n_tokens, clip_n_grid=a.clip_n_grid,
                           clip_max_shrink=a.clip_max_shrink,
-                          clip_independent=a.clip_independent, gqa_v_o=a.gqa_v_o)
+                          clip_independent=a.clip_independent, gqa_v_o=a.gqa_v_o, rank_top_k=a.rank_top_k,
+                          rank_by=a.rank_by, rank_tokens=a.rank_tokens)
     return quant, calib, search
 
 

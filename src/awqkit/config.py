@@ -14,6 +14,7 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
 SCALE_MODES = ("x", "duo", "both")
 PROPAGATE_MODES = ("quantized", "float")
+RANK_BY = ("subset", "gram")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,11 @@ class SearchConfig:
     of the float layer ("float").
     gqa_v_o: also scale v_proj → o_proj under grouped-query attention, with scales tied per kv head
     (exact; see ``Mapping.tie_heads``). Off by default: reference AWQ skips v → o when shapes differ.
+    Ranked scale search, for mappings scored on a module (attention, MLP): rank the whole grid cheaply, then
+    score only the identity and the ``rank_top_k`` best candidates on the full objective (0: every candidate,
+    the exhaustive search). ``rank_by="subset"``: the ranking is the same objective on ``rank_tokens`` tokens
+    (whole blocks for attention, a strided token sample for the MLP); ``"gram"``: the balanced linears' own
+    output error over every calibration token, from per-group Gram blocks of their input.
     """
 
     n_grid: int = 20
@@ -111,6 +117,9 @@ class SearchConfig:
     propagate: Literal["quantized", "float"] = "quantized"
     batch_size: int = 8
     gqa_v_o: bool = False
+    rank_top_k: int = 3
+    rank_by: Literal["subset", "gram"] = "subset"
+    rank_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.scale_mode not in SCALE_MODES:
@@ -121,6 +130,12 @@ class SearchConfig:
             raise InputError(f"n_grid={self.n_grid} must be >= 2 (it includes both ends of [0, 1])")
         if not 0.0 <= self.clip_max_shrink < 1.0:
             raise InputError(f"clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
+        if self.rank_by not in RANK_BY:
+            raise InputError(f"rank_by={self.rank_by!r}; choose one of {RANK_BY}")
+        if self.rank_tokens < 1:
+            raise InputError(f"rank_tokens={self.rank_tokens} must be >= 1")
+        if self.rank_top_k < 0:
+            raise InputError(f"rank_top_k={self.rank_top_k} must be >= 0 (0: score every candidate exactly)")
         if min(self.search_samples, self.search_tokens, self.batch_size) < 1 or self.clip_n_tokens < 0:
             raise InputError("search_samples, search_tokens and batch_size must be >= 1, clip_n_tokens >= 0 "
                              "(0: every calibration token)")

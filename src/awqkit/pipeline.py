@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from awqkit.algo.clip_search import group_gram, sample_tokens, search_clip
 from awqkit.algo.fold import apply_clip, expand_heads, fold_scales
 from awqkit.algo.results import AWQResults, ClipEntry, ScaleEntry
-from awqkit.algo.scale_search import GramScorer, ModuleScorer, search_scales
+from awqkit.algo.scale_search import GramScorer, GroupGramProxy, ModuleScorer, search_scales
 from awqkit.arch import ArchSpec, get_layers, layer_linears, resolve_arch, resolve_mappings
-from awqkit.calib.capture import LayerInputs, capture_layer_inputs, map_tensors, to_compute
+from awqkit.calib.capture import LayerInputs, capture_layer_inputs, map_tensors, take_rows, to_compute
 from awqkit.config import QuantConfig, SearchConfig
 from awqkit.quant.primitives import fake_quantize, resolve_group_size
 
@@ -55,9 +55,13 @@ class _LayerCache:
     """
 
     def __init__(self, linears: dict[str, nn.Linear], mappings: list, tokens_per_batch: int,
-                 clip_groups: dict[str, int], clip_tokens: int) -> None:
+                 clip_groups: dict[str, int], clip_tokens: int, proxy_groups: dict[str, int] | None = None) -> None:
         self.abs_sum = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
         self.count = dict.fromkeys(linears, 0)
+        # the shared input of each ranked mapping ({linear name: group size}): its diagonal Gram blocks over
+        # every token, for the ranking proxy (GroupGramProxy)
+        self.proxy_groups = proxy_groups or {}
+        self.proxy_gram: dict[str, Tensor] = {}
         # clipped linears ({name: group size}): a token sample (clip_tokens per search batch), or with
         # clip_tokens == 0 the diagonal Gram blocks of their input over every token
         self.clip_x: dict[str, list[Tensor]] = {n: [] for n in clip_groups}
@@ -92,20 +96,26 @@ class _LayerCache:
             if name in self.gram:
                 xf = flat.float()
                 self.gram[name] += (xf.T @ xf).double().cpu()
+            if name in self.proxy_groups:
+                block = self._blocks(args[0], flat, self.proxy_groups[name])
+                self.proxy_gram[name] = self.proxy_gram.get(name, 0) + block
             if name in self.clip_gram_groups:
                 if name in self.gram:
                     return None  # finish() takes its clip blocks from the full Gram's diagonal
-                g = self.clip_gram_groups[name]
-                last = self._last_block
-                if last is not None and last[0] is args[0] and last[1] == g:
-                    block = last[2]
-                else:
-                    block = group_gram(flat, g).cpu()
-                    self._last_block = (args[0], g, block)
+                block = self._blocks(args[0], flat, self.clip_gram_groups[name])
                 self.clip_gram[name] = self.clip_gram.get(name, 0) + block
             elif self.caching and name in self.clip_x:
                 self.clip_x[name].append(sample_tokens(x, self.clip_tokens).cpu())
         return hook
+
+    def _blocks(self, x: Tensor, flat: Tensor, g: int) -> Tensor:
+        """Diagonal Gram blocks of this input; linears sharing one input object reuse them."""
+        last = self._last_block
+        if last is not None and last[0] is x and last[1] == g:
+            return last[2]
+        block = group_gram(flat, g).cpu()
+        self._last_block = (x, g, block)
+        return block
 
     def _inspect_hook(self, idx: int, tokenwise: bool) -> Callable:
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -135,6 +145,32 @@ class _LayerCache:
         for h in self.handles:
             h.remove()
         self._last_block = None
+
+
+def _rank_subset(cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: int) -> list[tuple[tuple, dict]]:
+    """The part of a mapping's cached search inputs the ranking pass scores: ``n_tokens`` tokens evenly strided
+    from the merged token sample (position-wise modules), or the first whole sequences holding at least
+    ``n_tokens`` tokens (modules that mix positions)."""
+    if tokenwise:
+        (x, *rest), kw = cached[0]
+        step = max(1, x.shape[1] // n_tokens)
+        return [((x[:, ::step][:, :n_tokens], *rest), kw)]
+    out: list[tuple[tuple, dict]] = []
+    left = n_tokens
+    for args, kw in cached:
+        hidden = args[0] if args else kw["hidden_states"]
+        b, length = hidden.shape[0], hidden.shape[1]
+        rows = min(b, max(1, math.ceil(left / length)))
+        out.append(take_rows((args, kw), b, rows) if rows < b else (args, kw))
+        left -= rows * length
+        if left <= 0:
+            break
+    return out
+
+
+def _shared_input(m: Any, prefix: str, targets: set[str]) -> str:
+    """The first quantized linear of mapping ``m`` (layer-relative name): where its shared input is hooked."""
+    return next(n for n in m.mapping.linears if prefix + n in targets)
 
 
 def _fake_quantize_linears(linears: dict[str, nn.Linear], qcfg: QuantConfig) -> dict[str, Tensor]:
@@ -186,7 +222,10 @@ def run_awq(
         mappings = resolve_mappings(layer, spec, i, tie_heads=scfg.gqa_v_o)
         clip_groups = {n: resolve_group_size(lin.in_features, qcfg.group_size) for n, lin in linears.items()
                        if scfg.clip and not re.fullmatch(spec.no_clip, n)}
-        cache = _LayerCache(linears, mappings, tokens_per_batch, clip_groups, clip_per_batch)
+        ranked = {_shared_input(m, prefix, targets): resolve_group_size(m.linears[0].in_features, qcfg.group_size)
+                  for m in mappings if scfg.rank_top_k and scfg.rank_by == "gram" and m.mapping.scoring != "linear"
+                  and any(prefix + n in targets for n in m.mapping.linears)}
+        cache = _LayerCache(linears, mappings, tokens_per_batch, clip_groups, clip_per_batch, ranked)
 
         # [STEP 1] float pass: statistics for all batches, caches for the search batches
         float_out: list[Tensor] = []
@@ -215,10 +254,23 @@ def run_awq(
 
                 score = ModuleScorer(forward, len(cached))
             # the linears share one input; only quantized ones are hooked, so read its statistics there
-            x_name = next(n for n, q in zip(m.mapping.linears, mask) if q)
+            x_name = _shared_input(m, prefix, targets)
+            rank = None
+            if x_name in cache.proxy_gram:
+                rank = GroupGramProxy([lin for lin, q in zip(m.linears, mask, strict=True) if q],
+                                      cache.proxy_gram.pop(x_name).to(device), cache.count[x_name])
+            elif scfg.rank_top_k and scfg.rank_by == "subset" and m.mapping.scoring != "linear":
+                sub = _rank_subset(cache.inputs[k], m.mapping.scoring == "tokens", scfg.rank_tokens)
+
+                def sub_forward(b: int, mod: nn.Module = m.inspect, cached: list = sub) -> Tensor:
+                    args, kw = to_compute(cached[b], device)
+                    return _first(mod(*args, **kw))
+
+                rank = ModuleScorer(sub_forward, len(sub))
             res = search_scales(m.linears, score, cache.x_mean(x_name),
                                 bits=qcfg.bits, group_size=qcfg.group_size, zero_point=qcfg.zero_point,
-                                n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask, heads=m.heads)
+                                n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask, heads=m.heads,
+                                rank=rank, top_k=scfg.rank_top_k)
             del score
             fold_scales(m.prev, m.linears, res.scales.to(device), spec.norm_offset, m.heads)
             for n in m.mapping.linears:

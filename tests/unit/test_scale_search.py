@@ -247,3 +247,65 @@ def test_tied_heads_search_returns_kv_space_scales_that_are_repeated_per_head():
     mse = _output_mse(w0, kv, expand_heads(res.scales, head_dim, n_rep), 4)
     assert math.isclose(res.loss_best, mse, rel_tol=1e-4)
     assert mse < 0.75 * _output_mse(w0, kv, torch.ones(IN), 4)
+
+
+# ----------------------------------------------------------------------------- ranked search
+
+
+def test_ranked_search_scores_identity_and_top_k_by_rank() -> None:
+    from awqkit.algo.scale_search import GroupGramProxy
+    from awqkit.algo.clip_search import group_gram
+
+    lin, x = _salient_problem(0)
+    batches = x.reshape(4, 128, IN)
+    calls = {"score": 0}
+
+    def scorer_forward(b: int) -> torch.Tensor:
+        return lin(batches[b])
+
+    score = ModuleScorer(scorer_forward, 4)
+
+    def counted() -> float:
+        calls["score"] += 1
+        return score()
+
+    exhaustive = search_scales([lin], score, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10,
+                               mode="both")
+    assert all(v is not None for v in exhaustive.losses) and exhaustive.proxy_losses == []
+    proxy = GroupGramProxy([lin], group_gram(x, GROUP), x.shape[0])
+    ranked = search_scales([lin], counted, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10,
+                           mode="both", rank=proxy, top_k=2)
+    assert calls["score"] == 3  # the identity and the two best by rank
+    scored = [i for i, v in enumerate(ranked.losses) if v is not None]
+    by_rank = sorted(range(1, len(ranked.proxy_losses)), key=lambda i: (ranked.proxy_losses[i], i))[:2]
+    assert scored == sorted([0, *by_rank])
+    assert ranked.chosen in scored and ranked.loss_best == min(ranked.losses[i] for i in scored)
+    # scored candidates get the same exact loss as in the exhaustive search
+    assert all(ranked.losses[i] == exhaustive.losses[i] for i in scored)
+    # a perfect ranking (the objective itself) with top_k=1 chooses what the exhaustive search chooses
+    perfect = search_scales([lin], score, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10,
+                            mode="both", rank=score, top_k=1)
+    assert perfect.chosen == exhaustive.chosen and torch.equal(perfect.scales, exhaustive.scales)
+    with pytest.raises(ValueError, match="top_k"):
+        search_scales([lin], score, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10,
+                      mode="both", rank=score, top_k=-1)
+
+
+def test_group_gram_proxy_is_the_output_mse_without_cross_group_terms() -> None:
+    from awqkit.algo.scale_search import GroupGramProxy
+    from awqkit.algo.clip_search import group_gram
+
+    lin, x = _salient_problem(1)
+    w0 = lin.weight.detach().clone()
+    full = GroupGramProxy([lin], group_gram(x, IN), x.shape[0])  # one block: the whole Gram
+    blocks = GroupGramProxy([lin], group_gram(x, GROUP), x.shape[0])
+    exact = GramScorer(lin, x.T.double() @ x.double(), x.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(fake_quantize(w0, 4, GROUP, True))
+    d = (lin.weight - w0).double()
+    dx = x.double() @ d.T
+    mse = (dx ** 2).mean().item()
+    assert full() == pytest.approx(mse, rel=1e-4) and exact() == pytest.approx(mse, rel=1e-4)
+    xg, dg = x.double().reshape(-1, IN // GROUP, GROUP), d.reshape(OUT, IN // GROUP, GROUP)
+    per_group = torch.einsum("tgk,ogk->tog", xg, dg)  # each group's share of the output error
+    assert blocks() == pytest.approx((per_group ** 2).sum(-1).mean().item(), rel=1e-4)

@@ -19,6 +19,16 @@ finite remains the identity is returned with ``fallback=True``.
 Tied heads (grouped-query v → o, ``heads=(head_dim, n_rep)``): x̄ and w̄ are averaged over the ``n_rep``
 copies of each kv channel, candidates live in v's channel space, and the linears see them repeated per
 head (:func:`awqkit.algo.fold.expand_heads`), which is what folding into v's rows produces.
+
+Ranked search (``rank`` + ``top_k > 0``): scoring a module such as attention or the MLP costs a forward over
+thousands of cached tokens per candidate. A cheaper ranking pass orders the whole grid first, then only the
+identity and the ``top_k`` best candidates are scored on the full objective ``L(s)`` above and the best of
+those is chosen (``top_k = 0`` scores every candidate: the exhaustive search). The ranking is any callable
+evaluated like ``score``; the pipeline uses the same objective on a small subset of the search data
+(``SearchConfig.rank_by="subset"``, default: measured on SmolLM2-135M, 512 tokens put the exhaustive winner
+in the top 3 for every mapping tried), or :class:`GroupGramProxy`, the balanced linears' own output error
+over every token from the per-group Gram blocks of their input (``"gram"``: cost independent of the token
+count, but it ranks attention poorly because it ignores what q/k errors do through the softmax).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +63,9 @@ class ScaleSearchResult:
     loss_best: float
     n_candidates: int
     fallback: bool = False  # True when no candidate gave a finite loss
+    losses: list[float | None] = field(default_factory=list)  # exact loss per candidate (None: not scored)
+    proxy_losses: list[float] = field(default_factory=list)  # ranking proxy per candidate (empty: no proxy)
+    chosen: int = 0  # index of the chosen candidate in the grid
 
 
 def weight_mean(weights: Sequence[Tensor], group_size: int) -> Tensor:
@@ -125,6 +138,43 @@ class GramScorer:
         return ((dw @ self.gram) * dw).double().sum().item() / self.denominator
 
 
+class GroupGramProxy:
+    """``Σ_i Σ_G Δ_{i,G}ᵀ C_G Δ_{i,G} / (n_tokens · Σ out_i)`` over the balanced linears' weight changes
+    ``Δ_i = W'_i − W_i`` from their weights at construction: their output MSE with every calibration token
+    counted, minus the cross-group terms of the input's Gram (a ranking proxy, see the module docstring).
+
+    ``blocks``: ``[in/g, g, g]`` diagonal Gram blocks of the shared input (:func:`awqkit.algo.clip_search.
+    group_gram`, summed over ``n_tokens`` tokens); ``g = in`` gives the full Gram.
+    """
+
+    def __init__(self, linears: Sequence[nn.Linear], blocks: Tensor, n_tokens: int) -> None:
+        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2] or n_tokens < 1:
+            raise ValueError(f"GroupGramProxy: blocks {tuple(blocks.shape)} must be [in/g, g, g] and n_tokens "
+                             f"({n_tokens}) >= 1")
+        self.linears = list(linears)
+        self.originals = [lin.weight.detach().float().clone() for lin in self.linears]
+        self.blocks = blocks.float()
+        self.denominator = float(n_tokens) * sum(lin.out_features for lin in self.linears)
+
+    def __call__(self) -> float:
+        n_groups, g, _ = self.blocks.shape
+        total = 0.0
+        for lin, orig in zip(self.linears, self.originals, strict=True):
+            d = lin.weight.float() - orig
+            dg = d.reshape(d.shape[0], n_groups, g).transpose(0, 1)  # [G, out, g]
+            total += (torch.bmm(dg, self.blocks) * dg).double().sum().item()
+        return total / self.denominator
+
+
+def _set_candidate(linears: Sequence[nn.Linear], originals: Sequence[Tensor], mask: Sequence[bool], s: Tensor,
+                   bits: int, group_size: int, zero_point: bool) -> None:
+    """Every quantized linear's weight := Q(W · diag(s)) · diag(s)⁻¹ (the others keep their weights)."""
+    for lin, orig, quant in zip(linears, originals, mask, strict=True):
+        if quant:
+            scaled = orig.float() * s.unsqueeze(0)
+            lin.weight.copy_((fake_quantize(scaled, bits, group_size, zero_point) / s.unsqueeze(0)).to(orig.dtype))
+
+
 @torch.no_grad()
 def search_scales(
     linears: Sequence[nn.Linear],
@@ -138,6 +188,8 @@ def search_scales(
     mode: str,
     quantize_mask: Sequence[bool] | None = None,
     heads: tuple[int, int] | None = None,
+    rank: Callable[[], float] | None = None,
+    top_k: int = 0,
 ) -> ScaleSearchResult:
     """Grid-search s for ``linears`` (see module docstring).
 
@@ -149,36 +201,48 @@ def search_scales(
         quantize_mask: which linears are quantized (False for those kept in float); default all.
         heads: ``(head_dim, n_rep)`` to search scales tied per kv head; the result is then in the
             kv channel space (``in / n_rep`` entries).
+        rank: a cheaper loss evaluated like ``score`` with the candidate's weights set (the objective on a
+            subset of the search data, or :class:`GroupGramProxy`); with ``top_k > 0`` only the identity and
+            the ``top_k`` best candidates by ``rank`` are then scored with ``score``.
+        top_k: candidates scored exactly after ranking; 0 scores every candidate (exhaustive).
     """
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0: score every candidate)")
     mask = list(quantize_mask) if quantize_mask is not None else [True] * len(linears)
     originals = [lin.weight.detach().clone() for lin in linears]  # explicit copies: .cpu() would alias
-    q_linears = [lin for lin, m in zip(linears, mask) if m]
+    q_linears = [lin for lin, m in zip(linears, mask, strict=True) if m]
     w_mean = weight_mean([lin.weight for lin in q_linears], group_size) if q_linears and mode != "x" else None
     if heads is not None:
         x_mean = reduce_heads(x_mean.float(), *heads)
         w_mean = reduce_heads(w_mean, *heads) if w_mean is not None else None
     candidates = candidate_scales(x_mean, w_mean, n_grid, mode)
+    grid = [expand_heads(c.scales, *heads) if heads is not None else c.scales for c in candidates]
+    grid = [s.to(originals[0].device) for s in grid]
 
-    losses: list[float] = []
-    for cand in candidates:
-        s = cand.scales.to(originals[0].device)
-        if heads is not None:
-            s = expand_heads(s, *heads)
-        for lin, orig, quant in zip(linears, originals, mask):
-            if quant:
-                scaled = orig.float() * s.unsqueeze(0)
-                lin.weight.copy_((fake_quantize(scaled, bits, group_size, zero_point) / s.unsqueeze(0)).to(orig.dtype))
-        losses.append(score())
-    for lin, orig in zip(linears, originals):
+    proxy: list[float] = []
+    if rank is not None:
+        for s in grid:
+            _set_candidate(linears, originals, mask, s, bits, group_size, zero_point)
+            proxy.append(rank())
+    if rank is not None and 0 < top_k < len(grid) - 1:
+        order = sorted((i for i in range(1, len(grid)) if math.isfinite(proxy[i])), key=lambda i: (proxy[i], i))
+        to_score = [0, *sorted(order[:top_k])]
+    else:
+        to_score = list(range(len(grid)))
+    losses: list[float | None] = [None] * len(grid)
+    for i in to_score:
+        _set_candidate(linears, originals, mask, grid[i], bits, group_size, zero_point)
+        losses[i] = score()
+    for lin, orig in zip(linears, originals, strict=True):
         lin.weight.copy_(orig)
 
     loss_identity = losses[0]
-    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+    finite = [i for i in to_score if math.isfinite(losses[i])]  # type: ignore[arg-type]
     if not finite:
         logger.warning("scale search: no candidate gave a finite loss; using identity scales")
         return ScaleSearchResult(torch.ones_like(x_mean.float()), "x", 0.0, loss_identity, loss_identity,
-                                 len(candidates), fallback=True)
+                                 len(candidates), fallback=True, losses=losses, proxy_losses=proxy)
     best = min(finite, key=lambda i: (losses[i], i))
     cand = candidates[best]
     return ScaleSearchResult(cand.scales.detach().cpu().clone(), cand.mode, cand.alpha, loss_identity,
-                             losses[best], len(candidates))
+                             losses[best], len(candidates), losses=losses, proxy_losses=proxy, chosen=best)

@@ -1,0 +1,64 @@
+"""Ranked scale search (SearchConfig.rank_top_k): the cheap ranking pass over the grid plus exact scoring of the
+top candidates chooses what the exhaustive search chooses, on tiny models of every architecture whose norms
+give a few input channels large activations (salient channels, as real LLMs have; without them a random model's
+loss landscape over the grid is flat to noise and every choice is as good as another)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from awqkit.api import select_targets
+from awqkit.arch import resolve_arch
+from awqkit.calib import load_calibration
+from awqkit.config import CalibConfig, QuantConfig, SearchConfig
+from awqkit.io.source import load_source
+from awqkit.pipeline import run_awq
+from test_architectures import ARCHS, _make_source
+
+QCFG = QuantConfig(bits=4, group_size=32)
+# 8 blocks x 64 tokens searched; the ranking pass sees one block (attention) / 64 strided tokens (MLP): 1/8
+EXHAUSTIVE = SearchConfig(batch_size=4, search_samples=8, search_tokens=512, n_grid=10, rank_top_k=0)
+RANKED = dataclasses.replace(EXHAUSTIVE, rank_top_k=3, rank_by="subset", rank_tokens=64)
+
+
+def _salient_source(root: Path, arch: str) -> Path:
+    src = _make_source(root, arch)
+    (root / "calib.txt").write_text((root / "calib.txt").read_text() * 4)
+    model, _, _ = load_source(src, hash_files=False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p[torch.randperm(p.numel(), generator=gen)[:4]] *= 10
+    model.save_pretrained(src)
+    return src
+
+
+def _choices(src: Path, root: Path, search: SearchConfig) -> list[tuple[int, str, str, float, float]]:
+    model, tok, _ = load_source(src, hash_files=False)
+    model.float()
+    calib = CalibConfig(source=str(root / "calib.txt"), n_samples=8, seq_len=64)
+    ids = load_calibration(calib.source, tok, calib, model=model)
+    targets = set(select_targets(model, resolve_arch(model), QCFG).quantized)
+    res = run_awq(model, ids, QCFG, search, targets, progress=False)
+    return [(e.layer, e.prev, e.mode, e.alpha, e.loss_best) for e in res.scales]
+
+
+def test_ranked_search_chooses_what_the_exhaustive_one_chooses(tmp_path: Path) -> None:
+    same, total = 0, 0
+    for arch in ARCHS:
+        root = tmp_path / arch
+        root.mkdir()
+        src = _salient_source(root, arch)
+        exhaustive, ranked = _choices(src, root, EXHAUSTIVE), _choices(src, root, RANKED)
+        assert [r[:2] for r in ranked] == [e[:2] for e in exhaustive]
+        for r, e in zip(ranked, exhaustive, strict=True):
+            same += r[2:4] == e[2:4]
+            total += 1
+            # never a candidate the exhaustive search scores more than 6 % worse (observed: at most 5.3 %)
+            assert r[4] <= e[4] * 1.06, (arch, r, e)
+    # observed 28 of 30 mappings; the two others are within 5.3 % of the exhaustive winner's loss
+    assert same >= 0.9 * total, f"the ranked search agrees on {same} of {total} mappings"
