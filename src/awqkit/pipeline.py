@@ -22,19 +22,20 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from awqkit.algo.clip_search import group_gram, sample_tokens, search_clip
+from awqkit.algo.clip_search import search_clip
 from awqkit.algo.fold import apply_clip, expand_heads, fold_scales
 from awqkit.algo.results import AWQResults, ClipEntry, ScaleEntry
 from awqkit.algo.scale_search import GramScorer, GroupGramProxy, ModuleScorer, search_scales
 from awqkit.arch import ArchSpec, get_layers, layer_linears, resolve_arch, resolve_mappings
-from awqkit.calib.capture import LayerInputs, capture_layer_inputs, map_tensors, take_rows, to_compute
+from awqkit.calib.capture import LayerInputs, capture_layer_inputs, take_rows, to_compute
+from awqkit.calib.stats import LayerStats
 from awqkit.config import QuantConfig, SearchConfig
 from awqkit.quant.primitives import fake_quantize, resolve_group_size
 
@@ -45,106 +46,13 @@ def _first(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class _LayerCache:
-    """Hooks for one layer's float pass.
+def _module_scorer(module: nn.Module, cached: list[tuple[tuple, dict]], device: torch.device | str) -> ModuleScorer:
+    """Scores ``module`` with its current weights on the cached (args, kwargs) batches, against its output now."""
+    def forward(b: int) -> Tensor:
+        args, kw = to_compute(cached[b], device)
+        return _first(module(*args, **kw))
 
-    Always: per-linear sum of |x| (fp64) and token counts, and a token sample of each linear's input for
-    the clip search (search batches only). Per mapping, by its scoring kind: the scoring module's
-    (args, kwargs) for the search batches ("sequence"), a token sample of its input from every batch
-    ("tokens"), or the Gram matrix of its linear's input over every token ("linear").
-    """
-
-    def __init__(self, linears: dict[str, nn.Linear], mappings: list, tokens_per_batch: int,
-                 clip_groups: dict[str, int], clip_tokens: int, proxy_groups: dict[str, int] | None = None) -> None:
-        self.abs_sum = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
-        self.count = dict.fromkeys(linears, 0)
-        # the shared input of each ranked mapping ({linear name: group size}): its diagonal Gram blocks over
-        # every token, for the ranking proxy (GroupGramProxy)
-        self.proxy_groups = proxy_groups or {}
-        self.proxy_gram: dict[str, Tensor] = {}
-        # clipped linears ({name: group size}): a token sample (clip_tokens per search batch), or with
-        # clip_tokens == 0 the diagonal Gram blocks of their input over every token
-        self.clip_x: dict[str, list[Tensor]] = {n: [] for n in clip_groups}
-        self.clip_gram_groups = clip_groups if clip_tokens == 0 else {}
-        self.clip_gram: dict[str, Tensor] = {}
-        self._last_block: tuple[Tensor, int, Tensor] | None = None  # linears sharing one input reuse its blocks
-        self.inputs: dict[int, list[tuple[tuple, dict]]] = {}
-        self.gram: dict[str, Tensor] = {}
-        self._tokenwise: dict[int, bool] = {}
-        self.caching = False
-        self.clip_tokens = clip_tokens
-        self.tokens_per_batch = tokens_per_batch
-        self.handles = []
-        for k, m in enumerate(mappings):
-            if m.mapping.scoring == "linear":
-                lin = m.linears[0]
-                self.gram[m.mapping.inspect] = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
-            else:
-                self.inputs[k] = []
-                self._tokenwise[k] = m.mapping.scoring == "tokens"
-                hook = self._inspect_hook(k, self._tokenwise[k])
-                self.handles.append(m.inspect.register_forward_pre_hook(hook, with_kwargs=True))
-        for n, lin in linears.items():
-            self.handles.append(lin.register_forward_pre_hook(self._linear_hook(n)))
-
-    def _linear_hook(self, name: str) -> Callable:
-        def hook(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            flat = x.reshape(-1, x.shape[-1])
-            self.abs_sum[name] += flat.abs().sum(0, dtype=torch.float64).cpu()
-            self.count[name] += flat.shape[0]
-            if name in self.gram:
-                xf = flat.float()
-                self.gram[name] += (xf.T @ xf).double().cpu()
-            if name in self.proxy_groups:
-                block = self._blocks(args[0], flat, self.proxy_groups[name])
-                self.proxy_gram[name] = self.proxy_gram.get(name, 0) + block
-            if name in self.clip_gram_groups:
-                if name in self.gram:
-                    return None  # finish() takes its clip blocks from the full Gram's diagonal
-                block = self._blocks(args[0], flat, self.clip_gram_groups[name])
-                self.clip_gram[name] = self.clip_gram.get(name, 0) + block
-            elif self.caching and name in self.clip_x:
-                self.clip_x[name].append(sample_tokens(x, self.clip_tokens).cpu())
-        return hook
-
-    def _blocks(self, x: Tensor, flat: Tensor, g: int) -> Tensor:
-        """Diagonal Gram blocks of this input; linears sharing one input object reuse them."""
-        last = self._last_block
-        if last is not None and last[0] is x and last[1] == g:
-            return last[2]
-        block = group_gram(flat, g).cpu()
-        self._last_block = (x, g, block)
-        return block
-
-    def _inspect_hook(self, idx: int, tokenwise: bool) -> Callable:
-        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            if tokenwise:
-                x = sample_tokens(args[0].detach(), self.tokens_per_batch).unsqueeze(0)
-                self.inputs[idx].append(((x.cpu(),) + tuple(args[1:]), kwargs))
-            elif self.caching:
-                self.inputs[idx].append(map_tensors((args, kwargs), lambda t: t.detach()))
-        return hook
-
-    def finish(self) -> None:
-        """Merge per-batch token samples into one batch (one large matmul beats many small ones); take the
-        clip Gram blocks of linears that accumulate a full input Gram from its diagonal."""
-        for name, g in self.clip_gram_groups.items():
-            if name in self.gram:
-                full = self.gram[name]
-                self.clip_gram[name] = torch.stack([full[i:i + g, i:i + g] for i in range(0, full.shape[0], g)])
-        for k, items in self.inputs.items():
-            if self._tokenwise.get(k) and items:
-                x = torch.cat([a[0] for a, _ in items], dim=1)
-                self.inputs[k] = [((x,) + tuple(items[0][0][1:]), items[0][1])]
-
-    def x_mean(self, name: str) -> Tensor:
-        return (self.abs_sum[name] / max(self.count[name], 1)).float()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self._last_block = None
+    return ModuleScorer(forward, len(cached))
 
 
 def _rank_subset(cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: int) -> list[tuple[tuple, dict]]:
@@ -182,6 +90,34 @@ def _fake_quantize_linears(linears: dict[str, nn.Linear], qcfg: QuantConfig) -> 
     return saved
 
 
+class LayerHooks(Protocol):
+    """What :func:`run_awq` calls around each decoder layer (streaming and resumable runs, :mod:`awqkit.api`).
+
+    ``load(i, layer)`` before layer ``i`` is processed (e.g. read its weights from the source's shards);
+    ``finish(i, layer, results, hidden)`` once it is folded and clipped and back on CPU in its stored dtype, with
+    every result so far and the next layer's inputs (e.g. pack and write it, record progress, free it).
+    """
+
+    def load(self, index: int, layer: nn.Module) -> None: ...
+
+    def finish(self, index: int, layer: nn.Module, results: AWQResults, hidden: list[Tensor]) -> None: ...
+
+
+@dataclass
+class _Run:
+    """What every layer of one :func:`run_awq` call shares."""
+
+    spec: ArchSpec
+    qcfg: QuantConfig
+    scfg: SearchConfig
+    targets: set[str]
+    inputs: LayerInputs
+    device: torch.device | str
+    n_search_batches: int
+    clip_per_batch: int
+    tokens_per_batch: int
+
+
 @torch.no_grad()
 def run_awq(
     model: nn.Module,
@@ -192,128 +128,165 @@ def run_awq(
     *,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    hooks: LayerHooks | None = None,
+    start: int = 0,
+    hidden: list[Tensor] | None = None,
+    results: AWQResults | None = None,
 ) -> AWQResults:
     """Search and apply AWQ scales and clips, layer by layer, in place on ``model``'s float weights.
 
     Args:
-        model: a float causal LM whose architecture ``resolve_arch`` knows, on CPU.
+        model: a float causal LM whose architecture ``resolve_arch`` knows, on CPU; with ``hooks`` its decoder
+            layers may be on the meta device until ``hooks.load`` fills them (the embeddings and final norm
+            must be real: they run to capture the first layer's inputs).
         input_ids: ``[N, L]`` calibration blocks.
         targets: full names of the linears that will be quantized (others stay float and are
             neither scaled nor clipped as quantization targets).
         device: compute device for the current layer.
+        hooks: called around every layer (:class:`LayerHooks`).
+        start, hidden, results: resume at layer ``start`` with its inputs ``hidden`` (one tensor per batch of
+            ``scfg.batch_size`` blocks, as ``hooks.finish`` received them) and the results of layers before it.
     """
     spec: ArchSpec = resolve_arch(model)
     layers = get_layers(model, spec)
-    results = AWQResults(norm_offset=spec.norm_offset)
+    results = results if results is not None else AWQResults(norm_offset=spec.norm_offset)
     bs = scfg.batch_size
     n_search_batches = max(1, math.ceil(min(scfg.search_samples, input_ids.shape[0]) / bs))
     logger.info("capturing layer inputs for %d blocks of %d tokens", *input_ids.shape)
     inputs: LayerInputs = capture_layer_inputs(model, layers, input_ids, bs)
+    if start:
+        if hidden is None or len(hidden) != len(inputs.hidden):
+            raise ValueError(f"resuming at layer {start} needs its inputs: {len(inputs.hidden)} batches")
+        inputs.hidden = hidden
+    run = _Run(spec, qcfg, scfg, targets, inputs, device, n_search_batches,
+               math.ceil(scfg.clip_n_tokens / n_search_batches), math.ceil(scfg.search_tokens / len(inputs.hidden)))
     hidden = inputs.hidden
-    clip_per_batch = math.ceil(scfg.clip_n_tokens / n_search_batches)
-    tokens_per_batch = math.ceil(scfg.search_tokens / len(hidden))
-
-    for i, layer in enumerate(tqdm(layers, desc="AWQ layers", disable=not progress)):
+    for i in tqdm(range(start, len(layers)), desc="AWQ layers", disable=not progress, initial=start,
+                  total=len(layers)):
         t0 = time.perf_counter()
-        prefix = f"{spec.layers}.{i}."
-        store_dtype = next(layer.parameters()).dtype
-        layer.to(device=device, dtype=torch.float32)
-        linears = {n: m for n, m in layer_linears(layer).items() if prefix + n in targets}
-        mappings = resolve_mappings(layer, spec, i, tie_heads=scfg.gqa_v_o)
-        clip_groups = {n: resolve_group_size(lin.in_features, qcfg.group_size) for n, lin in linears.items()
-                       if scfg.clip and not re.fullmatch(spec.no_clip, n)}
-        ranked = {_shared_input(m, prefix, targets): resolve_group_size(m.linears[0].in_features, qcfg.group_size)
-                  for m in mappings if scfg.rank_top_k and scfg.rank_by == "gram" and m.mapping.scoring != "linear"
-                  and any(prefix + n in targets for n in m.mapping.linears)}
-        cache = _LayerCache(linears, mappings, tokens_per_batch, clip_groups, clip_per_batch, ranked)
-
-        # [STEP 1] float pass: statistics for all batches, caches for the search batches
-        float_out: list[Tensor] = []
-        for b, h in enumerate(hidden):
-            cache.caching = b < n_search_batches
-            out = _first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device)))
-            if scfg.propagate == "float":
-                float_out.append(out.float().cpu())
-        cache.remove()
-        cache.finish()
-
-        # [STEP 2] scale search + fold, mapping by mapping
-        applied: dict[str, Tensor] = {}
-        for k, m in enumerate(mappings):
-            mask = [prefix + n in targets for n in m.mapping.linears]
-            if not any(mask):
-                continue
-            if m.mapping.scoring == "linear":
-                score = GramScorer(m.linears[0], cache.gram[m.mapping.inspect].to(device), cache.count[m.mapping.inspect])
-            else:
-                cached = cache.inputs[k]
-
-                def forward(b: int, mod: nn.Module = m.inspect, cached: list = cached) -> Tensor:
-                    args, kw = to_compute(cached[b], device)
-                    return _first(mod(*args, **kw))
-
-                score = ModuleScorer(forward, len(cached))
-            # the linears share one input; only quantized ones are hooked, so read its statistics there
-            x_name = _shared_input(m, prefix, targets)
-            rank = None
-            if x_name in cache.proxy_gram:
-                rank = GroupGramProxy([lin for lin, q in zip(m.linears, mask, strict=True) if q],
-                                      cache.proxy_gram.pop(x_name).to(device), cache.count[x_name])
-            elif scfg.rank_top_k and scfg.rank_by == "subset" and m.mapping.scoring != "linear":
-                sub = _rank_subset(cache.inputs[k], m.mapping.scoring == "tokens", scfg.rank_tokens)
-
-                def sub_forward(b: int, mod: nn.Module = m.inspect, cached: list = sub) -> Tensor:
-                    args, kw = to_compute(cached[b], device)
-                    return _first(mod(*args, **kw))
-
-                rank = ModuleScorer(sub_forward, len(sub))
-            res = search_scales(m.linears, score, cache.x_mean(x_name),
-                                bits=qcfg.bits, group_size=qcfg.group_size, zero_point=qcfg.zero_point,
-                                n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask, heads=m.heads,
-                                rank=rank, top_k=scfg.rank_top_k)
-            del score
-            fold_scales(m.prev, m.linears, res.scales.to(device), spec.norm_offset, m.heads)
-            for n in m.mapping.linears:
-                applied[n] = expand_heads(res.scales, *m.heads) if m.heads else res.scales
-            results.scales.append(ScaleEntry(i, prefix + m.mapping.prev, [prefix + n for n in m.mapping.linears],
-                                             res.scales, res.mode, res.alpha, res.loss_identity, res.loss_best,
-                                             res.fallback, list(m.heads) if m.heads else None))
-        cache.inputs.clear()
-        cache.gram.clear()
-
-        # [STEP 3] clip search on the scaled inputs
-        if scfg.clip:
-            for n, lin in linears.items():
-                if not (cache.clip_x.get(n) or n in cache.clip_gram):
-                    continue
-                if n in cache.clip_gram:  # every token: C_G of x / s is C_G / (s_G s_Gᵀ)
-                    gram, x = cache.clip_gram[n], None
-                    if n in applied:
-                        sg = applied[n].double().reshape(gram.shape[0], -1)
-                        gram = gram / (sg.unsqueeze(2) * sg.unsqueeze(1))
-                    clip_in = {"gram": gram.to(device), "n_tokens": cache.count[n]}
-                else:
-                    x = torch.cat(cache.clip_x[n]).to(device)
-                    clip_in = {"x": x / applied[n].to(device) if n in applied else x}
-                c = search_clip(lin.weight, **clip_in, bits=qcfg.bits, group_size=qcfg.group_size,
-                                zero_point=qcfg.zero_point, n_grid=scfg.clip_n_grid,
-                                max_shrink=scfg.clip_max_shrink, independent=scfg.clip_independent)
-                apply_clip(lin, c.min_val, c.max_val)
-                results.clips.append(ClipEntry(i, prefix + n, c.min_val.cpu(), c.max_val.cpu(), c.err_before,
-                                               c.err_after, c.mean_ratio))
-        del cache
-
-        # [STEP 4] inputs of the next layer
-        if scfg.propagate == "float":
-            hidden = float_out
-        else:
-            layer.to(store_dtype)  # the stored weights are what gets quantized
-            layer.float()
-            saved = _fake_quantize_linears(linears, qcfg)
-            hidden = [_first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))).float().cpu()
-                      for h in hidden]
-            for n, w in saved.items():
-                linears[n].weight.data.copy_(w)
-        layer.to(device="cpu", dtype=store_dtype)
+        layer = layers[i]
+        if hooks is not None:
+            hooks.load(i, layer)
+        hidden = _layer(run, i, layer, hidden, results)
         results.layer_seconds.append(time.perf_counter() - t0)
+        if hooks is not None:
+            hooks.finish(i, layer, results, hidden)
     return results
+
+
+def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: AWQResults) -> list[Tensor]:
+    """Search, fold and clip decoder layer ``i`` (steps 1-3 of the module docstring); returns the next layer's
+    inputs (step 4). The layer ends on CPU in its stored dtype."""
+    spec, qcfg, scfg, targets, inputs, device = run.spec, run.qcfg, run.scfg, run.targets, run.inputs, run.device
+    prefix = f"{spec.layers}.{i}."
+    store_dtype = next(layer.parameters()).dtype
+    layer.to(device=device, dtype=torch.float32)
+    linears = {n: m for n, m in layer_linears(layer).items() if prefix + n in targets}
+    mappings = resolve_mappings(layer, spec, i, tie_heads=scfg.gqa_v_o)
+    clip_groups = {n: resolve_group_size(lin.in_features, qcfg.group_size) for n, lin in linears.items()
+                   if scfg.clip and not re.fullmatch(spec.no_clip, n)}
+    ranked = {_shared_input(m, prefix, targets): resolve_group_size(m.linears[0].in_features, qcfg.group_size)
+              for m in mappings if scfg.rank_top_k and scfg.rank_by == "gram" and m.mapping.scoring != "linear"
+              and any(prefix + n in targets for n in m.mapping.linears)}
+    cache = LayerStats(linears, mappings, run.tokens_per_batch, clip_groups, run.clip_per_batch, ranked)
+
+    # [STEP 1] float pass: statistics for all batches, caches for the search batches
+    float_out: list[Tensor] = []
+    for b, h in enumerate(hidden):
+        cache.caching = b < run.n_search_batches
+        out = _first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device)))
+        if scfg.propagate == "float":
+            float_out.append(out.float().cpu())
+    cache.remove()
+    cache.finish()
+
+    # [STEP 2] scale search + fold, mapping by mapping
+    applied = _search_and_fold(run, i, mappings, cache, results)
+    cache.inputs.clear()
+    cache.gram.clear()
+    # [STEP 3] clip search on the scaled inputs
+    if scfg.clip:
+        _clip(run, i, linears, cache, applied, results)
+    del cache
+    # [STEP 4] inputs of the next layer
+    return _next_inputs(run, i, layer, linears, hidden, float_out, store_dtype)
+
+
+def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, results: AWQResults) -> dict[str, Tensor]:
+    """Step 2: per mapping, the scale search, then folding; returns the scales each linear's input got."""
+    spec, qcfg, scfg, targets, device = run.spec, run.qcfg, run.scfg, run.targets, run.device
+    prefix = f"{spec.layers}.{i}."
+    applied: dict[str, Tensor] = {}
+    for k, m in enumerate(mappings):
+        mask = [prefix + n in targets for n in m.mapping.linears]
+        if not any(mask):
+            continue
+        if m.mapping.scoring == "linear":
+            score = GramScorer(m.linears[0], cache.gram[m.mapping.inspect].to(device), cache.count[m.mapping.inspect])
+        else:
+            score = _module_scorer(m.inspect, cache.inputs[k], device)
+        # the linears share one input; only quantized ones are hooked, so read its statistics there
+        x_name = _shared_input(m, prefix, targets)
+        rank = None
+        if x_name in cache.proxy_gram:
+            rank = GroupGramProxy([lin for lin, q in zip(m.linears, mask, strict=True) if q],
+                                  cache.proxy_gram.pop(x_name).to(device), cache.count[x_name])
+        elif scfg.rank_top_k and scfg.rank_by == "subset" and m.mapping.scoring != "linear":
+            sub = _rank_subset(cache.inputs[k], m.mapping.scoring == "tokens", scfg.rank_tokens)
+            rank = _module_scorer(m.inspect, sub, device)
+        res = search_scales(m.linears, score, cache.x_mean(x_name),
+                            bits=qcfg.bits, group_size=qcfg.group_size, zero_point=qcfg.zero_point,
+                            n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask, heads=m.heads,
+                            rank=rank, top_k=scfg.rank_top_k)
+        del score
+        fold_scales(m.prev, m.linears, res.scales.to(device), spec.norm_offset, m.heads)
+        for n in m.mapping.linears:
+            applied[n] = expand_heads(res.scales, *m.heads) if m.heads else res.scales
+        results.scales.append(ScaleEntry(i, prefix + m.mapping.prev, [prefix + n for n in m.mapping.linears],
+                                         res.scales, res.mode, res.alpha, res.loss_identity, res.loss_best,
+                                         res.fallback, list(m.heads) if m.heads else None))
+    return applied
+
+
+def _clip(run: _Run, i: int, linears: dict[str, nn.Linear], cache: LayerStats, applied: dict[str, Tensor],
+          results: AWQResults) -> None:
+    """Step 3: per clipped linear, the clip search on its scaled inputs, then clamping."""
+    qcfg, scfg, device = run.qcfg, run.scfg, run.device
+    prefix = f"{run.spec.layers}.{i}."
+    for n, lin in linears.items():
+        if not (cache.clip_x.get(n) or n in cache.clip_gram):
+            continue
+        if n in cache.clip_gram:  # every token: C_G of x / s is C_G / (s_G s_Gᵀ)
+            gram, x = cache.clip_gram[n], None
+            if n in applied:
+                sg = applied[n].double().reshape(gram.shape[0], -1)
+                gram = gram / (sg.unsqueeze(2) * sg.unsqueeze(1))
+            clip_in = {"gram": gram.to(device), "n_tokens": cache.count[n]}
+        else:
+            x = torch.cat(cache.clip_x[n]).to(device)
+            clip_in = {"x": x / applied[n].to(device) if n in applied else x}
+        c = search_clip(lin.weight, **clip_in, bits=qcfg.bits, group_size=qcfg.group_size,
+                        zero_point=qcfg.zero_point, n_grid=scfg.clip_n_grid,
+                        max_shrink=scfg.clip_max_shrink, independent=scfg.clip_independent)
+        apply_clip(lin, c.min_val, c.max_val)
+        results.clips.append(ClipEntry(i, prefix + n, c.min_val.cpu(), c.max_val.cpu(), c.err_before,
+                                       c.err_after, c.mean_ratio))
+
+
+def _next_inputs(run: _Run, i: int, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[Tensor],
+                 float_out: list[Tensor], store_dtype: torch.dtype) -> list[Tensor]:
+    """Step 4: the next layer's inputs (the float outputs, or the outputs with the linears fake-quantized);
+    the layer ends on CPU in its stored dtype."""
+    qcfg, scfg, inputs, device = run.qcfg, run.scfg, run.inputs, run.device
+    if scfg.propagate == "float":
+        hidden = float_out
+    else:
+        layer.to(store_dtype)  # the stored weights are what gets quantized
+        layer.float()
+        saved = _fake_quantize_linears(linears, qcfg)
+        hidden = [_first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))).float().cpu()
+                  for h in hidden]
+        for n, w in saved.items():
+            linears[n].weight.data.copy_(w)
+    layer.to(device="cpu", dtype=store_dtype)
+    return hidden

@@ -154,7 +154,7 @@ def test_independent_ends_never_worse_than_joint_and_help_one_sided_outliers(see
 @pytest.mark.parametrize("group", [G, -1])
 def test_gram_input_gives_the_same_search_as_tokens(group):
     """search_clip(w, x) == search_clip(w, gram=group_gram(x), n_tokens=len(x)); blocks accumulate over batches."""
-    from awqkit.algo.clip_search import group_gram
+    from awqkit.calib.stats import group_gram
 
     w, x = _problem(3, outliers=True)
     a = search_clip(w, x, bits=4, group_size=group, zero_point=True)

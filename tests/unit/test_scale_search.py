@@ -254,7 +254,7 @@ def test_tied_heads_search_returns_kv_space_scales_that_are_repeated_per_head():
 
 def test_ranked_search_scores_identity_and_top_k_by_rank() -> None:
     from awqkit.algo.scale_search import GroupGramProxy
-    from awqkit.algo.clip_search import group_gram
+    from awqkit.calib.stats import group_gram
 
     lin, x = _salient_problem(0)
     batches = x.reshape(4, 128, IN)
@@ -293,7 +293,7 @@ def test_ranked_search_scores_identity_and_top_k_by_rank() -> None:
 
 def test_group_gram_proxy_is_the_output_mse_without_cross_group_terms() -> None:
     from awqkit.algo.scale_search import GroupGramProxy
-    from awqkit.algo.clip_search import group_gram
+    from awqkit.calib.stats import group_gram
 
     lin, x = _salient_problem(1)
     w0 = lin.weight.detach().clone()

@@ -14,6 +14,9 @@ Both ends of each group's range shrink together; with ``independent=True`` two m
 (coordinate descent over the same grid): the min end alone with the max end fixed at its best, then
 the max end alone — the asymmetric quantizer can use a range that is not a scaled copy of [min, max].
 Rows are processed in chunks to bound memory.
+
+:func:`group_gram` and :func:`sample_tokens` (the statistics the pipeline accumulates) live in
+:mod:`awqkit.calib.stats` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from awqkit.calib.stats import group_gram, sample_tokens  # noqa: F401 - re-exported (module docstring)
 from awqkit.quant.primitives import fake_quantize, resolve_group_size
 
 
@@ -33,21 +37,6 @@ class ClipSearchResult:
     err_before: float  # mean group output error with r = 1
     err_after: float  # with the chosen bounds
     mean_ratio: float  # mean chosen shrink factor (mean of both ends')
-
-
-def group_gram(x: Tensor, group_size: int) -> Tensor:
-    """Diagonal Gram blocks ``[G, g, g]`` (float64) of tokens ``x`` ``[..., in]``: ``C_G = Σ_t x_t[G] x_t[G]ᵀ``."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    g = resolve_group_size(flat.shape[1], group_size)
-    xg = flat.reshape(flat.shape[0], -1, g).transpose(0, 1)  # [G, t, g]
-    return torch.bmm(xg.transpose(1, 2), xg).double()
-
-
-def sample_tokens(x: Tensor, n_tokens: int) -> Tensor:
-    """Evenly strided sample of at most ``n_tokens`` rows of ``x`` ``[..., in]`` → ``[n, in]`` float32."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    step = max(1, flat.shape[0] // n_tokens)
-    return flat[::step][:n_tokens]
 
 
 @torch.no_grad()

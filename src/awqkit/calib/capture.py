@@ -1,16 +1,14 @@
 """Capture what the decoder layers receive: layer-0 hidden states and every layer's keyword arguments.
 
-No "catcher" that raises to stop the forward pass. Two hook-based passes over the backbone
-(``model.base_model``, so the LM head never runs):
+One pass of the backbone (``model.base_model``, so the LM head never runs) per calibration batch, in which
+every decoder layer's ``forward`` is replaced, for the pass, by a recorder: it keeps the hidden states that
+enter layer 0 and the keyword arguments each layer is called with (attention mask, position embeddings,
+cache position ...; once per distinct batch size; layers may differ, e.g. Gemma3 alternates sliding-window
+and global attention), and returns its input unchanged. No layer weight is read, so the layers may still be
+on the meta device (:mod:`awqkit.io.lazy` loads them one at a time later); only the embeddings and what runs
+after the last layer (the final norm) must be real. No "catcher" that raises to stop the forward pass.
 
-1. kwargs pass: forward pre-hooks (``with_kwargs=True``) on *every* layer record the keyword
-   arguments each layer is called with (attention mask, position embeddings, cache position ...), once
-   per distinct batch size. Layers may differ (Gemma3 alternates sliding-window and global attention).
-   These arguments depend only on the batch shape, not on the token values.
-2. inputs pass: the layer list is temporarily cut to layer 0 and a pre-hook records the hidden
-   states that enter it, for every calibration batch.
-
-Floating tensors are returned as float32 (the compute dtype); everything stays on the model's device.
+Floating tensors are returned as float32 (the compute dtype); everything stays on the embeddings' device.
 """
 
 from __future__ import annotations
@@ -71,46 +69,26 @@ def capture_layer_inputs(
 ) -> LayerInputs:
     """Record layer-0 inputs and per-layer kwargs for ``input_ids`` ``[N, L]`` cut in batches."""
     backbone = model.base_model
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     batches = [input_ids[i:i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
     kwargs: dict[int, dict[int, dict[str, Any]]] = {i: {} for i in range(len(layers))}
-
-    # [STEP 1] kwargs of every layer, once per distinct batch size
-    for bsz in sorted({b.shape[0] for b in batches}):
-        handles = []
-        for idx, layer in enumerate(layers):
-            def record(_mod: nn.Module, _args: tuple, kw: dict, idx: int = idx, bsz: int = bsz) -> None:
-                kwargs[idx][bsz] = map_tensors(_clean(kw), lambda t: t.detach())
-            handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
-        try:
-            backbone(input_ids=input_ids[:bsz].to(device), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-
-    # [STEP 2] layer-0 hidden states for every batch, with the layer list cut to layer 0
     hidden: list[Tensor] = []
 
-    def grab(_mod: nn.Module, args: tuple, kw: dict) -> None:
-        h = args[0] if args else kw["hidden_states"]
-        hidden.append(h.detach().float())
+    def recorder(idx: int) -> Callable[..., Tensor]:
+        def forward(*args: Any, **kw: Any) -> Tensor:
+            h = args[0] if args else kw["hidden_states"]
+            if idx == 0:
+                hidden.append(h.detach().float())
+            kwargs[idx].setdefault(h.shape[0], map_tensors(_clean(kw), lambda t: t.detach()))
+            return h
+        return forward
 
-    parent_name, _, attr = _layers_attr(backbone, layers)
-    parent = backbone.get_submodule(parent_name) if parent_name else backbone
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    setattr(parent, attr, nn.ModuleList([layers[0]]))
+    for idx, layer in enumerate(layers):
+        layer.forward = recorder(idx)  # an instance attribute shadows the class's forward
     try:
         for b in batches:
             backbone(input_ids=b.to(device), use_cache=False)
     finally:
-        setattr(parent, attr, layers)
-        handle.remove()
+        for layer in layers:
+            del layer.forward
     return LayerInputs(hidden, kwargs)
-
-
-def _layers_attr(backbone: nn.Module, layers: nn.ModuleList) -> tuple[str, str, str]:
-    """Locate ``layers`` inside ``backbone``: (parent path, '.', attribute name)."""
-    for name, mod in backbone.named_modules():
-        if mod is layers:
-            return name.rpartition(".")
-    raise ValueError("the decoder layers are not inside model.base_model; check the ArchSpec layers path")

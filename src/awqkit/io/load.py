@@ -16,10 +16,8 @@ every tensor's dtype, shape and finiteness. Expected failures are :class:`~awqki
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch import Tensor, nn
 from awqkit import kernels
 from awqkit.errors import AwqkitError, CheckpointError, InputError
 from awqkit.io import validate
+from awqkit.io.skeleton import empty_model
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module
 from awqkit.quant.packing import pack_ct, unpack_ct
@@ -83,33 +82,6 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
         "modules_to_not_convert": validate.name_list(path, raw, "modules_to_not_convert"),
         "raw": raw,
     }
-
-
-@contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """While active, every registered ``nn.Parameter`` moves to the meta device (buffers stay real).
-    Patches ``nn.Module.register_parameter`` process-wide: do not construct models concurrently."""
-    original = nn.Module.register_parameter
-
-    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def _no_init() -> contextlib.AbstractContextManager:
-    for mod in ("transformers.initialization", "transformers.modeling_utils"):
-        try:
-            return __import__(mod, fromlist=["no_init_weights"]).no_init_weights()
-        except (ImportError, AttributeError):
-            continue
-    return contextlib.nullcontext()
 
 
 def _strip_quant_config(config: Any) -> None:
@@ -200,15 +172,14 @@ def _build_model(path: Path, raw_cfg: dict[str, Any], device: torch.device, dtyp
                  trust_remote_code: bool) -> tuple[Any, nn.Module, torch.dtype]:
     """``(config, model with parameters on meta, dtype)`` from ``config.json``; a config transformers cannot
     build a causal LM from is a CheckpointError (its own exception, whatever its type, is quoted)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         _strip_quant_config(config)
         validate.check_config_fields(path, raw_cfg, config)
         dtype = _resolve_dtype(config, device, dtype)
-        with _params_on_meta(), _no_init():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = empty_model(config, dtype, trust_remote_code=trust_remote_code)
     except AwqkitError:
         raise
     except Exception as exc:  # noqa: BLE001 -- transformers raises many types for a bad config; all mean that
