@@ -19,16 +19,24 @@ from torch import nn
 
 from awqkit import __version__
 from awqkit.algo.results import AWQResults
-from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_arch
+from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_arch, spec_for_architectures
 from awqkit.calib import load_calibration, text_file_hash
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
 from awqkit.eval.resources import track_peak_rss
+from awqkit.engine import open_source, run_layers
 from awqkit.errors import InputError
-from awqkit.io.destination import check_destination, check_free_space, check_writable, recover
-from awqkit.io.save import save_quantized
-from awqkit.io.source import SourceCheck, SourceInfo, check_finite, inspect_source, load_source
-from awqkit.nn.replace import replace_linears
-from awqkit.pipeline import run_awq
+from awqkit.io.destination import (
+    check_destination,
+    check_free_space,
+    check_writable,
+    commit,
+    recover,
+    resumable,
+    staging,
+)
+from awqkit.io.progress import RunProgress, has_progress, run_key
+from awqkit.io.save import normal_permissions, parse_size, quantized_config, write_side_files, writing_errors
+from awqkit.io.source import SourceCheck, SourceInfo, inspect_source
 from awqkit.platform.info import training_link
 from awqkit.platform.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
 from awqkit.preflight import (
@@ -126,7 +134,7 @@ def _method_and_quant(method: str | None, spec: QuantizationSpec | None,
 def _check_before_loading(src: str | Path, dst: str | Path, method: str, calib: CalibConfig,
                           device: str | torch.device, overwrite: bool) -> tuple[Path, torch.device, SourceCheck]:
     """The checks of :mod:`awqkit.preflight` that need no model: ``(dst, device, source check)``."""
-    recover(dst)
+    recover(dst, keep=has_progress)  # a killed run's progress stays until this run's key is known
     path = check_destination(dst, overwrite=overwrite, src=src)
     check_writable(path.parent)
     dev = check_device(device)
@@ -169,55 +177,67 @@ def quantize(
     dst, dev, checked = _check_before_loading(src, dst, method, calib, device, overwrite)
     t0 = time.perf_counter()
     with track_peak_rss() as rss:
-        # [STEP 1]
-        model, tokenizer, info = load_source(src, trust_remote_code=trust_remote_code, checked=checked)
+        # [STEP 1] the source: read layer by layer when it is a safetensors folder (data-free calibration
+        # generates with the whole model, so it loads it whole)
+        known = spec_for_architectures((checked.config or {}).get("architectures") or [])
+        lazy_ok = not (method == "awq" and calib.source == "self")
+        source = open_source(src, checked, known if lazy_ok else None, trust_remote_code=trust_remote_code)
+        model, info = source.model, source.info
         arch = resolve_arch(model)
-        # [STEP 2]
+        # [STEP 2] what is quantized, and room for it
         targets = select_targets(model, arch, quant)
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
-        check_finite(model, f"source model {src}")
         check_free_space(dst.parent, expected_output_bytes(model, targets.quantized, quant.bits, quant.group_size))
         ids = None
         if method == "awq":
-            # [STEP 3]
+            # [STEP 3] calibration blocks
             check_seq_len(calib.seq_len, model.config, str(src))
             t = time.perf_counter()
             torch.manual_seed(calib.seed)
-            ids = load_calibration(calib.source, tokenizer, calib, model=model)
+            ids = load_calibration(calib.source, source.tokenizer, calib, model=model)
             timings["calibration_data"] = time.perf_counter() - t
-        # [STEP 4]
-        results = None
-        if ids is not None:
+        calib_meta = _calib_metadata(calib, ids) if ids is not None else {}
+        key = run_key({"source": info.weights_sha256 or info.src, "method": method, "quant": to_dict(quant),
+                       "calib": calib_meta and {**to_dict(calib), "source": calib_meta["sha256"]},
+                       "search": to_dict(search) if ids is not None else None, "awqkit": __version__,
+                       "torch": torch.__version__, "device": dev.type})
+        adopt = _resumable(dst, key)
+        # [STEP 4-6] search (AWQ), pack and write layer by layer, then the rest of the folder, then commit
+        with writing_errors(dst), staging(dst, adopt=adopt, keep_on_interrupt=has_progress) as staged:
             t = time.perf_counter()
-            results = run_awq(model, ids, quant, search, set(targets.quantized), device=dev, progress=progress)
-            timings["search"] = time.perf_counter() - t
-        # [STEP 5]
-        t = time.perf_counter()
-        replace_linears(model, targets.quantized, quant.bits, quant.group_size, quant.zero_point)
-        timings["pack"] = time.perf_counter() - t
-        timings["total_before_save"] = time.perf_counter() - t0
-        metadata = build_metadata(method, quant, calib if ids is not None else None,
-                                  search if ids is not None else None, info, targets, results,
-                                  _calib_metadata(calib, ids) if ids is not None else {}, timings, spec=spec,
-                                  training=training_link(info))
-        # [STEP 6]
-        path = _save(model, dst, src, info, quant, metadata, targets, results, overwrite)
+            results, files = run_layers(source, arch, set(targets.quantized), quant, ids=ids, search=search,
+                                        device=dev, staged=staged, key=key, max_shard_bytes=parse_size("2GB"),
+                                        progress=progress)
+            timings["layers"] = time.perf_counter() - t
+            timings["total_before_save"] = time.perf_counter() - t0
+            metadata = build_metadata(method, quant, calib if ids is not None else None,
+                                      search if ids is not None else None, info, targets, results, calib_meta,
+                                      timings, spec=spec, training=training_link(info))
+            config = quantized_config(model, quant, sorted(targets.kept))
+            write_side_files(model, staged, src_dir=info.folder, config=config, metadata=metadata,
+                             weight_files=files)
+            if results is not None:
+                results.save(staged)
+            base = info.name_or_path or (info.folder.name if info.folder else str(src))
+            write_model_card(staged, base_model=base, metadata=metadata, name=dst.name)
+            normal_permissions(staged)
+            commit(staged, dst)
     seconds = time.perf_counter() - t0
     logger.info("quantized %s with %s in %.1f s (peak RSS %.2f GB)", src, method, seconds, rss.peak / 1e9)
-    written = json.loads((path / "quantization_metadata.json").read_text(encoding="utf-8"))
-    return QuantizeReport(path, written, results, seconds, rss.peak)
+    written = json.loads((dst / "quantization_metadata.json").read_text(encoding="utf-8"))
+    return QuantizeReport(dst, written, results, seconds, rss.peak)
 
 
-def _save(model: nn.Module, dst: Path, src: str | Path, info: SourceInfo, quant: QuantConfig,
-          metadata: dict[str, Any], targets: Targets, results: AWQResults | None, overwrite: bool) -> Path:
-    def extra_files(tmp: Path) -> None:
-        if results is not None:
-            results.save(tmp)
-        base = info.name_or_path or (info.folder.name if info.folder else str(src))
-        write_model_card(tmp, base_model=base, metadata=metadata, name=dst.name)
-
-    return save_quantized(model, dst, src_dir=info.folder, quant_config=quant, metadata=metadata,
-                          modules_to_not_convert=sorted(targets.kept), overwrite=overwrite, extra_files=extra_files)
+def _resumable(dst: Path, key: str) -> Path | None:
+    """The staged folder a killed run of this same command left (None: start afresh); staged folders of killed
+    runs of other commands are removed, with a notice."""
+    found = resumable(dst, lambda p: RunProgress.read_key(p) == key)
+    others = [p for p in resumable(dst, has_progress) if p not in found]
+    for p in others:
+        logger.warning("a killed run with other settings (source, method, calibration or search) left %s; "
+                       "starting afresh", p)
+    recover(dst, keep=lambda p: bool(found) and p == found[0])
+    return found[0] if found else None
 
 
 def _calib_metadata(calib: CalibConfig, ids: torch.Tensor) -> dict[str, Any]:

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from awqkit.config import QuantConfig
-from awqkit.io import save as save_mod
 from awqkit.io.load import load_quantized, read_quant_config
 from awqkit.io.save import file_digest, save_quantized, verify_files
+from awqkit.io.shards import ShardWriter
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module, replace_linears, set_module
 from awqkit.quant import primitives as P
@@ -167,7 +167,7 @@ def test_failure_mid_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(save_mod, "save_file", boom)
+    monkeypatch.setattr(ShardWriter, "write", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         _save(model, qc, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -151,18 +151,18 @@ def test_real_kill_and_sigterm(outputs: dict[str, Path], tmp_path: Path) -> None
                "--group-size", "32", "--overwrite")
     hook = tmp_path / "hook"
     hook.mkdir()
-    # sitecustomize makes the child signal itself inside save_file (the first shard is being written)
+    # sitecustomize makes the child signal itself while it writes the first tensor of the output
     (hook / "sitecustomize.py").write_text(
         "import os, signal\n"
         "sig = os.environ.get('AWQKIT_TEST_SIGNAL')\n"
         "if sig:\n"
-        "    import awqkit.io.save as s\n"
-        "    real = s.save_file\n"
-        "    def save_file(*a, **k):\n"
-        "        real(*a, **k)\n"
+        "    from awqkit.io.shards import ShardWriter\n"
+        "    real = ShardWriter.write\n"
+        "    def write(self, *a, **k):\n"
+        "        real(self, *a, **k)\n"
         "        os.kill(os.getpid(), getattr(signal, sig))\n"
         "        import time; time.sleep(5)\n"
-        "    s.save_file = save_file\n")
+        "    ShardWriter.write = write\n")
     env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     for sig, rc in (("SIGKILL", -signal.SIGKILL), ("SIGTERM", 130)):

@@ -207,10 +207,11 @@ def test_verbose_shows_the_traceback(env: Env) -> None:
 
 def test_nan_in_a_quantized_weight_fails_before_the_search(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     import awqkit.api
+    import awqkit.engine
 
     env.edit_weights(lambda sd: _nan(sd, "model.layers.1.mlp.down_proj.weight"))
     called: list[int] = []
-    monkeypatch.setattr(awqkit.api, "run_awq", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(awqkit.engine, "run_awq", lambda *a, **k: called.append(1))
     monkeypatch.setattr(awqkit.api, "load_calibration", lambda *a, **k: called.append(2))
     argv = env.quantize(method=AWQ)
     argv[argv.index("--calib") + 1] = "self"
@@ -221,7 +222,7 @@ def test_nan_in_a_quantized_weight_fails_before_the_search(env: Env, monkeypatch
 
 
 def test_disk_full_while_writing(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from awqkit.io import save as save_mod
+    from awqkit.io.shards import ShardWriter
 
     previous = env.awqkit_output(env.dst)
     before = tree_hash(previous)
@@ -229,7 +230,7 @@ def test_disk_full_while_writing(env: Env, monkeypatch: pytest.MonkeyPatch) -> N
     def full(*a: Any, **k: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
 
-    monkeypatch.setattr(save_mod, "save_file", full)
+    monkeypatch.setattr(ShardWriter, "write", full)
     result = run(*env.quantize("--overwrite"))
     assert result.rc == 2
     assert_error("DST-WRITE-FAILED", one_line_error(result, "quantize"))
@@ -237,7 +238,7 @@ def test_disk_full_while_writing(env: Env, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_interrupted_save_removes_the_staged_output(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from awqkit.io import save as save_mod
+    from awqkit.io.shards import ShardWriter
 
     previous = env.awqkit_output(env.dst)
     before = tree_hash(previous)
@@ -245,7 +246,7 @@ def test_interrupted_save_removes_the_staged_output(env: Env, monkeypatch: pytes
     def stop(*a: Any, **k: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(save_mod, "save_file", stop)
+    monkeypatch.setattr(ShardWriter, "write", stop)
     result = run(*env.quantize("--overwrite"))
     assert result.rc == 130
     assert_error("RUN-INTERRUPTED", result.err)

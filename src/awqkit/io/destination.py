@@ -42,7 +42,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from awqkit.errors import DestinationError
@@ -176,16 +176,40 @@ def _write_json_atomic(path: Path, data: dict[str, object]) -> None:
 
 
 @contextlib.contextmanager
-def staging(dst: Path) -> Iterator[Path]:
-    """A new staged folder for ``dst`` (see the module docstring), removed if the block raises."""
+def staging(dst: Path, *, adopt: Path | None = None,
+            keep_on_interrupt: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """A staged folder for ``dst`` (see the module docstring): a new one, or ``adopt``, the staged folder a
+    killed run of the same command left (its marker now names this process). It is removed if the block
+    raises, except on an interrupt (Ctrl-C, SIGTERM) when ``keep_on_interrupt(folder)`` says it holds progress
+    the next run can continue from."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=staged_prefix(dst), dir=dst.parent))
+    tmp = adopt if adopt is not None else Path(tempfile.mkdtemp(prefix=staged_prefix(dst), dir=dst.parent))
     try:
         _write_json_atomic(tmp / MARKER, {**_owner(), "dst": str(dst)})
         yield tmp
+    except KeyboardInterrupt:
+        if keep_on_interrupt is None or not keep_on_interrupt(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            logger.warning("kept %s: run the same command again to continue from its last finished layer", tmp)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def resumable(dst: Path, keep: Callable[[Path], bool]) -> list[Path]:
+    """The staged folders of ``dst`` whose owner is gone (a killed run of this host) and for which ``keep`` is
+    true (they hold progress a run can continue from), newest first."""
+    found = []
+    for staged in dst.parent.glob(f"{staged_prefix(dst)}*") if dst.parent.is_dir() else []:
+        try:
+            owner = json.loads((staged / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if staged.is_dir() and not staged.is_symlink() and _owner_gone(owner) and keep(staged):
+            found.append(staged)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 # ------------------------------------------------------------------------------------------ commit
@@ -269,9 +293,10 @@ def _only_awqkit_files(folder: Path) -> bool:
     return all(p.is_file() and any(p.match(pat) for pat in _AWQKIT_FILES) for p in folder.iterdir())
 
 
-def recover(dst: str | Path) -> list[str]:
+def recover(dst: str | Path, *, keep: Callable[[Path], bool] | None = None) -> list[str]:
     """Finish or roll back what killed runs left for ``dst`` (see the module docstring); returns what was done.
 
+    ``keep(staged)``: staged folders of dead owners for which it is true are left in place (a resumable run's).
     Raises DestinationError when another live process is replacing ``dst`` or a journal is unreadable.
     """
     dst = _absolute(dst)
@@ -292,8 +317,8 @@ def recover(dst: str | Path) -> list[str]:
                 owner = json.loads(marker.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 owner = None
-            if not _owner_gone(owner):
-                continue  # a live run is writing it
+            if not _owner_gone(owner) or (keep is not None and keep(staged)):
+                continue  # a live run is writing it, or a killed run's progress the caller may continue
         elif not _only_awqkit_files(staged):
             logger.warning("leaving %s alone: it holds files awqkit does not write", staged)
             continue
@@ -318,4 +343,4 @@ def recover(dst: str | Path) -> list[str]:
 
 
 __all__ = ["MARKER", "check_destination", "check_free_space", "check_writable", "commit", "journal_path",
-           "pid_alive", "recover", "recovery_prefix", "staged_prefix", "staging"]
+           "pid_alive", "recover", "resumable", "recovery_prefix", "staged_prefix", "staging"]

@@ -5,8 +5,10 @@ Layout of ``dst``:
 * ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``:
   the state dict. :class:`QuantLinear` modules contribute their packed buffers (``qweight``/``qzeros``/
   ``scales``[/``bias``] in the GEMM format used for 4 bits, ``weight_packed``/``weight_scale``
-  [/``weight_zero_point``]/``weight_shape``[/``bias``] in the pack-quantized format used otherwise); every other float tensor (embeddings, norms, LM head, float
-  linears) is stored in fp16. A tied output embedding is stored once (only the input embedding).
+  [/``weight_zero_point``]/``weight_shape``[/``bias``] in the pack-quantized format used otherwise); every
+  other float tensor (embeddings, norms, LM head, float linears) is stored in fp16. A tied output embedding is
+  stored once (only the input embedding). Files are written by :class:`awqkit.io.shards.ShardWriter`, which the
+  streaming engine (:mod:`awqkit.io.stream`) uses too.
 * ``config.json``: the model config with ``dtype``/``torch_dtype`` ``"float16"`` and a
   ``quantization_config`` matching the modules' format (AutoAWQ ``awq``/``gemm``, or compressed-tensors
   ``pack-quantized``).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from awqkit.config import QuantConfig
 from awqkit.errors import DestinationError, InputError
 from awqkit.io import destination
+from awqkit.io.shards import INDEX, ShardLayout, ShardWriter, TensorSpec
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import name_matches
 
@@ -177,12 +180,15 @@ def _state_plan(model: nn.Module) -> dict[str, tuple[Tensor, torch.dtype]]:
     return plan
 
 
-def _convert(key: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+def convert_for_storage(key: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as the CPU tensor of ``dtype`` stored under ``key`` (its own memory); a float tensor whose values
+    overflow fp16 is an InputError naming it (fp16 would store Inf)."""
     t = t.detach()
     if t.is_floating_point() and t.numel() and dtype == torch.float16 and t.dtype != torch.float16:
         peak = float(t.abs().max())
         if math.isfinite(peak) and peak > FP16_MAX:
-            raise ValueError(f"tensor {key} has |value| {peak:g} > {FP16_MAX} and would overflow in fp16")
+            raise InputError(f"tensor {key} has |value| {peak:g} > {FP16_MAX} and would overflow in fp16; awqkit "
+                             "stores non-quantized tensors in fp16, so this model cannot be saved as is")
     out = t.to(device="cpu", dtype=dtype).contiguous()
     if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
         out = out.clone()  # own storage: safetensors refuses tensors that share memory (e.g. untied aliases)
@@ -190,35 +196,17 @@ def _convert(key: str, t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _write_shards(plan: dict[str, tuple[Tensor, torch.dtype]], folder: Path, max_bytes: int) -> list[str]:
-    """Write the state dict as safetensors shards (and their index when there are several); returns the
-    names of the files written."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    total = 0
-    for key, (t, dtype) in plan.items():
-        nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        if nbytes > max_bytes:
-            logger.warning("tensor %s (%d bytes) exceeds max_shard_size; it gets a shard of its own", key, nbytes)
-        shards[-1].append(key)
-        size += nbytes
-        total += nbytes
-    n = len(shards)
-    weight_map: dict[str, str] = {}
-    for i, keys in enumerate(shards, start=1):
-        fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        tensors = {k: _convert(k, *plan[k]) for k in keys}
-        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in keys})
-        del tensors
-    names = sorted(set(weight_map.values()))
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        names.append("model.safetensors.index.json")
-    return names
+    """Write the state dict as safetensors shards (and their index when there are several) through
+    :class:`~awqkit.io.shards.ShardWriter`, the writer the streaming engine uses too; returns the file names."""
+    specs = [TensorSpec(k, tuple(t.shape), dtype) for k, (t, dtype) in plan.items()]
+    for spec in specs:
+        if spec.nbytes > max_bytes:
+            logger.warning("tensor %s (%d bytes) exceeds max_shard_size; it gets a shard of its own", spec.name,
+                           spec.nbytes)
+    with ShardWriter(folder, ShardLayout.plan(specs, max_bytes)) as writer:
+        for key, (t, dtype) in plan.items():
+            writer.write(key, convert_for_storage(key, t, dtype))
+    return writer.layout.files() + ([INDEX] if len(writer.layout.files()) > 1 else [])
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
@@ -276,6 +264,58 @@ def _copy_src_files(src_dir: Path, folder: Path) -> list[str]:
     return copied
 
 
+def quantized_config(model: nn.Module, quant_config: QuantConfig, modules_to_not_convert: list[str]) -> dict[str, Any]:
+    """``config.json`` of the quantized ``model`` (its QuantLinear modules may be on the meta device): its
+    config with the ``quantization_config`` of the modules' layout. ValueError when nothing is quantized or the
+    modules disagree with ``quant_config`` (one checkpoint holds one setting and one layout)."""
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quantized:
+        raise InputError("model has no QuantLinear modules; quantize it (nn.replace.replace_linears) before saving")
+    for name, m in quantized.items():
+        expected = (quant_config.bits, quant_config.group_size, quant_config.zero_point)
+        if (m.bits, m.group_size, m.zero_point) != expected:
+            raise InputError(
+                f"{name} was quantized with bits={m.bits}, group_size={m.group_size}, zero_point={m.zero_point} "
+                f"but quant_config says bits={quant_config.bits}, group_size={quant_config.group_size}, "
+                f"zero_point={quant_config.zero_point}; one checkpoint holds one setting"
+            )
+    formats = {m.format for m in quantized.values()}
+    if len(formats) != 1:
+        raise InputError(f"quantized linears mix layouts {sorted(formats)}; one checkpoint holds one layout")
+    ignore = _ignore_list(model, list(modules_to_not_convert), set(quantized))
+    return _config_dict(model, build_quantization_config(quant_config, ignore, formats.pop()))
+
+
+def write_side_files(model: nn.Module, folder: Path, *, src_dir: str | Path | None, config: dict[str, Any],
+                     metadata: dict[str, Any], weight_files: list[str]) -> None:
+    """Everything of an output folder but the weights: ``config.json``, the source's tokenizer / chat-template /
+    generation files (or the model's generation config), and ``quantization_metadata.json`` recording each of
+    ``weight_files``' size and sha256 (:data:`FILES_KEY`)."""
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    copied = _copy_src_files(Path(src_dir), folder) if src_dir is not None else []
+    gen = getattr(model, "generation_config", None)
+    if "generation_config.json" not in copied and gen is not None:
+        gen.to_json_file(folder / "generation_config.json", use_diff=True)
+    files = {name: file_digest(folder / name) for name in weight_files}
+    (folder / "quantization_metadata.json").write_text(meta_text(metadata, files))
+
+
+def writing_errors(dst: Path) -> contextlib.AbstractContextManager[None]:
+    """Turn an OSError while writing the output into a DestinationError that says nothing was replaced."""
+    return _WritingErrors(dst)
+
+
+class _WritingErrors(contextlib.AbstractContextManager):
+    def __init__(self, dst: Path) -> None:
+        self.dst = dst
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+            raise DestinationError(f"writing the output to {self.dst} failed ({exc.strerror or exc}"
+                                   f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was replaced. "
+                                   "Free disk space or fix permissions, then run again") from exc
+
+
 def save_quantized(
     model: nn.Module,
     dst: str | Path,
@@ -310,47 +350,19 @@ def save_quantized(
     dst = destination.check_destination(dst, overwrite=overwrite, src=src_dir)
     max_bytes = parse_size(max_shard_size)
     meta_text(metadata, {})  # not JSON: fail before writing anything
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not quantized:
-        raise ValueError("model has no QuantLinear modules; quantize it (nn.replace.replace_linears) before saving")
-    for name, m in quantized.items():
-        expected = (quant_config.bits, quant_config.group_size, quant_config.zero_point)
-        if (m.bits, m.group_size, m.zero_point) != expected:
-            raise ValueError(
-                f"{name} was quantized with bits={m.bits}, group_size={m.group_size}, zero_point={m.zero_point} "
-                f"but quant_config says bits={quant_config.bits}, group_size={quant_config.group_size}, "
-                f"zero_point={quant_config.zero_point}; one checkpoint holds one setting"
-            )
-    formats = {m.format for m in quantized.values()}
-    if len(formats) != 1:
-        raise ValueError(f"quantized linears mix layouts {sorted(formats)}; one checkpoint holds one layout")
-    ignore = _ignore_list(model, list(modules_to_not_convert), set(quantized))
-    qcfg = build_quantization_config(quant_config, ignore, formats.pop())
-    cfg = _config_dict(model, qcfg)
+    config = quantized_config(model, quant_config, modules_to_not_convert)
     plan = _state_plan(model)
 
     destination.recover(dst)
-    try:
-        with destination.staging(dst) as tmp:
-            written = _write_shards(plan, tmp, max_bytes)
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-            copied = _copy_src_files(Path(src_dir), tmp) if src_dir is not None else []
-            gen = getattr(model, "generation_config", None)
-            if "generation_config.json" not in copied and gen is not None:
-                gen.to_json_file(tmp / "generation_config.json", use_diff=True)
-            files = {name: file_digest(tmp / name) for name in written}
-            (tmp / "quantization_metadata.json").write_text(meta_text(metadata, files))
-            if extra_files is not None:
-                extra_files(tmp)
-            _normal_permissions(tmp)
-            destination.commit(tmp, dst)
-    except OSError as exc:
-        if isinstance(exc, FileExistsError):
-            raise
-        raise DestinationError(f"writing the output to {dst} failed ({exc.strerror or exc}"
-                               f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was replaced. Free "
-                               "disk space or fix permissions, then run again") from exc
-    logger.info("saved %d quantized linears (%d-bit) to %s", len(quantized), quant_config.bits, dst)
+    with writing_errors(dst), destination.staging(dst) as tmp:
+        written = _write_shards(plan, tmp, max_bytes)
+        write_side_files(model, tmp, src_dir=src_dir, config=config, metadata=metadata, weight_files=written)
+        if extra_files is not None:
+            extra_files(tmp)
+        normal_permissions(tmp)
+        destination.commit(tmp, dst)
+    logger.info("saved %d quantized linears (%d-bit) to %s", sum(isinstance(m, QuantLinear) for m in model.modules()),
+                quant_config.bits, dst)
     return dst
 
 
@@ -364,7 +376,7 @@ def meta_text(metadata: dict[str, Any], files: dict[str, Any]) -> str:
         ) from None
 
 
-def _normal_permissions(folder: Path) -> None:
+def normal_permissions(folder: Path) -> None:
     """mkdtemp makes a private (0700) folder; give the result the usual umask-based modes."""
     umask = os.umask(0)
     os.umask(umask)

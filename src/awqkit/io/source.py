@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pickle  # only for its UnpicklingError: weights are read with weights_only=True
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,17 +179,21 @@ def inspect_source(src: str | Path) -> SourceCheck:
     raise InputError(f"model source {str(src)!r} does not exist; pass a local folder, a .gguf file or a hub id")
 
 
-def check_finite(model: torch.nn.Module, where: str) -> None:
-    """Raise NonFiniteError naming the first parameter or buffer of ``model`` that holds NaN or Inf."""
-    seen: set[int] = set()
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if id(t) in seen or not t.is_floating_point() or t.numel() == 0:
+def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+    """Raise NonFiniteError naming the first float tensor of ``tensors`` (name, tensor) holding NaN or Inf."""
+    for name, t in tensors:
+        if not t.is_floating_point() or t.numel() == 0 or t.is_meta:
             continue
-        seen.add(id(t))
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise NonFiniteError(f"{where}: tensor {name} holds {bad} NaN/Inf value(s); fix or re-export the model "
                                  "(awqkit cannot quantize or keep non-finite weights)")
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """:func:`check_finite_tensors` over ``model``'s parameters and buffers (tied ones once)."""
+    unique = {id(t): (n, t) for n, t in reversed([*model.named_parameters(), *model.named_buffers()])}
+    check_finite_tensors(reversed(list(unique.values())), where)
 
 
 def load_source(
