@@ -66,7 +66,7 @@ def open_source(src: str | Path, checked: SourceCheck, arch: ArchSpec | None, *,
     from transformers import AutoTokenizer
 
     logger.info("reading %s layer by layer from its safetensors shards", src)
-    check_finite_tensors(lazy.reader.iter_tensors(), f"source model {src}")
+    check_finite_tensors(lazy.reader.iter_chunks(), f"source model {src}")
     tokenizer = AutoTokenizer.from_pretrained(checked.load_dir, trust_remote_code=trust_remote_code)
     config = lazy.model.config
     info = SourceInfo(src=str(src), kind="folder", folder=checked.folder,

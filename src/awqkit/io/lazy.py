@@ -62,14 +62,24 @@ class CheckpointReader:
                     out[k] = fh.get_tensor(k)
         return out
 
-    def iter_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Every tensor, one at a time, file by file (for a scan that must not hold the model)."""
+    def iter_chunks(self, max_bytes: int = 64 << 20) -> Iterator[tuple[str, Tensor]]:
+        """Every tensor as ``(name, rows)`` pieces of at most about ``max_bytes`` (for a scan that must hold
+        neither the model nor its largest tensor: a shard stays mapped only while one piece is read)."""
         from safetensors import safe_open
 
-        for fname in dict.fromkeys(self.where.values()):
+        for name, fname in self.where.items():
             with safe_open(str(self.folder / fname), framework="pt") as fh:
-                for k in fh.keys():
-                    yield k, fh.get_tensor(k)
+                sl = fh.get_slice(name)
+                shape = sl.get_shape()
+            if not shape:
+                with safe_open(str(self.folder / fname), framework="pt") as fh:
+                    yield name, fh.get_tensor(name)
+                continue
+            row_bytes = max(1, _numel(shape[1:]) * _ELEMENT_BYTES.get(sl.get_dtype(), 8))
+            step = max(1, max_bytes // row_bytes)
+            for start in range(0, shape[0], step):
+                with safe_open(str(self.folder / fname), framework="pt") as fh:
+                    yield name, fh.get_slice(name)[start:start + step]
 
     def first_float_dtype(self) -> torch.dtype | None:
         from safetensors import safe_open
@@ -82,6 +92,16 @@ class CheckpointReader:
                         return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                                 "BF16": torch.bfloat16}[dtype]
         return None
+
+
+_ELEMENT_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _config_dtype(config: Any) -> torch.dtype | None:

@@ -110,7 +110,7 @@ def _check_config(src: str, cfg: dict[str, Any]) -> None:
                          "model it was made from")
     names = cfg.get("architectures") or []
     spec = spec_for_architectures(names)
-    if spec is None:
+    if spec is None and names:  # without architectures the model class decides, once it is built
         raise InputError(f"{src}: architecture {names or cfg.get('model_type')!r} is not supported; supported: "
                          f"{', '.join(supported_architectures())}")
     validate.check_config_fields(Path(src), cfg)
