@@ -23,7 +23,7 @@ from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_ar
 from awqkit.calib import load_calibration, text_file_hash
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
 from awqkit.eval.resources import track_peak_rss
-from awqkit.engine import open_source, run_layers
+from awqkit.engine import follow_layers, open_source, run_layers
 from awqkit.errors import InputError
 from awqkit.io.destination import (
     check_destination,
@@ -37,6 +37,8 @@ from awqkit.io.destination import (
 from awqkit.io.progress import RunProgress, has_progress, run_key
 from awqkit.io.save import normal_permissions, parse_size, quantized_config, write_side_files, writing_errors
 from awqkit.io.source import SourceCheck, SourceInfo, inspect_source
+from awqkit.parallel import DataParallel
+from awqkit.parallel import current as current_parallel
 from awqkit.platform.info import training_link
 from awqkit.platform.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
 from awqkit.preflight import (
@@ -159,6 +161,7 @@ def quantize(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    parallel: DataParallel | None = None,
 ) -> QuantizeReport:
     """Quantize the float model at ``src`` with ``method`` ("awq" or "rtn"; default "awq") and write it to ``dst``.
 
@@ -171,9 +174,16 @@ def quantize(
     ``dst`` is written to a temporary sibling and put in place when complete (:mod:`awqkit.io.destination`);
     an existing ``dst`` is refused unless ``overwrite``, and even then only a folder awqkit wrote (or an empty
     one) is replaced. Same inputs and seed give identical tensors.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` group, or ``parallel``) every rank calls this with
+    the same arguments: the AWQ search runs data-parallel (:mod:`awqkit.parallel`), rank 0 writes ``dst``, and
+    every rank returns its report once ``dst`` is in place. Such a run starts afresh after a kill.
     """
     method, quant, spec = _method_and_quant(method, spec, quant)
     calib, search = calib or CalibConfig(), search or SearchConfig()
+    par = parallel if parallel is not None else current_parallel()
+    if par.active and not par.is_writer:
+        return _follow(src, dst, method, quant, calib, search, device, trust_remote_code, par)
     dst, dev, checked = _check_before_loading(src, dst, method, calib, device, overwrite)
     t0 = time.perf_counter()
     with track_peak_rss() as rss:
@@ -200,19 +210,22 @@ def quantize(
         key = run_key({"source": info.weights_sha256 or info.src, "method": method, "quant": to_dict(quant),
                        "calib": calib_meta and {**to_dict(calib), "source": calib_meta["sha256"]},
                        "search": to_dict(search) if ids is not None else None, "awqkit": __version__,
-                       "torch": torch.__version__, "device": dev.type})
-        adopt = _resumable(dst, key)
+                       "torch": torch.__version__, "device": dev.type,
+                       **({"data_parallel": par.world} if par.active else {})})
+        adopt = _resumable(dst, key, allow=not par.active)
         # [STEP 4-6] search (AWQ), pack and write layer by layer, then the rest of the folder, then commit
         with writing_errors(dst), staging(dst, adopt=adopt, keep_on_interrupt=has_progress) as staged:
             t = time.perf_counter()
             results, files = run_layers(source, arch, set(targets.quantized), quant, ids=ids, search=search,
                                         device=dev, staged=staged, key=key, max_shard_bytes=parse_size("2GB"),
-                                        progress=progress)
+                                        progress=progress, parallel=par)
             timings["layers"] = time.perf_counter() - t
             timings["total_before_save"] = time.perf_counter() - t0
             metadata = build_metadata(method, quant, calib if ids is not None else None,
                                       search if ids is not None else None, info, targets, results, calib_meta,
                                       timings, spec=spec, training=training_link(info))
+            if par.active:
+                metadata["data_parallel"] = {"world_size": par.world, "backend": par.backend}
             config = quantized_config(model, quant, sorted(targets.kept))
             write_side_files(model, staged, src_dir=info.folder, config=config, metadata=metadata,
                              weight_files=files)
@@ -222,16 +235,45 @@ def quantize(
             write_model_card(staged, base_model=base, metadata=metadata, name=dst.name)
             normal_permissions(staged)
             commit(staged, dst)
+    par.barrier()  # the other ranks read dst once it is in place
     seconds = time.perf_counter() - t0
     logger.info("quantized %s with %s in %.1f s (peak RSS %.2f GB)", src, method, seconds, rss.peak / 1e9)
     written = json.loads((dst / "quantization_metadata.json").read_text(encoding="utf-8"))
     return QuantizeReport(dst, written, results, seconds, rss.peak)
 
 
-def _resumable(dst: Path, key: str) -> Path | None:
+def _follow(src: str | Path, dst: Path | str, method: str, quant: QuantConfig, calib: CalibConfig,
+            search: SearchConfig, device: str | torch.device, trust_remote_code: bool,
+            par: DataParallel) -> QuantizeReport:
+    """A data-parallel rank other than 0: read the source and the calibration as rank 0 does, run the AWQ layer
+    loop on this rank's batches (writing nothing), then wait for rank 0 to put ``dst`` in place."""
+    t0 = time.perf_counter()
+    dev = check_device(device)
+    checked = inspect_source(src)
+    results = None
+    with track_peak_rss() as rss:
+        if method == "awq":
+            check_calibration_source(calib.source)
+            known = spec_for_architectures((checked.config or {}).get("architectures") or [])
+            lazy_ok = calib.source != "self"
+            source = open_source(src, checked, known if lazy_ok else None, trust_remote_code=trust_remote_code)
+            arch = resolve_arch(source.model)
+            targets = select_targets(source.model, arch, quant)
+            torch.manual_seed(calib.seed)
+            ids = load_calibration(calib.source, source.tokenizer, calib, model=source.model)
+            results = follow_layers(source, set(targets.quantized), quant, ids=ids, search=search, device=dev,
+                                    parallel=par)
+            del source
+        par.barrier()
+    path = Path(dst).expanduser().resolve()
+    written = json.loads((path / "quantization_metadata.json").read_text(encoding="utf-8"))
+    return QuantizeReport(path, written, results, time.perf_counter() - t0, rss.peak)
+
+
+def _resumable(dst: Path, key: str, allow: bool = True) -> Path | None:
     """The staged folder a killed run of this same command left (None: start afresh); staged folders of killed
-    runs of other commands are removed, with a notice."""
-    found = resumable(dst, lambda p: RunProgress.read_key(p) == key)
+    runs of other commands are removed, with a notice. ``allow=False`` (data-parallel runs): never resume."""
+    found = resumable(dst, lambda p: RunProgress.read_key(p) == key) if allow else []
     others = [p for p in resumable(dst, has_progress) if p not in found]
     for p in others:
         logger.warning("a killed run with other settings (source, method, calibration or search) left %s; "

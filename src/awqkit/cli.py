@@ -96,15 +96,23 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
+    import torch
+
     from awqkit.api import quantize
+    from awqkit.parallel import init_from_env, launched_by_torchrun, rank_device
 
     if not a.keep_lm_head_fp16:
         raise InputError("awqkit never quantizes the LM head; drop --no-keep-lm-head-fp16")
     quant, calib, search = _configs(a)
-    report = quantize(a.src, a.dst, method=a.method, quant=quant, calib=calib, search=search, device=a.device,
-                      overwrite=a.overwrite, trust_remote_code=a.trust_remote_code)
-    print(f"wrote {report.path} ({a.method}, w{quant.bits} g{quant.group_size}) in {report.seconds:.1f} s, "
-          f"peak RSS {report.peak_rss_bytes / 1e9:.2f} GB")
+    # under torchrun: join the process group (gloo on CPU, NCCL with one GPU per rank) and search data-parallel
+    device = rank_device(a.device)
+    par = init_from_env(torch.device(device)) if launched_by_torchrun() else None
+    report = quantize(a.src, a.dst, method=a.method, quant=quant, calib=calib, search=search, device=device,
+                      overwrite=a.overwrite, trust_remote_code=a.trust_remote_code, parallel=par)
+    if par is None or par.is_writer:
+        ranks = f", {par.world} data-parallel ranks" if par is not None and par.active else ""
+        print(f"wrote {report.path} ({a.method}, w{quant.bits} g{quant.group_size}) in {report.seconds:.1f} s, "
+              f"peak RSS {report.peak_rss_bytes / 1e9:.2f} GB{ranks}")
     return 0
 
 
@@ -145,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("awq", "rtn"), default="awq")
     q.add_argument("--src", required=True, help="HF folder, .gguf file or hub id")
     q.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
-    q.add_argument("--device", default="cpu", help="compute device for the layer being searched")
+    q.add_argument("--device", default="cpu", help="compute device for the layer being searched (under torchrun, "
+                   "cuda means cuda:LOCAL_RANK; the ranks split the calibration batches)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --dst once the new one is complete")
     q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     _add_quant_args(q)

@@ -32,11 +32,28 @@ from tqdm.auto import tqdm
 from awqkit.algo.clip_search import search_clip
 from awqkit.algo.fold import apply_clip, expand_heads, fold_scales
 from awqkit.algo.results import AWQResults, ClipEntry, ScaleEntry
-from awqkit.algo.scale_search import GramScorer, GroupGramProxy, ModuleScorer, search_scales
-from awqkit.arch import ArchSpec, get_layers, layer_linears, resolve_arch, resolve_mappings
-from awqkit.calib.capture import LayerInputs, capture_layer_inputs, take_rows, to_compute
+from awqkit.algo.scale_search import (
+    GramScorer,
+    GroupGramProxy,
+    ModuleScorer,
+    search_scales,
+)
+from awqkit.arch import (
+    ArchSpec,
+    get_layers,
+    layer_linears,
+    resolve_arch,
+    resolve_mappings,
+)
+from awqkit.calib.capture import (
+    LayerInputs,
+    capture_layer_inputs,
+    take_rows,
+    to_compute,
+)
 from awqkit.calib.stats import LayerStats
 from awqkit.config import QuantConfig, SearchConfig
+from awqkit.parallel import SINGLE, DataParallel
 from awqkit.quant.primitives import fake_quantize, resolve_group_size
 
 logger = logging.getLogger(__name__)
@@ -46,30 +63,46 @@ def _first(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _module_scorer(module: nn.Module, cached: list[tuple[tuple, dict]], device: torch.device | str) -> ModuleScorer:
-    """Scores ``module`` with its current weights on the cached (args, kwargs) batches, against its output now."""
+def _module_scorer(module: nn.Module, cached: list[tuple[tuple, dict]], device: torch.device | str,
+                   parallel: DataParallel = SINGLE) -> ModuleScorer:
+    """Scores ``module`` with its current weights on the cached (args, kwargs) batches, against its output now;
+    the losses are summed over the data-parallel ranks (each holding its own batches)."""
     def forward(b: int) -> Tensor:
         args, kw = to_compute(cached[b], device)
         return _first(module(*args, **kw))
 
-    return ModuleScorer(forward, len(cached))
+    return ModuleScorer(forward, len(cached), reduce=parallel.sum_floats if parallel.active else None)
 
 
-def _rank_subset(cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: int) -> list[tuple[tuple, dict]]:
+def _rank_subset(cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: int,
+                 batches: list[int] | None = None, shapes: list[tuple[int, int]] | None = None,
+                 ) -> list[tuple[tuple, dict]]:
     """The part of a mapping's cached search inputs the ranking pass scores: ``n_tokens`` tokens evenly strided
-    from the merged token sample (position-wise modules), or the first whole sequences holding at least
-    ``n_tokens`` tokens (modules that mix positions)."""
+    over the merged token sample's chunks (position-wise modules), or the first whole sequences holding at least
+    ``n_tokens`` tokens (modules that mix positions). Under data parallelism ``cached`` holds this rank's
+    batches, ``batches`` their global indices and ``shapes`` every global batch's ``(rows, length)``: the
+    sequences chosen are those a single process would choose, each taken by the rank holding it."""
     if tokenwise:
-        (x, *rest), kw = cached[0]
-        step = max(1, x.shape[1] // n_tokens)
-        return [((x[:, ::step][:, :n_tokens], *rest), kw)]
+        (_, *rest), kw = cached[0]
+        chunks = [args[0] for args, _ in cached]
+        total = sum(c.shape[1] for c in chunks)
+        step = max(1, total // n_tokens)
+        picked, start = [], 0  # global positions 0, step, 2*step, ... taken chunk by chunk without a merged copy
+        for c in chunks:
+            first = (-start) % step
+            picked.append(c[:, first::step])
+            start += c.shape[1]
+        return [((torch.cat(picked, dim=1)[:, :n_tokens], *rest), kw)]
+    if batches is None or shapes is None:
+        batches = list(range(len(cached)))
+        shapes = [tuple((a[0] if a else kw["hidden_states"]).shape[:2]) for a, kw in cached]  # type: ignore[misc]
+    local = dict(zip(batches, cached, strict=True))
     out: list[tuple[tuple, dict]] = []
     left = n_tokens
-    for args, kw in cached:
-        hidden = args[0] if args else kw["hidden_states"]
-        b, length = hidden.shape[0], hidden.shape[1]
+    for g, (b, length) in enumerate(shapes):
         rows = min(b, max(1, math.ceil(left / length)))
-        out.append(take_rows((args, kw), b, rows) if rows < b else (args, kw))
+        if g in local:
+            out.append(take_rows(local[g], b, rows) if rows < b else local[g])
         left -= rows * length
         if left <= 0:
             break
@@ -116,6 +149,9 @@ class _Run:
     n_search_batches: int
     clip_per_batch: int
     tokens_per_batch: int
+    parallel: DataParallel
+    batch_ids: list[int]  # the global index of each batch of inputs.hidden (all of them in a single process)
+    batch_shapes: list[tuple[int, int]]  # (rows, length) of every global batch
 
 
 @torch.no_grad()
@@ -132,6 +168,7 @@ def run_awq(
     start: int = 0,
     hidden: list[Tensor] | None = None,
     results: AWQResults | None = None,
+    parallel: DataParallel = SINGLE,
 ) -> AWQResults:
     """Search and apply AWQ scales and clips, layer by layer, in place on ``model``'s float weights.
 
@@ -146,20 +183,30 @@ def run_awq(
         hooks: called around every layer (:class:`LayerHooks`).
         start, hidden, results: resume at layer ``start`` with its inputs ``hidden`` (one tensor per batch of
             ``scfg.batch_size`` blocks, as ``hooks.finish`` received them) and the results of layers before it.
+        parallel: this process's data-parallel rank (:mod:`awqkit.parallel`): it runs the global batches
+            ``b`` with ``b % world == rank``; every rank returns the same results.
     """
     spec: ArchSpec = resolve_arch(model)
     layers = get_layers(model, spec)
     results = results if results is not None else AWQResults(norm_offset=spec.norm_offset)
     bs = scfg.batch_size
-    n_search_batches = max(1, math.ceil(min(scfg.search_samples, input_ids.shape[0]) / bs))
-    logger.info("capturing layer inputs for %d blocks of %d tokens", *input_ids.shape)
-    inputs: LayerInputs = capture_layer_inputs(model, layers, input_ids, bs)
+    n_blocks, seq_len = input_ids.shape
+    n_batches = math.ceil(n_blocks / bs)
+    mine = parallel.batches(n_batches)
+    if not mine:
+        raise ValueError(f"{n_blocks} calibration blocks in batches of {bs} make {n_batches} batch(es), fewer than "
+                         f"the {parallel.world} data-parallel ranks: use more --n-samples or a smaller --batch-size")
+    n_search_batches = max(1, math.ceil(min(scfg.search_samples, n_blocks) / bs))
+    logger.info("capturing layer inputs for %d blocks of %d tokens%s", n_blocks, seq_len,
+                f" ({len(mine)} of {n_batches} batches on rank {parallel.rank})" if parallel.active else "")
+    inputs: LayerInputs = capture_layer_inputs(model, layers, input_ids, bs, select=mine)
     if start:
         if hidden is None or len(hidden) != len(inputs.hidden):
             raise ValueError(f"resuming at layer {start} needs its inputs: {len(inputs.hidden)} batches")
         inputs.hidden = hidden
     run = _Run(spec, qcfg, scfg, targets, inputs, device, n_search_batches,
-               math.ceil(scfg.clip_n_tokens / n_search_batches), math.ceil(scfg.search_tokens / len(inputs.hidden)))
+               math.ceil(scfg.clip_n_tokens / n_search_batches), math.ceil(scfg.search_tokens / n_batches),
+               parallel, mine, [(min(bs, n_blocks - b * bs), seq_len) for b in range(n_batches)])
     hidden = inputs.hidden
     for i in tqdm(range(start, len(layers)), desc="AWQ layers", disable=not progress, initial=start,
                   total=len(layers)):
@@ -192,13 +239,14 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
 
     # [STEP 1] float pass: statistics for all batches, caches for the search batches
     float_out: list[Tensor] = []
-    for b, h in enumerate(hidden):
-        cache.caching = b < run.n_search_batches
+    for j, h in enumerate(hidden):
+        cache.batch = run.batch_ids[j]
+        cache.caching = cache.batch < run.n_search_batches
         out = _first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device)))
         if scfg.propagate == "float":
             float_out.append(out.float().cpu())
     cache.remove()
-    cache.finish()
+    cache.finish(run.parallel)
 
     # [STEP 2] scale search + fold, mapping by mapping
     applied = _search_and_fold(run, i, mappings, cache, results)
@@ -214,7 +262,7 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
 
 def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, results: AWQResults) -> dict[str, Tensor]:
     """Step 2: per mapping, the scale search, then folding; returns the scales each linear's input got."""
-    spec, qcfg, scfg, targets, device = run.spec, run.qcfg, run.scfg, run.targets, run.device
+    spec, qcfg, scfg, targets, device, par = run.spec, run.qcfg, run.scfg, run.targets, run.device, run.parallel
     prefix = f"{spec.layers}.{i}."
     applied: dict[str, Tensor] = {}
     for k, m in enumerate(mappings):
@@ -223,8 +271,11 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
             continue
         if m.mapping.scoring == "linear":
             score = GramScorer(m.linears[0], cache.gram[m.mapping.inspect].to(device), cache.count[m.mapping.inspect])
-        else:
-            score = _module_scorer(m.inspect, cache.inputs[k], device)
+        else:  # gathered token-sample chunks (the same on every rank) are shared out round robin
+            tokenwise = m.mapping.scoring == "tokens"
+            cached = cache.inputs[k]
+            mine = [c for j, c in enumerate(cached) if par.owns(j)] if tokenwise else cached
+            score = _module_scorer(m.inspect, mine, device, par)
         # the linears share one input; only quantized ones are hooked, so read its statistics there
         x_name = _shared_input(m, prefix, targets)
         rank = None
@@ -232,8 +283,10 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
             rank = GroupGramProxy([lin for lin, q in zip(m.linears, mask, strict=True) if q],
                                   cache.proxy_gram.pop(x_name).to(device), cache.count[x_name])
         elif scfg.rank_top_k and scfg.rank_by == "subset" and m.mapping.scoring != "linear":
-            sub = _rank_subset(cache.inputs[k], m.mapping.scoring == "tokens", scfg.rank_tokens)
-            rank = _module_scorer(m.inspect, sub, device)
+            tokenwise = m.mapping.scoring == "tokens"
+            sub = _rank_subset(cache.inputs[k], tokenwise, scfg.rank_tokens,
+                               cache.input_batches.get(k), run.batch_shapes)
+            rank = _module_scorer(m.inspect, sub, device, SINGLE if tokenwise else par)
         res = search_scales(m.linears, score, cache.x_mean(x_name),
                             bits=qcfg.bits, group_size=qcfg.group_size, zero_point=qcfg.zero_point,
                             n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask, heads=m.heads,

@@ -104,19 +104,26 @@ def candidate_scales(x_mean: Tensor, w_mean: Tensor | None, n_grid: int, mode: s
 class ModuleScorer:
     """Loss of a module's output against its output with the original weights, on cached batches.
 
-    ``forward(b)`` runs the scoring module on cached batch ``b`` with the current weights.
+    ``forward(b)`` runs the scoring module on cached batch ``b`` with the current weights. ``reduce`` sums a
+    list of floats over data-parallel ranks (:meth:`awqkit.parallel.DataParallel.sum_floats`) when each rank
+    holds a share of the batches: the squared errors and element counts are then totals over all ranks.
     """
 
-    def __init__(self, forward: Callable[[int], Tensor], n_batches: int) -> None:
+    def __init__(self, forward: Callable[[int], Tensor], n_batches: int,
+                 reduce: Callable[[list[float]], list[float]] | None = None) -> None:
         self.forward = forward
         self.n_batches = n_batches
+        self.reduce = reduce
         self.reference = [forward(b).float() for b in range(n_batches)]
-        self.numel = sum(r.numel() for r in self.reference)
+        numel = sum(r.numel() for r in self.reference)
+        self.numel = int(reduce([float(numel)])[0]) if reduce is not None else numel
 
     def __call__(self) -> float:
         total = 0.0
         for b in range(self.n_batches):
             total += (self.forward(b).float() - self.reference[b]).double().pow(2).sum().item()
+        if self.reduce is not None:
+            total = self.reduce([total])[0]
         return total / self.numel
 
 
