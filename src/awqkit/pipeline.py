@@ -36,6 +36,7 @@ from awqkit.algo.scale_search import (
     GramScorer,
     GroupGramProxy,
     ModuleScorer,
+    TokenScorer,
     search_scales,
 )
 from awqkit.arch import (
@@ -153,6 +154,11 @@ class _Run:
     batch_ids: list[int]  # the global index of each batch of inputs.hidden (all of them in a single process)
     batch_shapes: list[tuple[int, int]]  # (rows, length) of every global batch
 
+    @property
+    def n_tokens(self) -> int:
+        """Calibration tokens over all batches (and ranks)."""
+        return sum(rows * length for rows, length in self.batch_shapes)
+
 
 @torch.no_grad()
 def run_awq(
@@ -235,7 +241,12 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
     ranked = {_shared_input(m, prefix, targets): resolve_group_size(m.linears[0].in_features, qcfg.group_size)
               for m in mappings if scfg.rank_top_k and scfg.rank_by == "gram" and m.mapping.scoring != "linear"
               and any(prefix + n in targets for n in m.mapping.linears)}
-    cache = LayerStats(linears, mappings, run.tokens_per_batch, clip_groups, run.clip_per_batch, ranked)
+    # single-linear mappings are scored from their input's Gram matrix, or from the tokens when there are fewer
+    # tokens than input channels (the cheaper form of the same objective, see TokenScorer)
+    linear_tokens = {m.mapping.inspect for m in mappings
+                     if m.mapping.scoring == "linear" and run.n_tokens < m.linears[0].in_features}
+    cache = LayerStats(linears, mappings, run.tokens_per_batch, clip_groups, run.clip_per_batch, ranked,
+                       linear_tokens)
 
     # [STEP 1] float pass: statistics for all batches, caches for the search batches
     float_out: list[Tensor] = []
@@ -252,6 +263,7 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
     applied = _search_and_fold(run, i, mappings, cache, results)
     cache.inputs.clear()
     cache.gram.clear()
+    cache.tokens.clear()
     # [STEP 3] clip search on the scaled inputs
     if scfg.clip:
         _clip(run, i, linears, cache, applied, results)
@@ -269,7 +281,9 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
         mask = [prefix + n in targets for n in m.mapping.linears]
         if not any(mask):
             continue
-        if m.mapping.scoring == "linear":
+        if m.mapping.scoring == "linear" and m.mapping.inspect in cache.tokens:
+            score = TokenScorer(m.linears[0], cache.tokens[m.mapping.inspect][0].to(device))
+        elif m.mapping.scoring == "linear":
             score = GramScorer(m.linears[0], cache.gram[m.mapping.inspect].to(device), cache.count[m.mapping.inspect])
         else:  # gathered token-sample chunks (the same on every rank) are shared out round robin
             tokenwise = m.mapping.scoring == "tokens"

@@ -62,3 +62,17 @@ def test_ranked_search_chooses_what_the_exhaustive_one_chooses(tmp_path: Path) -
             assert r[4] <= e[4] * 1.06, (arch, r, e)
     # observed 28 of 30 mappings; the two others are within 5.3 % of the exhaustive winner's loss
     assert same >= 0.9 * total, f"the ranked search agrees on {same} of {total} mappings"
+
+
+def test_linear_mappings_choose_the_same_from_tokens_as_from_the_gram(tmp_path: Path, monkeypatch) -> None:
+    """A single-linear mapping (up -> down) is scored from the Gram matrix of its input when there are more
+    calibration tokens than channels, else from the tokens (TokenScorer): the same objective, the same choices."""
+    import awqkit.pipeline
+
+    src = _salient_source(tmp_path, "llama")
+    gram = _choices(src, tmp_path, EXHAUSTIVE)
+    monkeypatch.setattr(awqkit.pipeline._Run, "n_tokens", property(lambda self: 0))  # fewer tokens than channels
+    tokens = _choices(src, tmp_path, EXHAUSTIVE)
+    assert [t[:4] for t in tokens] == [g[:4] for g in gram]
+    for t, g in zip(tokens, gram, strict=True):
+        assert abs(t[4] - g[4]) <= 1e-4 * max(abs(g[4]), 1e-12)

@@ -10,6 +10,7 @@ from torch import nn
 
 from awqkit.algo.scale_search import (
     GramScorer,
+    TokenScorer,
     ModuleScorer,
     candidate_scales,
     search_scales,
@@ -170,21 +171,23 @@ def test_search_over_several_linears_respects_quantize_mask():
 # ----------------------------------------------------------------------------- scorers
 
 
-def test_gram_scorer_equals_module_scorer():
+def test_gram_and_token_scorers_equal_module_scorer():
     lin, x = _salient_problem(4)
     batches = x.reshape(4, 128, IN)
     module = ModuleScorer(lambda b: lin(batches[b]), 4)
     gram = GramScorer(lin, (x.double().T @ x.double()), x.shape[0])
-    assert module() == 0.0 and gram() == 0.0  # original weights: zero loss for both
+    tokens = TokenScorer(lin, x)
+    assert module() == 0.0 and gram() == 0.0 and tokens() == 0.0  # original weights: zero loss for all
     w0 = lin.weight.detach().clone()
     s = x.abs().mean(0).pow(0.5)
     s = s / (s.max() * s.min()).sqrt()
     for cand in (torch.ones(IN), s):
         with torch.no_grad():
             lin.weight.copy_(fake_quantize(w0 * cand, 4, GROUP, True) / cand)
-        a, b = module(), gram()
+        a, b, c = module(), gram(), tokens()
         assert a > 0
         assert math.isclose(a, b, rel_tol=1e-4), (a, b)
+        assert math.isclose(a, c, rel_tol=1e-5), (a, c)
 
 
 def test_module_scorer_reference_is_taken_at_construction():

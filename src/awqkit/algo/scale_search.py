@@ -145,6 +145,25 @@ class GramScorer:
         return ((dw @ self.gram) * dw).double().sum().item() / self.denominator
 
 
+class TokenScorer:
+    """The same output MSE as :class:`GramScorer`, from the input tokens ``x`` ``[n, in]`` themselves:
+    ``mean_t,o ((W' − W) x_t)_o² = ||x ΔWᵀ||² / (n · out)``. Costs ``n · in · out`` per candidate against the
+    Gram form's ``in² · out``: the cheaper one when there are fewer calibration tokens than input channels
+    (a Llama-3-8B down_proj, in = 14336, with a few hundred tokens: 29x fewer FLOPs and no 1.6 GB Gram)."""
+
+    def __init__(self, linear: nn.Linear, x: Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != linear.in_features or x.shape[0] < 1:
+            raise ValueError(f"TokenScorer: x {tuple(x.shape)} must be [n >= 1, {linear.in_features}]")
+        self.linear = linear
+        self.x = x.float()
+        self.original = linear.weight.detach().float().clone()
+        self.denominator = float(x.shape[0]) * linear.out_features
+
+    def __call__(self) -> float:
+        dw = self.linear.weight.float() - self.original
+        return (self.x @ dw.T).double().pow(2).sum().item() / self.denominator
+
+
 class GroupGramProxy:
     """``Σ_i Σ_G Δ_{i,G}ᵀ C_G Δ_{i,G} / (n_tokens · Σ out_i)`` over the balanced linears' weight changes
     ``Δ_i = W'_i − W_i`` from their weights at construction: their output MSE with every calibration token

@@ -41,7 +41,8 @@ class LayerStats:
     """
 
     def __init__(self, linears: dict[str, nn.Linear], mappings: list, tokens_per_batch: int,
-                 clip_groups: dict[str, int], clip_tokens: int, proxy_groups: dict[str, int] | None = None) -> None:
+                 clip_groups: dict[str, int], clip_tokens: int, proxy_groups: dict[str, int] | None = None,
+                 linear_tokens: set[str] | None = None) -> None:
         self.abs_sum = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
         self.count = dict.fromkeys(linears, 0)
         # the shared input of each ranked mapping ({linear name: group size}): its diagonal Gram blocks over
@@ -56,6 +57,10 @@ class LayerStats:
         self._last_block: tuple[Tensor, int, Tensor] | None = None  # linears sharing one input reuse its blocks
         self.inputs: dict[int, list[tuple[tuple, dict]]] = {}
         self.gram: dict[str, Tensor] = {}
+        # "linear" mappings whose input has fewer calibration tokens than channels keep the tokens [n, in]
+        # instead of the Gram matrix (TokenScorer: the cheaper form of the same objective)
+        self.tokens: dict[str, list[Tensor]] = {}
+        self.token_batches: dict[str, list[int]] = {}
         self._tokenwise: dict[int, bool] = {}
         self.caching = False
         self.batch = 0  # the global index of the calibration batch being run (set by the pipeline)
@@ -65,7 +70,10 @@ class LayerStats:
         self.tokens_per_batch = tokens_per_batch
         self.handles = []
         for k, m in enumerate(mappings):
-            if m.mapping.scoring == "linear":
+            if m.mapping.scoring == "linear" and m.mapping.inspect in (linear_tokens or ()):
+                self.tokens[m.mapping.inspect] = []
+                self.token_batches[m.mapping.inspect] = []
+            elif m.mapping.scoring == "linear":
                 lin = m.linears[0]
                 self.gram[m.mapping.inspect] = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
             else:
@@ -86,12 +94,15 @@ class LayerStats:
             if name in self.gram:
                 xf = flat.float()
                 self.gram[name] += (xf.T @ xf).double().cpu()
+            if name in self.tokens:
+                self.tokens[name].append(flat.float().cpu())
+                self.token_batches[name].append(self.batch)
             if name in self.proxy_groups:
                 block = self._blocks(args[0], flat, self.proxy_groups[name])
                 self.proxy_gram[name] = self.proxy_gram.get(name, 0) + block
             if name in self.clip_gram_groups:
-                if name in self.gram:
-                    return  # finish() takes its clip blocks from the full Gram's diagonal
+                if name in self.gram or name in self.tokens:
+                    return  # finish() takes its clip blocks from the full Gram's diagonal or the tokens
                 block = self._blocks(args[0], flat, self.clip_gram_groups[name])
                 self.clip_gram[name] = self.clip_gram.get(name, 0) + block
             elif self.caching and name in self.clip_x:
@@ -130,8 +141,12 @@ class LayerStats:
         modules that mix positions stay on their rank (their losses are all-reduced by the scorer)."""
         if parallel.active:
             self._reduce(parallel)
+        for name in list(self.tokens):
+            self.tokens[name] = [torch.cat(self.tokens[name])] if self.tokens[name] else []
         for name, g in self.clip_gram_groups.items():
-            if name in self.gram:
+            if name in self.tokens:
+                self.clip_gram[name] = group_gram(self.tokens[name][0], g)
+            elif name in self.gram:
                 full = self.gram[name]
                 self.clip_gram[name] = torch.stack([full[i:i + g, i:i + g] for i in range(0, full.shape[0], g)])
         for k, items in self.inputs.items():
@@ -150,6 +165,8 @@ class LayerStats:
         for n in sorted(self.clip_x):
             self.clip_x[n] = par.gather_in_batch_order(list(zip(self.clip_batches[n], self.clip_x[n], strict=True)))
             self.clip_batches[n] = sorted(b for part in par.gather(self.clip_batches[n]) for b in part)
+        for n in sorted(self.tokens):
+            self.tokens[n] = par.gather_in_batch_order(list(zip(self.token_batches[n], self.tokens[n], strict=True)))
         for k in sorted(self.inputs):
             if self._tokenwise.get(k):
                 pairs = list(zip(self.input_batches[k], self.inputs[k], strict=True))
