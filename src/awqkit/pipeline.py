@@ -110,6 +110,13 @@ def _rank_subset(cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: in
     return out
 
 
+def _search_tokens(run: _Run, cached: list[tuple[tuple, dict]], tokenwise: bool) -> int:
+    """Tokens a mapping's full objective is scored on (over all ranks)."""
+    if tokenwise:  # the merged sample, the same on every rank
+        return sum(args[0].shape[1] for args, _ in cached)
+    return sum(rows * length for rows, length in run.batch_shapes[:run.n_search_batches])
+
+
 def _shared_input(m: Any, prefix: str, targets: set[str]) -> str:
     """The first quantized linear of mapping ``m`` (layer-relative name): where its shared input is hooked."""
     return next(n for n in m.mapping.linears if prefix + n in targets)
@@ -257,7 +264,7 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
         if scfg.propagate == "float":
             float_out.append(out.float().cpu())
     cache.remove()
-    cache.finish(run.parallel)
+    cache.finish(run.parallel, device)
 
     # [STEP 2] scale search + fold, mapping by mapping
     applied = _search_and_fold(run, i, mappings, cache, results)
@@ -296,7 +303,9 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
         if x_name in cache.proxy_gram:
             rank = GroupGramProxy([lin for lin, q in zip(m.linears, mask, strict=True) if q],
                                   cache.proxy_gram.pop(x_name).to(device), cache.count[x_name])
-        elif scfg.rank_top_k and scfg.rank_by == "subset" and m.mapping.scoring != "linear":
+        elif (scfg.rank_top_k and scfg.rank_by == "subset" and m.mapping.scoring != "linear"
+              and _search_tokens(run, cache.inputs[k], m.mapping.scoring == "tokens") > scfg.rank_tokens):
+            # (a subset as large as the search data would rank by the full objective: score every candidate)
             tokenwise = m.mapping.scoring == "tokens"
             sub = _rank_subset(cache.inputs[k], tokenwise, scfg.rank_tokens,
                                cache.input_batches.get(k), run.batch_shapes)

@@ -130,7 +130,7 @@ class LayerStats:
                 self.input_batches[idx].append(self.batch)
         return hook
 
-    def finish(self, parallel: DataParallel = SINGLE) -> None:
+    def finish(self, parallel: DataParallel = SINGLE, device: torch.device | str = "cpu") -> None:
         """Merge per-batch token samples and cut them into batches of ``TOKEN_CHUNK`` tokens (a few large
         matmuls beat many small ones; one batch of all tokens would hold every intermediate activation of the
         scoring module at once: 4 x 8192 x 14336 floats, 1.9 GB, for a Llama-3-8B MLP); take the clip Gram
@@ -138,7 +138,8 @@ class LayerStats:
 
         Under data parallelism (:mod:`awqkit.parallel`) the sums are all-reduced first and the token samples
         gathered in global batch order, so every rank holds what a single process would; the cached inputs of
-        modules that mix positions stay on their rank (their losses are all-reduced by the scorer)."""
+        modules that mix positions stay on their rank (their losses are all-reduced by the scorer). The merged
+        samples are then moved to ``device`` once (they are scored once per grid candidate)."""
         if parallel.active:
             self._reduce(parallel)
         for name in list(self.tokens):
@@ -153,7 +154,7 @@ class LayerStats:
             if self._tokenwise.get(k) and items:
                 x = torch.cat([a[0] for a, _ in items], dim=1)
                 rest, kw = tuple(items[0][0][1:]), items[0][1]
-                self.inputs[k] = [((c,) + rest, kw) for c in x.split(TOKEN_CHUNK, dim=1)]
+                self.inputs[k] = [((c.to(device),) + rest, kw) for c in x.split(TOKEN_CHUNK, dim=1)]
 
     def _reduce(self, par: DataParallel) -> None:
         names = sorted(self.count)
