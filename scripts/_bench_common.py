@@ -40,6 +40,19 @@ sys.exit(rc)
 """
 
 
+def add_output_args(ap: Any, work: str, section: str) -> None:
+    """The arguments every benchmark script shares: where it keeps its runs, which data, and what it writes."""
+    ap.add_argument("--work", default=work, help="outputs and per-run JSON (default %(default)s)")
+    ap.add_argument("--data-dir", default=None, help="data folder (default: $AWQKIT_DATA or ../shared/data)")
+    ap.add_argument("--from-json", action="store_true", help="only re-render the saved results of these settings")
+    ap.add_argument("--rerun", action="store_true", help="ignore saved results and run everything again")
+    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update")
+    ap.add_argument("--section", default=section, help="section title (default: %(default)s)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--note", default="", help="a sentence appended to the section (e.g. what was not run)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (
     ROOT,
     RunStore,
+    add_output_args,
     awqkit_calibration_file,
     awqkit_eval,
     awqkit_quantize,
@@ -245,17 +246,8 @@ def main() -> None:
     ap.add_argument("--awqkit-arg", action="append", default=[], metavar="ARG",
                     help="extra `awqkit quantize` argument for the awqkit run (repeatable), "
                          "e.g. --awqkit-arg=--rank-top-k=0")
-    ap.add_argument("--work", default="~/.cache/awqkit/bench-engine",
-                    help="outputs and per-run JSON (default %(default)s)")
     ap.add_argument("--peers-dir", default="~/.cache/awqkit/peers", help="the peers' venvs (default %(default)s)")
-    ap.add_argument("--data-dir", default=None, help="data folder (default: $AWQKIT_DATA or ../shared/data)")
-    ap.add_argument("--from-json", action="store_true", help="only re-render the saved results of these settings")
-    ap.add_argument("--rerun", action="store_true", help="ignore saved results and run everything again")
-    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update")
-    ap.add_argument("--section", default=SECTION, help="section title (default: %(default)s)")
-    ap.add_argument("--no-write", action="store_true", help="print only")
-    ap.add_argument("--note", default="", help="a sentence appended to the section (e.g. why a run is missing)")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    add_output_args(ap, "~/.cache/awqkit/bench-engine", SECTION)
     a = ap.parse_args()
     setup_logging(a.verbose)
     names = [n for n in RUNS if n in a.runs.split(",")]

@@ -7,7 +7,7 @@ is never in memory), seeded, with SmolLM2's tokenizer files (vocab 49152). Shape
     1b    Llama-3.2-1B   hidden 2048, intermediate 8192,  32 heads / 8 kv heads, head_dim 64,  16 layers, tied
     8b    Llama-3-8B     hidden 4096, intermediate 14336, 32 heads / 8 kv heads, head_dim 128, 32 layers
     70b   Llama-3-70B    hidden 8192, intermediate 28672, 64 heads / 8 kv heads, head_dim 128, one layer only
-    debug a narrow test shape: hidden 512, intermediate 1536, 8 heads / 2 kv heads, head_dim 64, 4 layers
+    debug a narrow test shape: hidden 512, intermediate 1536, 8 heads / 2 kv heads, head_dim 64, 16 layers
 
 at the depths of ``--depths`` (capped at the shape's layers; ``--full`` adds its full depth; 70b is always one
 layer). Each model is quantized by ``awqkit quantize`` (AWQ, w4, ``--group-size``) in its own process with a small
@@ -40,8 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (
-    ROOT,
     RunStore,
+    add_output_args,
     awqkit_quantize,
     machine,
     machine_line,
@@ -61,7 +61,7 @@ SHAPES: dict[str, dict[str, Any]] = {
            "name": "Llama-3-8B"},
     "70b": {"hidden": 8192, "inter": 28672, "heads": 64, "kv": 8, "head_dim": 128, "layers": 80, "tied": False,
             "name": "Llama-3-70B", "depths": [1]},
-    "debug": {"hidden": 512, "inter": 1536, "heads": 8, "kv": 2, "head_dim": 64, "layers": 4, "tied": False,
+    "debug": {"hidden": 512, "inter": 1536, "heads": 8, "kv": 2, "head_dim": 64, "layers": 16, "tied": False,
               "name": "debug"},
 }
 
@@ -229,15 +229,7 @@ def main() -> None:
     ap.add_argument("--awqkit-arg", action="append", default=[], metavar="ARG",
                     help="extra `awqkit quantize` argument (repeatable), e.g. --awqkit-arg=--rank-top-k=0")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs (default: delete)")
-    ap.add_argument("--work", default="~/.cache/awqkit/bench-growth",
-                    help="models, outputs, JSON (default %(default)s)")
-    ap.add_argument("--data-dir", default=None, help="data folder (default: $AWQKIT_DATA or ../shared/data)")
-    ap.add_argument("--from-json", action="store_true", help="only re-render the saved results of these settings")
-    ap.add_argument("--rerun", action="store_true", help="ignore saved results")
-    ap.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update")
-    ap.add_argument("--section", default=SECTION, help="section title (default: %(default)s)")
-    ap.add_argument("--no-write", action="store_true", help="print only")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    add_output_args(ap, "~/.cache/awqkit/bench-growth", SECTION)
     a = ap.parse_args()
     setup_logging(a.verbose)
     shapes = a.shapes.split(",")
@@ -286,7 +278,7 @@ def main() -> None:
         + (["--full"] if a.full else []) + ["--n-samples", str(a.n_samples), "--seq-len", str(a.seq_len)]
         + ([f"--group-size={a.group_size}"] if a.group_size != 128 else [])
         + [f"--awqkit-arg={x}" for x in a.awqkit_arg])
-    body = render(recs, a, mach, command)
+    body = render(recs, a, mach, command) + (f"\n{a.note}\n" if a.note else "")
     print(body)
     if not a.no_write:
         write_section(Path(a.benchmarks), a.section, body)

@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -288,6 +289,7 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
         mask = [prefix + n in targets for n in m.mapping.linears]
         if not any(mask):
             continue
+        score: Callable[[], float]
         if m.mapping.scoring == "linear" and m.mapping.inspect in cache.tokens:
             score = TokenScorer(m.linears[0], cache.tokens[m.mapping.inspect][0].to(device))
         elif m.mapping.scoring == "linear":

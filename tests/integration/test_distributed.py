@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TINY_CORPUS, save_tiny_llama
 from safetensors.torch import load_file
 
 import awqkit.calib.stats
 from awqkit.api import quantize
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig
 from awqkit.parallel import SINGLE, DataParallel
-from conftest import TINY_CORPUS, save_tiny_llama
 
 pytest.importorskip("torch.distributed")
 
@@ -128,10 +128,10 @@ def test_single_process_parallel_is_a_no_op() -> None:
 
 
 def test_too_few_batches_for_the_ranks_is_refused(root: Path, tmp_path: Path) -> None:
-    from awqkit.pipeline import run_awq
-
     import torch
     from transformers import AutoModelForCausalLM
+
+    from awqkit.pipeline import run_awq
 
     model = AutoModelForCausalLM.from_pretrained(root / "src", dtype=torch.float32)
     ids = torch.randint(0, 100, (2, 16))

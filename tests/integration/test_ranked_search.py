@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from test_architectures import ARCHS, _make_source
 
 from awqkit.api import select_targets
 from awqkit.arch import resolve_arch
@@ -16,7 +17,6 @@ from awqkit.calib import load_calibration
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig
 from awqkit.io.source import load_source
 from awqkit.pipeline import run_awq
-from test_architectures import ARCHS, _make_source
 
 QCFG = QuantConfig(bits=4, group_size=32)
 # 8 blocks x 64 tokens searched; the ranking pass sees one block (attention) / 64 strided tokens (MLP): 1/8
