@@ -23,7 +23,7 @@ from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_ar
 from awqkit.calib import load_calibration, text_file_hash
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
 from awqkit.eval.resources import track_peak_rss
-from awqkit.engine import follow_layers, open_source, run_layers
+from awqkit.engine import Source, follow_layers, open_source, run_layers
 from awqkit.errors import InputError
 from awqkit.io.destination import (
     check_destination,
@@ -187,11 +187,8 @@ def quantize(
     dst, dev, checked = _check_before_loading(src, dst, method, calib, device, overwrite)
     t0 = time.perf_counter()
     with track_peak_rss() as rss:
-        # [STEP 1] the source: read layer by layer when it is a safetensors folder (data-free calibration
-        # generates with the whole model, so it loads it whole)
-        known = spec_for_architectures((checked.config or {}).get("architectures") or [])
-        lazy_ok = not (method == "awq" and calib.source == "self")
-        source = open_source(src, checked, known if lazy_ok else None, trust_remote_code=trust_remote_code)
+        # [STEP 1] the source
+        source = _open(src, checked, method, calib, trust_remote_code)
         model, info = source.model, source.info
         arch = resolve_arch(model)
         # [STEP 2] what is quantized, and room for it
@@ -203,8 +200,7 @@ def quantize(
             # [STEP 3] calibration blocks
             check_seq_len(calib.seq_len, model.config, str(src))
             t = time.perf_counter()
-            torch.manual_seed(calib.seed)
-            ids = load_calibration(calib.source, source.tokenizer, calib, model=model)
+            ids = _calibration_ids(calib, source)
             timings["calibration_data"] = time.perf_counter() - t
         calib_meta = _calib_metadata(calib, ids) if ids is not None else {}
         key = run_key({"source": info.weights_sha256 or info.src, "method": method, "quant": to_dict(quant),
@@ -242,6 +238,20 @@ def quantize(
     return QuantizeReport(dst, written, results, seconds, rss.peak)
 
 
+def _open(src: str | Path, checked: SourceCheck, method: str, calib: CalibConfig, trust_remote_code: bool) -> Source:
+    """The source, read layer by layer when it is a safetensors folder of a known architecture (data-free
+    calibration generates with the whole model, so it loads it whole)."""
+    known = spec_for_architectures((checked.config or {}).get("architectures") or [])
+    lazy_ok = not (method == "awq" and calib.source == "self")
+    return open_source(src, checked, known if lazy_ok else None, trust_remote_code=trust_remote_code)
+
+
+def _calibration_ids(calib: CalibConfig, source: Source) -> torch.Tensor:
+    """The calibration blocks ``[n_samples, seq_len]``, seeded (every data-parallel rank draws the same)."""
+    torch.manual_seed(calib.seed)
+    return load_calibration(calib.source, source.tokenizer, calib, model=source.model)
+
+
 def _follow(src: str | Path, dst: Path | str, method: str, quant: QuantConfig, calib: CalibConfig,
             search: SearchConfig, device: str | torch.device, trust_remote_code: bool,
             par: DataParallel) -> QuantizeReport:
@@ -254,15 +264,10 @@ def _follow(src: str | Path, dst: Path | str, method: str, quant: QuantConfig, c
     with track_peak_rss() as rss:
         if method == "awq":
             check_calibration_source(calib.source)
-            known = spec_for_architectures((checked.config or {}).get("architectures") or [])
-            lazy_ok = calib.source != "self"
-            source = open_source(src, checked, known if lazy_ok else None, trust_remote_code=trust_remote_code)
-            arch = resolve_arch(source.model)
-            targets = select_targets(source.model, arch, quant)
-            torch.manual_seed(calib.seed)
-            ids = load_calibration(calib.source, source.tokenizer, calib, model=source.model)
-            results = follow_layers(source, set(targets.quantized), quant, ids=ids, search=search, device=dev,
-                                    parallel=par)
+            source = _open(src, checked, method, calib, trust_remote_code)
+            targets = select_targets(source.model, resolve_arch(source.model), quant)
+            results = follow_layers(source, set(targets.quantized), quant, ids=_calibration_ids(calib, source),
+                                    search=search, device=dev, parallel=par)
             del source
         par.barrier()
     path = Path(dst).expanduser().resolve()

@@ -96,21 +96,19 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    import torch
-
     from awqkit.api import quantize
-    from awqkit.parallel import init_from_env, launched_by_torchrun, rank_device
+    from awqkit.parallel import init_from_env, rank_device
 
     if not a.keep_lm_head_fp16:
         raise InputError("awqkit never quantizes the LM head; drop --no-keep-lm-head-fp16")
     quant, calib, search = _configs(a)
     # under torchrun: join the process group (gloo on CPU, NCCL with one GPU per rank) and search data-parallel
     device = rank_device(a.device)
-    par = init_from_env(torch.device(device)) if launched_by_torchrun() else None
+    par = init_from_env(device)  # SINGLE when not launched by torchrun (the device is checked later)
     report = quantize(a.src, a.dst, method=a.method, quant=quant, calib=calib, search=search, device=device,
                       overwrite=a.overwrite, trust_remote_code=a.trust_remote_code, parallel=par)
-    if par is None or par.is_writer:
-        ranks = f", {par.world} data-parallel ranks" if par is not None and par.active else ""
+    if par.is_writer:
+        ranks = f", {par.world} data-parallel ranks" if par.active else ""
         print(f"wrote {report.path} ({a.method}, w{quant.bits} g{quant.group_size}) in {report.seconds:.1f} s, "
               f"peak RSS {report.peak_rss_bytes / 1e9:.2f} GB{ranks}")
     return 0

@@ -87,13 +87,14 @@ class DataParallel:
         dist.all_gather_object(out, obj)
         return out
 
-    def gather_in_batch_order(self, items: list[tuple[int, Any]]) -> list[Any]:
-        """``(global batch, item)`` pairs of every rank merged and sorted by batch (stable within a batch):
-        the list a single process would have built."""
+    def gather_in_batch_order(self, batches: list[int], items: list[Any]) -> tuple[list[int], list[Any]]:
+        """Every rank's ``items`` (item ``j`` from global batch ``batches[j]``) merged and sorted by batch (stable
+        within a batch): the lists a single process would have built, as ``(batches, items)``."""
         if not self.active:
-            return [x for _, x in items]
-        merged = [pair for part in self.gather(items) for pair in part]
-        return [x for _, x in sorted(merged, key=lambda p: p[0])]
+            return batches, items
+        merged = sorted((pair for part in self.gather(list(zip(batches, items, strict=True))) for pair in part),
+                        key=lambda p: p[0])
+        return [b for b, _ in merged], [x for _, x in merged]
 
     def barrier(self) -> None:
         if self.active:
@@ -120,7 +121,7 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def init_from_env(device: torch.device) -> DataParallel:
+def init_from_env(device: str | torch.device) -> DataParallel:
     """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...): NCCL when
     ``device`` is a CUDA device, else gloo. Returns :data:`SINGLE` when not launched in a group."""
     import torch.distributed as dist
@@ -130,19 +131,19 @@ def init_from_env(device: torch.device) -> DataParallel:
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; run without torchrun")
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        dev = torch.device(device)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend)
         logger.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
     return current()
 
 
-def rank_device(device: str, parallel_env: bool | None = None) -> str:
+def rank_device(device: str) -> str:
     """``cuda`` without an index becomes ``cuda:LOCAL_RANK`` under torchrun (one GPU per rank); anything else is
     returned unchanged."""
-    launched = launched_by_torchrun() if parallel_env is None else parallel_env
-    if launched and device == "cuda":
+    if launched_by_torchrun() and device == "cuda":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
 

@@ -76,14 +76,13 @@ def _module_scorer(module: nn.Module, cached: list[tuple[tuple, dict]], device: 
     return ModuleScorer(forward, len(cached), reduce=parallel.sum_floats if parallel.active else None)
 
 
-def _rank_subset(cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: int,
-                 batches: list[int] | None = None, shapes: list[tuple[int, int]] | None = None,
-                 ) -> list[tuple[tuple, dict]]:
+def _rank_subset(cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: int, batches: list[int],
+                 shapes: list[tuple[int, int]]) -> list[tuple[tuple, dict]]:
     """The part of a mapping's cached search inputs the ranking pass scores: ``n_tokens`` tokens evenly strided
     over the merged token sample's chunks (position-wise modules), or the first whole sequences holding at least
-    ``n_tokens`` tokens (modules that mix positions). Under data parallelism ``cached`` holds this rank's
-    batches, ``batches`` their global indices and ``shapes`` every global batch's ``(rows, length)``: the
-    sequences chosen are those a single process would choose, each taken by the rank holding it."""
+    ``n_tokens`` tokens (modules that mix positions). For the latter ``cached`` holds this rank's batches,
+    ``batches`` their global indices and ``shapes`` every global batch's ``(rows, length)``: the sequences
+    chosen are those a single process would choose, each taken by the rank holding it."""
     if tokenwise:
         (_, *rest), kw = cached[0]
         chunks = [args[0] for args, _ in cached]
@@ -95,9 +94,6 @@ def _rank_subset(cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: in
             picked.append(c[:, first::step])
             start += c.shape[1]
         return [((torch.cat(picked, dim=1)[:, :n_tokens], *rest), kw)]
-    if batches is None or shapes is None:
-        batches = list(range(len(cached)))
-        shapes = [tuple((a[0] if a else kw["hidden_states"]).shape[:2]) for a, kw in cached]  # type: ignore[misc]
     local = dict(zip(batches, cached, strict=True))
     out: list[tuple[tuple, dict]] = []
     left = n_tokens
@@ -289,13 +285,13 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
         mask = [prefix + n in targets for n in m.mapping.linears]
         if not any(mask):
             continue
+        tokenwise = m.mapping.scoring == "tokens"
         score: Callable[[], float]
         if m.mapping.scoring == "linear" and m.mapping.inspect in cache.tokens:
             score = TokenScorer(m.linears[0], cache.tokens[m.mapping.inspect][0].to(device))
         elif m.mapping.scoring == "linear":
             score = GramScorer(m.linears[0], cache.gram[m.mapping.inspect].to(device), cache.count[m.mapping.inspect])
         else:  # gathered token-sample chunks (the same on every rank) are shared out round robin
-            tokenwise = m.mapping.scoring == "tokens"
             cached = cache.inputs[k]
             mine = [c for j, c in enumerate(cached) if par.owns(j)] if tokenwise else cached
             score = _module_scorer(m.inspect, mine, device, par)
@@ -306,11 +302,10 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
             rank = GroupGramProxy([lin for lin, q in zip(m.linears, mask, strict=True) if q],
                                   cache.proxy_gram.pop(x_name).to(device), cache.count[x_name])
         elif (scfg.rank_top_k and scfg.rank_by == "subset" and m.mapping.scoring != "linear"
-              and _search_tokens(run, cache.inputs[k], m.mapping.scoring == "tokens") > scfg.rank_tokens):
+              and _search_tokens(run, cache.inputs[k], tokenwise) > scfg.rank_tokens):
             # (a subset as large as the search data would rank by the full objective: score every candidate)
-            tokenwise = m.mapping.scoring == "tokens"
-            sub = _rank_subset(cache.inputs[k], tokenwise, scfg.rank_tokens,
-                               cache.input_batches.get(k), run.batch_shapes)
+            sub = _rank_subset(cache.inputs[k], tokenwise, scfg.rank_tokens, cache.input_batches[k],
+                               run.batch_shapes)
             rank = _module_scorer(m.inspect, sub, device, SINGLE if tokenwise else par)
         res = search_scales(m.linears, score, cache.x_mean(x_name),
                             bits=qcfg.bits, group_size=qcfg.group_size, zero_point=qcfg.zero_point,

@@ -164,15 +164,13 @@ class LayerStats:
             for n in sorted(table):
                 table[n] = par.all_reduce(table[n])
         for n in sorted(self.clip_x):
-            self.clip_x[n] = par.gather_in_batch_order(list(zip(self.clip_batches[n], self.clip_x[n], strict=True)))
-            self.clip_batches[n] = sorted(b for part in par.gather(self.clip_batches[n]) for b in part)
+            self.clip_batches[n], self.clip_x[n] = par.gather_in_batch_order(self.clip_batches[n], self.clip_x[n])
         for n in sorted(self.tokens):
-            self.tokens[n] = par.gather_in_batch_order(list(zip(self.token_batches[n], self.tokens[n], strict=True)))
+            self.token_batches[n], self.tokens[n] = par.gather_in_batch_order(self.token_batches[n], self.tokens[n])
         for k in sorted(self.inputs):
             if self._tokenwise.get(k):
-                pairs = list(zip(self.input_batches[k], self.inputs[k], strict=True))
-                self.inputs[k] = par.gather_in_batch_order(pairs)
-                self.input_batches[k] = sorted(b for part in par.gather(self.input_batches[k]) for b in part)
+                self.input_batches[k], self.inputs[k] = par.gather_in_batch_order(self.input_batches[k],
+                                                                                  self.inputs[k])
 
     def x_mean(self, name: str) -> Tensor:
         return (self.abs_sum[name] / max(self.count[name], 1)).float()
