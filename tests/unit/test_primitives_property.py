@@ -141,6 +141,9 @@ def test_primitives_match_the_reference(wg: tuple[np.ndarray, int], bits: int, z
     dq = P.dequantize(q, scales, zeros, group)
     np.testing.assert_array_equal(dq.numpy(), ref["dq"])
     np.testing.assert_array_equal(P.fake_quantize(wt, bits, group, zero_point, SCALE_DTYPES[kind]).numpy(), ref["dq"])
+    buf = wt.clone()  # the in-place form writes the same values into its argument
+    assert P.fake_quantize(buf, bits, group, zero_point, SCALE_DTYPES[kind], inplace=True) is buf
+    np.testing.assert_array_equal(buf.numpy(), ref["dq"])
     # the dequantized grid points are fixed points of quantization with the same parameters
     assert torch.equal(P.quantize(dq, scales, zeros, bits, group), q)
 
@@ -270,3 +273,14 @@ def test_reference_is_not_vacuous(bits: int) -> None:
     s = np.float32(np.float32(3.0) / np.float32(2**bits - 1))
     assert ref["scales"][0, 0] == s and ref["zeros"][0, 0] == int(np.round(np.float32(1.0) / s))
     assert ref["q"][0, 0] == 0 and ref["q"][0, 3] == 2**bits - 1
+
+
+def test_fake_quantize_inplace_refuses_what_it_cannot_overwrite() -> None:
+    w = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        P.fake_quantize(w.bfloat16(), 4, 32, inplace=True)
+    with pytest.raises(ValueError, match="not contiguous"):
+        P.fake_quantize(torch.randn(64, 4).T, 4, 32, inplace=True)
+    before = w.clone()
+    P.fake_quantize(w, 4, 32)  # the default leaves its argument alone
+    assert torch.equal(w, before)

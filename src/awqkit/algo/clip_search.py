@@ -83,7 +83,7 @@ def search_clip(
 
         def error(lo: Tensor, hi: Tensor, wg: Tensor = wg, rows: int = rows) -> Tensor:
             wq = fake_quantize(torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(rows, in_f),
-                               bits, group_size, zero_point).reshape(rows, n_groups, g)
+                               bits, group_size, zero_point, inplace=True).reshape(rows, n_groups, g)
             d = (wq - wg).transpose(0, 1)  # [G, r, g]
             return (torch.bmm(d, cg) * d).sum(-1).T.clamp(min=0) / n_tokens  # [r, G]
 

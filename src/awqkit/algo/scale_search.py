@@ -197,8 +197,8 @@ def _set_candidate(linears: Sequence[nn.Linear], originals: Sequence[Tensor], ma
     """Every quantized linear's weight := Q(W · diag(s)) · diag(s)⁻¹ (the others keep their weights)."""
     for lin, orig, quant in zip(linears, originals, mask, strict=True):
         if quant:
-            scaled = orig.float() * s.unsqueeze(0)
-            lin.weight.copy_((fake_quantize(scaled, bits, group_size, zero_point) / s.unsqueeze(0)).to(orig.dtype))
+            scaled = orig.float() * s.unsqueeze(0)  # a fresh float32 buffer, quantized in place
+            lin.weight.copy_(fake_quantize(scaled, bits, group_size, zero_point, inplace=True).div_(s.unsqueeze(0)))
 
 
 @torch.no_grad()
