@@ -71,11 +71,12 @@ def run_logged(cmd: list[str], log: Path, *, env: dict[str, str] | None = None, 
         raise RuntimeError(f"command failed (exit {rc}): {' '.join(cmd)}\n--- last lines of {log} ---\n{tail}")
 
 
-def awqkit_quantize(cli_args: list[str], result: Path, log: Path) -> dict[str, Any]:
-    """``awqkit quantize CLI_ARGS`` in a child process: ``{"seconds", "peak_rss", "rc"}`` plus the output's
-    ``quantization_metadata.json`` as ``"metadata"`` (timings, per-layer seconds)."""
+def awqkit_quantize(cli_args: list[str], result: Path, log: Path, python: Path | None = None) -> dict[str, Any]:
+    """``awqkit quantize CLI_ARGS`` in a child process (``python``, default this interpreter): ``{"seconds",
+    "peak_rss", "rc"}`` plus the output's ``quantization_metadata.json`` as ``"metadata"`` (timings, per-layer
+    seconds)."""
     result.unlink(missing_ok=True)
-    run_logged([sys.executable, "-c", _QUANTIZE_CHILD, str(result), "quantize", *cli_args], log)
+    run_logged([str(python or sys.executable), "-c", _QUANTIZE_CHILD, str(result), "quantize", *cli_args], log)
     out = json.loads(result.read_text())
     dst = Path(cli_args[cli_args.index("--dst") + 1])
     meta_file = dst / "quantization_metadata.json"

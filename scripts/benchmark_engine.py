@@ -6,7 +6,9 @@ QuantizationModifier with the W4A16_ASYM preset at group 64), ``llmcompressor-bo
 duo_scaling="both") and ``autoawq`` (AutoAWQ 0.2.9 GEMM, fp32, with the CPU clone fix). Each quantization runs in
 its own process; each peer in its OWN virtual environment under ``--peers-dir`` (built on first use with
 ``pip install torch==2.13.0`` first, the local CPU wheel, then the peer under a ``torch==2.13.0`` constraint;
-reused while its marker file matches), driven by ``scripts/_peer_quantize.py``.
+reused while its marker file matches), driven by ``scripts/_peer_quantize.py``. awqkit runs the same way, in a venv
+with this checkout installed editable and its runtime dependencies only (what ``pip install awqkit`` gives a user;
+``--no-awqkit-venv`` runs it with this interpreter instead, whose dev extras cost ~110 MB of peak RSS).
 
 Calibration (../shared/docs/peer-runs.md): SQuAD 2.0 dev contexts, newlines replaced by spaces, joined by blank
 lines, the first ``--n-samples`` consecutive 512-token blocks. The peers get these token blocks directly; awqkit
@@ -62,6 +64,14 @@ TORCH = "torch==2.13.0"  # the local CPU build (/opt/wheels); installed first so
 
 # pip argument lists run in order in a fresh venv; "{c}" is the torch constraint file.
 PEERS: dict[str, dict[str, Any]] = {
+    # awqkit itself on the same footing as the peers: its own venv with its runtime dependencies only (the dev
+    # extras add triton, scipy and accelerate, which transformers then imports: +110 MB of RSS before any work);
+    # editable, so the run uses this checkout's source
+    "awqkit": {
+        "venv": "awqkit-runtime-venv",
+        "pip": [[TORCH], ["-c", "{c}", "-e", str(ROOT)]],
+        "patch": None,
+    },
     "llmcompressor": {
         "venv": "llmcompressor-0.14.0.1-venv",
         "pip": [[TORCH], ["-c", "{c}", "llmcompressor==0.14.0.1"]],
@@ -139,7 +149,8 @@ def quantize_run(name: str, a: argparse.Namespace, work: Path, src: Path, calib_
                      "--seq-len", str(SEQ_LEN), *spec.get("args", []), *a.awqkit_arg]
         else:
             args += ["--method", "rtn"]
-        r = awqkit_quantize(args, work / "logs" / f"{name}.result.json", log)
+        py = ensure_peer_venv("awqkit", Path(a.peers_dir).expanduser()) if a.awqkit_venv else Path(sys.executable)
+        r = awqkit_quantize(args, work / "logs" / f"{name}.result.json", log, python=py)
         meta = r.pop("metadata") or {}
         t = meta.get("timings_seconds", {})
         r["quantize_seconds"] = t["total_before_save"] - t.get("load", 0) if "total_before_save" in t else None
@@ -247,6 +258,9 @@ def main() -> None:
                     help="extra `awqkit quantize` argument for the awqkit run (repeatable), "
                          "e.g. --awqkit-arg=--rank-top-k=0")
     ap.add_argument("--peers-dir", default="~/.cache/awqkit/peers", help="the peers' venvs (default %(default)s)")
+    ap.add_argument("--no-awqkit-venv", dest="awqkit_venv", action="store_false",
+                    help="run awqkit with this interpreter (its dev extras loaded) instead of its own runtime-only "
+                         "venv under --peers-dir, as the peers run")
     add_output_args(ap, "~/.cache/awqkit/bench-engine", SECTION)
     a = ap.parse_args()
     setup_logging(a.verbose)
