@@ -10,14 +10,11 @@
   writes the same bytes as an uninterrupted one (:func:`run_layers` with ``resume=True``).
 
 Peak memory is then about the runtime, one layer in float32 with its search copies, the calibration activations
-and the embedding during capture, whatever the number of layers.
+and the embedding during capture, whatever the number of layers (with glibc's heap bounded: :mod:`awqkit.heap`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from torch import Tensor, nn
 from awqkit.algo.results import AWQResults
 from awqkit.arch import ArchSpec, get_layers
 from awqkit.config import QuantConfig, SearchConfig
+from awqkit.heap import bound_heap, release_free_memory
 from awqkit.io.lazy import LazyModel, lazy_or_none
 from awqkit.io.progress import RunProgress
 from awqkit.io.source import (
@@ -114,32 +112,6 @@ class _Hooks(_ReadHooks):
         release_free_memory()
 
 
-def _libc_trim() -> Any:
-    """glibc's ``malloc_trim`` or None (another C library, or none found)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None)
-    except OSError:
-        return None
-
-
-_MALLOC_TRIM = _libc_trim()
-
-
-def release_free_memory() -> None:
-    """Give the freed heap of a finished layer back to the system.
-
-    Each layer allocates and frees hundreds of MB of differently sized search tensors; glibc keeps the freed
-    pages in its arenas and the fragmented heap grew RSS by ~15 MB a layer on SmolLM2 (2.15 GB peak over 30
-    layers). ``malloc_trim(0)`` returns them (peak 1.15 GB); torch exposes no call for this on CPU, hence ctypes.
-    """
-    gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def _meta_quant_linears(model: nn.Module, arch: ArchSpec, targets: set[str], quant: QuantConfig,
                         layers: int) -> None:
     """Layers a killed run already wrote: their target linears become empty (meta) QuantLinear modules, so the
@@ -163,6 +135,7 @@ def run_layers(source: Source, arch: ArchSpec, targets: set[str], quant: QuantCo
     the shards of ``staged``, continuing a killed run's progress recorded there under ``key``; returns the
     search results (AWQ) and the weight files written. Under data parallelism this is rank 0's part; the
     other ranks run :func:`follow_layers`."""
+    bound_heap()  # the peak stays that of one layer however many layers follow (awqkit.heap)
     model = source.model
     layers = get_layers(model, arch)
     writer = OutputWriter(model, targets, quant, arch.layers, max_shard_bytes)
@@ -201,6 +174,7 @@ def follow_layers(source: Source, targets: set[str], quant: QuantConfig, *, ids:
                   device: torch.device, parallel: DataParallel) -> AWQResults:
     """A data-parallel rank other than 0: the same AWQ layer loop on its share of the calibration batches,
     reading the layers as rank 0 does and writing nothing (:mod:`awqkit.parallel`)."""
+    bound_heap()
     if source.lazy is not None:
         source.lazy.load_outside_layers()
     return run_awq(source.model, ids, quant, search, targets, device=device, progress=False,
@@ -214,4 +188,4 @@ def _state_reader(model: nn.Module) -> Any:
     return read
 
 
-__all__ = ["Source", "follow_layers", "open_source", "release_free_memory", "run_layers"]
+__all__ = ["Source", "follow_layers", "open_source", "run_layers"]
