@@ -76,3 +76,35 @@ def test_linear_mappings_choose_the_same_from_tokens_as_from_the_gram(tmp_path: 
     assert [t[:4] for t in tokens] == [g[:4] for g in gram]
     for t, g in zip(tokens, gram, strict=True):
         assert abs(t[4] - g[4]) <= 1e-4 * max(abs(g[4]), 1e-12)
+
+
+def test_linear_mappings_ranked_on_the_clip_sample_choose_what_exhaustive_scoring_chooses(
+        tmp_path: Path, monkeypatch) -> None:
+    """A single linear whose exact score is RANK_SAVING times dearer than its ranking is ranked on rank_tokens
+    tokens of its clip sample, then its best candidates are scored exactly: the same choices as scoring every
+    candidate. (The test model's down_proj has 128 input channels; RANK_SAVING is lowered so 64 tokens rank it.)"""
+    import awqkit.pipeline
+
+    src = _salient_source(tmp_path, "llama")
+    exhaustive = _choices(src, tmp_path, EXHAUSTIVE)
+    monkeypatch.setattr(awqkit.pipeline, "RANK_SAVING", 2)
+    ranked_linears = []
+    original = awqkit.pipeline._linear_rank
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        rank = original(*args, **kwargs)
+        ranked_linears.append(rank is not None and rank.x.shape[0] == RANKED.rank_tokens)
+        return rank
+
+    monkeypatch.setattr(awqkit.pipeline, "_linear_rank", spy)
+    ranked = _choices(src, tmp_path, RANKED)
+    assert ranked_linears and all(ranked_linears), ranked_linears  # every linear mapping was ranked, on 64 tokens
+    linear = [j for j, e in enumerate(exhaustive) if e[1].endswith(("mlp.up_proj", "self_attn.v_proj"))]
+    assert linear
+    for j in linear:
+        assert ranked[j][2:4] == exhaustive[j][2:4] or ranked[j][4] <= exhaustive[j][4] * 1.02, (ranked[j],
+                                                                                               exhaustive[j])
+    monkeypatch.setattr(awqkit.pipeline, "RANK_SAVING", 10**6)  # never worth it: no linear is ranked
+    ranked_linears.clear()
+    _choices(src, tmp_path, RANKED)
+    assert ranked_linears and not any(ranked_linears)
