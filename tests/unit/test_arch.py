@@ -204,3 +204,14 @@ def test_expand_and_reduce_heads():
     assert torch.equal(reduce_heads(expand_heads(s, 3, 2), 3, 2), s)
     with pytest.raises(ValueError, match="heads"):
         expand_heads(torch.ones(5), 3, 2)
+
+
+def test_importing_arch_loads_no_kernel_or_module_code() -> None:
+    """arch/ is data and name resolution: importing it must not pull in nn/ or the kernels (issue 14)."""
+    import subprocess
+    import sys
+
+    code = "import sys, awqkit.arch; print(' '.join(sorted(m for m in sys.modules if m.startswith('awqkit'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "awqkit.arch" in loaded
+    assert not [m for m in loaded if m.startswith(("awqkit.nn", "awqkit.kernels", "awqkit.io"))], loaded

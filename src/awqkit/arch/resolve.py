@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from awqkit.arch.names import name_matches
 from awqkit.arch.specs import REGISTRY, ArchSpec, Mapping
 from awqkit.errors import InputError
-from awqkit.nn.replace import name_matches
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,6 @@ def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
     component boundary (``mlp.down_proj``, ``down_proj``), or a ``re:`` regex that fullmatches.
 
     Never a substring test: ``gate`` does not match ``mlp.gate_proj``. One implementation for the whole
-    package (:func:`awqkit.nn.replace.name_matches`).
+    package (:func:`awqkit.arch.names.name_matches`).
     """
     return any(name_matches(name, p) for p in patterns)

@@ -24,8 +24,6 @@ sha256 under ``"files"`` (:data:`FILES_KEY`), so a reader can tell a complete ou
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import contextlib
 import hashlib
 import json
@@ -34,18 +32,19 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from awqkit.arch.names import name_matches
 from awqkit.config import QuantConfig
 from awqkit.errors import DestinationError, InputError
 from awqkit.io import destination
 from awqkit.io.shards import INDEX, ShardLayout, ShardWriter, TensorSpec
 from awqkit.nn.qlinear import QuantLinear
-from awqkit.nn.replace import name_matches
 
 logger = logging.getLogger(__name__)
 
