@@ -68,15 +68,15 @@ def main() -> None:
             x = torch.randn(m, k)
             res = {}
             with torch.inference_mode():
-                res["linear"] = median_us(lambda: lin(x), a.warmup, a.repeats, a.inner)
+                res["linear"] = median_us(lambda lin=lin, x=x: lin(x), a.warmup, a.repeats, a.inner)
                 ql.backend = "torch"
-                res["torch"] = median_us(lambda: ql(x), a.warmup, a.repeats, a.inner)
+                res["torch"] = median_us(lambda ql=ql, x=x: ql(x), a.warmup, a.repeats, a.inner)
                 ql.backend = "cpu-int4"
                 cpu_int4.prepare_module(ql, torch.bfloat16)
-                res["cpu-int4"] = median_us(lambda: ql(x), a.warmup, a.repeats, a.inner)
+                res["cpu-int4"] = median_us(lambda ql=ql, x=x: ql(x), a.warmup, a.repeats, a.inner)
                 if a.fp32_exact:
                     cpu_int4.prepare_module(ql, torch.float32)
-                    res["int4-fp32"] = median_us(lambda: ql(x), a.warmup, a.repeats, a.inner)
+                    res["int4-fp32"] = median_us(lambda ql=ql, x=x: ql(x), a.warmup, a.repeats, a.inner)
                     cpu_int4.prepare_module(ql, torch.bfloat16)
             print(f"{k:>5} {n:>5} {m:>3} " + " ".join(f"{res[c]:>10.1f}" for c in cols)
                   + f" {res['torch'] / res['cpu-int4']:>9.1f}x {res['cpu-int4'] / res['linear']:>8.2f}x", flush=True)

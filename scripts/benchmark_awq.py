@@ -122,7 +122,7 @@ def main() -> None:
     windows = make_windows(tok, load_wikitext_test(data / "wikitext-2-raw" / "wiki.test.raw"), 2048, a.windows)
     fp_size = fp16_size_bytes(base)
     rows, fp_ppl = [], None
-    for name, r in results.items():
+    for r in results.values():
         q = load_quantized(r["dst"], backend="torch")  # the fp32 reference kernel: ppl of the checkpoint itself
         m = kl_divergence(q, base, windows)
         fp_ppl = m["ppl_baseline"]
@@ -149,7 +149,8 @@ def main() -> None:
         f"fed the quantized outputs); `awq-float` = the same with the float outputs propagated; `awq-clipind` "
         f"adds the clip search's independent-ends pass; `awq-clipind-gqa` also scales v_proj -> o_proj under "
         f"grouped-query attention."
-        + (f" Search overrides for every AWQ run: {', '.join(f'{k}={v}' for k, v in common.items())}." if common else "")
+        + (f" Search overrides for every AWQ run: {', '.join(f'{k}={v}' for k, v in common.items())}."
+           if common else "")
         + "\n\nProduced by `python scripts/benchmark_awq.py --n-samples "
         f"{a.n_samples} --windows {a.windows} --runs {a.runs}"
         + "".join(f" --search {x}" for x in a.search)

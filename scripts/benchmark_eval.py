@@ -114,12 +114,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import torch
+    from benchmark_awq import squad_contexts_file
 
     from awqkit.eval.orchestrate import orchestrate
     from awqkit.eval.perplexity import default_data_dir
     from awqkit.report.table import write_benchmarks_section
     from awqkit.zoo import fetch_smollm2
-    from benchmark_awq import squad_contexts_file
 
     work = Path(a.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)

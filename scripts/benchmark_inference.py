@@ -6,7 +6,8 @@ int4 group-64 with the ``torch`` reference backend, with PyTorch's ``cpu-int4`` 
 weights in fp32, as ``load_quantized`` loads them on CPU), optionally int4 ``cpu-int4`` with bf16 non-quantized
 weights (``--bf16-rest``), and llama.cpp on the original Q4_1 GGUF (llama-cpp-python, batch 1) when it is
 installed. fp32 dense, cpu-int4 and cpu-avx2 run twice: through the transformers forward (what
-``generate`` runs) and through awqkit's own decode loop (``[awqkit loop]``, :mod:`awqkit.runtime.decoder`). The int4 checkpoint is an RTN quantization made here (speed does not depend on AWQ's scales)
+``generate`` runs) and through awqkit's own decode loop (``[awqkit loop]``, :mod:`awqkit.runtime.decoder`).
+The int4 checkpoint is an RTN quantization made here (speed does not depend on AWQ's scales)
 unless ``--quantized PATH`` is given. Goals (issue 4): int4 decode tokens/s at batch 1 >= 3x fp32
 dense, and within 2x of llama.cpp; reported for both int4 kernels.
 
@@ -172,9 +173,10 @@ def main() -> None:
     if a.no_write:
         return
     body = "\n".join([
-        f"`{command}`" + (f" (table rendered from its JSON with `--from-json`)" if a.from_json else ""),
+        f"`{command}`" + (" (table rendered from its JSON with `--from-json`)" if a.from_json else ""),
         "",
-        f"{Path(a.model).name}, int4 {g} ({'RTN' if a.quantized is None else a.quantized}), threads: {a.threads}, prompt "
+        f"{Path(a.model).name}, int4 {g} ({'RTN' if a.quantized is None else a.quantized}), "
+        f"threads: {a.threads}, prompt "
         f"{a.prompt_tokens} random token ids, {a.new_tokens} greedy new tokens (forced length), median of "
         f"{a.repeats} runs after {a.warmup} warm-up; each mode in its own process. torch {env['torch']}, "
         f"transformers {env['transformers']}, CPU capability {env['cpu_capability']}, {env['machine']}.",

@@ -150,12 +150,13 @@ class Timer:
             graph.replay()
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-            for s, e in zip(starts, ends):
+            for s, e in zip(starts, ends, strict=True):
                 s.record()
                 graph.replay()
                 e.record()
             torch.cuda.synchronize()
-            res["graph"] = statistics.median(s.elapsed_time(e) * 1e3 / n_copies for s, e in zip(starts, ends))
+            res["graph"] = statistics.median(s.elapsed_time(e) * 1e3 / n_copies
+                                             for s, e in zip(starts, ends, strict=True))
             del graph
         except Exception as exc:
             res["graph_error"] = repr(exc)
@@ -163,12 +164,12 @@ class Timer:
         reps = max(self.reps, 2 * n_copies)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for r, (s, e) in enumerate(zip(starts, ends)):
+        for r, (s, e) in enumerate(zip(starts, ends, strict=True)):
             s.record()
             calls[r % n_copies]()
             e.record()
         torch.cuda.synchronize()
-        res["eager"] = statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+        res["eager"] = statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True))
         return res
 
 
@@ -303,8 +304,9 @@ def section_timings(a, dev: str, act: torch.dtype, out: dict, t_start: float) ->
                 rec["check"] = err
                 if not err["pass"]:
                     FAILS.append(f"timing-shape check {K}x{N} M{M}")
-                t_tr = timer(lambda i: (lambda c=q_copies[i]: tw.w4a16_matmul(x, c[0], c[1], c[2], g)), nq)
-                t_mm = timer(lambda i: (lambda w=w_copies[i]: torch.matmul(x, w)), nw)
+                t_tr = timer(lambda i, qc=q_copies, x=x: (lambda c=qc[i]: tw.w4a16_matmul(x, c[0], c[1], c[2], g)),
+                             nq)
+                t_mm = timer(lambda i, wc=w_copies, x=x: (lambda w=wc[i]: torch.matmul(x, w)), nw)
                 rec["copies"] = {"triton": nq, "fp16": nw}
                 rec["triton_us"], rec["triton_eager_us"] = t_tr["graph"], t_tr["eager"]
                 rec["fp16_matmul_us"], rec["fp16_matmul_eager_us"] = t_mm["graph"], t_mm["eager"]
@@ -351,7 +353,7 @@ def section_variants(a, dev: str, act: torch.dtype, out: dict, t_start: float) -
                         rec["pass"] = r["pass"]
                         if not r["pass"]:
                             FAILS.append(f"variant {rec}")
-                        t = timer(lambda i, c=cfg: (lambda q=q_copies[i]: tw.w4a16_matmul(
+                        t = timer(lambda i, c=cfg, qc=q_copies, x=x: (lambda q=qc[i]: tw.w4a16_matmul(
                             x, q[0], q[1], q[2], g, config=c)), nq)
                         rec["us"], rec["eager_us"] = t["graph"], t["eager"]
                     except Exception as exc:

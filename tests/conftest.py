@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,7 +71,7 @@ def _one_thread(request: pytest.FixtureRequest) -> Any:
     torch.set_num_threads(n)
 
 
-def random_linear(in_f: int, out_f: int, bias: bool = True, seed: int = 0) -> "torch.nn.Linear":
+def random_linear(in_f: int, out_f: int, bias: bool = True, seed: int = 0) -> torch.nn.Linear:
     """An ``nn.Linear`` with N(0, 1) weights (and bias): wide enough ranges that quantization is not trivial."""
     import torch
 
@@ -83,7 +84,7 @@ def random_linear(in_f: int, out_f: int, bias: bool = True, seed: int = 0) -> "t
     return lin
 
 
-def save_tiny_llama(folder: "Path", **config: Any) -> "Path":
+def save_tiny_llama(folder: Path, **config: Any) -> Path:
     """Save a seeded 2-layer Llama (hidden 64, GQA 4/2 heads, the tiny tokenizer's vocabulary) and the tiny
     tokenizer into ``folder``, as a float Hugging Face source folder; ``config`` overrides LlamaConfig fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -129,7 +130,7 @@ def set_backend(model: Any, backend: str) -> None:
             m.backend = backend
 
 
-def greedy(model: Any, ids: "torch.Tensor", n: int = 12) -> list[int]:
+def greedy(model: Any, ids: torch.Tensor, n: int = 12) -> list[int]:
     """The ``n`` greedily generated token ids after ``ids`` (forced length)."""
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)

@@ -22,9 +22,9 @@ from awqkit.algo.results import AWQResults
 from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_arch, spec_for_architectures
 from awqkit.calib import load_calibration, text_file_hash
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
-from awqkit.eval.resources import track_peak_rss
 from awqkit.engine import Source, follow_layers, open_source, run_layers
 from awqkit.errors import InputError
+from awqkit.eval.resources import track_peak_rss
 from awqkit.io.destination import (
     check_destination,
     check_free_space,

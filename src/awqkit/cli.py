@@ -116,9 +116,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     import torch
+    from transformers import AutoTokenizer
 
     from awqkit.io.load import load_quantized
-    from transformers import AutoTokenizer
 
     model = load_quantized(a.path, backend=a.backend)
     tok = AutoTokenizer.from_pretrained(a.path)

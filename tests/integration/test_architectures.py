@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CORPUS, make_tiny_tokenizer
 from safetensors.torch import load_file
 
 from awqkit.algo.results import RESULTS_JSON, RESULTS_TENSORS, AWQResults, apply_results
@@ -27,7 +28,6 @@ from awqkit.io.source import load_source
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import replace_linears
 from awqkit.pipeline import run_awq
-from conftest import TINY_CORPUS, make_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 import transformers as T  # noqa: E402
@@ -249,9 +249,9 @@ def test_search_then_apply_is_bit_exact(run):
     # and the search itself is deterministic: the same decisions as the run saved in dst
     saved = AWQResults.load(dst)
     assert [(e.prev, e.alpha, e.mode) for e in saved.scales] == [(e.prev, e.alpha, e.mode) for e in results.scales]
-    assert all(torch.equal(a.scales, b.scales) for a, b in zip(saved.scales, results.scales))
+    assert all(torch.equal(a.scales, b.scales) for a, b in zip(saved.scales, results.scales, strict=True))
     assert all(torch.equal(a.min_val, b.min_val) and torch.equal(a.max_val, b.max_val)
-               for a, b in zip(saved.clips, results.clips))
+               for a, b in zip(saved.clips, results.clips, strict=True))
 
 
 def test_captured_layer_inputs_replay_the_model(run):
@@ -422,7 +422,7 @@ def test_clip_over_every_token_equals_clip_over_a_sample_of_all_tokens(tmp_path,
     gram, sample = runs
     assert [c.name for c in gram.clips] == [c.name for c in sample.clips] and gram.clips
     assert any(c.name.endswith("o_proj") for c in gram.clips)
-    for a, b in zip(gram.clips, sample.clips):
+    for a, b in zip(gram.clips, sample.clips, strict=True):
         assert a.err_after == pytest.approx(b.err_after, rel=1e-4), a.name
         same = (torch.isclose(a.min_val, b.min_val) & torch.isclose(a.max_val, b.max_val)).float().mean().item()
         assert same > 0.99, (a.name, same)

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TINY_CORPUS, save_tiny_llama
 
 import awqkit.api
 from awqkit.commands import batch_cmd
 from awqkit.platform.batch import LOCK_FILE, STATE_FILE, folder_state, run_batch, run_lock
-from conftest import TINY_CORPUS, save_tiny_llama
 
 RUN = "Tiny-1-demo_SFT_NoPeft"
 TAGS = ("RTN_w4_g32_headfp16", "RTN_w3_g32_headfp16", "RTN_w8_g64_headfp16")

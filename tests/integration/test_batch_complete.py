@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import TINY_CORPUS, save_tiny_llama
 
 import awqkit.api
 from awqkit.platform.batch import folder_state, run_batch
-from conftest import TINY_CORPUS, save_tiny_llama
 
 RUN = "Tiny-1-demo_SFT_NoPeft"
 

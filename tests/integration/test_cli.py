@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY_CORPUS, save_tiny_llama
 
 from awqkit import cli
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, defaults
-from conftest import TINY_CORPUS, save_tiny_llama
 
 
 def test_cli_defaults_are_the_dataclass_defaults() -> None:

@@ -84,7 +84,7 @@ def _decoder_steps(dec: Decoder, ids: torch.Tensor, steps: int) -> tuple[list[to
 def _assert_same(model, dec: Decoder, ids: torch.Tensor, steps: int = STEPS) -> None:
     ref_logits, ref_toks = _hf_steps(model, ids, steps)
     logits, toks = _decoder_steps(dec, ids, steps)
-    for i, (a, b) in enumerate(zip(logits, ref_logits)):
+    for i, (a, b) in enumerate(zip(logits, ref_logits, strict=True)):
         err = (a - b).abs().max().item()
         assert err <= REL * b.abs().max().item(), f"step {i}: max abs logits error {err}"
     assert torch.equal(toks, ref_toks)
@@ -138,7 +138,7 @@ def test_one_call_stack_equals_the_per_op_path_bit_for_bit(arch):
     for batch in (1, 4):
         a, ta = _decoder_steps(one, _ids(200, batch), STEPS)
         b, tb = _decoder_steps(per_op, _ids(200, batch), STEPS)
-        assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(ta, tb)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and torch.equal(ta, tb)
     _assert_same(model, one, _ids(200, 2))
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CORPUS, make_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from awqkit.api import quantize
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig
 from awqkit.io.load import load_quantized
-from conftest import TINY_CORPUS, make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY_CORPUS, save_tiny_llama
 
 import awqkit.engine
 from awqkit.api import quantize
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig
-from conftest import TINY_CORPUS, save_tiny_llama
 
 QCFG = QuantConfig(bits=4, group_size=32)
 SCFG = SearchConfig(batch_size=2, search_samples=2, search_tokens=64, n_grid=4)

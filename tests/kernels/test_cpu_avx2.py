@@ -325,7 +325,7 @@ def test_fused_siblings_equal_the_separate_layers():
     y = op(x)
     assert torch.equal(y, torch.cat(before, dim=-1))
     after = [_run(m, x) for m in mods]
-    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
     fused_ptr = op.cache.wq.data_ptr()
     assert mods[1].__dict__[cpu_avx2._CACHE_ATTR].wq.data_ptr() == fused_ptr + 128 // 64 * 256 * 8 * 4
     residual = _x(3, 256, seed=5)

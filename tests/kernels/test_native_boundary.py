@@ -9,7 +9,8 @@ Covers ``cpu_avx2.forward`` / ``f16_linear`` / the converted-layer cache, ``deco
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -281,4 +282,4 @@ def test_native_stack_bind_caches_rejects_and_still_decodes(decoder: Any) -> Non
         nxt = a[-1].argmax(-1, keepdim=True)
         a.append(decoder.step(nxt))
         b.append(per_op.step(nxt))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 try:  # a missing *or broken* triton skips the module (importorskip only skips ModuleNotFoundError)
     import triton  # noqa: F401

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import save_tiny_llama, tiny_fp16_llama
+from errors_catalogue import assert_error
 from torch import nn
 
 from awqkit.api import quantize
@@ -19,8 +21,6 @@ from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module, replace_linears
 from awqkit.platform.spec import resolve_quantization_spec
 from awqkit.quant import packing, primitives
-from conftest import save_tiny_llama, tiny_fp16_llama
-from errors_catalogue import assert_error
 
 
 def _raises(error_id: str, fn: Any, *args: Any, **kwargs: Any) -> None:

@@ -9,7 +9,6 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from cli_harness import one_line_error, run, tree_hash
 from conftest import save_tiny_llama
 from errors_catalogue import assert_error

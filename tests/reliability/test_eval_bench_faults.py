@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_harness import one_line_error, run, tree_hash
 from conftest import save_tiny_llama
 from errors_catalogue import assert_error

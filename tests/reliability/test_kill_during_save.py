@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_harness import run
+from conftest import save_tiny_llama
 
 from awqkit.io import destination as d
 from awqkit.io.save import verify_files
-from cli_harness import run
-from conftest import save_tiny_llama
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 import torch
+from cli_harness import one_line_error, run, tree_hash
+from conftest import TINY_CORPUS, make_tiny_tokenizer, save_tiny_llama
+from errors_catalogue import assert_error
 from safetensors.torch import load_file, save_file
 
 from awqkit.errors import AwqkitError, CheckpointError, InputError, NonFiniteError
 from awqkit.eval.detect import LOADABLE_FORMATS, detect_quantization_method
 from awqkit.io.load import load_quantized
-from cli_harness import one_line_error, run, tree_hash
-from conftest import TINY_CORPUS, make_tiny_tokenizer, save_tiny_llama
-from errors_catalogue import assert_error
 
 GPTQ_QC = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
 AUTOGPTQ_SIDE = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "damp_percent": 0.01}

@@ -29,13 +29,13 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from awqkit.errors import AwqkitError
 from awqkit.io.load import load_quantized
-from conftest import save_tiny_llama
 
 FILES = ("config.json", "model.safetensors", "quantization_metadata.json")
 BACKENDS = ("torch", "auto")

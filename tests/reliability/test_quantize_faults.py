@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from cli_harness import one_line_error, run, tree_hash
 from conftest import TINY_CORPUS, save_tiny_llama
 from errors_catalogue import assert_error
+from safetensors.torch import load_file, save_file
 
 RTN = ["--method", "rtn", "--group-size", "32"]
 AWQ = ["--method", "awq", "--group-size", "32", "--n-samples", "2", "--seq-len", "16", "--n-grid", "2",

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from awqkit.commands.bench_cmd import register
 from awqkit.eval import bench, bench_llamacpp, bench_report
 from awqkit.eval.bench import BenchSettings, ModeSpec, build_specs
-from conftest import make_tiny_tokenizer
 
 torch.set_num_threads(1)
 
@@ -64,7 +64,8 @@ def test_measure_mode_structure_and_sizes(folders: dict, backend: str) -> None:
         _check_stats(m["prefill_s"], SETTINGS.repeats)
         _check_stats(m["decode_tok_s"], SETTINGS.repeats)
         assert m["weight_bytes_per_step"] > 0 and math.isfinite(m["bandwidth_gb_s"]) and m["bandwidth_gb_s"] > 0
-        assert m["bandwidth_gb_s"] == pytest.approx(m["weight_bytes_per_step"] * m["decode_tok_s"]["median"] / int(b) / 1e9)
+        per_step = m["weight_bytes_per_step"] * m["decode_tok_s"]["median"] / int(b)
+        assert m["bandwidth_gb_s"] == pytest.approx(per_step / 1e9)
     assert r["disk_bytes"] == (folders["q"] / "model.safetensors").stat().st_size
     assert r["bytes_per_token"] == r["batches"]["1"]["weight_bytes_per_step"]
     assert 0 < r["rss_after_load_bytes"] <= r["peak_rss_bytes"] and r["peak_vram_bytes"] is None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_tiny_tokenizer
 
 from awqkit.calib.sources import read_samples
 from awqkit.config import CalibConfig
@@ -26,7 +27,6 @@ from awqkit.platform.calib_build import (
     sample_rows,
     write_calibration_file,
 )
-from conftest import make_tiny_tokenizer
 
 SYSTEM = "You are a careful\nmath tutor."
 # Prompts that would break a line-based format: newlines, CR, tabs, Unicode line/paragraph separators, NEL.

@@ -233,6 +233,7 @@ def test_real_awqkit_save_is_detected(tmp_path):
     for bits, method in ((4, "rtn"), (3, "awq")):
         qc = build_quantization_config(QuantConfig(bits=bits, group_size=64), ["lm_head"])
         folder = _folder(tmp_path, f"saved{bits}", {
-            "config.json": _config(qc), "quantization_metadata.json": {"method": method, "bits": bits, "group_size": 64}})
+            "config.json": _config(qc),
+            "quantization_metadata.json": {"method": method, "bits": bits, "group_size": 64}})
         info = detect_quantization_method(folder)
         assert (info.method, info.bits, info.group_size) == (method, bits, 64)

@@ -55,10 +55,10 @@ def _check_norm_fold(norm: nn.Module, offset: float) -> None:
     fold_scales(norm, lins, s, norm_offset=offset)
     with torch.no_grad():
         after = [lin(norm(x)) for lin in lins]
-    for a, b in zip(after, before):
+    for a, b in zip(after, before, strict=True):
         assert _rel(a, b) < RTOL
     # The consumers' columns were really multiplied by s (the check above is not vacuous).
-    for lin, w0 in zip(lins, w_before):
+    for lin, w0 in zip(lins, w_before, strict=True):
         torch.testing.assert_close(lin.weight, w0 * s, rtol=1e-6, atol=0)
 
 
@@ -144,7 +144,7 @@ def test_fold_identity_scales_is_a_no_op():
     lw0 = [lin.weight.detach().clone() for lin in lins]
     fold_scales(norm, lins, torch.ones(D))
     assert torch.equal(norm.weight, w0)
-    assert all(torch.equal(lin.weight, w) for lin, w in zip(lins, lw0))
+    assert all(torch.equal(lin.weight, w) for lin, w in zip(lins, lw0, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -169,7 +169,7 @@ def test_fold_rejects_bad_scales_and_leaves_weights_alone(bad):
     with pytest.raises(ValueError, match="scales"):
         fold_scales(norm, lins, bad)
     assert torch.equal(norm.weight, w0)
-    assert all(torch.equal(lin.weight, w) for lin, w in zip(lins, lw0))
+    assert all(torch.equal(lin.weight, w) for lin, w in zip(lins, lw0, strict=True))
 
 
 def test_fold_rejects_prev_without_1d_weight_and_short_prev_linear():

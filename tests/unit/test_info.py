@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_llama
 
 from awqkit.api import quantize
 from awqkit.io.source import SourceInfo, _weight_files, hash_weights
 from awqkit.platform.info import describe_folder, training_link
 from awqkit.platform.naming import make_run_name, quantized_folder_name
 from awqkit.platform.spec import resolve_quantization_spec, spec_metadata
-from conftest import save_tiny_llama
 
 RUN = make_run_name("Qwen3-0.6B", "openmath", "SFT", "NoPeft", None)
 TRAINING = {"base_model": "Qwen/Qwen3-0.6B", "dataset": "openmath", "method": "SFT", "epochs": 2,

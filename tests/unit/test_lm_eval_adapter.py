@@ -105,7 +105,7 @@ def test_loglikelihood_matches_ours(folders: dict[str, Path], folder: str, backe
     got = lm.loglikelihood(requests, disable_tqdm=True)
     ours = loglikelihood(lm.model, lm.tokenizer, pairs, batch_size=2)
     assert len(got) == len(pairs)
-    for (ll, greedy), want, (ctx, cont) in zip(got, ours, pairs):
+    for (ll, greedy), want, (ctx, cont) in zip(got, ours, pairs, strict=True):
         assert ll == pytest.approx(want, abs=1e-4), (ctx, cont)
         assert greedy is _is_greedy(lm.model, lm.tokenizer, ctx, cont), (ctx, cont)
     assert got[-1][1] is True and not all(g for _, g in got)  # both flag values are exercised

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_linear  # noqa: E402
 from torch import nn
 
 from awqkit import kernels
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module, match_names, name_matches, replace_linears, set_module
 from awqkit.quant import primitives as P
-
-
-from conftest import random_linear  # noqa: E402
 
 _linear = random_linear
 

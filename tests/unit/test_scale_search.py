@@ -10,8 +10,8 @@ from torch import nn
 
 from awqkit.algo.scale_search import (
     GramScorer,
-    TokenScorer,
     ModuleScorer,
+    TokenScorer,
     candidate_scales,
     search_scales,
     weight_mean,

@@ -93,7 +93,7 @@ def resolve_mappings(layer: nn.Module, spec: ArchSpec, layer_index: int, *,
     for m in spec.mappings:
         prev = get_submodule(layer, m.prev)
         linears = [get_submodule(layer, n) for n in m.linears]
-        for name, lin in zip(m.linears, linears):
+        for name, lin in zip(m.linears, linears, strict=True):
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"layer {layer_index}: {name} is {type(lin).__name__}, expected nn.Linear")
         heads = None

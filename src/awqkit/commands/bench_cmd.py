@@ -55,7 +55,6 @@ def cmd_bench(a: argparse.Namespace) -> int:
     """Measure, print the table, write ``--json`` / ``--png``."""
     from awqkit.eval.bench import BenchSettings, build_specs, run_modes
     from awqkit.eval.bench_report import decode_ratio, format_table, plot_png, write_json
-
     from awqkit.preflight import check_device
 
     if a.llama_cpp is not None and not Path(a.llama_cpp).is_file():
@@ -103,7 +102,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="torch / llama.cpp threads (default: torch's)")
     p.add_argument("--backend", type=_str_list, default=["auto"],
-                   help="kernel backend(s) of a quantized MODEL, comma list, e.g. torch,cpu-avx2,cpu-int4 (default auto)")
+                   help="kernel backend(s) of a quantized MODEL, comma list, e.g. torch,cpu-avx2,cpu-int4 "
+                        "(default auto)")
     p.add_argument("--dtype", default="float32",
                    help="dtype of MODEL's non-quantized weights (or of a dense MODEL) (default %(default)s)")
     p.add_argument("--baseline-dtype", type=_str_list, default=["float32"],

@@ -17,9 +17,10 @@ Any lm-eval task name or glob works (`lm-eval ls tasks` lists them). --include-p
 task YAMLs of your own (e.g. over local JSONL files); with --no-default-tasks only those are indexed,
 which skips the few seconds lm-eval spends indexing its built-in tasks.
 --backend applies to quantized folders: on x86 CPUs 'auto' runs the fp32 cpu-avx2 kernel where a layer
-fits it, else the bf16 cpu-int4 kernel, else the fp32 torch reference; 'torch' forces the fp32 reference. The JSON records which ran
-(config.awqkit). The same adapter is lm-eval's model "awqkit" once awqkit.eval.lm_eval_adapter is
-imported: lm_eval.simple_evaluate(model="awqkit", model_args="pretrained=PATH,backend=torch", ...).
+fits it, else the bf16 cpu-int4 kernel, else the fp32 torch reference; 'torch' forces the fp32 reference.
+The JSON records which ran (config.awqkit). The same adapter is lm-eval's model "awqkit" once
+awqkit.eval.lm_eval_adapter is imported: lm_eval.simple_evaluate(model="awqkit",
+model_args="pretrained=PATH,backend=torch", ...).
 """
 
 

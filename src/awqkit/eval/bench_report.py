@@ -79,7 +79,8 @@ def environment() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def write_json(path: str | Path, results: list[dict[str, Any]], settings: Any, extra: dict[str, Any] | None = None) -> None:
+def write_json(path: str | Path, results: list[dict[str, Any]], settings: Any,
+               extra: dict[str, Any] | None = None) -> None:
     import dataclasses
 
     doc = {"settings": dataclasses.asdict(settings), "environment": environment(), "results": results, **(extra or {})}

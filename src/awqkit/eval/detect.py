@@ -12,9 +12,9 @@ Sources, checked in this order:
    the storage format (``awq``, ``gptq``, ``compressed-tensors``, ``bitsandbytes``, ``fp8``, ...); without
    ``quant_method`` a config with ``w_bit``/``q_group_size`` is AWQ, one with ``desc_act``/``damp_percent``/
    ``sym`` GPTQ, one with only ``version`` AWQ (:func:`side_config_method`), anything else ``unknown``.
-   Bits / group size come from ``bits``/``w_bit`` and ``group_size``/``q_group_size``, or for compressed-tensors from the first config
-   group's ``weights`` (``num_bits``; ``group_size`` for the ``group`` strategy, -1 for ``channel``, None
-   otherwise). bitsandbytes gives 4 or 8 bits.
+   Bits / group size come from ``bits``/``w_bit`` and ``group_size``/``q_group_size``, or for compressed-tensors from
+   the first config group's ``weights`` (``num_bits``; ``group_size`` for the ``group`` strategy, -1 for ``channel``,
+   None otherwise). bitsandbytes gives 4 or 8 bits.
 2. ``quantization_metadata.json`` (written by awqkit): its ``method`` (e.g. ``rtn`` vs ``awq``, which the
    AutoAWQ-style ``quantization_config`` cannot tell apart), ``bits`` and ``group_size``. With a storage
    config in a format awqkit writes (:data:`LOADABLE_FORMATS`), the method comes from the metadata, bits and

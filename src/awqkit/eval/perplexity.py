@@ -218,7 +218,7 @@ class _EvalMode:
             m.eval()
 
     def __exit__(self, *exc: object) -> None:
-        for m, flag in zip(self.modules, self.flags):
+        for m, flag in zip(self.modules, self.flags, strict=True):
             m.train(flag)
 
 

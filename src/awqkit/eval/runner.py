@@ -40,10 +40,10 @@ from typing import Any
 import torch
 
 from awqkit.errors import InputError
-from awqkit.preflight import check_device, check_seq_len
 from awqkit.eval.perplexity import WIKITEXT_TEST_RELPATH, kl_divergence, load_wikitext_test, make_windows, perplexity
 from awqkit.eval.runner_load import LoadedModel, check_folder, load_for_eval, same_vocabulary
 from awqkit.eval.tasks._common import check_positive
+from awqkit.preflight import check_device, check_seq_len
 from awqkit.report.table import markdown_table
 
 logger = logging.getLogger(__name__)

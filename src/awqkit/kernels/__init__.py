@@ -12,8 +12,9 @@ and is the oracle the others are tested against. Backends must not cache across 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 

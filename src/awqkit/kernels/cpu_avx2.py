@@ -7,13 +7,15 @@ backend's kernel (``csrc/awqkit_cpu.c``, built on first use by :mod:`awqkit.kern
 
 * per 64 output columns and group of ``g`` input rows it accumulates ``a = sum_k x[k] * q[k, n]`` (small
   integers widened to fp32, fp32 FMA) and adds ``s * a - (z * s) * sum_k x[k]``, which is the reference's
-  ``sum_k x[k] * (q - z) * s`` reordered (``s`` widened exactly from fp16, ``z * s`` exact in fp32). Results equal the ``torch`` backend's to fp32 accumulation-order
-  noise (relative error ~1e-6; the tests allow 2e-5 of the output's largest magnitude).
+  ``sum_k x[k] * (q - z) * s`` reordered (``s`` widened exactly from fp16, ``z * s`` exact in fp32). Results equal the
+  ``torch`` backend's to fp32 accumulation-order noise (relative error ~1e-6; the tests allow 2e-5 of the output's
+  largest magnitude).
 * Inputs with at most :data:`MAX_ROWS` rows (decode steps, small batches) run the kernel; larger inputs
   (prefill) go to the ``torch`` reference (dequantize + one fp32 GEMM), which is faster there on this
   machine class than both this GEMV and ``cpu-int4``.
 * Layers: 4-bit, GEMM or pack-quantized storage with fp16 scales (awqkit's and AutoAWQ's), any group size
-  dividing ``in_features`` (and per-row ``-1``), ``out_features % 64 == 0``, buffers on CPU. Other layers fall back (``auto``) per layer.
+  dividing ``in_features`` (and per-row ``-1``), ``out_features % 64 == 0``, buffers on CPU. Other layers
+  fall back (``auto``) per layer.
 * x of any float dtype (converted to fp32 and back); calls that need gradients are declined.
 
 Layout (built once per module at first use or by :func:`prepare_model`, kept like ``cpu-int4``'s cache,
@@ -55,7 +57,7 @@ _LIB: Any = None  # the native library once is_available() has loaded it
 _F32 = torch.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_available() -> bool:
     """True when the native library loads here and a tiny call returns the right answer."""
     lib = native.library()
@@ -67,7 +69,8 @@ def is_available() -> bool:
     wq, sp, zq = _layout(q, zeros, scales, g)
     x = torch.linspace(-1, 1, k).unsqueeze(0)
     y = torch.empty(1, n)
-    lib.awqkit_int4_gemv(wq.data_ptr(), sp.data_ptr(), zq.data_ptr(), None, k, n, g, x.data_ptr(), y.data_ptr(), 1, 1, 0)
+    lib.awqkit_int4_gemv(wq.data_ptr(), sp.data_ptr(), zq.data_ptr(), None, k, n, g, x.data_ptr(), y.data_ptr(),
+                         1, 1, 0)
     expected = x @ ((q - 3).float() * 0.5).t()
     global _LIB
     _LIB = lib
@@ -207,7 +210,7 @@ def fuse(modules: list[QuantLinear]) -> _Cache:
     if any(c.bias is not None for c in caches):
         bias = torch.cat([c.bias if c.bias is not None else torch.zeros(c.wq.shape[0] * BLOCK_N) for c in caches])
     start = 0
-    for m, c in zip(modules, caches):
+    for m, c in zip(modules, caches, strict=True):
         nb = c.wq.shape[0]
         part = slice(start, start + nb)
         m.__dict__[_CACHE_ATTR] = _Cache(wq[part], sp[part], zq[part], c.bias, c.group_size, c.sources)

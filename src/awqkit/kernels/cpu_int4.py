@@ -90,7 +90,7 @@ _OPS = _ops()
 _MM = _OPS[1] if _OPS is not None else None  # resolved once: forward runs on every call
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_available() -> bool:
     """True when this torch has the aten int4 CPU ops and a tiny smoke call returns the right answer."""
     ops = _ops()

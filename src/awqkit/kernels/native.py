@@ -1,8 +1,9 @@
 """Build and load awqkit's native CPU kernels (``csrc/awqkit_cpu.c``) with the system C compiler.
 
-The C file (with its header ``csrc/awqkit_cpu.h``) is compiled on first use (about a second) with ``-O3 -mavx2 -mfma -mf16c -fopenmp -shared
--fPIC`` into a cache folder and loaded with :mod:`ctypes`; later processes reuse the built library. The
-file name carries a hash of the source and header, the compiler's version line and the flags, so an edit or another
+The C file (with its header ``csrc/awqkit_cpu.h``) is compiled on first use (about a second) with ``-O3 -mavx2 -mfma
+-mf16c -fopenmp -shared -fPIC`` into a cache folder and loaded with :mod:`ctypes`; later processes reuse the built
+library. The file name carries a hash of the source and header, the compiler's version line and the flags, so an edit
+or another
 compiler builds a new one; the build writes a temporary file and renames it into place, so concurrent
 first uses do not see a half-written library.
 
@@ -120,7 +121,7 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded native library, or None when it cannot be built or used here (see :func:`unavailable_reason`)."""
     global _reason

@@ -105,14 +105,14 @@ _MAX_NUMEL = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- availability
-@functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
+@functools.cache
+@functools.cache
 def _triton_importable() -> bool:
     # cached: find_spec walks sys.path (~20-100 us), and auto resolution asks on every forward call
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_present() -> bool:
     return torch.cuda.is_available()
 
@@ -409,7 +409,7 @@ def check_config(cfg: Config, M: int, N: int, K: int, group_size: int) -> None:
         raise ValueError(f"unpack={cfg.unpack!r}: use one of {sorted(UNPACK_MODES)}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -562,14 +562,14 @@ def bench_device_ms(fn, flush: Tensor | None = None, reps: int = 25) -> float:
     replay()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         if flush is not None:
             flush.amax()
         start.record()
         replay()
         end.record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
     return times[len(times) // 2]
 
 

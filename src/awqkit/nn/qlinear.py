@@ -4,8 +4,8 @@ Buffers (``K = in_features``, ``N = out_features``, ``G = K / group_size``; layo
 in :mod:`awqkit.quant.packing`):
 
 * format ``"gemm"`` (the default for ``bits == 4``) — AutoAWQ ``WQLinear_GEMM`` names: ``qweight`` int32
-  ``[K, N/8]``, ``qzeros`` int32 ``[G, N/8]``, ``scales`` ``[G, N]`` (fp16), optional ``bias`` ``[N]`` (fp16). Symmetric weights store
-  ``qzeros`` filled with 8.
+  ``[K, N/8]``, ``qzeros`` int32 ``[G, N/8]``, ``scales`` ``[G, N]`` (fp16), optional ``bias`` ``[N]`` (fp16).
+  Symmetric weights store ``qzeros`` filled with 8.
 * format ``"pack-quantized"`` (the default for other bits; also accepted for 4 bits, as llm-compressor
   writes W4A16 checkpoints) — compressed-tensors names: ``weight_packed`` int32 ``[N, ceil(K*bits/32)]``,
   ``weight_scale`` ``[N, G]``, ``weight_zero_point`` int32 ``[ceil(N*bits/32), G]`` (asymmetric only),

@@ -94,8 +94,6 @@ from awqkit.platform.naming import (
 )
 from awqkit.platform.spec import APPLIED_EXTRAS, QuantizationSpec, resolve_quantization_spec
 
-from awqkit.errors import InputError
-
 logger = logging.getLogger(__name__)
 
 NAME_PARTS = ("base_model", "dataset", "method", "peft")
@@ -378,7 +376,7 @@ def _parse_specs(raw: Any, errors: _Errors) -> list[QuantizationSpec]:
             continue
         fixed = {k: v for k, v in entry.items() if k not in lists}
         for combo in itertools.product(*lists.values()):
-            values = dict(zip(lists, combo))
+            values = dict(zip(lists, combo, strict=True))
             method = values.pop("method")
             if not isinstance(method, str):
                 errors.add(f"{where}.method", f"{method!r} is not a string (awq, rtn or fp)")

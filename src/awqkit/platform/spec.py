@@ -46,7 +46,7 @@ _SPEC_KEY = "spec"
 _NOT_APPLIED_KEY = "not_applied"
 
 
-class QuantMethod(str, enum.Enum):
+class QuantMethod(str, enum.Enum):  # noqa: UP042 - str() of a member stays 'QuantMethod.X'
     """How weights are quantized. ``NONE`` is the float model (aliases ``fp16``, ``bf16``, ``fp``, ``float``)."""
 
     NONE = "none"

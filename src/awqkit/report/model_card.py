@@ -144,7 +144,7 @@ def _usage(name: str, s: dict[str, Any]) -> list[str]:
         "from awqkit import load_quantized", "",
         f'path = snapshot_download("{repo}")  # or a local folder',
         "model = load_quantized(path)", "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
-        f'or `awqkit generate PATH --prompt "Hello"`.', "",
+        'or `awqkit generate PATH --prompt "Hello"`.', "",
     ]
     if s["quant_method"] == "awq":
         lines += [

@@ -101,12 +101,12 @@ def markdown_table(
     def line(cells: list[str]) -> str:
         padded = [
             cell.rjust(w) if num else cell.ljust(w)
-            for cell, w, num in zip(cells, widths, numeric)
+            for cell, w, num in zip(cells, widths, numeric, strict=True)
         ]
         return "| " + " | ".join(padded) + " |"
 
     rule = "| " + " | ".join(
-        "-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric)
+        "-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric, strict=True)
     ) + " |"
     return "\n".join([line(header), rule, *(line(r) for r in body)])
 

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from awqkit.arch import REGISTRY, DecodeSpec, resolve_arch
 from awqkit.arch.resolve import get_layers, get_submodule
 from awqkit.kernels import decode_ops, native
-from awqkit.kernels.decode_ops import AttentionShape
 from awqkit.kernels.cpu_avx2 import MAX_ROWS
+from awqkit.kernels.decode_ops import AttentionShape
 from awqkit.runtime import linear, stack
 from awqkit.runtime.linear import FusedInt4, ModuleCalls
 

@@ -25,8 +25,14 @@ from torch import Tensor
 
 from awqkit.errors import KernelInputError
 from awqkit.kernels import cpu_avx2, native
-from awqkit.kernels._native_checks import (check_kv_caches, check_optional, check_position, check_rope, check_rows,
-                                           check_tensor)
+from awqkit.kernels._native_checks import (
+    check_kv_caches,
+    check_optional,
+    check_position,
+    check_rope,
+    check_rows,
+    check_tensor,
+)
 from awqkit.runtime.linear import FusedInt4
 
 if TYPE_CHECKING:
@@ -115,13 +121,13 @@ class NativeStack:
                                    f"tensors) do not match the {n} layers, expected one cache of each per layer")
         batch: int | None = None
         maxlen: int | None = None
-        for i, (lay, kc, vc) in enumerate(zip(self.layers, k_cache, v_cache)):
+        for i, (lay, kc, vc) in enumerate(zip(self.layers, k_cache, v_cache, strict=True)):
             sh = lay.shape
             maxlen = check_kv_caches(fn, kc, vc, batch=batch, kv_heads=sh.kv_heads, head_dim=sh.head_dim,
                                      maxlen=maxlen, names=(f"k_cache[{i}]", f"v_cache[{i}]"))
             batch = kc.shape[0]  # every later layer: layer 0's batch and length
         arr = (_LayerStruct * n)()
-        for s, lay, kc, vc in zip(arr, self.layers, k_cache, v_cache):
+        for s, lay, kc, vc in zip(arr, self.layers, k_cache, v_cache, strict=True):
             sh = lay.shape
             s.qkv, s.o, s.gu, s.down = (_linear(op) for op in (lay.qkv, lay.o, lay.gate_up, lay.down))
             s.in_norm, s.post_norm = lay.in_norm.data_ptr(), lay.post_norm.data_ptr()
@@ -131,7 +137,8 @@ class NativeStack:
             s.H, s.KV, s.D, s.maxlen, s.window = sh.heads, sh.kv_heads, sh.head_dim, kc.shape[2], sh.window
         self.structs, self.maxlen, self.batch = arr, int(maxlen or 0), int(batch or 0)
         # the pointed-to tensors (kept alive here) and what the structs hold of them, re-checked every step
-        self._bound = [(kc, vc, kc.data_ptr(), vc.data_ptr(), tuple(kc.shape)) for kc, vc in zip(k_cache, v_cache)]
+        self._bound = [(kc, vc, kc.data_ptr(), vc.data_ptr(), tuple(kc.shape))
+                       for kc, vc in zip(k_cache, v_cache, strict=True)]
 
     def __call__(self, h: Tensor, pos: int, cos: Tensor, sin: Tensor) -> Tensor:
         """One decode step on the residual stream ``h [B, 1, hidden]`` (float32, contiguous, CPU), in place, at

@@ -143,7 +143,7 @@ def choose(logliks: Sequence[float], options: Sequence[str]) -> tuple[int, int]:
     if len(logliks) != len(options) or not options:
         raise ValueError(f"need one log-likelihood per option, got {len(logliks)} for {len(options)} options")
     pick = max(range(len(logliks)), key=lambda i: (logliks[i], -i))
-    norm = [ll / max(1, len(o)) for ll, o in zip(logliks, options)]
+    norm = [ll / max(1, len(o)) for ll, o in zip(logliks, options, strict=True)]
     pick_norm = max(range(len(norm)), key=lambda i: (norm[i], -i))
     return pick, pick_norm
 

@@ -169,7 +169,7 @@ def evaluate_gsm8k(
         add_special_tokens=not chat, stop=() if chat else _STOP, progress=progress, desc="gsm8k",
     )
     preds = [extract_answer(r) for r in raw]
-    correct = sum(p is not None and p == g for p, g in zip(preds, golds))
+    correct = sum(p is not None and p == g for p, g in zip(preds, golds, strict=True))
     result: dict[str, Any] = {
         "task": "gsm8k",
         "em": correct / len(items),
@@ -184,6 +184,6 @@ def evaluate_gsm8k(
     if return_predictions:
         result["predictions"] = [
             {"prediction": None if p is None else str(p), "gold": str(g), "raw": r}
-            for p, g, r in zip(preds, golds, raw)
+            for p, g, r in zip(preds, golds, raw, strict=True)
         ]
     return result

@@ -131,14 +131,14 @@ def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
     em: list[int] = []
     f1: list[float] = []
     has: list[bool] = []
-    for pred, ans in zip(predictions, answers):
+    for pred, ans in zip(predictions, answers, strict=True):
         golds = gold_answers(ans)
         em.append(max(compute_exact(g, pred) for g in golds))
         f1.append(max(compute_f1(g, pred) for g in golds))
         has.append(bool(ans))
 
     def mean(values: list[float], keep: list[bool]) -> float | None:
-        sel = [v for v, k in zip(values, keep) if k]
+        sel = [v for v, k in zip(values, keep, strict=True) if k]
         return sum(sel) / len(sel) if sel else None
 
     no = [not h for h in has]
@@ -234,6 +234,6 @@ def evaluate_squad(
     if return_predictions:
         result["predictions"] = [
             {"id": it["id"], "prediction": p, "raw": r, "answers": it["answers"]}
-            for it, p, r in zip(items, preds, raw)
+            for it, p, r in zip(items, preds, raw, strict=True)
         ]
     return result
