@@ -203,8 +203,9 @@ def render(records: dict[str, dict[str, Any]], a: argparse.Namespace, calib_note
     if "awqkit" in ev and "awqkit-exhaustive" in ev:
         agree = _same_choices(Path(a.work).expanduser() / "out")
         ex, rk = records["awqkit-exhaustive"]["quant"], records["awqkit"]["quant"]
+        ppl_ratio = ev['awqkit']['ppl'] / ev['awqkit-exhaustive']['ppl']
         lines.append(f"- ranked vs exhaustive search (issue 13 §1): {agree}; ppl {ev['awqkit']['ppl']:.3f} vs "
-                     f"{ev['awqkit-exhaustive']['ppl']:.3f} ({ev['awqkit']['ppl'] / ev['awqkit-exhaustive']['ppl'] - 1:+.2%}, "
+                     f"{ev['awqkit-exhaustive']['ppl']:.3f} ({ppl_ratio - 1:+.2%}, "
                      f"goal <= +0.5 %); time {rk['seconds']:.0f} s vs {ex['seconds']:.0f} s "
                      f"({ex['seconds'] / rk['seconds']:.2f}x faster)")
     peer_ppl = {n: ev[n]["ppl"] for n in peers if n in ev}
@@ -230,7 +231,10 @@ def render(records: dict[str, dict[str, Any]], a: argparse.Namespace, calib_note
         "wall time of model load + quantization + save in the run's own process; \"library call s\": the "
         "quantization call alone (awqkit: its timings from after the load to before the save); peak RSS: VmHWM "
         "of that process. "
-        "Each peer ran in its own virtual environment (torch 2.13.0 CPU); llm-compressor with its unconditional "
+        + ("awqkit ran in its own virtual environment too, this checkout installed editable with its runtime "
+           "dependencies only (no dev extras). " if a.awqkit_venv else "awqkit ran in the calling interpreter "
+           "(--no-awqkit-venv: its dev extras loaded). ")
+        + "Each peer ran in its own virtual environment (torch 2.13.0 CPU); llm-compressor with its unconditional "
         "`IntermediatesCache.pin_memory` skipped (no accelerator), AutoAWQ with its weight snapshot "
         "`v.cpu()` -> `v.detach().clone()` (../shared/docs/peer-runs.md). Both peers skip v_proj -> o_proj "
         "(GQA shapes), as awqkit does by default."
