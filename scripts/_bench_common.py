@@ -31,7 +31,7 @@ logger = logging.getLogger("bench")
 _QUANTIZE_CHILD = r"""
 import json, sys, time
 from awqkit.cli import main
-from awqkit.eval.bench import process_peak_rss_bytes
+from awqkit.bench.modes import process_peak_rss_bytes
 t = time.perf_counter()
 rc = main(sys.argv[2:])
 out = {"rc": rc, "seconds": time.perf_counter() - t, "peak_rss": process_peak_rss_bytes()}

@@ -41,7 +41,7 @@ RUNS = {
 CHILD = r"""
 import json, sys, time
 from awqkit.api import quantize
-from awqkit.eval.bench import process_peak_rss_bytes
+from awqkit.bench.modes import process_peak_rss_bytes
 from awqkit.config import QuantConfig, CalibConfig, SearchConfig
 a = json.loads(sys.argv[1])
 t = time.perf_counter()
@@ -92,8 +92,8 @@ def main() -> None:
 
     import torch
 
+    from awqkit.bench.resources import folder_size_bytes, fp16_size_bytes
     from awqkit.eval.perplexity import default_data_dir, kl_divergence, load_wikitext_test, make_windows
-    from awqkit.eval.resources import folder_size_bytes, fp16_size_bytes
     from awqkit.io.load import load_quantized
     from awqkit.io.source import load_source
     from awqkit.report.table import markdown_table, write_benchmarks_section

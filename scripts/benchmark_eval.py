@@ -116,8 +116,8 @@ def main() -> None:
     import torch
     from benchmark_awq import squad_contexts_file
 
-    from awqkit.eval.orchestrate import orchestrate
     from awqkit.eval.perplexity import default_data_dir
+    from awqkit.platform.orchestrate import orchestrate
     from awqkit.report.table import write_benchmarks_section
     from awqkit.zoo import fetch_smollm2
 

@@ -1,6 +1,6 @@
 """Benchmark: inference speed and memory of SmolLM2-135M-Instruct, dense vs int4, written to BENCHMARKS.md.
 
-Modes, each measured in its own process (:mod:`awqkit.eval.bench`): fp32 dense, bf16 dense (transformers),
+Modes, each measured in its own process (:mod:`awqkit.bench.modes`): fp32 dense, bf16 dense (transformers),
 int4 group-64 with the ``torch`` reference backend, with PyTorch's ``cpu-int4`` kernel and with awqkit's
 ``cpu-avx2`` kernel (what ``auto`` picks on x86 CPUs; it also keeps the fp16 LM head in fp16) (non-quantized
 weights in fp32, as ``load_quantized`` loads them on CPU), optionally int4 ``cpu-int4`` with bf16 non-quantized
@@ -37,7 +37,7 @@ def gguf_path(arg: str) -> Path | None:
     if arg != "auto":
         return Path(arg)
     from awqkit import zoo
-    from awqkit.eval import bench_llamacpp
+    from awqkit.bench import llamacpp as bench_llamacpp
 
     cached = zoo.cache_root() / "gguf" / Path(zoo.SMOLLM2_GGUF_MEMBER).name
     if cached.is_file():
@@ -52,7 +52,7 @@ def gguf_path(arg: str) -> Path | None:
 
 def measure(a: argparse.Namespace, settings: Any) -> tuple[list[dict[str, Any]], str]:
     """Run every mode; ``(results, the int4 checkpoint's short name)``."""
-    from awqkit.eval.bench import ModeSpec, run_modes
+    from awqkit.bench.modes import ModeSpec, run_modes
 
     if a.model is None:
         from awqkit.zoo import fetch_smollm2
@@ -103,8 +103,8 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from awqkit.eval.bench import BenchSettings
-    from awqkit.eval.bench_report import decode_ratio, environment, format_table, plot_png, write_json
+    from awqkit.bench.modes import BenchConfig
+    from awqkit.bench.report import decode_ratio, environment, format_table, plot_png, write_json
     from awqkit.report.table import write_benchmarks_section
 
     if a.from_json:
@@ -113,7 +113,7 @@ def main() -> None:
         saved = json.loads(Path(a.from_json).read_text())
         results, env = saved["results"], saved["environment"]
         st = saved["settings"]
-        settings = BenchSettings(**{**st, "batch_sizes": tuple(st["batch_sizes"])})
+        settings = BenchConfig(**{**st, "batch_sizes": tuple(st["batch_sizes"])})
         a.prompt_tokens, a.new_tokens, a.repeats, a.warmup = (settings.prompt_tokens, settings.new_tokens,
                                                                settings.repeats, settings.warmup)
         a.threads = settings.threads
@@ -124,7 +124,7 @@ def main() -> None:
         g = Path(qpath).name if a.quantized else f"g{a.group_size}"
         command = saved.get("command", "(measuring command not recorded)")
     else:
-        settings = BenchSettings(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
+        settings = BenchConfig(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeats=a.repeats,
                                  warmup=a.warmup, threads=a.threads,
                                  batch_sizes=tuple(int(b) for b in a.batch_sizes.split(",")))
         results, g = measure(a, settings)

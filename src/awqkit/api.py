@@ -20,11 +20,12 @@ from torch import nn
 from awqkit import __version__
 from awqkit.algo.results import AWQResults
 from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_arch, spec_for_architectures
-from awqkit.calib import load_calibration, text_file_hash
+from awqkit.bench.resources import track_peak_rss
+from awqkit.calib import load_calibration
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
 from awqkit.engine import Source, follow_layers, open_source, run_layers
 from awqkit.errors import InputError
-from awqkit.eval.resources import track_peak_rss
+from awqkit.files import sha256_file
 from awqkit.io.destination import (
     check_destination,
     check_free_space,
@@ -37,10 +38,9 @@ from awqkit.io.destination import (
 from awqkit.io.progress import RunProgress, has_progress, run_key
 from awqkit.io.save import normal_permissions, parse_size, quantized_config, write_side_files, writing_errors
 from awqkit.io.source import SourceCheck, SourceInfo, inspect_source
+from awqkit.io.training import training_link
 from awqkit.parallel import DataParallel
 from awqkit.parallel import current as current_parallel
-from awqkit.platform.info import training_link
-from awqkit.platform.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
 from awqkit.preflight import (
     check_calibration_source,
     check_device,
@@ -48,6 +48,7 @@ from awqkit.preflight import (
     expected_output_bytes,
 )
 from awqkit.report.model_card import write_model_card
+from awqkit.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def quantize(
 ) -> QuantizeReport:
     """Quantize the float model at ``src`` with ``method`` ("awq" or "rtn"; default "awq") and write it to ``dst``.
 
-    ``spec`` (a :class:`~awqkit.platform.spec.QuantizationSpec`) may replace ``method`` + ``quant``: its
+    ``spec`` (a :class:`~awqkit.spec.QuantizationSpec`) may replace ``method`` + ``quant``: its
     weights part becomes the QuantConfig; parts awqkit does not apply (activations, KV cache, ...) are
     warned about and recorded as ``not_applied`` in the metadata. When the source folder holds
     ``training_metadata.json`` it is copied into ``dst`` and linked from the metadata (``"training"``).
@@ -290,7 +291,7 @@ def _resumable(dst: Path, key: str, allow: bool = True) -> Path | None:
 def _calib_metadata(calib: CalibConfig, ids: torch.Tensor) -> dict[str, Any]:
     source_hash = None
     if calib.source != "self":
-        source_hash = text_file_hash(calib.source)
+        source_hash = sha256_file(calib.source)
     return {"source": str(calib.source), "sha256": source_hash, "n_samples": int(ids.shape[0]),
             "seq_len": int(ids.shape[1]), "seed": calib.seed}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from awqkit.config import PROPAGATE_MODES, RANK_BY, SCALE_MODES, CalibConfig, QuantConfig, SearchConfig, defaults
-from awqkit.errors import AwqkitError, InputError
+from awqkit.errors import AwqkitError
 
 Q, C, S = defaults(QuantConfig), defaults(CalibConfig), defaults(SearchConfig)
 
@@ -99,8 +99,6 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from awqkit.api import quantize
     from awqkit.parallel import init_from_env, rank_device
 
-    if not a.keep_lm_head_fp16:
-        raise InputError("awqkit never quantizes the LM head; drop --no-keep-lm-head-fp16")
     quant, calib, search = _configs(a)
     # under torchrun: join the process group (gloo on CPU, NCCL with one GPU per rank) and search data-parallel
     device = rank_device(a.device)

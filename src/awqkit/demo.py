@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from awqkit.api import quantize
+from awqkit.bench.resources import folder_size_bytes, fp16_size_bytes
 from awqkit.calib import self_generate
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig
 from awqkit.eval.perplexity import default_data_dir, kl_divergence, load_wikitext_test, make_windows, perplexity
-from awqkit.eval.resources import folder_size_bytes, fp16_size_bytes
 from awqkit.io.load import load_quantized
 from awqkit.io.source import load_source
 from awqkit.report.table import markdown_table

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from awqkit.algo.results import AWQResults
 from awqkit.arch import ArchSpec, get_layers
 from awqkit.config import QuantConfig, SearchConfig
+from awqkit.files import sha256_named_files
 from awqkit.heap import bound_heap, release_free_memory
 from awqkit.io.lazy import LazyModel, lazy_or_none
 from awqkit.io.progress import RunProgress
@@ -34,7 +35,6 @@ from awqkit.io.source import (
     SourceInfo,
     check_finite,
     check_finite_tensors,
-    hash_weights,
     load_source,
 )
 from awqkit.io.stream import OutputWriter
@@ -73,7 +73,7 @@ def open_source(src: str | Path, checked: SourceCheck, arch: ArchSpec | None, *,
     config = lazy.model.config
     info = SourceInfo(src=str(src), kind="folder", folder=checked.folder,
                       architectures=list(getattr(config, "architectures", None) or [type(lazy.model).__name__]),
-                      weights_sha256=hash_weights(checked.files),
+                      weights_sha256=sha256_named_files(checked.files),
                       name_or_path=str((checked.config or {}).get("_name_or_path") or src))
     return Source(lazy.model, tokenizer, info, lazy)
 

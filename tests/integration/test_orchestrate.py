@@ -17,12 +17,12 @@ from conftest import TINY_CORPUS, save_tiny_llama
 import awqkit.api
 import awqkit.eval.runner
 from awqkit.commands import orchestrate_cmd
-from awqkit.eval.orchestrate import orchestrate
 from awqkit.platform.batch import STATE_FILE
+from awqkit.platform.campaign_results import bits_per_weight, results_markdown
+from awqkit.platform.orchestrate import orchestrate
 from awqkit.platform.plan import load_plan
-from awqkit.platform.spec import resolve_quantization_spec
 from awqkit.report.model_card import RESULTS_START
-from awqkit.report.orchestrate_results import bits_per_weight, results_markdown
+from awqkit.spec import resolve_quantization_spec
 
 RUN = "Tiny-1-demo_SFT_NoPeft"
 TAGS = ("RTN_w4_g32", "RTN_w3_g32", "AWQ_w4_g32")

@@ -283,3 +283,16 @@ def test_native_stack_bind_caches_rejects_and_still_decodes(decoder: Any) -> Non
         a.append(decoder.step(nxt))
         b.append(per_op.step(nxt))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_the_c_kernel_reads_the_nibble_order_the_packer_writes() -> None:
+    """AWQ_ORDER lives in awqkit.quant.packing; the C source keeps its own copy for the compiler: they must agree."""
+    import re
+    from pathlib import Path
+
+    from awqkit.quant.packing import AWQ_ORDER
+
+    src = (Path(__file__).resolve().parents[2] / "src" / "awqkit" / "kernels" / "csrc" / "awqkit_cpu.c").read_text()
+    found = re.findall(r"static const int AWQ_ORDER\[8\] = \{([^}]*)\};", src)
+    assert len(found) == 1, "expected one AWQ_ORDER table in awqkit_cpu.c"
+    assert tuple(int(v) for v in found[0].split(",")) == AWQ_ORDER

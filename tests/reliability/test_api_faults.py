@@ -19,8 +19,8 @@ from awqkit.config import QuantConfig
 from awqkit.io.save import save_quantized
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module, replace_linears
-from awqkit.platform.spec import resolve_quantization_spec
 from awqkit.quant import packing, primitives
+from awqkit.spec import resolve_quantization_spec
 
 
 def _raises(error_id: str, fn: Any, *args: Any, **kwargs: Any) -> None:

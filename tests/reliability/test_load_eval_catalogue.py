@@ -20,7 +20,7 @@ from errors_catalogue import assert_error
 from safetensors.torch import load_file, save_file
 
 from awqkit.errors import AwqkitError, CheckpointError, InputError, NonFiniteError
-from awqkit.eval.detect import LOADABLE_FORMATS, detect_quantization_method
+from awqkit.io.detect import LOADABLE_FORMATS, detect_quantization_method
 from awqkit.io.load import load_quantized
 
 GPTQ_QC = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}

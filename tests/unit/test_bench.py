@@ -14,16 +14,18 @@ import torch
 from conftest import make_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from awqkit.bench import llamacpp as bench_llamacpp
+from awqkit.bench import modes as bench
+from awqkit.bench import report as bench_report
+from awqkit.bench.modes import BenchConfig, ModeSpec, build_specs
 from awqkit.commands.bench_cmd import register
-from awqkit.eval import bench, bench_llamacpp, bench_report
-from awqkit.eval.bench import BenchSettings, ModeSpec, build_specs
 
 torch.set_num_threads(1)
 
 H, INTER, LAYERS, HEADS, KV_HEADS, GROUP = 64, 128, 2, 4, 2, 32
 KV_OUT = H // HEADS * KV_HEADS
 LINEARS = [(H, H), (H, KV_OUT), (H, KV_OUT), (H, H), (H, INTER), (H, INTER), (INTER, H)]  # (K, N) q k v o gate up down
-SETTINGS = BenchSettings(prompt_tokens=8, new_tokens=4, batch_sizes=(1, 2), repeats=3, warmup=1, threads=1)
+SETTINGS = BenchConfig(prompt_tokens=8, new_tokens=4, batch_sizes=(1, 2), repeats=3, warmup=1, threads=1)
 
 
 def _config(vocab: int, tie: bool = False) -> LlamaConfig:
@@ -147,7 +149,7 @@ def test_subprocess_peak_rss_is_its_own() -> None:
     ballast = bytearray(400 * 2**20)
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page
     parent = bench.current_rss_bytes()
-    code = "from awqkit.eval.bench import process_peak_rss_bytes as p; print(p())"
+    code = "from awqkit.bench.modes import process_peak_rss_bytes as p; print(p())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0 < child < parent - 300 * 2**20
     del ballast

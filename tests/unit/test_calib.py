@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from awqkit.calib import build_blocks, load_calibration, read_samples, self_generate, text_file_hash
+from awqkit.calib import build_blocks, load_calibration, read_samples, self_generate
 from awqkit.config import CalibConfig
+from awqkit.files import sha256_file
 
 CFG = CalibConfig(source="x", n_samples=4, seq_len=16, seed=0)
 
@@ -129,7 +130,7 @@ def test_bad_jsonl_line_reports_line_number(tmp_path: Path, tiny_tokenizer: Any)
 def test_text_file_hash(tmp_path: Path) -> None:
     p = tmp_path / "h.txt"
     p.write_bytes(b"abc\n")
-    assert text_file_hash(p) == hashlib.sha256(b"abc\n").hexdigest()
+    assert sha256_file(p) == hashlib.sha256(b"abc\n").hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- blocks

@@ -1,4 +1,4 @@
-"""Tests for awqkit.eval.detect.detect_quantization_method on hand-written checkpoint folders."""
+"""Tests for awqkit.io.detect.detect_quantization_method on hand-written checkpoint folders."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from awqkit.eval.detect import QuantizationInfo, detect_quantization_method
+from awqkit.io.detect import QuantizationInfo, detect_quantization_method
 
 AWQ_QC = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
           "modules_to_not_convert": ["lm_head"]}

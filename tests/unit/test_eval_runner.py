@@ -274,9 +274,9 @@ def test_cli_errors(env: dict[str, Path]) -> None:
 
 
 def test_bench_rows_with_retention(env: dict[str, Path], rtn_folder: Path) -> None:
-    from awqkit.eval.bench import BenchSettings, disk_weight_bytes
+    from awqkit.bench.modes import BenchConfig, disk_weight_bytes
 
-    settings = BenchSettings(prompt_tokens=8, new_tokens=3, batch_sizes=(1, 2), repeats=1, warmup=0)
+    settings = BenchConfig(prompt_tokens=8, new_tokens=3, batch_sizes=(1, 2), repeats=1, warmup=0)
     r = evaluate_model(rtn_folder, baseline=env["src"], tasks="ppl", data_dir=env["data"], seq_len=SEQ_LEN,
                        windows=WINDOWS, backend="torch", bench=settings, progress=False)
     rows = {x["metric"]: x for x in r["metrics"] if x["task"] == "bench"}

@@ -11,10 +11,11 @@ import pytest
 from conftest import save_tiny_llama
 
 from awqkit.api import quantize
-from awqkit.io.source import SourceInfo, _weight_files, hash_weights
+from awqkit.files import sha256_named_files
+from awqkit.io.source import SourceInfo, _weight_files
+from awqkit.naming import make_run_name, quantized_folder_name
 from awqkit.platform.info import describe_folder, training_link
-from awqkit.platform.naming import make_run_name, quantized_folder_name
-from awqkit.platform.spec import resolve_quantization_spec, spec_metadata
+from awqkit.spec import resolve_quantization_spec, spec_metadata
 
 RUN = make_run_name("Qwen3-0.6B", "openmath", "SFT", "NoPeft", None)
 TRAINING = {"base_model": "Qwen/Qwen3-0.6B", "dataset": "openmath", "method": "SFT", "epochs": 2,
@@ -50,7 +51,7 @@ def test_training_link(folders: dict[str, Path]) -> None:
     link = training_link(src)
     assert link is not None and link["file"] == "training_metadata.json"
     assert link["source_path"] == str(src.resolve()) and link["run_name"] == RUN
-    assert link["source_weights_sha256"] == hash_weights(_weight_files(src))
+    assert link["source_weights_sha256"] == sha256_named_files(_weight_files(src))
     import hashlib
 
     assert link["sha256"] == hashlib.sha256((src / "training_metadata.json").read_bytes()).hexdigest()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from awqkit.eval.detect import detect_quantization_method
-from awqkit.platform.naming import (
+from awqkit.io.detect import detect_quantization_method
+from awqkit.naming import (
     RunNameError,
     base_model_name,
     make_run_name,
@@ -17,7 +17,7 @@ from awqkit.platform.naming import (
     quant_tag,
     quantized_folder_name,
 )
-from awqkit.platform.spec import resolve_quantization_spec
+from awqkit.spec import resolve_quantization_spec
 
 BASES = ["Qwen3-0.6B", "Meta-Llama-3.1-8B-Instruct", "SmolLM2-135M-Instruct", "gpt2", "Mistral-7B-v0.3"]
 TAGS = ["AWQ_w4_g128_headfp16", "RTN_w3_g64", "RTN_w4_g-1_sym_headfp16", "FP16", None]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from awqkit.platform.plan import PlanError, load_plan, plan_from_dict
-from awqkit.platform.spec import QuantMethod
+from awqkit.spec import QuantMethod
 
 RUN = "Qwen3-0.6B-openmath_SFT_NoPeft"
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from awqkit.config import QuantConfig
-from awqkit.platform.spec import (
+from awqkit.spec import (
     QuantizationSpec,
     QuantMethod,
     resolve_quantization_spec,
@@ -67,7 +67,7 @@ def test_unapplied_parts_are_listed_and_warned(caplog: pytest.LogCaptureFixture)
     # the weights part still converts: what awqkit does is unchanged by the unapplied parts
     assert spec.to_quant_config() == QuantConfig(bits=4, group_size=128)
     assert "planned, not applied: activations_bits=8" in spec.describe()
-    with caplog.at_level(logging.WARNING, logger="awqkit.platform.spec"):
+    with caplog.at_level(logging.WARNING, logger="awqkit.spec"):
         assert warn_unapplied(spec) == spec.unapplied()
     assert "NOT applied" in caplog.text and "kv_cache_bits=8" in caplog.text
     # 16-bit activations / KV cache are float: nothing unapplied, no warning

@@ -11,8 +11,9 @@ import torch
 
 from awqkit.calib.blocks import build_blocks, separator_ids, tokenize_samples
 from awqkit.calib.selfgen import self_generate
-from awqkit.calib.sources import ACCEPTED_KINDS, PAIR_COLUMNS, read_samples, text_file_hash
+from awqkit.calib.sources import ACCEPTED_KINDS, PAIR_COLUMNS, read_samples
 from awqkit.config import CalibConfig
+from awqkit.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def load_calibration(
         what = "is a directory" if path.is_dir() else "does not exist"
         raise ValueError(f"calibration source {str(path)!r} {what}; expected {ACCEPTED_KINDS}")
     samples = read_samples(path, tokenizer, cfg)
-    logger.info("Calibration source: %s (%d samples, sha256 %s)", path, len(samples), text_file_hash(path)[:12])
+    logger.info("Calibration source: %s (%d samples, sha256 %s)", path, len(samples), sha256_file(path)[:12])
     return build_blocks(samples, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed)
 
 
@@ -69,6 +70,5 @@ __all__ = [
     "read_samples",
     "self_generate",
     "separator_ids",
-    "text_file_hash",
     "tokenize_samples",
 ]

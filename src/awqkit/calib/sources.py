@@ -18,7 +18,6 @@ optional ``input`` column), ``text`` (used raw), and lastly a prompt column alon
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import sys
@@ -51,15 +50,6 @@ INSTRUCTION_INPUT_COLUMN = "input"
 _COLUMN_FLAGS = "--prompt-column/--response-column, --messages-column or --text-column"
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
-
-
-def text_file_hash(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes (recorded in the quantization metadata)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_samples(path: str | Path, tokenizer: Any, cfg: CalibConfig) -> list[str]:

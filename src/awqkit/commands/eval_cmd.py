@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from awqkit.config import BenchConfig, EvalConfig
+
+E, B = EvalConfig(), BenchConfig()  # the defaults the options show
+
 _EPILOG = """\
 tasks: ppl (perplexity on --text, default WikiText-2 test), kl (KL(baseline || model) and top-1
 agreement on the same windows; needs --baseline), arc, squad, gsm8k (--limit items each).
@@ -44,9 +48,9 @@ def _windows(text: str) -> int | None:
 def _bench_settings(a: argparse.Namespace) -> Any:
     if not a.bench:
         return None
-    from awqkit.eval.bench import BenchSettings
+    from awqkit.bench.modes import BenchConfig
 
-    return BenchSettings(repeats=a.bench_repeats)
+    return BenchConfig(repeats=a.bench_repeats)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -97,13 +101,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--baseline", default=None, help="baseline folder (usually the float source model)")
     p.add_argument("--tasks", default=None,
                    help="comma-separated: ppl,kl,arc,squad,gsm8k or all (default: ppl, or ppl,kl with --baseline)")
-    p.add_argument("--limit", type=_positive, default=None, help="items per arc/squad/gsm8k task (default: all)")
+    p.add_argument("--limit", type=_positive, default=E.limit, help="items per arc/squad/gsm8k task (default: all)")
     p.add_argument("--text", default=None, help="text file for ppl/kl (default: WikiText-2 test in the data folder)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $AWQKIT_DATA or ../shared/data)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per ppl/kl window (default %(default)s)")
-    p.add_argument("--windows", type=_windows, default=16, help="ppl/kl windows, or 'all' (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward pass (default %(default)s)")
-    p.add_argument("--backend", default="auto",
+    p.add_argument("--seq-len", type=int, default=E.seq_len, help="tokens per ppl/kl window (default %(default)s)")
+    p.add_argument("--windows", type=_windows, default=E.windows, help="ppl/kl windows, or 'all' (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=E.batch_size,
+                   help="windows per forward pass (default %(default)s)")
+    p.add_argument("--backend", default=E.backend,
                    help="kernel backend for quantized folders: auto (CPU: cpu-avx2, then bf16 cpu-int4, where "
                         "a layer fits), torch (fp32 reference), cpu-avx2, cpu-int4 (default %(default)s)")
     p.add_argument("--device", default="cpu", help="device for both models (default %(default)s)")
@@ -111,7 +116,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", default=None, metavar="OUT", help="write the full results as JSON to OUT")
     p.add_argument("--markdown", default=None, metavar="OUT", help="write the Markdown report to OUT")
     p.add_argument("--bench", action="store_true", help="add speed and memory rows (see below)")
-    p.add_argument("--bench-repeats", type=_positive, default=3, help="timed runs for --bench (default %(default)s)")
+    p.add_argument("--bench-repeats", type=_positive, default=B.repeats,
+                   help="timed runs for --bench (default %(default)s)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.set_defaults(func=cmd_eval)
 

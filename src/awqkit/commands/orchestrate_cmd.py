@@ -4,7 +4,7 @@ Quantizes what the plan asks for and is missing (as ``awqkit batch``), evaluates
 baseline and every output on the plan's ``[eval]`` tasks, and writes ``results.csv``, ``results.md``,
 ``results.json`` and PNG plots (matplotlib: ``pip install 'awqkit[plot]'``) into the output folder. Rerunning
 skips finished cells; a failed cell is reported (exit status 1) and the rest go on. See
-:mod:`awqkit.eval.orchestrate` and, for the plan format, :mod:`awqkit.platform.plan`.
+:mod:`awqkit.platform.orchestrate` and, for the plan format, :mod:`awqkit.platform.plan`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ awqkit_state.json. Retention is against each model's FP16 row.
 
 def cmd_orchestrate(a: argparse.Namespace) -> int:
     """Run the orchestration, print the results table and the summary; 1 when a cell failed."""
-    from awqkit.eval.orchestrate import orchestrate
+    from awqkit.platform.orchestrate import orchestrate
 
     report = orchestrate(a.plan, output_dir=a.output_dir, progress=a.progress, plots=a.plots, dry_run=a.dry_run)
     md = report.plan.output_dir / "results.md"

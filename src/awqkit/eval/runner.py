@@ -39,12 +39,14 @@ from typing import Any
 
 import torch
 
+from awqkit.config import EvalConfig
 from awqkit.errors import InputError
 from awqkit.eval.perplexity import WIKITEXT_TEST_RELPATH, kl_divergence, load_wikitext_test, make_windows, perplexity
 from awqkit.eval.runner_load import LoadedModel, check_folder, load_for_eval, same_vocabulary
 from awqkit.eval.tasks._common import check_positive
+from awqkit.files import sha256_file
 from awqkit.preflight import check_device, check_seq_len
-from awqkit.report.table import markdown_table
+from awqkit.report.table import metrics_table
 
 logger = logging.getLogger(__name__)
 
@@ -153,14 +155,14 @@ def evaluate_model(
     model_path: str | Path,
     *,
     baseline: str | Path | None = None,
-    tasks: str | Iterable[str] = ("ppl",),
-    limit: int | None = None,
+    tasks: str | Iterable[str] = EvalConfig.tasks,
+    limit: int | None = EvalConfig.limit,
     text: str | Path | None = None,
     data_dir: str | Path | None = None,
-    seq_len: int = 2048,
-    windows: int | None = 16,
-    batch_size: int = 1,
-    backend: str = "auto",
+    seq_len: int = EvalConfig.seq_len,
+    windows: int | None = EvalConfig.windows,
+    batch_size: int = EvalConfig.batch_size,
+    backend: str = EvalConfig.backend,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     task_options: dict[str, dict[str, Any]] | None = None,
@@ -180,8 +182,8 @@ def evaluate_model(
         task_options: extra keyword arguments per downstream task, e.g. ``{"gsm8k": {"num_fewshot": 5}}``;
             a task's ``limit`` there replaces ``limit`` for that task (``{"squad": {"limit": 200}}`` with
             ``limit=None``: every ARC item, 200 SQuAD items).
-        bench: an :class:`~awqkit.eval.bench.BenchSettings` to add speed and memory rows
-            (:mod:`awqkit.eval.runner_bench`: prefill, decode tokens/s, peak RSS, weight bytes; the model
+        bench: an :class:`~awqkit.bench.modes.BenchConfig` to add speed and memory rows
+            (:mod:`awqkit.bench.eval_rows`: prefill, decode tokens/s, peak RSS, weight bytes; the model
             with ``backend``, the baseline float32 dense, each measured in its own process), or None.
     Returns:
         a JSON-ready dict: ``versions``, ``settings``, ``model`` / ``baseline`` (path, detection, loader,
@@ -195,39 +197,8 @@ def evaluate_model(
         CheckpointError / NonFiniteError: a model folder awqkit cannot load (:mod:`awqkit.eval.runner_load`).
     """
     names = parse_tasks(tasks)
-    if "kl" in names and baseline is None:
-        raise InputError("task 'kl' compares against a baseline model; pass --baseline MODEL (baseline=...)")
-    for label, value in (("limit", limit), ("windows", windows), ("batch_size", batch_size)):
-        check_positive(label, value)
-    if seq_len < 2:
-        raise InputError(f"seq_len must be at least 2, got {seq_len}")
-    unknown_opts = [k for k in (task_options or {}) if k not in ("arc", "squad", "gsm8k")]
-    if unknown_opts:
-        raise InputError(f"task_options names {unknown_opts}; only arc, squad and gsm8k take options")
-    for task, opts in (task_options or {}).items():
-        check_positive(f"task_options[{task!r}]['limit']", opts.get("limit"))
-    if backend != "auto":
-        from awqkit import kernels
-
-        try:
-            kernels.get_backend(backend)  # unknown / unavailable: the message lists the available ones
-        except (ValueError, RuntimeError) as exc:
-            raise InputError(f"--backend: {exc}") from None
-    check_device(device)
-    check_folder(model_path, "model")
-    if baseline is not None:
-        check_folder(baseline, "baseline")
-    needs_windows = any(t in names for t in _WINDOW_TASKS)
-    text_file = _text_file(text, data_dir) if needs_windows else None
-    if needs_windows:
-        for folder in (model_path, baseline):
-            try:
-                cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")) if folder else None
-            except (OSError, ValueError):
-                cfg = None  # the loader names what is wrong with it
-            if isinstance(cfg, dict):
-                check_seq_len(seq_len, cfg, str(folder))
-
+    text_file = _check_request(model_path, baseline, names, limit, text, data_dir, seq_len, windows, batch_size,
+                               backend, device, task_options)
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
     m = load_for_eval(model_path, backend=backend, device=device, trust_remote_code=trust_remote_code)
@@ -257,20 +228,9 @@ def evaluate_model(
         logger.warning("model and baseline tokenizers differ; ppl windows use the model's tokenizer for both")
 
     ran: dict[str, dict[str, Any]] = {}
-    if needs_windows:
-        assert text_file is not None
-        from awqkit.zoo import sha256_file
-
-        t0 = time.perf_counter()
-        ids = make_windows(m.tokenizer, load_wikitext_test(text_file), seq_len, windows)
-        wall["tokenize"] = time.perf_counter() - t0
-        max_pos = getattr(getattr(m.model, "config", None), "max_position_embeddings", None)
-        if max_pos is not None and seq_len > max_pos:
-            logger.warning("seq_len=%d exceeds the model's max_position_embeddings=%d", seq_len, max_pos)
-        results["data"]["text"] = {"path": str(text_file), "sha256": sha256_file(text_file),
-                                   "n_windows": int(ids.shape[0]), "seq_len": seq_len}
+    if text_file is not None:
         opts = {"batch_size": batch_size, "device": device, "progress": progress}
-        ran.update(_window_tasks([t for t in names if t in _WINDOW_TASKS], m, b, ids, opts))
+        ran.update(_run_windows(names, m, b, text_file, seq_len, windows, opts, results, wall))
     for name in (t for t in names if t not in _WINDOW_TASKS):
         options = dict((task_options or {}).get(name, {}))
         entry = _per_model(lambda lm: _run_task(name, lm, limit, data_dir, options, progress), m, b)  # noqa: B023
@@ -278,7 +238,7 @@ def evaluate_model(
         ran[name] = entry
     results["tasks"] = {t: ran[t] for t in names}
     if bench is not None:
-        from awqkit.eval.runner_bench import run_bench
+        from awqkit.bench.eval_rows import run_bench
 
         del m, b  # free both models before the measuring processes start
         t0 = time.perf_counter()
@@ -291,6 +251,63 @@ def evaluate_model(
     wall["total"] = time.perf_counter() - t_start
     results["wall_seconds"] = {k: round(v, 3) for k, v in wall.items()}
     return results
+
+
+def _check_request(model_path: str | Path, baseline: str | Path | None, names: tuple[str, ...], limit: int | None,
+                   text: str | Path | None, data_dir: str | Path | None, seq_len: int, windows: int | None,
+                   batch_size: int, backend: str, device: str | torch.device,
+                   task_options: dict[str, dict[str, Any]] | None) -> Path | None:
+    """Every check :func:`evaluate_model` makes before loading anything; returns the ppl/kl text file (None when
+    no task reads windows). Raises InputError / FileNotFoundError naming the problem."""
+    if "kl" in names and baseline is None:
+        raise InputError("task 'kl' compares against a baseline model; pass --baseline MODEL (baseline=...)")
+    for label, value in (("limit", limit), ("windows", windows), ("batch_size", batch_size)):
+        check_positive(label, value)
+    if seq_len < 2:
+        raise InputError(f"seq_len must be at least 2, got {seq_len}")
+    unknown_opts = [k for k in (task_options or {}) if k not in ("arc", "squad", "gsm8k")]
+    if unknown_opts:
+        raise InputError(f"task_options names {unknown_opts}; only arc, squad and gsm8k take options")
+    for task, opts in (task_options or {}).items():
+        check_positive(f"task_options[{task!r}]['limit']", opts.get("limit"))
+    if backend != "auto":
+        from awqkit import kernels
+
+        try:
+            kernels.get_backend(backend)  # unknown / unavailable: the message lists the available ones
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(f"--backend: {exc}") from None
+    check_device(device)
+    check_folder(model_path, "model")
+    if baseline is not None:
+        check_folder(baseline, "baseline")
+    if not any(t in names for t in _WINDOW_TASKS):
+        return None
+    text_file = _text_file(text, data_dir)
+    for folder in (model_path, baseline):
+        try:
+            cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")) if folder else None
+        except (OSError, ValueError):
+            cfg = None  # the loader names what is wrong with it
+        if isinstance(cfg, dict):
+            check_seq_len(seq_len, cfg, str(folder))
+    return text_file
+
+
+def _run_windows(names: tuple[str, ...], m: LoadedModel, b: LoadedModel | None, text_file: Path, seq_len: int,
+                 windows: int | None, opts: dict[str, Any], results: dict[str, Any],
+                 wall: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """ppl and kl on the text's windows (tokenized once, with the model's tokenizer); records the text in
+    ``results["data"]`` and the tokenizing time in ``wall``."""
+    t0 = time.perf_counter()
+    ids = make_windows(m.tokenizer, load_wikitext_test(text_file), seq_len, windows)
+    wall["tokenize"] = time.perf_counter() - t0
+    max_pos = getattr(getattr(m.model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        logger.warning("seq_len=%d exceeds the model's max_position_embeddings=%d", seq_len, max_pos)
+    results["data"]["text"] = {"path": str(text_file), "sha256": sha256_file(text_file),
+                               "n_windows": int(ids.shape[0]), "seq_len": seq_len}
+    return _window_tasks([t for t in names if t in _WINDOW_TASKS], m, b, ids, opts)
 
 
 def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -348,24 +365,7 @@ def results_table(results: dict[str, Any]) -> str:
     rows = results.get("metrics") or metric_rows(results)
     if not rows:
         raise ValueError("results hold no metrics to tabulate")
-    baseline = results.get("baseline") is not None
-    table_rows = [
-        {"task": r["task"], "metric": f"{r['metric']} {'↑' if r['higher_is_better'] else '↓'}",
-         "model": r["model"], "baseline": r["baseline"], "model / baseline": r["ratio"],
-         "retention (1.0 = baseline, ↑)": r["retention"], "n": r["n"]}
-        for r in rows
-    ]
-    cols = ["task", "metric", "model"]
-    if baseline:
-        cols += ["baseline", "model / baseline", "retention (1.0 = baseline, ↑)"]
-    cols.append("n")
-    fmt = {"model / baseline": ".4f", "retention (1.0 = baseline, ↑)": ".4f"} if baseline else {}
-    table = markdown_table(table_rows, cols, fmt)  # other floats: 4 significant digits
-    legend = "↑ higher is better, ↓ lower is better. n: predicted tokens (ppl, kl) or items (tasks)."
-    if baseline:
-        legend += (" retention = model / baseline for ↑ metrics and baseline / model for ↓ metrics (ppl), "
-                   "so below 1.0 is worse in every row; kl has none (the baseline's own KL is 0).")
-    return f"{table}\n\n{legend}"
+    return metrics_table(rows, baseline=results.get("baseline") is not None)
 
 
 def _describe_line(label: str, info: dict[str, Any]) -> str:

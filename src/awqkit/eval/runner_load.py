@@ -1,6 +1,6 @@
 """Loading model folders for :mod:`awqkit.eval.runner`: detection, the right loader, and which kernels run.
 
-* The quantization method is detected with :func:`~awqkit.eval.detect.detect_quantization_method`.
+* The quantization method is detected with :func:`~awqkit.io.detect.detect_quantization_method`.
 * A folder whose detection came from a quantization config (``config.json``'s ``quantization_config``,
   AutoAWQ's ``quant_config.json``, ...) is loaded with :func:`~awqkit.io.load.load_quantized` (awqkit,
   AutoAWQ GEMM and compressed-tensors pack-quantized checkpoints; anything else is a clear error),
@@ -11,7 +11,7 @@
   transformers would leave those layers randomly initialized, and transformers' load failures become a
   :class:`~awqkit.errors.CheckpointError` naming the folder.
 
-Detection is :func:`awqkit.eval.detect.detect_quantization_method`, the same that ``awqkit info`` and
+Detection is :func:`awqkit.io.detect.detect_quantization_method`, the same that ``awqkit info`` and
 :func:`~awqkit.io.load.load_quantized` use, so all three agree on every folder.
 
 Kernel backends (``backend``, quantized folders only): ``"auto"`` picks the fastest available kernel for
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from awqkit.errors import AwqkitError, CheckpointError, InputError
-from awqkit.eval.detect import QuantizationInfo, detect_quantization_method
+from awqkit.io.detect import QuantizationInfo, detect_quantization_method
 
 logger = logging.getLogger(__name__)
 

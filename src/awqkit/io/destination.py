@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from awqkit.errors import DestinationError
+from awqkit.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -166,15 +167,6 @@ def _owner_gone(info: object) -> bool:
     return isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid)
 
 
-def _write_json_atomic(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.part")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def staging(dst: Path, *, adopt: Path | None = None,
             keep_on_interrupt: Callable[[Path], bool] | None = None) -> Iterator[Path]:
@@ -185,7 +177,7 @@ def staging(dst: Path, *, adopt: Path | None = None,
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = adopt if adopt is not None else Path(tempfile.mkdtemp(prefix=staged_prefix(dst), dir=dst.parent))
     try:
-        _write_json_atomic(tmp / MARKER, {**_owner(), "dst": str(dst)})
+        write_json_atomic(tmp / MARKER, indent=None, durable=True, data={**_owner(), "dst": str(dst)})
         yield tmp
     except KeyboardInterrupt:
         if keep_on_interrupt is None or not keep_on_interrupt(tmp):
@@ -233,7 +225,7 @@ def commit(staged: Path, dst: Path) -> None:
     """Put the complete ``staged`` folder in ``dst``'s place (journaled; see the module docstring)."""
     journal = journal_path(dst)
     old = dst.parent / f"{recovery_prefix(dst)}{uuid.uuid4().hex[:8]}"
-    _write_json_atomic(journal, {**_owner(), "staged": staged.name, "recovery": old.name,
+    write_json_atomic(journal, indent=None, durable=True, data={**_owner(), "staged": staged.name, "recovery": old.name,
                                  "staged_inode": staged.stat().st_ino})
     (staged / MARKER).unlink(missing_ok=True)
     if not dst.exists():

@@ -7,7 +7,7 @@ dict), swap each linear whose checkpoint has ``qweight`` / ``weight_packed`` for
 :class:`QuantLinear`, assign the checkpoint tensors (``load_state_dict(assign=True)``; missing and
 unexpected keys are errors), then re-tie tied weights (a tied LM head is not stored).
 
-Which folders load: the method is read by :mod:`awqkit.eval.detect` (the same answer ``awqkit info`` and
+Which folders load: the method is read by :mod:`awqkit.io.detect` (the same answer ``awqkit info`` and
 ``awqkit eval`` give); gptq, bitsandbytes, ... and float folders are refused with a named error. Before any
 tensor is assigned, :mod:`awqkit.io.validate` checks the config's size fields, the safetensors files, and
 every tensor's dtype, shape and finiteness. Expected failures are :class:`~awqkit.errors.AwqkitError`
@@ -41,7 +41,7 @@ _MAX_LISTED = 20
 def read_quant_config(path: str | Path) -> dict[str, Any]:
     """Normalized quantization settings of a checkpoint folder.
 
-    The storage config and its method come from :func:`awqkit.eval.detect.inspect_folder` (the same place
+    The storage config and its method come from :func:`awqkit.io.detect.inspect_folder` (the same place
     ``awqkit info`` and ``awqkit eval`` read them): ``config.json["quantization_config"]`` (or its
     ``text_config``'s), else ``quantization_config.json`` / AutoAWQ's ``quant_config.json`` / AutoGPTQ's
     ``quantize_config.json``. Returns ``{"quant_method": "awq" | "compressed-tensors", "format": "gemm" |
@@ -53,7 +53,7 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
         CheckpointError: no storage config, a method awqkit does not load (gptq, bitsandbytes, ...), or
             settings it does not support (the message names them).
     """
-    from awqkit.eval.detect import inspect_folder, load_refusal
+    from awqkit.io.detect import inspect_folder, load_refusal
 
     path = Path(path)
     info, found = inspect_folder(path)
@@ -189,61 +189,9 @@ def _build_model(path: Path, raw_cfg: dict[str, Any], device: torch.device, dtyp
     return config, model, dtype
 
 
-def load_quantized(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    backend: str = "auto",
-    trust_remote_code: bool = False,
-    fp16_head: bool | None = None,
-) -> nn.Module:
-    """Load a quantized causal LM from ``path`` onto ``device``.
-
-    Args:
-        path: checkpoint folder (config.json + safetensors).
-        device: where the model ends up.
-        dtype: dtype of the non-quantized weights; default float32 on CPU (no fast fp16 there), else the
-            config's dtype (fp16 if unset). Packed buffers keep their stored dtypes (int32, fp16 scales).
-        backend: kernel backend for every QuantLinear (``"auto"``, ``"torch"``, ...).
-        trust_remote_code: passed to transformers for models with custom code.
-        fp16_head: keep the LM head (and its tied embedding) in fp16 storage, computed in fp32
-            (:func:`awqkit.nn.fp16_storage.store_head_fp16`; only when its weights are exactly fp16, so
-            outputs do not change). None: on for CPU + float32 + backend ``auto``/``cpu-avx2`` when the
-            ``cpu-avx2`` kernels are available (it halves the head's read per decoded token).
-    Returns:
-        the model in eval mode, with ``model.awqkit_quant_config`` = :func:`read_quant_config`'s dict.
-    """
-    from awqkit.eval.detect import read_config_json
-
-    path = Path(path)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json; pass a checkpoint folder written by save_quantized or "
-                              "AutoAWQ")
-    raw_cfg = read_config_json(path) or {}
-    qc = read_quant_config(path)
-    if backend != "auto":
-        try:
-            kernels.get_backend(backend)  # fail early on unknown / unavailable backends
-        except (ValueError, RuntimeError) as exc:
-            raise InputError(str(exc)) from None
-    device = torch.device(device)
-    validate.check_config_fields(path, raw_cfg)
-    sd, where = validate.read_tensors(path)
-    validate.check_config_against_tensors(path, raw_cfg, sd)
-    config, model, dtype = _build_model(path, raw_cfg, device, dtype, trust_remote_code)
-
-    for key in [k for k in sd if _BENIGN_EXTRA.search(k)]:
-        del sd[key]
-    qnames = set(_install_quant_linears(model, sd, qc, path))
-    validate.check_tensors(model, sd, where, path, qc)
-    for name in qnames:
-        if qc["format"] != "gemm":
-            _repack_legacy_ct(sd, name, get_module(model, name))  # type: ignore[arg-type]
-    for key, t in sd.items():
-        if t.is_floating_point() and key.rpartition(".")[0] not in qnames:
-            sd[key] = t.to(dtype)
-
+def _assign_state(model: nn.Module, config: Any, sd: dict[str, Tensor], path: Path, qc: dict[str, Any]) -> None:
+    """Load ``sd`` into ``model`` (assigning its tensors), re-tie the parameters the checkpoint stores once
+    (aliases and a tied embedding), and refuse a state that leaves keys missing, unexpected or on meta."""
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
@@ -275,6 +223,63 @@ def load_quantized(
         raise CheckpointError(f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
                               f"tensors left uninitialized after loading: {_listing(still_meta)}")
 
+
+def load_quantized(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    trust_remote_code: bool = False,
+    fp16_head: bool | None = None,
+) -> nn.Module:
+    """Load a quantized causal LM from ``path`` onto ``device``.
+
+    Args:
+        path: checkpoint folder (config.json + safetensors).
+        device: where the model ends up.
+        dtype: dtype of the non-quantized weights; default float32 on CPU (no fast fp16 there), else the
+            config's dtype (fp16 if unset). Packed buffers keep their stored dtypes (int32, fp16 scales).
+        backend: kernel backend for every QuantLinear (``"auto"``, ``"torch"``, ...).
+        trust_remote_code: passed to transformers for models with custom code.
+        fp16_head: keep the LM head (and its tied embedding) in fp16 storage, computed in fp32
+            (:func:`awqkit.nn.fp16_storage.store_head_fp16`; only when its weights are exactly fp16, so
+            outputs do not change). None: on for CPU + float32 + backend ``auto``/``cpu-avx2`` when the
+            ``cpu-avx2`` kernels are available (it halves the head's read per decoded token).
+    Returns:
+        the model in eval mode, with ``model.awqkit_quant_config`` = :func:`read_quant_config`'s dict.
+    """
+    from awqkit.io.detect import read_config_json
+
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; pass a checkpoint folder written by save_quantized or "
+                              "AutoAWQ")
+    raw_cfg = read_config_json(path) or {}
+    qc = read_quant_config(path)
+    if backend != "auto":
+        try:
+            kernels.get_backend(backend)  # fail early on unknown / unavailable backends
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(str(exc)) from None
+    device = torch.device(device)
+    validate.check_config_fields(path, raw_cfg)
+    sd, where = validate.read_tensors(path)
+    validate.check_config_against_tensors(path, raw_cfg, sd)
+    config, model, dtype = _build_model(path, raw_cfg, device, dtype, trust_remote_code)
+
+    for key in [k for k in sd if _BENIGN_EXTRA.search(k)]:
+        del sd[key]
+    qnames = set(_install_quant_linears(model, sd, qc, path))
+    validate.check_tensors(model, sd, where, path, qc)
+    for name in qnames:
+        if qc["format"] != "gemm":
+            _repack_legacy_ct(sd, name, get_module(model, name))  # type: ignore[arg-type]
+    for key, t in sd.items():
+        if t.is_floating_point() and key.rpartition(".")[0] not in qnames:
+            sd[key] = t.to(dtype)
+
+    _assign_state(model, config, sd, path, qc)
     model.to(device)
     for module in model.modules():
         if isinstance(module, QuantLinear):

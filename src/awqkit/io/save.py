@@ -25,7 +25,6 @@ sha256 under ``"files"`` (:data:`FILES_KEY`), so a reader can tell a complete ou
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from awqkit.arch.names import name_matches
 from awqkit.config import QuantConfig
 from awqkit.errors import DestinationError, InputError
+from awqkit.files import sha256_file
 from awqkit.io import destination
 from awqkit.io.shards import INDEX, ShardLayout, ShardWriter, TensorSpec
 from awqkit.nn.qlinear import QuantLinear
@@ -208,13 +208,9 @@ def _write_shards(plan: dict[str, tuple[Tensor, torch.dtype]], folder: Path, max
     return writer.layout.files() + ([INDEX] if len(writer.layout.files()) > 1 else [])
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
+def file_digest(path: Path) -> dict[str, Any]:
     """``{"bytes": size, "sha256": hex digest}`` of ``path``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def verify_files(folder: str | Path, metadata: dict[str, Any], *, hashes: bool = True) -> str | None:

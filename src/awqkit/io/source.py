@@ -18,7 +18,6 @@ is damaged or whose data is cut short (``safe_open`` checks that the header cove
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from awqkit.errors import CheckpointError, InputError, NonFiniteError
+from awqkit.files import sha256_named_files
 from awqkit.io import validate
 
 logger = logging.getLogger(__name__)
@@ -52,17 +52,6 @@ class SourceInfo:
     def to_dict(self) -> dict[str, Any]:
         return {"src": self.src, "kind": self.kind, "architectures": self.architectures,
                 "weights_sha256": self.weights_sha256, "name_or_path": self.name_or_path}
-
-
-def hash_weights(paths: list[Path], chunk: int = 1 << 22) -> str:
-    """sha256 over the named weight files (sorted by name; name and content both hashed)."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda x: x.name):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -232,7 +221,7 @@ def load_source(
     info = SourceInfo(
         src=str(src), kind=chk.kind, folder=chk.folder,
         architectures=list(getattr(model.config, "architectures", None) or [type(model).__name__]),
-        weights_sha256=hash_weights(chk.files) if (hash_files and chk.files) else None,
+        weights_sha256=sha256_named_files(chk.files) if (hash_files and chk.files) else None,
         name_or_path=str(getattr(model.config, "_name_or_path", "") or src),
     )
     return model, tokenizer, info

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from awqkit.kernels import _cache, native, torch_ref
 from awqkit.kernels._cache import PrepareReport
 from awqkit.kernels._native_checks import check_last_dim, check_optional, check_size, check_tensor, fail
+from awqkit.quant.packing import AWQ_ORDER
 
 if TYPE_CHECKING:
     from awqkit.nn.qlinear import QuantLinear
@@ -51,7 +52,6 @@ NAME = "cpu-avx2"
 PRIORITY = 7  # above cpu-int4 (5): fp32-exact and faster at decode; below 10 for GPU plugins
 BLOCK_N = 64
 MAX_ROWS = 16  # rows up to which the GEMV beats dequantize + GEMM (decode, small batches)
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _CACHE_ATTR = "_cpu_avx2_cache"
 _LIB: Any = None  # the native library once is_available() has loaded it
 _F32 = torch.float32

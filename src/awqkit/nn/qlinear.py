@@ -50,6 +50,10 @@ class QuantLinear(nn.Module):
         format: ``"gemm"`` (4 bits only) or ``"pack-quantized"``; None picks ``"gemm"`` for 4 bits.
     """
 
+    # how awqkit.kernels recognises these layers when it walks a model (the kernels sit below nn/ and do not
+    # import it: :func:`awqkit.kernels._cache.is_quant_linear`)
+    awqkit_quant_linear = True
+
     def __init__(
         self,
         in_features: int,

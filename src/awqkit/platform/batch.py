@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,10 +47,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from awqkit.files import sha256_file, write_json_atomic
 from awqkit.io.destination import pid_alive
-from awqkit.platform.naming import quant_tag
-from awqkit.platform.plan import Cell, Plan, PlanModel, is_quantized_folder, load_plan
-from awqkit.platform.spec import QuantizationSpec
+from awqkit.io.detect import is_quantized_folder
+from awqkit.naming import quant_tag
+from awqkit.platform.plan import Cell, Plan, PlanModel, load_plan
+from awqkit.spec import QuantizationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -64,27 +65,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ------------------------------------------------------------------------------------------- folders
 def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> dict[str, Any]:
     """What the ``quantization_metadata.json`` of ``model`` quantized under ``spec`` must record for the cell to
     be current (see :func:`settings_mismatch`): the spec, and for methods that calibrate the calibration and
     search settings (``calib_config`` without the source path, the source file's sha256, ``search_config``)."""
-    from awqkit.calib import text_file_hash
     from awqkit.config import to_dict
 
     out: dict[str, Any] = {"spec": spec.to_dict()}
@@ -93,7 +77,7 @@ def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> d
         source = calib.pop("source")
         out["calib_config"] = calib
         out["calibration_sha256"] = None if source == "self" else (
-            text_file_hash(source) if Path(source).is_file() else f"missing file {source}")
+            sha256_file(source) if Path(source).is_file() else f"missing file {source}")
         out["search_config"] = to_dict(plan.search)
     return out
 
@@ -382,4 +366,4 @@ def run_batch(plan: Plan | str | Path, *, output_dir: str | Path | None = None, 
 
 
 __all__ = ["BatchReport", "CellOutcome", "LOCK_FILE", "RunState", "STATE_FILE", "expected_settings", "folder_state",
-           "quantize_cells", "recover_destinations", "run_batch", "run_lock", "settings_mismatch", "write_json_atomic"]
+           "quantize_cells", "recover_destinations", "run_batch", "run_lock", "settings_mismatch"]

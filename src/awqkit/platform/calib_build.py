@@ -31,16 +31,15 @@ import importlib
 import json
 import logging
 import math
-import os
 import random
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from awqkit.errors import DestinationError, InputError
+from awqkit.files import sha256_tree, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +271,7 @@ def write_calibration_file(prompts: list[str], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(_record(p) + "\n" for p in prompts)
-    _atomic_write(path, body)
+    write_atomic(path, body)
     return path
 
 
@@ -282,37 +281,6 @@ def read_calibration_file(path: str | Path) -> list[str]:
     from awqkit.config import CalibConfig
 
     return read_samples(path, None, CalibConfig())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _hash_path(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative path and content, sorted)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        if p is not path:
-            h.update(p.relative_to(path).as_posix().encode() + b"\0")
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -362,6 +330,36 @@ class CalibrationSet:
         return out
 
 
+def _count_blocks(prompts: list[str], tokenizer: Any, src: Path, n_blocks: int, seq_len: int,
+                  warnings: list[str]) -> tuple[list[int], int, int]:
+    """Tokens per prompt, tokens in the joined stream (with separators) and the ``seq_len`` blocks it holds;
+    an error when it holds none, a warning (appended) when fewer than ``n_blocks``."""
+    from awqkit.calib.blocks import separator_ids, tokenize_samples
+
+    counts = [len(ids) for ids in tokenize_samples(prompts, tokenizer)]
+    stream = sum(counts) + max(0, len(counts) - 1) * len(separator_ids(tokenizer))
+    available = stream // seq_len
+    if available == 0:
+        raise InputError(f"{src}: the {len(prompts)} sampled prompts hold {stream} tokens, not enough for one "
+                         f"calibration block of {seq_len} tokens; use more rows (--min-samples, --fraction), longer "
+                         "prompts, or a smaller --seq-len")
+    if available < n_blocks:
+        warnings.append(
+            f"the set holds {stream} tokens (with separators), enough for {available} calibration blocks of "
+            f"{seq_len} tokens, fewer than the {n_blocks} requested ({n_blocks * seq_len} tokens); quantization "
+            f"will use {available} blocks: lower --n-samples/--seq-len, or raise --max-samples/--fraction")
+    return counts, stream, available
+
+
+def _tokenizer_record(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """What rendered the prompts: the tokenizer's source and the sha256 of its chat template."""
+    template = getattr(tokenizer, "chat_template", None)
+    source = str(model) if not hasattr(model, "apply_chat_template") else \
+        str(getattr(model, "name_or_path", "") or type(model).__name__)
+    return {"tokenizer": source,
+            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if template else None}
+
+
 def build_calibration_set(
     dataset: str | Path,
     model: Any,
@@ -402,8 +400,6 @@ def build_calibration_set(
         DestinationError: the output file exists and ``overwrite`` is False (checked before any work).
         MissingDependencyError: Parquet / saved datasets without the package that reads them.
     """
-    from awqkit.calib.blocks import separator_ids, tokenize_samples
-
     if n_blocks < 1 or seq_len < 1:
         raise ValueError(f"n_blocks={n_blocks} and seq_len={seq_len} must be >= 1")
     src = Path(dataset).expanduser()
@@ -430,44 +426,32 @@ def build_calibration_set(
 
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     prompts = [render_prompt(tokenizer, usable[j][1], system_prompt, chat_template_kwargs) for j in picked]
-    counts = [len(ids) for ids in tokenize_samples(prompts, tokenizer)]
-    stream = sum(counts) + max(0, len(counts) - 1) * len(separator_ids(tokenizer))
-    available = stream // seq_len
-    if available == 0:
-        raise InputError(f"{src}: the {k} sampled prompts hold {stream} tokens, not enough for one calibration block "
-                         f"of {seq_len} tokens; use more rows (--min-samples, --fraction), longer prompts, or a "
-                         "smaller --seq-len")
-    if available < n_blocks:
-        warnings.append(
-            f"the set holds {stream} tokens (with separators), enough for {available} calibration blocks of "
-            f"{seq_len} tokens, fewer than the {n_blocks} requested ({n_blocks * seq_len} tokens); quantization "
-            f"will use {available} blocks: lower --n-samples/--seq-len, or raise --max-samples/--fraction")
+    counts, stream, available = _count_blocks(prompts, tokenizer, src, n_blocks, seq_len, warnings)
     if dataset_name is not None and name != dataset_name:
         logger.info("dataset name %r written as %r in the file name", dataset_name, name)
     path = write_calibration_file(prompts, target)
     meta_path = path.with_suffix(".meta.json")
-    template = getattr(tokenizer, "chat_template", None)
+    sampling = {"rule": "min(max_samples, max(min_samples, int(fraction * rows)))", "fraction": fraction,
+                "min_samples": min_samples, "max_samples": max_samples, "seed": seed,
+                "rows": len(rows), "usable_rows": len(usable), "n_samples": k, "row_indices": indices}
+    tokens = {"total": sum(counts), "per_prompt": counts, "stream_with_separators": stream,
+              "seq_len": seq_len, "blocks_available": available, "blocks_requested": n_blocks}
     meta = {
         "format": FORMAT,
         "file": path.name,
         "dataset": str(src.resolve()),
-        "dataset_sha256": _hash_path(src),
+        "dataset_sha256": sha256_tree(src),
         "dataset_name": name,
         "split": split,
         "column": col,
         "system_prompt": system_prompt,
         "chat_template_kwargs": chat_template_kwargs or {},
-        "tokenizer": str(model) if not hasattr(model, "apply_chat_template") else
-        str(getattr(model, "name_or_path", "") or type(model).__name__),
-        "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if template else None,
-        "sampling": {"rule": "min(max_samples, max(min_samples, int(fraction * rows)))", "fraction": fraction,
-                     "min_samples": min_samples, "max_samples": max_samples, "seed": seed,
-                     "rows": len(rows), "usable_rows": len(usable), "n_samples": k, "row_indices": indices},
-        "tokens": {"total": sum(counts), "per_prompt": counts, "stream_with_separators": stream,
-                   "seq_len": seq_len, "blocks_available": available, "blocks_requested": n_blocks},
+        **_tokenizer_record(model, tokenizer),
+        "sampling": sampling,
+        "tokens": tokens,
         "warnings": warnings,
     }
-    _atomic_write(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     for w in warnings:
         logger.warning("%s", w)
     logger.info("calibration set: %d prompts, %d tokens -> %s", k, sum(counts), path)

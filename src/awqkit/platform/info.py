@@ -2,9 +2,9 @@
 
 Sources, files first and the folder name last:
 
-* :func:`awqkit.eval.detect.detect_quantization_method`: method, bits, group size (the storage config:
+* :func:`awqkit.io.detect.detect_quantization_method`: method, bits, group size (the storage config:
   ``config.json``'s ``quantization_config`` or a side file; ``quantization_metadata.json``; then the folder
-  name), and :func:`~awqkit.eval.detect.describe_loader`: whether awqkit's loader reads the folder. The
+  name), and :func:`~awqkit.io.detect.describe_loader`: whether awqkit's loader reads the folder. The
   method shown, the spec and the loader's verdict all come from that one detection, so ``info``,
   ``load_quantized`` and ``awqkit eval`` agree on every folder;
 * ``quantization_metadata.json`` (awqkit): the spec and what of it was not applied, calibration, the
@@ -12,85 +12,28 @@ Sources, files first and the folder name last:
 * ``training_metadata.json``: written by training; carried verbatim into the quantized folder, and linked
   from ``quantization_metadata.json["training"]`` (:func:`training_link`): the file's sha256, the source
   folder's absolute path and the sha256 of its weights (the same hash as ``source_model.weights_sha256``,
-  :func:`awqkit.io.source.hash_weights`);
-* the folder name, parsed as a run name (:func:`awqkit.platform.naming.parse_run_name`), for the parts
+  :func:`awqkit.files.sha256_named_files`);
+* the folder name, parsed as a run name (:func:`awqkit.naming.parse_run_name`), for the parts
   no file gives (base model, dataset, ...); the method a name suggests is the detection's (the same parse).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from awqkit.platform.naming import RunNameError, parse_run_name
-from awqkit.platform.spec import QuantizationSpec, QuantMethod, spec_from_metadata
+from awqkit.files import sha256_file, sha256_named_files
+from awqkit.io.training import TRAINING_METADATA, read_json_dict, training_link
+from awqkit.naming import RunNameError, parse_run_name
+from awqkit.spec import QuantizationSpec, QuantMethod, spec_from_metadata
 
 logger = logging.getLogger(__name__)
 
-TRAINING_METADATA = "training_metadata.json"
 QUANTIZATION_METADATA = "quantization_metadata.json"
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_json_dict(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, None when absent; a warning (and None) when it is not a JSON object."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        logger.warning("%s is not valid JSON (%s); ignoring it", path, exc)
-        return None
-    if not isinstance(data, dict):
-        logger.warning("%s holds a %s, not a JSON object; ignoring it", path, type(data).__name__)
-        return None
-    return data
-
-
-def training_link(source: Any) -> dict[str, Any] | None:
-    """The ``"training"`` entry of ``quantization_metadata.json`` for a source with ``training_metadata.json``.
-
-    ``source``: a :class:`~awqkit.io.source.SourceInfo` (``folder``, ``weights_sha256``) or a folder path
-    (its weights are then hashed here). Returns None when the source folder has no training metadata::
-
-        {"file": "training_metadata.json", "sha256": <of the file>, "source_path": <absolute folder>,
-         "source_weights_sha256": <sha256 of the source weights>, "run_name": <its run name or null>}
-    """
-    from awqkit.io.source import _weight_files, hash_weights
-
-    if isinstance(source, (str, Path)):
-        folder: Path | None = Path(source).expanduser()
-        weights = None
-    else:
-        folder = getattr(source, "folder", None)
-        weights = getattr(source, "weights_sha256", None)
-    if folder is None or not (Path(folder) / TRAINING_METADATA).is_file():
-        return None
-    folder = Path(folder).resolve()
-    if weights is None:
-        files = _weight_files(folder)
-        weights = hash_weights(files) if files else None
-    tmeta = _read_json_dict(folder / TRAINING_METADATA) or {}
-    run_name = tmeta.get("run_name") if isinstance(tmeta.get("run_name"), str) else None
-    if run_name is None:
-        try:
-            run_name = parse_run_name(folder.name).run_name
-        except RunNameError:
-            run_name = None
-    return {"file": TRAINING_METADATA, "sha256": _sha256(folder / TRAINING_METADATA), "source_path": str(folder),
-            "source_weights_sha256": weights, "run_name": run_name}
 
 
 def _sizes(folder: Path) -> dict[str, Any]:
@@ -162,14 +105,14 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
     Raises:
         FileNotFoundError / NotADirectoryError: ``path`` is not a folder.
     """
-    from awqkit.eval.detect import describe_loader, detect_quantization_method
+    from awqkit.io.detect import describe_loader, detect_quantization_method
 
     folder = Path(path).expanduser()
     detected = detect_quantization_method(folder)
     loading = describe_loader(detected, folder)
     folder = folder.resolve()
-    qmeta = _read_json_dict(folder / QUANTIZATION_METADATA)
-    tmeta = _read_json_dict(folder / TRAINING_METADATA)
+    qmeta = read_json_dict(folder / QUANTIZATION_METADATA)
+    tmeta = read_json_dict(folder / TRAINING_METADATA)
     try:
         run_name, run_error = parse_run_name(folder.name).to_dict(), None
     except RunNameError as exc:
@@ -191,7 +134,7 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
         if tmeta is None:
             checks["training_metadata_file"] = "missing (the link names it but the folder has no copy)"
         else:
-            same = _sha256(folder / TRAINING_METADATA) == link.get("sha256")
+            same = sha256_file(folder / TRAINING_METADATA) == link.get("sha256")
             checks["training_metadata_file"] = "matches the link" if same else "differs from the linked sha256"
         if verify:
             checks["source_weights"] = _verify_source(link)
@@ -201,7 +144,7 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
 
 
 def _verify_source(link: dict[str, Any]) -> str:
-    from awqkit.io.source import _weight_files, hash_weights
+    from awqkit.io.source import _weight_files
 
     src = Path(str(link.get("source_path", "")))
     if not src.is_dir():
@@ -209,7 +152,7 @@ def _verify_source(link: dict[str, Any]) -> str:
     files = _weight_files(src)
     if not files:
         return f"source folder {src} holds no weights"
-    return ("matches the link" if hash_weights(files) == link.get("source_weights_sha256")
+    return ("matches the link" if sha256_named_files(files) == link.get("source_weights_sha256")
             else "differs from the linked sha256 (the source changed since quantization)")
 
 

@@ -52,7 +52,7 @@ Rules:
   already quantized) or ``scan`` (every such folder below it, recursively; hidden folders, quantized folders
   and ``output_dir`` are skipped, a model folder is not searched further). Naming keys are not allowed with
   ``scan``. A folder found twice is used once; two folders with the same run name are an error.
-* Naming (:mod:`awqkit.platform.naming`): each of ``base_model``, ``dataset``, ``method``, ``peft`` comes from,
+* Naming (:mod:`awqkit.naming`): each of ``base_model``, ``dataset``, ``method``, ``peft`` comes from,
   in this order, the plan entry, the keys of the folder's ``training_metadata.json`` (``base_model`` loses
   its organisation: ``Qwen/Qwen3-0.6B`` → ``Qwen3-0.6B``), that file's ``run_name``, then the folder name
   parsed as a run name. A part found nowhere is an error naming the entry.
@@ -60,11 +60,11 @@ Rules:
   uses AWQ, every model's calibration file must exist (checked up front).
 * ``[[specs]]`` keys: ``method``, ``bits`` (or ``weights_bits``), ``group_size``, ``zero_point``,
   ``modules_to_not_convert``, ``keep_unaligned_fp16``, ``activations_bits``, ``kv_cache_bits``,
-  ``lm_head_dtype``, ``backend``, ``extras`` (see :func:`awqkit.platform.spec.resolve_quantization_spec`).
+  ``lm_head_dtype``, ``backend``, ``extras`` (see :func:`awqkit.spec.resolve_quantization_spec`).
   Two specs giving the same quant tag (the same output name) are an error. A ``fp`` spec is the float
   source model: batch skips it; orchestrate always evaluates it as the baseline of each model anyway.
 * Output names: ``<output_dir>/<run name>_quantized`` with the run name
-  ``{base_model}-{dataset}_{method}_{peft}_{quant_tag}`` (:func:`~awqkit.platform.naming.make_run_name`).
+  ``{base_model}-{dataset}_{method}_{peft}_{quant_tag}`` (:func:`~awqkit.naming.make_run_name`).
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from awqkit.config import CalibConfig, SearchConfig, to_dict
+from awqkit.config import CalibConfig, EvalConfig, SearchConfig, to_dict
 from awqkit.errors import InputError
-from awqkit.platform.naming import (
+from awqkit.io.detect import is_quantized_folder
+from awqkit.naming import (
     RunNameError,
     base_model_name,
     make_run_name,
@@ -92,7 +93,7 @@ from awqkit.platform.naming import (
     quant_tag,
     quantized_folder_name,
 )
-from awqkit.platform.spec import APPLIED_EXTRAS, QuantizationSpec, resolve_quantization_spec
+from awqkit.spec import APPLIED_EXTRAS, QuantizationSpec, resolve_quantization_spec
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +155,14 @@ class Cell:
 class PlanEval:
     """The ``[eval]`` table (used by orchestrate): arguments of :func:`awqkit.eval.runner.evaluate_model`."""
 
-    tasks: tuple[str, ...] = ("ppl", "kl")
-    limit: int | None = None
-    windows: int | None = 16
-    seq_len: int = 2048
-    batch_size: int = 1
+    tasks: tuple[str, ...] = ("ppl", "kl")  # a campaign compares each output with its float source
+    limit: int | None = EvalConfig.limit
+    windows: int | None = EvalConfig.windows
+    seq_len: int = EvalConfig.seq_len
+    batch_size: int = EvalConfig.batch_size
     text: Path | None = None
     data_dir: Path | None = None
-    backend: str = "auto"
+    backend: str = EvalConfig.backend
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,13 +301,6 @@ def _read_json_dict(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def is_quantized_folder(folder: Path) -> bool:
-    """``config.json`` (or its ``text_config``) holds a ``quantization_config``."""
-    cfg = _read_json_dict(folder / "config.json")
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    return isinstance(cfg.get("quantization_config"), dict) or isinstance(text.get("quantization_config"), dict)
 
 
 def _has_weights(folder: Path) -> bool:
@@ -675,5 +669,5 @@ def load_plan(path: str | Path, *, output_dir: str | Path | None = None) -> Plan
     return plan_from_dict(data, base_dir=p.absolute().parent, source=p, output_dir=output_dir)
 
 
-__all__ = ["Cell", "Plan", "PlanError", "PlanEval", "PlanModel", "is_quantized_folder", "load_plan", "name_parts",
+__all__ = ["Cell", "Plan", "PlanError", "PlanEval", "PlanModel", "load_plan", "name_parts",
            "plan_from_dict", "read_plan_file"]

@@ -18,6 +18,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from awqkit.io.detect import detect_quantization_method
+from awqkit.report.table import metrics_table
+
 logger = logging.getLogger(__name__)
 
 CARD_MARKER = "<!-- awqkit:model-card -->"
@@ -89,8 +92,6 @@ def _license(folder: Path, metadata: dict[str, Any]) -> dict[str, str]:
 
 def _settings(folder: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     """method, bits, group_size, zero_point, format from the metadata, completed from config.json."""
-    from awqkit.eval.detect import detect_quantization_method
-
     info = detect_quantization_method(folder)
     qc = _read_json(folder / "config.json").get("quantization_config") or {}
     fmt = "unknown"
@@ -165,8 +166,8 @@ def _usage(name: str, s: dict[str, Any]) -> list[str]:
 
 
 def _results_block(results: dict[str, Any]) -> str:
-    from awqkit.eval.runner import results_table
-
+    if not results.get("metrics"):
+        raise ValueError("the eval results for the model card hold no metric rows (results['metrics'])")
     s = results.get("settings", {})
     v = results.get("versions", {})
     parts = [f"tasks {', '.join(s.get('tasks', []))}"]
@@ -186,7 +187,8 @@ def _results_block(results: dict[str, Any]) -> str:
         parts.append(f"baseline `{Path(base['path']).name}` ({base['detection']['method']})")
     versions = ", ".join(f"{k} {v[k]}" for k in ("awqkit", "torch", "transformers") if k in v)
     head = f"Measured with `awqkit eval` ({versions}): {'; '.join(parts)}."
-    return f"{RESULTS_START}\n{head}\n\n{results_table(results)}\n{RESULTS_END}"
+    table = metrics_table(results["metrics"], baseline=results.get("baseline") is not None)
+    return f"{RESULTS_START}\n{head}\n\n{table}\n{RESULTS_END}"
 
 
 def _evaluation_section(results: dict[str, Any]) -> str:

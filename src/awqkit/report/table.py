@@ -140,6 +140,29 @@ def _section_spans(lines: list[str]) -> list[tuple[int, int, str]]:
     return spans
 
 
+def metrics_table(rows: list[dict[str, Any]], baseline: bool) -> str:
+    """Markdown table of metric rows (``task, metric, higher_is_better, model, baseline, ratio, retention, n``, as
+    :func:`awqkit.eval.runner.metric_rows` makes them); with ``baseline``, ratio and retention columns; then a
+    legend."""
+    table_rows = [
+        {"task": r["task"], "metric": f"{r['metric']} {'↑' if r['higher_is_better'] else '↓'}",
+         "model": r["model"], "baseline": r["baseline"], "model / baseline": r["ratio"],
+         "retention (1.0 = baseline, ↑)": r["retention"], "n": r["n"]}
+        for r in rows
+    ]
+    cols = ["task", "metric", "model"]
+    if baseline:
+        cols += ["baseline", "model / baseline", "retention (1.0 = baseline, ↑)"]
+    cols.append("n")
+    fmt = {"model / baseline": ".4f", "retention (1.0 = baseline, ↑)": ".4f"} if baseline else {}
+    table = markdown_table(table_rows, cols, fmt)  # other floats: 4 significant digits
+    legend = "↑ higher is better, ↓ lower is better. n: predicted tokens (ppl, kl) or items (tasks)."
+    if baseline:
+        legend += (" retention = model / baseline for ↑ metrics and baseline / model for ↓ metrics (ppl), "
+                   "so below 1.0 is worse in every row; kl has none (the baseline's own KL is 0).")
+    return f"{table}\n\n{legend}"
+
+
 def write_benchmarks_section(path: Path | str, section_title: str, body: str) -> None:
     """Replace the ``## section_title`` section of a markdown file, or append it if absent.
 

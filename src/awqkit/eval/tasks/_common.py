@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from awqkit.errors import InputError
 from awqkit.eval.perplexity import DATA_ENV_VAR, default_data_dir
-from awqkit.zoo import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +51,6 @@ def resolve_data_file(path: str | Path | None, relpath: str, what: str) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"{what} file not found: {p}; pass its path or set ${DATA_ENV_VAR}")
     return p
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of the data file (reported with every result so numbers can be tied to their data)."""
-    return sha256_file(path)
 
 
 def read_jsonl(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:

@@ -37,13 +37,13 @@ from torch import nn
 from awqkit.eval.tasks._common import (
     chat_prompt,
     check_positive,
-    file_sha256,
     generate,
     has_chat_template,
     read_jsonl,
     resolve_data_file,
     strip_thinking,
 )
+from awqkit.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def evaluate_gsm8k(
         "chat_template": chat,
         "max_new_tokens": max_new_tokens,
         "path": str(file),
-        "sha256": file_sha256(file),
+        "sha256": sha256_file(file),
     }
     if return_predictions:
         result["predictions"] = [

@@ -43,12 +43,12 @@ from torch import nn
 from awqkit.eval.tasks._common import (
     chat_prompt,
     check_positive,
-    file_sha256,
     generate,
     has_chat_template,
     resolve_data_file,
     strip_thinking,
 )
+from awqkit.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def evaluate_squad(
     preds = [clean_prediction(r) for r in raw]
     result: dict[str, Any] = {"task": "squad_v2", **squad_scores(preds, [it["answers"] for it in items])}
     result.update({"seed": seed, "max_new_tokens": max_new_tokens, "chat_template": chat,
-                   "path": str(file), "sha256": file_sha256(file)})
+                   "path": str(file), "sha256": sha256_file(file)})
     if return_predictions:
         result["predictions"] = [
             {"id": it["id"], "prediction": p, "raw": r, "answers": it["answers"]}

@@ -1,4 +1,4 @@
-"""What :mod:`awqkit.eval.bench` measures: one :class:`ModeSpec` per checkpoint x dtype x backend x decode loop,
+"""What :mod:`awqkit.bench.modes` measures: one :class:`ModeSpec` per checkpoint x dtype x backend x decode loop,
 and :func:`build_specs`, which lists them for ``awqkit bench`` (baseline modes first, per loop)."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from awqkit.io.detect import is_quantized_folder
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +36,6 @@ class ModeSpec:
             raise ValueError(f"decode loop {self.loop!r} is not one of {LOOPS}")
 
 
-def is_quantized_folder(path: str | Path) -> bool:
-    """True when ``path/config.json`` has a ``quantization_config`` (or an AutoAWQ quant_config.json)."""
-    path = Path(path)
-    cfg = path / "config.json"
-    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
-        return True
-    return any((path / n).is_file() for n in ("quant_config.json", "quantize_config.json"))
-
-
 _DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -62,7 +55,7 @@ def _awqkit_loop_reason(path: str, dtype: str, device: str) -> str | None:
 def build_specs(model: str, baseline: str | None, backends: list[str], dtype: str,
                 baseline_dtypes: list[str], device: str = "cpu",
                 loops: tuple[str, ...] | list[str] = ("transformers",)) -> list[ModeSpec]:
-    """The :class:`~awqkit.eval.bench.ModeSpec` list: for each loop, baseline modes first, then MODEL's.
+    """The :class:`~awqkit.bench.modes.ModeSpec` list: for each loop, baseline modes first, then MODEL's.
     Modes the ``awqkit`` loop cannot run (not float32 on CPU, an architecture it does not know) are left
     out with a log line."""
     for d in (dtype, *baseline_dtypes):

@@ -1,4 +1,4 @@
-"""Presenting :mod:`awqkit.eval.bench` results: markdown table, JSON file, PNG bar chart, speed ratios."""
+"""Presenting :mod:`awqkit.bench.modes` results: markdown table, JSON file, PNG bar chart, speed ratios."""
 
 from __future__ import annotations
 

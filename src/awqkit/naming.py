@@ -20,7 +20,7 @@ Characters each part may hold (checked by :func:`make_run_name`, so every name i
 Every part starts and ends with a letter or digit. :func:`parse_run_name` splits at the first ``_``
 (``{base_model}-{dataset}`` / the rest), the base model from the dataset at the last ``-`` of that
 part, then ``method``, ``peft`` and the remaining ``quant_tag``. It agrees with the folder-name fallback of
-:func:`awqkit.eval.detect.detect_quantization_method` (``<METHOD>_w<bits>_g<group>``).
+:func:`awqkit.io.detect.detect_quantization_method` (``<METHOD>_w<bits>_g<group>``).
 
 Metadata always comes from files first (``quantization_metadata.json``, ``training_metadata.json``,
 ``config.json``); a name is only a fallback.
@@ -31,12 +31,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from awqkit.errors import InputError
-
-if TYPE_CHECKING:
-    from awqkit.platform.spec import QuantizationSpec
+from awqkit.spec import APPLIED_LM_HEAD_DTYPE, QuantizationSpec
 
 QUANTIZED_SUFFIX = "_quantized"
 PATTERN = "{base_model}-{dataset}_{method}_{peft}_{quant_tag}"
@@ -169,8 +167,6 @@ def quant_tag(spec: QuantizationSpec, *, head: bool = True) -> str:
     the LM-head dtype unless ``head=False``); parts awqkit does not apply (8-bit activations, a quantized
     KV cache, see ``spec.unapplied()``) are not, since the checkpoint does not have them.
     """
-    from awqkit.platform.spec import APPLIED_LM_HEAD_DTYPE
-
     if not spec.method.quantizes:
         return f"FP{spec.weights_bits}"
     parts = [spec.method.value.upper(), f"w{spec.weights_bits}", f"g{spec.group_size}"]
@@ -188,7 +184,7 @@ def make_run_name(base_model: str, dataset: str, method: str, peft: str,
                   quant_tag: str | QuantizationSpec | None = None) -> str:
     """``{base_model}-{dataset}_{method}_{peft}_{quant_tag}`` (without ``_{quant_tag}`` when it is None).
 
-    ``quant_tag`` may be a :class:`~awqkit.platform.spec.QuantizationSpec` (its :func:`quant_tag`).
+    ``quant_tag`` may be a :class:`~awqkit.spec.QuantizationSpec` (its :func:`quant_tag`).
 
     Raises:
         RunNameError: a part holds characters it may not (see the module docstring for each part).

@@ -16,7 +16,7 @@ The plan is the one of ``awqkit batch`` (:mod:`awqkit.platform.plan`); its ``[ev
    and re-evaluates it when any of those changed. A quantized folder gets its model card's results table
    updated (:func:`awqkit.report.model_card.update_model_card_results`, baseline values from the float
    cell). A cell that fails (or whose quantization failed) is recorded and the rest go on.
-3. **Report** (:mod:`awqkit.report.orchestrate_results`, derived from the state file and the cell files):
+3. **Report** (:mod:`awqkit.platform.campaign_results`, derived from the state file and the cell files):
    ``results.csv``, ``results.md``, ``results.json`` in ``output_dir``, and PNG plots in
    ``output_dir/plots`` (:mod:`awqkit.report.plots`; skipped with a warning when matplotlib is missing,
    ``pip install 'awqkit[plot]'``).
@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from awqkit.files import write_json_atomic
+from awqkit.naming import quantized_folder_name
 from awqkit.platform.batch import (
     STATE_FILE,
     CellOutcome,
@@ -45,11 +47,9 @@ from awqkit.platform.batch import (
     quantize_cells,
     recover_destinations,
     run_lock,
-    write_json_atomic,
 )
-from awqkit.platform.naming import quantized_folder_name
 from awqkit.platform.plan import Plan, PlanModel, load_plan
-from awqkit.platform.spec import QuantizationSpec, resolve_quantization_spec
+from awqkit.spec import QuantizationSpec, resolve_quantization_spec
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _same_key(stored: Any, key: dict[str, Any], cell: EvalCell) -> bool:
     return old == key
 
 
-def _load_cell(file: Path) -> dict[str, Any] | None:
+def load_cell(file: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -235,7 +235,7 @@ def _evaluate_all(plan: Plan, state: RunState | None, text_sha: str | None, *, p
         where = f"[eval {i}/{len(cells)}] {cell.name}"
         file = cell.result_file(plan.output_dir)
         key = eval_key(plan, cell, text_sha)
-        stored = _load_cell(file)
+        stored = load_cell(file)
 
         def record(status: str, error: str | None = None, seconds: float | None = None, *,
                    cell: EvalCell = cell, file: Path = file) -> None:
@@ -308,7 +308,7 @@ def orchestrate(plan: Plan | str | Path, *, output_dir: str | Path | None = None
         PlanError / FileNotFoundError: the plan, or the ppl/kl text is missing (checked before anything runs).
         FileExistsError: another run holds the output folder.
     """
-    from awqkit.report.orchestrate_results import write_results
+    from awqkit.platform.campaign_results import write_results
 
     if not isinstance(plan, Plan):
         plan = load_plan(plan, output_dir=output_dir)

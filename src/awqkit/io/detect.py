@@ -195,6 +195,16 @@ def find_quant_config(folder: str | Path, config: dict[str, Any] | None = None) 
     return None
 
 
+def is_quantized_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a storage quantization config (:func:`find_quant_config`: ``config.json``'s or its
+    ``text_config``'s ``quantization_config``, else a side file). A malformed ``config.json`` counts as not
+    quantized here; loading the folder reports what is wrong with it."""
+    try:
+        return find_quant_config(folder) is not None
+    except CheckpointError:
+        return False
+
+
 def _from_quant_config(found: QuantConfigFile) -> QuantizationInfo:
     """Read a storage config (see the module docstring, 1)."""
     qc, method = found.raw, found.method

@@ -1,4 +1,4 @@
-"""The llama.cpp reference for :mod:`awqkit.eval.bench`: a GGUF file run through ``llama-cpp-python``.
+"""The llama.cpp reference for :mod:`awqkit.bench.modes`: a GGUF file run through ``llama-cpp-python``.
 
 Optional: ``llama-cpp-python`` has no prebuilt Linux wheel on PyPI, so ``pip install llama-cpp-python``
 compiles llama.cpp (cmake and a C++ compiler needed). Without it :func:`unavailable_reason` says why
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from awqkit.eval.resources import current_rss_bytes
+from awqkit.bench.resources import current_rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ def _greedy(llm: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]
 
 
 def measure_gguf(path: str | Path, settings: Any, label: str = "llama.cpp") -> dict[str, Any]:
-    """Load ``path`` with llama-cpp-python and time it at batch 1 (``settings``: a ``BenchSettings``)."""
+    """Load ``path`` with llama-cpp-python and time it at batch 1 (``settings``: a ``BenchConfig``)."""
     import llama_cpp
 
-    from awqkit.eval.bench import make_prompt, process_peak_rss_bytes, summarize
+    from awqkit.bench.modes import make_prompt, process_peak_rss_bytes, summarize
 
     threads = settings.threads or 2
     t0 = time.perf_counter()

@@ -27,9 +27,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from awqkit.platform.batch import write_json_atomic
-from awqkit.platform.naming import quant_tag
-from awqkit.platform.spec import QuantizationSpec
+from awqkit.files import write_atomic, write_json_atomic
+from awqkit.naming import quant_tag
+from awqkit.spec import QuantizationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def _retention(value: Any, base: Any, higher: bool) -> float | None:
 
 
 def build_rows(plan: Any, state: dict[str, Any], cells: list[Any]) -> list[dict[str, Any]]:
-    """One row per evaluation cell (``cells`` from :func:`awqkit.eval.orchestrate.eval_cells`)."""
-    from awqkit.eval.orchestrate import _load_cell
+    """One row per evaluation cell (``cells`` from :func:`awqkit.platform.orchestrate.eval_cells`)."""
+    from awqkit.platform.orchestrate import load_cell
 
     cols = metric_columns(plan.eval.tasks)
     rows: list[dict[str, Any]] = []
@@ -85,7 +85,7 @@ def build_rows(plan: Any, state: dict[str, Any], cells: list[Any]) -> list[dict[
         if entry is not None:
             row["status"] = entry.get("status", "pending")
             row["error"] = entry.get("error")
-            stored = _load_cell(cell.result_file(plan.output_dir)) if row["status"] == "done" else None
+            stored = load_cell(cell.result_file(plan.output_dir)) if row["status"] == "done" else None
             results = (stored or {}).get("results") or {}
             for col, task, metric, _ in cols:
                 values[col] = ((results.get("tasks") or {}).get(task) or {}).get("model", {}).get(metric)
@@ -168,9 +168,7 @@ def write_results(plan: Any, state: dict[str, Any], cells: list[Any], *,
     out = plan.output_dir
     write_csv(out / "results.csv", rows, cols)
     md = out / "results.md"
-    tmp = md.with_name(".results.md.part")
-    tmp.write_text(results_markdown(plan, rows, cols), encoding="utf-8")
-    tmp.replace(md)
+    write_atomic(md, results_markdown(plan, rows, cols))
     write_json_atomic(out / "results.json", {"plan": plan.to_dict(), "bits_per_weight": BPW_FORMULA,
                                              "columns": cols, "rows": rows})
     files = [out / "results.csv", md, out / "results.json"]
