@@ -44,14 +44,14 @@ class QuantConfig:
         if self.bits not in SUPPORTED_BITS:
             raise InputError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise InputError(
-                f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
-            )
+            raise InputError(f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}")
         if self.version != "gemm":
             raise InputError(f"version={self.version!r} is not supported; awqkit writes 'gemm'")
         if not self.keep_lm_head_fp16:
-            raise InputError("keep_lm_head_fp16=False is not supported: awqkit never quantizes the LM head "
-                             "(drop the option, or --no-keep-lm-head-fp16 on the command line)")
+            raise InputError(
+                "keep_lm_head_fp16=False is not supported: awqkit never quantizes the LM head "
+                "(drop the option, or --no-keep-lm-head-fp16 on the command line)"
+            )
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
 
     @property
@@ -181,8 +181,10 @@ class SearchConfig:
         if self.rank_top_k < 0:
             raise InputError(f"rank_top_k={self.rank_top_k} must be >= 0 (0: score every candidate exactly)")
         if min(self.search_samples, self.search_tokens, self.batch_size) < 1 or self.clip_n_tokens < 0:
-            raise InputError("search_samples, search_tokens and batch_size must be >= 1, clip_n_tokens >= 0 "
-                             "(0: every calibration token)")
+            raise InputError(
+                "search_samples, search_tokens and batch_size must be >= 1, clip_n_tokens >= 0 "
+                "(0: every calibration token)"
+            )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -74,9 +74,16 @@ class QuantTag:
     other: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "weights_bits": self.weights_bits, "activations_bits": self.activations_bits,
-                "group_size": self.group_size, "lm_head_dtype": self.lm_head_dtype,
-                "kv_cache_bits": self.kv_cache_bits, "symmetric": self.symmetric, "other": list(self.other)}
+        return {
+            "method": self.method,
+            "weights_bits": self.weights_bits,
+            "activations_bits": self.activations_bits,
+            "group_size": self.group_size,
+            "lm_head_dtype": self.lm_head_dtype,
+            "kv_cache_bits": self.kv_cache_bits,
+            "symmetric": self.symmetric,
+            "other": list(self.other),
+        }
 
 
 @dataclass(frozen=True)
@@ -102,9 +109,15 @@ class ParsedRunName:
         return self.run_name + (QUANTIZED_SUFFIX if self.quantized else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base_model": self.base_model, "dataset": self.dataset, "method": self.method, "peft": self.peft,
-                "quant_tag": self.quant_tag, "quantized": self.quantized,
-                "tag": self.tag.to_dict() if self.tag is not None else None}
+        return {
+            "base_model": self.base_model,
+            "dataset": self.dataset,
+            "method": self.method,
+            "peft": self.peft,
+            "quant_tag": self.quant_tag,
+            "quantized": self.quantized,
+            "tag": self.tag.to_dict() if self.tag is not None else None,
+        }
 
 
 def _check(part: str, value: Any) -> str:
@@ -115,8 +128,10 @@ def _check(part: str, value: Any) -> str:
             hint = f"; pass the name without its organisation or folder ({base_model_name(value)!r})"
         elif part == "dataset" and isinstance(value, str) and "-" in value:
             hint = f"; e.g. {value.replace('-', '')!r} ('-' separates the base model from the dataset)"
-        raise RunNameError(f"{part}={value!r} is not valid in a run name ({PATTERN}): it may hold {allowed}, "
-                           f"starting and ending with a letter or digit{hint}")
+        raise RunNameError(
+            f"{part}={value!r} is not valid in a run name ({PATTERN}): it may hold {allowed}, "
+            f"starting and ending with a letter or digit{hint}"
+        )
     return value
 
 
@@ -125,12 +140,16 @@ def _check_tag(tag: Any) -> str:
         raise RunNameError(f"quant_tag={tag!r} must be a non-empty string (or None for no tag)")
     tokens = tag.split("_")
     if not _TAG_METHOD_RE.fullmatch(tokens[0]) or not all(_TOKEN_RE.fullmatch(t) for t in tokens):
-        raise RunNameError(f"quant_tag={tag!r} is not valid in a run name: it must be '_'-joined tokens of letters, "
-                           "digits, '.' and '-', the first a method (a letter, then letters/digits), "
-                           "e.g. 'AWQ_w4_g128_headfp16'")
+        raise RunNameError(
+            f"quant_tag={tag!r} is not valid in a run name: it must be '_'-joined tokens of letters, "
+            "digits, '.' and '-', the first a method (a letter, then letters/digits), "
+            "e.g. 'AWQ_w4_g128_headfp16'"
+        )
     if _W_RE.fullmatch(tokens[0]) or _G_RE.fullmatch(tokens[0]):
-        raise RunNameError(f"quant_tag={tag!r} must start with the quantization method (e.g. 'AWQ_{tag}'), not "
-                           f"with {tokens[0]!r}; otherwise the peft part would be read as the method")
+        raise RunNameError(
+            f"quant_tag={tag!r} must start with the quantization method (e.g. 'AWQ_{tag}'), not "
+            f"with {tokens[0]!r}; otherwise the peft part would be read as the method"
+        )
     if tokens[-1].lower() == QUANTIZED_SUFFIX[1:]:
         raise RunNameError(f"quant_tag={tag!r} must not end with 'quantized' (reserved for the folder suffix)")
     return tag
@@ -180,8 +199,9 @@ def quant_tag(spec: QuantizationSpec, *, head: bool = True) -> str:
 _tag_of = quant_tag  # make_run_name's parameter shadows the function
 
 
-def make_run_name(base_model: str, dataset: str, method: str, peft: str,
-                  quant_tag: str | QuantizationSpec | None = None) -> str:
+def make_run_name(
+    base_model: str, dataset: str, method: str, peft: str, quant_tag: str | QuantizationSpec | None = None
+) -> str:
     """``{base_model}-{dataset}_{method}_{peft}_{quant_tag}`` (without ``_{quant_tag}`` when it is None).
 
     ``quant_tag`` may be a :class:`~awqkit.spec.QuantizationSpec` (its :func:`quant_tag`).
@@ -221,16 +241,20 @@ def parse_run_name(name: str | PurePath) -> ParsedRunName:
         text = text[: -len(QUANTIZED_SUFFIX)]
     parts = text.split("_", 3)
     if len(parts) < 3:
-        raise RunNameError(f"{original!r} is not a run name: expected {PATTERN} (quant_tag optional), e.g. "
-                           "'Qwen3-0.6B-openmath_SFT_NoPeft_AWQ_w4_g128_headfp16'; found "
-                           f"{len(parts)} '_'-separated part(s) where at least 3 are needed")
+        raise RunNameError(
+            f"{original!r} is not a run name: expected {PATTERN} (quant_tag optional), e.g. "
+            "'Qwen3-0.6B-openmath_SFT_NoPeft_AWQ_w4_g128_headfp16'; found "
+            f"{len(parts)} '_'-separated part(s) where at least 3 are needed"
+        )
     head, method, peft = parts[:3]
     tag = parts[3] if len(parts) == 4 else None
     base_model, dash, dataset = head.rpartition("-")
     if not dash:
-        raise RunNameError(f"{original!r} is not a run name: its first part {head!r} must be "
-                           "'{base_model}-{dataset}' (the dataset follows the last '-'; no part but the quant tag may "
-                           "hold '_')")
+        raise RunNameError(
+            f"{original!r} is not a run name: its first part {head!r} must be "
+            "'{base_model}-{dataset}' (the dataset follows the last '-'; no part but the quant tag may "
+            "hold '_')"
+        )
     try:
         _check("base_model", base_model)
         _check("dataset", dataset)

@@ -131,9 +131,7 @@ def test_kl_perturbed_matches_kl_div(tiny_model, windows):
     assert r["kl"] == pytest.approx(expected, rel=1e-5)
     assert abs(expected - reverse) > 1e-6 * expected  # the direction test can tell them apart
     assert r["top1_agreement"] == pytest.approx(agree)
-    assert r["ppl_model"] == pytest.approx(
-        perplexity(perturbed, one, progress=False)["ppl"], rel=1e-6
-    )
+    assert r["ppl_model"] == pytest.approx(perplexity(perturbed, one, progress=False)["ppl"], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- windows / data
@@ -244,8 +242,14 @@ def test_fp16_size_bytes_tied_counted_once():
     model = nn.ModuleDict({"emb": emb, "head": head, "proj": nn.Linear(4, 3)})
     assert fp16_size_bytes(model) == 2 * (40 + 12 + 3)
 
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=VOCAB)
+    cfg = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
     tied = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **cfg))
     untied = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **cfg))
     assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()

@@ -117,9 +117,13 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
             total += sum(t.nbytes for t in _quant_read_tensors(m))
     emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = emb_out is not None and emb_out.weight.data_ptr() == emb_in.weight.data_ptr()
-    dense_buffers = [b for m in model.modules() if not isinstance(m, QuantLinear)  # e.g. fp16-storage heads
-                     for n, b in m.named_buffers(recurse=False)
-                     if b.is_floating_point() and n not in m._non_persistent_buffers_set]  # not rotary tables
+    dense_buffers = [
+        b
+        for m in model.modules()
+        if not isinstance(m, QuantLinear)  # e.g. fp16-storage heads
+        for n, b in m.named_buffers(recurse=False)
+        if b.is_floating_point() and n not in m._non_persistent_buffers_set
+    ]  # not rotary tables
     for p in (*model.parameters(), *dense_buffers):
         if _key(p) in seen:
             continue
@@ -199,8 +203,9 @@ def summarize(samples: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
-def measure_model(model: nn.Module, settings: BenchConfig, device: str | torch.device = "cpu",
-                  loop: str = "transformers") -> dict[str, Any]:
+def measure_model(
+    model: nn.Module, settings: BenchConfig, device: str | torch.device = "cpu", loop: str = "transformers"
+) -> dict[str, Any]:
     """Prefill/decode timings (medians of ``repeats``) per batch size, bytes per step and bandwidth."""
     device = torch.device(device)
     run = time_generation
@@ -211,6 +216,7 @@ def measure_model(model: nn.Module, settings: BenchConfig, device: str | torch.d
 
         def run(_model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
             return time_decoder(decoder, ids, new_tokens)
+
     vocab = model.get_input_embeddings().weight.shape[0]
     out: dict[str, Any] = {}
     for batch in settings.batch_sizes:
@@ -272,12 +278,16 @@ def measure_mode(spec: ModeSpec, settings: BenchConfig) -> dict[str, Any]:
     }
 
 
-def run_in_subprocess(spec: ModeSpec | dict[str, Any], settings: BenchConfig, timeout: float | None = None,
-                      kind: str = "mode") -> dict[str, Any]:
+def run_in_subprocess(
+    spec: ModeSpec | dict[str, Any], settings: BenchConfig, timeout: float | None = None, kind: str = "mode"
+) -> dict[str, Any]:
     """Run :func:`measure_mode` (``kind="mode"``) or the llama.cpp measurement (``kind="llama-cpp"``) in a
     fresh Python process and return its result dict."""
-    payload = {"kind": kind, "spec": spec if isinstance(spec, dict) else dataclasses.asdict(spec),
-               "settings": dataclasses.asdict(settings)}
+    payload = {
+        "kind": kind,
+        "spec": spec if isinstance(spec, dict) else dataclasses.asdict(spec),
+        "settings": dataclasses.asdict(settings),
+    }
     with tempfile.TemporaryDirectory(prefix="awqkit-bench-") as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_file.write_text(json.dumps(payload))
@@ -289,8 +299,9 @@ def run_in_subprocess(spec: ModeSpec | dict[str, Any], settings: BenchConfig, ti
         return json.loads(out_file.read_text())
 
 
-def run_modes(specs: list[ModeSpec], settings: BenchConfig, *, subprocesses: bool = True,
-              llama_cpp: str | Path | None = None) -> list[dict[str, Any]]:
+def run_modes(
+    specs: list[ModeSpec], settings: BenchConfig, *, subprocesses: bool = True, llama_cpp: str | Path | None = None
+) -> list[dict[str, Any]]:
     """Measure every mode (each in its own subprocess unless ``subprocesses=False``), then llama.cpp on
     the GGUF file ``llama_cpp`` if given and installed (else a ``{"skipped": reason}`` row)."""
     results = []
@@ -307,8 +318,11 @@ def run_modes(specs: list[ModeSpec], settings: BenchConfig, *, subprocesses: boo
             results.append({**gguf, "engine": "llama.cpp", "skipped": reason})
         else:
             logger.info("benchmarking llama.cpp on %s", llama_cpp)
-            results.append(run_in_subprocess(gguf, settings, kind="llama-cpp") if subprocesses
-                           else bench_llamacpp.measure_gguf(llama_cpp, settings, label=gguf["label"]))
+            results.append(
+                run_in_subprocess(gguf, settings, kind="llama-cpp")
+                if subprocesses
+                else bench_llamacpp.measure_gguf(llama_cpp, settings, label=gguf["label"])
+            )
     return results
 
 
@@ -336,8 +350,19 @@ def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
     return [(prefix.rstrip("."), float(obj))] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
 
 
-__all__ = ["DTYPES", "LOOPS", "BenchConfig", "ModeSpec", "build_specs", "is_quantized_folder", "measure_mode",
-           "measure_model", "run_modes", "time_decoder", "time_generation"]
+__all__ = [
+    "DTYPES",
+    "LOOPS",
+    "BenchConfig",
+    "ModeSpec",
+    "build_specs",
+    "is_quantized_folder",
+    "measure_mode",
+    "measure_model",
+    "run_modes",
+    "time_decoder",
+    "time_generation",
+]
 
 
 if __name__ == "__main__":  # the subprocess entry of run_in_subprocess

@@ -52,9 +52,15 @@ def _awqkit_loop_reason(path: str, dtype: str, device: str) -> str | None:
     return None
 
 
-def build_specs(model: str, baseline: str | None, backends: list[str], dtype: str,
-                baseline_dtypes: list[str], device: str = "cpu",
-                loops: tuple[str, ...] | list[str] = ("transformers",)) -> list[ModeSpec]:
+def build_specs(
+    model: str,
+    baseline: str | None,
+    backends: list[str],
+    dtype: str,
+    baseline_dtypes: list[str],
+    device: str = "cpu",
+    loops: tuple[str, ...] | list[str] = ("transformers",),
+) -> list[ModeSpec]:
     """The :class:`~awqkit.bench.modes.ModeSpec` list: for each loop, baseline modes first, then MODEL's.
     Modes the ``awqkit`` loop cannot run (not float32 on CPU, an architecture it does not know) are left
     out with a log line."""
@@ -66,13 +72,21 @@ def build_specs(model: str, baseline: str | None, backends: list[str], dtype: st
         raise ValueError(f"decode loops {list(loops)}: choose from {LOOPS}")
     specs = [s for lp in loops for s in _loop_specs(model, baseline, backends, dtype, baseline_dtypes, device, lp)]
     if not specs:
-        raise ValueError(f"no mode to measure: awqkit's decode loop cannot run {model} as asked; add the "
-                         "transformers loop")
+        raise ValueError(
+            f"no mode to measure: awqkit's decode loop cannot run {model} as asked; add the transformers loop"
+        )
     return specs
 
 
-def _loop_specs(model: str, baseline: str | None, backends: list[str], dtype: str,
-                baseline_dtypes: list[str], device: str, loop: str) -> list[ModeSpec]:
+def _loop_specs(
+    model: str,
+    baseline: str | None,
+    backends: list[str],
+    dtype: str,
+    baseline_dtypes: list[str],
+    device: str,
+    loop: str,
+) -> list[ModeSpec]:
     specs = []
     tag = " [awqkit loop]" if loop == "awqkit" else ""
     if baseline is not None:
@@ -81,18 +95,18 @@ def _loop_specs(model: str, baseline: str | None, backends: list[str], dtype: st
         if is_quantized_folder(baseline):
             raise ValueError(f"--baseline {baseline} is a quantized checkpoint; pass the dense (float) model")
         name = Path(baseline).name
-        specs += [ModeSpec(f"{name} {_DTYPE_SHORT[d]} dense{tag}", str(baseline), False, d, None, device, loop)
-                  for d in baseline_dtypes]
+        specs += [
+            ModeSpec(f"{name} {_DTYPE_SHORT[d]} dense{tag}", str(baseline), False, d, None, device, loop)
+            for d in baseline_dtypes
+        ]
     if not Path(model).is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
     name = Path(model).name
     if is_quantized_folder(model):
         rest = "" if dtype == "float32" else f", {_DTYPE_SHORT[dtype]} rest"
-        specs += [ModeSpec(f"{name} int4 ({b}{rest}){tag}", str(model), True, dtype, b, device, loop)
-                  for b in backends]
+        specs += [ModeSpec(f"{name} int4 ({b}{rest}){tag}", str(model), True, dtype, b, device, loop) for b in backends]
     else:
-        specs.append(ModeSpec(f"{name} {_DTYPE_SHORT[dtype]} dense{tag}", str(model), False, dtype, None, device,
-                              loop))
+        specs.append(ModeSpec(f"{name} {_DTYPE_SHORT[dtype]} dense{tag}", str(model), False, dtype, None, device, loop))
     if loop == "awqkit":
         kept = []
         for spec in specs:

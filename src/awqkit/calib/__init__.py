@@ -41,16 +41,20 @@ def load_calibration(
     """
     if isinstance(source, str) and source == SELF_SOURCE:
         if model is None:
-            raise ValueError('calibration source "self" (data-free) samples from the model, but no model was '
-                             "given; pass model=... or use a calibration file")
+            raise ValueError(
+                'calibration source "self" (data-free) samples from the model, but no model was '
+                "given; pass model=... or use a calibration file"
+            )
         if device is None:
             device = model.get_input_embeddings().weight.device
             if device.type == "meta":
                 device = torch.device("cpu")
-        logger.info("Calibration source: self-generated (%d x %d tokens, seed %d)",
-                    cfg.n_samples, cfg.seq_len, cfg.seed)
-        return self_generate(model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed,
-                             batch_size=batch_size, device=device)
+        logger.info(
+            "Calibration source: self-generated (%d x %d tokens, seed %d)", cfg.n_samples, cfg.seq_len, cfg.seed
+        )
+        return self_generate(
+            model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, batch_size=batch_size, device=device
+        )
 
     path = Path(source).expanduser()
     if not path.is_file():

@@ -46,12 +46,19 @@ def cmd_orchestrate(a: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add the ``orchestrate`` subcommand to ``subparsers``."""
     p = subparsers.add_parser(
-        "orchestrate", help="quantize what a plan is missing, evaluate everything, write tables and plots",
-        description=__doc__.splitlines()[0], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "orchestrate",
+        help="quantize what a plan is missing, evaluate everything, write tables and plots",
+        description=__doc__.splitlines()[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_plan_arguments(p)
-    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
-                   help="write PNG plots (needs matplotlib; skipped with a warning without it)")
+    p.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write PNG plots (needs matplotlib; skipped with a warning without it)",
+    )
     p.set_defaults(func=cmd_orchestrate)
 
 

@@ -91,8 +91,12 @@ def _versions() -> dict[str, str]:
 
     from awqkit import __version__
 
-    return {"awqkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "awqkit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _text_file(text: str | Path | None, data_dir: str | Path | None) -> Path:
@@ -115,14 +119,19 @@ def _window_tasks(
         assert b is not None
         r, secs = _timed(kl_divergence, m.model, b.model, ids, **opts)
         keys = ("kl", "kl_sum", "top1_agreement", "n_tokens", "n_windows")
-        out["kl"] = {"model": {k: r[k] for k in keys}, "baseline": {"kl": 0.0, "top1_agreement": 1.0},
-                     "seconds": secs, "direction": "KL(P_baseline || P_model), mean per predicted token"}
+        out["kl"] = {
+            "model": {k: r[k] for k in keys},
+            "baseline": {"kl": 0.0, "top1_agreement": 1.0},
+            "seconds": secs,
+            "direction": "KL(P_baseline || P_model), mean per predicted token",
+        }
         if "ppl" in names:
             common = {"n_tokens": r["n_tokens"], "n_windows": r["n_windows"], "seq_len": int(ids.shape[1])}
             out["ppl"] = {
                 "model": {"ppl": r["ppl_model"], "nll_sum": r["nll_sum_model"], **common},
                 "baseline": {"ppl": r["ppl_baseline"], "nll_sum": r["nll_sum_baseline"], **common},
-                "seconds": 0.0, "computed_in": "kl",
+                "seconds": 0.0,
+                "computed_in": "kl",
             }
     if "ppl" in names and "ppl" not in out:
         out["ppl"] = _per_model(lambda lm: perplexity(lm.model, ids, **opts), m, b)
@@ -141,8 +150,9 @@ def _per_model(fn: Any, m: LoadedModel, b: LoadedModel | None) -> dict[str, Any]
     return entry
 
 
-def _run_task(name: str, lm: LoadedModel, limit: int | None, data_dir: str | Path | None,
-              options: dict[str, Any], progress: bool) -> dict[str, Any]:
+def _run_task(
+    name: str, lm: LoadedModel, limit: int | None, data_dir: str | Path | None, options: dict[str, Any], progress: bool
+) -> dict[str, Any]:
     from awqkit.eval.tasks import evaluate_arc, evaluate_gsm8k, evaluate_squad
 
     fn = {"arc": evaluate_arc, "squad": evaluate_squad, "gsm8k": evaluate_gsm8k}[name]
@@ -197,25 +207,35 @@ def evaluate_model(
         CheckpointError / NonFiniteError: a model folder awqkit cannot load (:mod:`awqkit.eval.runner_load`).
     """
     names = parse_tasks(tasks)
-    text_file = _check_request(model_path, baseline, names, limit, text, data_dir, seq_len, windows, batch_size,
-                               backend, device, task_options)
+    text_file = _check_request(
+        model_path, baseline, names, limit, text, data_dir, seq_len, windows, batch_size, backend, device, task_options
+    )
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
     m = load_for_eval(model_path, backend=backend, device=device, trust_remote_code=trust_remote_code)
     wall["load_model"] = m.load_seconds
     b = None
     if baseline is not None:
-        b = load_for_eval(baseline, backend=backend, device=device, trust_remote_code=trust_remote_code,
-                          what="baseline")
+        b = load_for_eval(
+            baseline, backend=backend, device=device, trust_remote_code=trust_remote_code, what="baseline"
+        )
         wall["load_baseline"] = b.load_seconds
     results: dict[str, Any] = {
         "awqkit_version": _versions()["awqkit"],
         "versions": _versions(),
-        "settings": {"tasks": list(names), "limit": limit, "seq_len": seq_len, "windows": windows,
-                     "stride": seq_len, "batch_size": batch_size, "backend": backend, "device": str(device),
-                     "text": str(text_file) if text_file else None,
-                     "data_dir": str(data_dir) if data_dir is not None else None,
-                     "task_options": task_options or {}},
+        "settings": {
+            "tasks": list(names),
+            "limit": limit,
+            "seq_len": seq_len,
+            "windows": windows,
+            "stride": seq_len,
+            "batch_size": batch_size,
+            "backend": backend,
+            "device": str(device),
+            "text": str(text_file) if text_file else None,
+            "data_dir": str(data_dir) if data_dir is not None else None,
+            "task_options": task_options or {},
+        },
         "model": m.describe(),
         "baseline": b.describe() if b is not None else None,
         "data": {},
@@ -223,8 +243,10 @@ def evaluate_model(
     }
     if b is not None and not same_vocabulary(m.tokenizer, b.tokenizer):
         if "kl" in names:
-            raise InputError(f"{m.path} and {b.path} have different vocabularies; KL needs the same tokenizer: "
-                             "compare a model with the float model it was quantized from")
+            raise InputError(
+                f"{m.path} and {b.path} have different vocabularies; KL needs the same tokenizer: "
+                "compare a model with the float model it was quantized from"
+            )
         logger.warning("model and baseline tokenizers differ; ppl windows use the model's tokenizer for both")
 
     ran: dict[str, dict[str, Any]] = {}
@@ -242,8 +264,7 @@ def evaluate_model(
 
         del m, b  # free both models before the measuring processes start
         t0 = time.perf_counter()
-        results["tasks"]["bench"] = run_bench(model_path, baseline, backend=backend, device=str(device),
-                                              settings=bench)
+        results["tasks"]["bench"] = run_bench(model_path, baseline, backend=backend, device=str(device), settings=bench)
         results["tasks"]["bench"]["seconds"] = wall["bench"] = time.perf_counter() - t0
         results["settings"]["bench"] = results["tasks"]["bench"]["settings"]
     results["metrics"] = metric_rows(results)
@@ -253,10 +274,20 @@ def evaluate_model(
     return results
 
 
-def _check_request(model_path: str | Path, baseline: str | Path | None, names: tuple[str, ...], limit: int | None,
-                   text: str | Path | None, data_dir: str | Path | None, seq_len: int, windows: int | None,
-                   batch_size: int, backend: str, device: str | torch.device,
-                   task_options: dict[str, dict[str, Any]] | None) -> Path | None:
+def _check_request(
+    model_path: str | Path,
+    baseline: str | Path | None,
+    names: tuple[str, ...],
+    limit: int | None,
+    text: str | Path | None,
+    data_dir: str | Path | None,
+    seq_len: int,
+    windows: int | None,
+    batch_size: int,
+    backend: str,
+    device: str | torch.device,
+    task_options: dict[str, dict[str, Any]] | None,
+) -> Path | None:
     """Every check :func:`evaluate_model` makes before loading anything; returns the ppl/kl text file (None when
     no task reads windows). Raises InputError / FileNotFoundError naming the problem."""
     if "kl" in names and baseline is None:
@@ -294,9 +325,17 @@ def _check_request(model_path: str | Path, baseline: str | Path | None, names: t
     return text_file
 
 
-def _run_windows(names: tuple[str, ...], m: LoadedModel, b: LoadedModel | None, text_file: Path, seq_len: int,
-                 windows: int | None, opts: dict[str, Any], results: dict[str, Any],
-                 wall: dict[str, float]) -> dict[str, dict[str, Any]]:
+def _run_windows(
+    names: tuple[str, ...],
+    m: LoadedModel,
+    b: LoadedModel | None,
+    text_file: Path,
+    seq_len: int,
+    windows: int | None,
+    opts: dict[str, Any],
+    results: dict[str, Any],
+    wall: dict[str, float],
+) -> dict[str, dict[str, Any]]:
     """ppl and kl on the text's windows (tokenized once, with the model's tokenizer); records the text in
     ``results["data"]`` and the tokenizing time in ``wall``."""
     t0 = time.perf_counter()
@@ -305,8 +344,12 @@ def _run_windows(names: tuple[str, ...], m: LoadedModel, b: LoadedModel | None, 
     max_pos = getattr(getattr(m.model, "config", None), "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         logger.warning("seq_len=%d exceeds the model's max_position_embeddings=%d", seq_len, max_pos)
-    results["data"]["text"] = {"path": str(text_file), "sha256": sha256_file(text_file),
-                               "n_windows": int(ids.shape[0]), "seq_len": seq_len}
+    results["data"]["text"] = {
+        "path": str(text_file),
+        "sha256": sha256_file(text_file),
+        "n_windows": int(ids.shape[0]),
+        "seq_len": seq_len,
+    }
     return _window_tasks([t for t in names if t in _WINDOW_TASKS], m, b, ids, opts)
 
 
@@ -321,8 +364,18 @@ def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             ratio = _ratio(mv, bv) if metric != "kl" else None
             retention = None if ratio is None else ratio if higher else _ratio(bv, mv)
             n = entry.get("model", {}).get("n_tokens", entry.get("model", {}).get("n"))
-            rows.append({"task": task, "metric": metric, "higher_is_better": higher, "model": mv,
-                         "baseline": bv, "ratio": ratio, "retention": retention, "n": n})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "higher_is_better": higher,
+                    "model": mv,
+                    "baseline": bv,
+                    "ratio": ratio,
+                    "retention": retention,
+                    "n": n,
+                }
+            )
     return rows
 
 
@@ -385,14 +438,27 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = ["## awqkit eval", "", _describe_line("model", results["model"])]
     if results.get("baseline"):
         lines.append(_describe_line("baseline", results["baseline"]))
-    lines.append(f"- tasks: {', '.join(s['tasks'])}; limit {s['limit']}; windows {s['windows']} x {s['seq_len']} "
-                 f"tokens (stride {s['stride']}); device {s['device']}; awqkit {results['awqkit_version']}")
+    lines.append(
+        f"- tasks: {', '.join(s['tasks'])}; limit {s['limit']}; windows {s['windows']} x {s['seq_len']} "
+        f"tokens (stride {s['stride']}); device {s['device']}; awqkit {results['awqkit_version']}"
+    )
     shared = {t for t, e in results.get("tasks", {}).items() if e.get("computed_in")}
-    secs = ", ".join(f"{k} in the {results['tasks'][k]['computed_in']} pass" if k in shared else f"{k} {v:.2f} s"
-                     for k, v in results.get("wall_seconds", {}).items())
+    secs = ", ".join(
+        f"{k} in the {results['tasks'][k]['computed_in']} pass" if k in shared else f"{k} {v:.2f} s"
+        for k, v in results.get("wall_seconds", {}).items()
+    )
     lines += [f"- wall time: {secs}", "", results_table(results)]
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["METRICS", "TASKS", "evaluate_model", "metric_rows", "nonfinite_metrics", "parse_tasks", "results_json",
-           "results_markdown", "results_table"]
+__all__ = [
+    "METRICS",
+    "TASKS",
+    "evaluate_model",
+    "metric_rows",
+    "nonfinite_metrics",
+    "parse_tasks",
+    "results_json",
+    "results_markdown",
+    "results_table",
+]

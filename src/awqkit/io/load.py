@@ -66,8 +66,10 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
     version = str(raw.get("version", raw.get("format", "gemm"))).lower()
     bits = validate.int_setting(path, raw, ("bits", "w_bit"), 4)
     if version != "gemm" or bits != 4:
-        raise CheckpointError(f"{path}: quantization_config AWQ version={version!r}, bits={bits} is not "
-                              "supported; awqkit loads 4-bit 'gemm' checkpoints")
+        raise CheckpointError(
+            f"{path}: quantization_config AWQ version={version!r}, bits={bits} is not "
+            "supported; awqkit loads 4-bit 'gemm' checkpoints"
+        )
     group_size = validate.int_setting(path, raw, ("group_size", "q_group_size"), 128)
     validate.check_bits_group(path, bits, group_size)
     zero_point = raw.get("zero_point", True)
@@ -95,19 +97,21 @@ def _listing(keys: list[str]) -> str:
     return ", ".join(sorted(keys)[:_MAX_LISTED]) + more
 
 
-def _install_quant_linears(
-    model: nn.Module, sd: dict[str, Tensor], qc: dict[str, Any], path: Path
-) -> list[str]:
+def _install_quant_linears(model: nn.Module, sd: dict[str, Tensor], qc: dict[str, Any], path: Path) -> list[str]:
     """Swap every linear with packed tensors in ``sd`` for an empty (meta) QuantLinear; returns names."""
     gemm = qc["format"] == "gemm"
     marker, other = (".qweight", ".weight_packed") if gemm else (".weight_packed", ".qweight")
     if any(k.endswith(other) for k in sd):
-        raise CheckpointError(f"checkpoint {path} mixes layouts: found '*{other}' tensors in a {qc['format']!r} "
-                              "checkpoint; re-save it with one quantization format")
+        raise CheckpointError(
+            f"checkpoint {path} mixes layouts: found '*{other}' tensors in a {qc['format']!r} "
+            "checkpoint; re-save it with one quantization format"
+        )
     names = [k[: -len(marker)] for k in sd if k.endswith(marker)]
     if not names:
-        raise CheckpointError(f"checkpoint {path} has no '*{marker}' tensors although quantization_config says it "
-                              f"is {qc['quant_method']!r}; restore the config.json the checkpoint was saved with")
+        raise CheckpointError(
+            f"checkpoint {path} has no '*{marker}' tensors although quantization_config says it "
+            f"is {qc['quant_method']!r}; restore the config.json the checkpoint was saved with"
+        )
     for name in names:
         try:
             linear = get_module(model, name)
@@ -117,14 +121,21 @@ def _install_quant_linears(
                 f"packed weights for {name!r}, which that model lacks (does config.json belong to these weights?)"
             ) from None
         if not isinstance(linear, nn.Linear):
-            raise CheckpointError(f"checkpoint {path} has packed weights for {name!r}, but the model's module "
-                                  f"there is a {type(linear).__name__}, not an nn.Linear")
+            raise CheckpointError(
+                f"checkpoint {path} has packed weights for {name!r}, but the model's module "
+                f"there is a {type(linear).__name__}, not an nn.Linear"
+            )
         zero_point = qc["zero_point"] if gemm else f"{name}.weight_zero_point" in sd
         try:
             with torch.device("meta"):
                 qlinear = QuantLinear(
-                    linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
-                    bias=f"{name}.bias" in sd, zero_point=zero_point, format=qc["format"],
+                    linear.in_features,
+                    linear.out_features,
+                    qc["bits"],
+                    qc["group_size"],
+                    bias=f"{name}.bias" in sd,
+                    zero_point=zero_point,
+                    format=qc["format"],
                 )
         except ValueError as exc:
             raise CheckpointError(
@@ -168,8 +179,9 @@ def _resolve_dtype(config: Any, device: torch.device, dtype: torch.dtype | None)
     return cfg_dtype
 
 
-def _build_model(path: Path, raw_cfg: dict[str, Any], device: torch.device, dtype: torch.dtype | None,
-                 trust_remote_code: bool) -> tuple[Any, nn.Module, torch.dtype]:
+def _build_model(
+    path: Path, raw_cfg: dict[str, Any], device: torch.device, dtype: torch.dtype | None, trust_remote_code: bool
+) -> tuple[Any, nn.Module, torch.dtype]:
     """``(config, model with parameters on meta, dtype)`` from ``config.json``; a config transformers cannot
     build a causal LM from is a CheckpointError (its own exception, whatever its type, is quoted)."""
     from transformers import AutoConfig
@@ -183,9 +195,11 @@ def _build_model(path: Path, raw_cfg: dict[str, Any], device: torch.device, dtyp
     except AwqkitError:
         raise
     except Exception as exc:  # noqa: BLE001 -- transformers raises many types for a bad config; all mean that
-        raise CheckpointError(f"building the model from {path / 'config.json'} failed ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:300]}); restore the config.json the checkpoint was "
-                              "saved with") from None
+        raise CheckpointError(
+            f"building the model from {path / 'config.json'} failed ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); restore the config.json the checkpoint was "
+            "saved with"
+        ) from None
     return config, model, dtype
 
 
@@ -220,8 +234,10 @@ def _assign_state(model: nn.Module, config: Any, sd: dict[str, Tensor], path: Pa
         setattr(get_module(model, parent_name), leaf, model.get_parameter(source))
     still_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if still_meta:
-        raise CheckpointError(f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
-                              f"tensors left uninitialized after loading: {_listing(still_meta)}")
+        raise CheckpointError(
+            f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
+            f"tensors left uninitialized after loading: {_listing(still_meta)}"
+        )
 
 
 def load_quantized(
@@ -253,8 +269,9 @@ def load_quantized(
 
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json; pass a checkpoint folder written by save_quantized or "
-                              "AutoAWQ")
+        raise CheckpointError(
+            f"{path} has no config.json; pass a checkpoint folder written by save_quantized or AutoAWQ"
+        )
     raw_cfg = read_config_json(path) or {}
     qc = read_quant_config(path)
     if backend != "auto":
@@ -292,13 +309,21 @@ def load_quantized(
         raise InputError(f"{path}: {' '.join(str(exc).split())}") from None
     model.eval()
     model.awqkit_quant_config = qc
-    logger.info("loaded %s: %d quantized linears (%s, %d-bit, g=%d) on %s",
-                path, len(qnames), qc["format"], qc["bits"], qc["group_size"], device)
+    logger.info(
+        "loaded %s: %d quantized linears (%s, %d-bit, g=%d) on %s",
+        path,
+        len(qnames),
+        qc["format"],
+        qc["bits"],
+        qc["group_size"],
+        device,
+    )
     return model
 
 
-def _prepare_cpu(model: nn.Module, device: torch.device, dtype: torch.dtype, backend: str,
-                 fp16_head: bool | None) -> None:
+def _prepare_cpu(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, backend: str, fp16_head: bool | None
+) -> None:
     """Convert the quantized layers for the CPU backend ``backend`` resolves to, once, now (unsupported
     layers are logged under ``auto`` and refused under a named backend), and apply ``fp16_head``."""
     from awqkit.kernels import cpu_avx2, cpu_int4

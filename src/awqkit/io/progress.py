@@ -80,8 +80,12 @@ class RunProgress:
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
-        write_json_atomic(self.folder / FILE, {"format": FORMAT, "key": self.key, "layers_done": 0, "inputs": None,
-                                               "extra": extra}, indent=None, durable=True)
+        write_json_atomic(
+            self.folder / FILE,
+            {"format": FORMAT, "key": self.key, "layers_done": 0, "inputs": None, "extra": extra},
+            indent=None,
+            durable=True,
+        )
 
     def record_layer(self, index: int, results: AWQResults | None, inputs: list[Tensor] | None) -> None:
         """Layer ``index`` is written: keep its results and the next layer's inputs, then commit the record."""
@@ -93,8 +97,13 @@ class RunProgress:
             name = f"inputs-{index + 1:05d}.safetensors"
             save_file({f"batch.{b}": t.contiguous() for b, t in enumerate(inputs)}, str(self.folder / name))
         previous = state.get("inputs")
-        record = {"format": FORMAT, "key": self.key, "layers_done": index + 1, "inputs": name,
-                  "extra": state.get("extra", {})}
+        record = {
+            "format": FORMAT,
+            "key": self.key,
+            "layers_done": index + 1,
+            "inputs": name,
+            "extra": state.get("extra", {}),
+        }
         write_json_atomic(self.folder / FILE, record, indent=None, durable=True)
         if previous and previous != name:
             (self.folder / previous).unlink(missing_ok=True)
@@ -126,8 +135,12 @@ class RunProgress:
 
 def _layer_results(results: AWQResults, index: int) -> AWQResults:
     seconds = results.layer_seconds[-1:] if results.layer_seconds else []
-    return AWQResults(results.norm_offset, [e for e in results.scales if e.layer == index],
-                      [c for c in results.clips if c.layer == index], seconds)
+    return AWQResults(
+        results.norm_offset,
+        [e for e in results.scales if e.layer == index],
+        [c for c in results.clips if c.layer == index],
+        seconds,
+    )
 
 
 __all__ = ["FOLDER", "RunProgress", "has_progress", "run_key"]

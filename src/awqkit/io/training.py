@@ -60,8 +60,13 @@ def training_link(source: Any) -> dict[str, Any] | None:
             run_name = parse_run_name(folder.name).run_name
         except RunNameError:
             run_name = None
-    return {"file": TRAINING_METADATA, "sha256": sha256_file(folder / TRAINING_METADATA), "source_path": str(folder),
-            "source_weights_sha256": weights, "run_name": run_name}
+    return {
+        "file": TRAINING_METADATA,
+        "sha256": sha256_file(folder / TRAINING_METADATA),
+        "source_path": str(folder),
+        "source_weights_sha256": weights,
+        "run_name": run_name,
+    }
 
 
 __all__ = ["TRAINING_METADATA", "read_json_dict", "training_link"]

@@ -39,8 +39,12 @@ WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
 def _sizes(folder: Path) -> dict[str, Any]:
     weights = sorted({p for pat in WEIGHT_GLOBS for p in folder.glob(pat) if p.is_file()})
     files = [p for p in folder.rglob("*") if p.is_file()]
-    return {"weights_bytes": sum(p.stat().st_size for p in weights), "weight_files": len(weights),
-            "folder_bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+    return {
+        "weights_bytes": sum(p.stat().st_size for p in weights),
+        "weight_files": len(weights),
+        "folder_bytes": sum(p.stat().st_size for p in files),
+        "files": len(files),
+    }
 
 
 @dataclass
@@ -65,12 +69,20 @@ class FolderInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": str(self.path), "detected": self.detected,
-            "spec": self.spec.to_dict() if self.spec is not None else None, "spec_source": self.spec_source,
-            "not_applied": self.not_applied, "calibration": self.calibration, "sizes": self.sizes,
-            "source_model": self.source_model, "training_link": self.training_link,
-            "training_metadata": self.training_metadata, "run_name": self.run_name,
-            "run_name_error": self.run_name_error, "checks": self.checks, "loading": self.loading,
+            "path": str(self.path),
+            "detected": self.detected,
+            "spec": self.spec.to_dict() if self.spec is not None else None,
+            "spec_source": self.spec_source,
+            "not_applied": self.not_applied,
+            "calibration": self.calibration,
+            "sizes": self.sizes,
+            "source_model": self.source_model,
+            "training_link": self.training_link,
+            "training_metadata": self.training_metadata,
+            "run_name": self.run_name,
+            "run_name_error": self.run_name_error,
+            "checks": self.checks,
+            "loading": self.loading,
         }
 
     def format(self) -> str:
@@ -118,8 +130,11 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
     except RunNameError as exc:
         run_name, run_error = None, str(exc)
     spec, spec_source = _spec_and_source(detected, qmeta)
-    not_applied = list(qmeta["not_applied"]) if qmeta and isinstance(qmeta.get("not_applied"), list) else (
-        spec.unapplied() if spec is not None else [])
+    not_applied = (
+        list(qmeta["not_applied"])
+        if qmeta and isinstance(qmeta.get("not_applied"), list)
+        else (spec.unapplied() if spec is not None else [])
+    )
     link = qmeta.get("training") if qmeta and isinstance(qmeta.get("training"), dict) else None
     source_model = qmeta.get("source_model") if qmeta and isinstance(qmeta.get("source_model"), dict) else None
     sizes = _sizes(folder)
@@ -138,9 +153,23 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
             checks["training_metadata_file"] = "matches the link" if same else "differs from the linked sha256"
         if verify:
             checks["source_weights"] = _verify_source(link)
-    return FolderInfo(folder, detected.to_dict(), spec, spec_source, not_applied,
-                      qmeta.get("calibration") if qmeta else None, sizes, source_model, link, tmeta, run_name,
-                      run_error, qmeta, checks, loading)
+    return FolderInfo(
+        folder,
+        detected.to_dict(),
+        spec,
+        spec_source,
+        not_applied,
+        qmeta.get("calibration") if qmeta else None,
+        sizes,
+        source_model,
+        link,
+        tmeta,
+        run_name,
+        run_error,
+        qmeta,
+        checks,
+        loading,
+    )
 
 
 def _verify_source(link: dict[str, Any]) -> str:
@@ -152,8 +181,11 @@ def _verify_source(link: dict[str, Any]) -> str:
     files = _weight_files(src)
     if not files:
         return f"source folder {src} holds no weights"
-    return ("matches the link" if sha256_named_files(files) == link.get("source_weights_sha256")
-            else "differs from the linked sha256 (the source changed since quantization)")
+    return (
+        "matches the link"
+        if sha256_named_files(files) == link.get("source_weights_sha256")
+        else "differs from the linked sha256 (the source changed since quantization)"
+    )
 
 
 def _mb(n: int | None) -> str:
@@ -190,13 +222,17 @@ def format_info(info: FolderInfo) -> str:
     cal = info.calibration
     if cal:
         sha = str(cal.get("sha256") or "")[:12]
-        lines.append(f"calibration:  {cal.get('source')} ({cal.get('n_samples')} blocks x {cal.get('seq_len')} tokens, "
-                     f"seed {cal.get('seed')}{', sha256 ' + sha if sha else ''})")
+        lines.append(
+            f"calibration:  {cal.get('source')} ({cal.get('n_samples')} blocks x {cal.get('seq_len')} tokens, "
+            f"seed {cal.get('seed')}{', sha256 ' + sha if sha else ''})"
+        )
     elif info.quantization_metadata is not None:
         lines.append("calibration:  none (data-free method)")
     s = info.sizes
-    size = (f"weights {_mb(s['weights_bytes'])} in {s['weight_files']} file(s); folder {_mb(s['folder_bytes'])} "
-            f"in {s['files']} file(s)")
+    size = (
+        f"weights {_mb(s['weights_bytes'])} in {s['weight_files']} file(s); folder {_mb(s['folder_bytes'])} "
+        f"in {s['files']} file(s)"
+    )
     if "source_weights_bytes" in s:
         size += f"; source weights {_mb(s['source_weights_bytes'])}"
         if "ratio_to_source" in s:
@@ -204,13 +240,17 @@ def format_info(info: FolderInfo) -> str:
     lines.append(f"sizes:        {size}")
     if info.source_model:
         sm = info.source_model
-        lines.append(f"source:       {sm.get('src')} ({sm.get('kind')}, {', '.join(sm.get('architectures') or [])}, "
-                     f"weights sha256 {str(sm.get('weights_sha256') or '?')[:12]})")
+        lines.append(
+            f"source:       {sm.get('src')} ({sm.get('kind')}, {', '.join(sm.get('architectures') or [])}, "
+            f"weights sha256 {str(sm.get('weights_sha256') or '?')[:12]})"
+        )
     if info.training_link:
         tl = info.training_link
-        lines.append(f"training:     linked to {tl.get('source_path')} (weights sha256 "
-                     f"{str(tl.get('source_weights_sha256') or '?')[:12]}, {tl.get('file')} sha256 "
-                     f"{str(tl.get('sha256') or '?')[:12]}; run {tl.get('run_name')})")
+        lines.append(
+            f"training:     linked to {tl.get('source_path')} (weights sha256 "
+            f"{str(tl.get('source_weights_sha256') or '?')[:12]}, {tl.get('file')} sha256 "
+            f"{str(tl.get('sha256') or '?')[:12]}; run {tl.get('run_name')})"
+        )
     for key, value in info.checks.items():
         lines.append(f"check:        {key}: {value}")
     if info.training_metadata is not None:
@@ -221,17 +261,21 @@ def format_info(info: FolderInfo) -> str:
             lines.append(f"  ... {len(info.training_metadata) - 20} more")
     if info.run_name is not None:
         r = info.run_name
-        parts = ", ".join(f"{k}={r[k] if r[k] is not None else '(none)'}"
-                          for k in ("base_model", "dataset", "method", "peft", "quant_tag"))
+        parts = ", ".join(
+            f"{k}={r[k] if r[k] is not None else '(none)'}"
+            for k in ("base_model", "dataset", "method", "peft", "quant_tag")
+        )
         lines.append(f"run name:     {parts}{' (quantized folder)' if r['quantized'] else ''}")
     else:
         lines.append("run name:     the folder name is not a run name")
     q = info.quantization_metadata
     if q:
         v = q.get("versions") or {}
-        lines.append(f"awqkit:       {q.get('quantized_modules')} quantized linears, {len(q.get('kept_float') or {})} "
-                     f"kept float; awqkit {v.get('awqkit', '?')}, torch {v.get('torch', '?')}, "
-                     f"transformers {v.get('transformers', '?')}")
+        lines.append(
+            f"awqkit:       {q.get('quantized_modules')} quantized linears, {len(q.get('kept_float') or {})} "
+            f"kept float; awqkit {v.get('awqkit', '?')}, torch {v.get('torch', '?')}, "
+            f"transformers {v.get('transformers', '?')}"
+        )
     return "\n".join(lines)
 
 
