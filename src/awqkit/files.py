@@ -71,6 +71,12 @@ def _new_file_mode(path: Path) -> int:
     return 0o666 & ~mask
 
 
+def partial_files(path: str | Path) -> list[Path]:
+    """Temporary files a :func:`write_atomic` of ``path`` that was killed left behind (``.NAME.*.part`` beside it)."""
+    target = Path(path)
+    return sorted(target.parent.glob(f".{target.name}.*.part"))
+
+
 def write_atomic(path: str | Path, data: str | bytes, *, durable: bool = False) -> None:
     """Write ``data`` (text as UTF-8, newlines as given) to ``path`` through a temporary sibling and a rename."""
     target = Path(path)
@@ -95,4 +101,4 @@ def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2, du
     write_atomic(path, json.dumps(data, indent=indent, default=str) + "\n", durable=durable)
 
 
-__all__ = ["sha256_file", "sha256_named_files", "sha256_tree", "write_atomic", "write_json_atomic"]
+__all__ = ["partial_files", "sha256_file", "sha256_named_files", "sha256_tree", "write_atomic", "write_json_atomic"]

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from awqkit.errors import DestinationError
-from awqkit.files import write_json_atomic
+from awqkit.files import partial_files, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,8 @@ def recover(dst: str | Path, *, keep: Callable[[Path], bool] | None = None) -> l
     if not parent.is_dir():
         return done
     journal = journal_path(dst)
-    for partial in parent.glob(f"{journal.name}.*.part"):  # a journal whose write was cut: never acted on
+    # a journal whose write was cut is never acted on (awqkit <= 0.1.0 named it NAME.*.part, now .NAME.*.part)
+    for partial in [*partial_files(journal), *parent.glob(f"{journal.name}.*.part")]:
         partial.unlink(missing_ok=True)
     if journal.is_file():
         done.append(_finish_journal(dst, journal))
