@@ -31,7 +31,7 @@ logger = logging.getLogger("bench")
 _QUANTIZE_CHILD = r"""
 import json, sys, time
 from awqkit.cli import main
-from awqkit.eval.bench import process_peak_rss_bytes
+from awqkit.bench.modes import process_peak_rss_bytes
 t = time.perf_counter()
 rc = main(sys.argv[2:])
 out = {"rc": rc, "seconds": time.perf_counter() - t, "peak_rss": process_peak_rss_bytes()}
@@ -54,8 +54,11 @@ def add_output_args(ap: Any, work: str, section: str) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def run_logged(cmd: list[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
@@ -87,14 +90,39 @@ def awqkit_quantize(cli_args: list[str], result: Path, log: Path, python: Path |
 def awqkit_eval(model: Path, baseline: Path, windows: int, out_json: Path, log: Path) -> dict[str, float]:
     """``awqkit eval MODEL --baseline BASELINE --tasks ppl,kl --backend torch`` on the first ``windows``
     2048-token WikiText-2 windows; returns ppl, ppl_fp (the baseline's), kl and top1."""
-    run_logged([sys.executable, "-m", "awqkit.cli", "eval", str(model), "--baseline", str(baseline),
-                "--tasks", "ppl,kl", "--windows", str(windows), "--seq-len", "2048", "--backend", "torch",
-                "--json", str(out_json), "--no-progress"], log)
+    run_logged(
+        [
+            sys.executable,
+            "-m",
+            "awqkit.cli",
+            "eval",
+            str(model),
+            "--baseline",
+            str(baseline),
+            "--tasks",
+            "ppl,kl",
+            "--windows",
+            str(windows),
+            "--seq-len",
+            "2048",
+            "--backend",
+            "torch",
+            "--json",
+            str(out_json),
+            "--no-progress",
+        ],
+        log,
+    )
     res = json.loads(out_json.read_text())
     kernels = res["model"].get("kernels", {}).get("layers", {})
-    return {"ppl": res["tasks"]["ppl"]["model"]["ppl"], "ppl_fp": res["tasks"]["ppl"]["baseline"]["ppl"],
-            "kl": res["tasks"]["kl"]["model"]["kl"], "top1": res["tasks"]["kl"]["model"]["top1_agreement"],
-            "detected": res["model"]["detection"], "kernels": kernels}
+    return {
+        "ppl": res["tasks"]["ppl"]["model"]["ppl"],
+        "ppl_fp": res["tasks"]["ppl"]["baseline"]["ppl"],
+        "kl": res["tasks"]["kl"]["model"]["kl"],
+        "top1": res["tasks"]["kl"]["model"]["top1_agreement"],
+        "detected": res["model"]["detection"],
+        "kernels": kernels,
+    }
 
 
 # ------------------------------------------------------------------------------------------ calibration
@@ -111,7 +139,7 @@ def peer_blocks(tokenizer: Any, data_dir: Path, n: int, seq_len: int) -> tuple[l
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < n * seq_len:
         raise SystemExit(f"the SQuAD contexts hold {len(ids)} tokens, fewer than {n} x {seq_len}")
-    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(n)], text
+    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)], text
 
 
 def awqkit_calibration_file(tokenizer: Any, data_dir: Path, n: int, seq_len: int, out: Path) -> tuple[Path, str]:
@@ -129,18 +157,22 @@ def awqkit_calibration_file(tokenizer: Any, data_dir: Path, n: int, seq_len: int
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     cut = len(text)
     if len(enc["input_ids"]) > n * seq_len:  # the first whitespace after token n*seq_len: a whole last word
-        ws = re.search(r"\s", text[enc["offset_mapping"][n * seq_len][1]:])
+        ws = re.search(r"\s", text[enc["offset_mapping"][n * seq_len][1] :])
         cut = enc["offset_mapping"][n * seq_len][1] + ws.start() if ws else len(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"text": text[:cut]}) + "\n", encoding="utf-8")
     got = load_calibration(str(out), tokenizer, CalibConfig(source=str(out), n_samples=n, seq_len=seq_len))
     if got.tolist() == blocks:
-        return out, (f"awqkit is given the same {n} x {seq_len} blocks (one JSONL text sample, the joined contexts "
-                     f"cut at the first word end after {n * seq_len} tokens; checked token for token with awqkit's "
-                     "calibration reader)")
+        return out, (
+            f"awqkit is given the same {n} x {seq_len} blocks (one JSONL text sample, the joined contexts "
+            f"cut at the first word end after {n * seq_len} tokens; checked token for token with awqkit's "
+            "calibration reader)"
+        )
     same = sum(a == b for a, b in zip(got.tolist(), blocks, strict=False))
-    return out, (f"awqkit's calibration reader cut {got.shape[0]} blocks from the same text, {same} of them equal to "
-                 f"the peers' {n} blocks: the calibration differs")
+    return out, (
+        f"awqkit's calibration reader cut {got.shape[0]} blocks from the same text, {same} of them equal to "
+        f"the peers' {n} blocks: the calibration differs"
+    )
 
 
 # ----------------------------------------------------------------------------------------- bookkeeping
@@ -172,12 +204,30 @@ class RunStore:
 
 def machine() -> dict[str, Any]:
     """CPU model, cores, memory, OS, date: the line a benchmark table carries."""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor() or "unknown CPU")
-    mem = next((int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
-                if ln.startswith("MemTotal:")), 0)
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "os": platform.platform(),
-            "python": platform.python_version(), "date": dt.date.today().isoformat()}
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    mem = next(
+        (
+            int(ln.split()[1]) * 1024
+            for ln in Path("/proc/meminfo").read_text().splitlines()
+            if ln.startswith("MemTotal:")
+        ),
+        0,
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "date": dt.date.today().isoformat(),
+    }
 
 
 def machine_line(m: dict[str, Any]) -> str:

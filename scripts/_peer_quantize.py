@@ -57,18 +57,32 @@ def run_llmcompressor(job: dict, blocks: list[list[int]]) -> dict:
     ds = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks]})
     scheme = preset_name_to_scheme("W4A16_ASYM", ["Linear"])  # the preset, at the benchmark's group size
     scheme.weights.group_size = job["group_size"]
-    recipe = [AWQModifier(duo_scaling=job["duo_scaling"]),
-              QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
+    recipe = [
+        AWQModifier(duo_scaling=job["duo_scaling"]),
+        QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]),
+    ]
     t1 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=len(blocks[0]),
-            num_calibration_samples=len(blocks), shuffle_calibration_samples=False)
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=recipe,
+        max_seq_length=len(blocks[0]),
+        num_calibration_samples=len(blocks),
+        shuffle_calibration_samples=False,
+    )
     t2 = time.perf_counter()
     model.save_pretrained(job["dst"], save_compressed=True)
     tok.save_pretrained(job["dst"])
-    return {"seconds": time.perf_counter() - t0, "quantize_seconds": t2 - t1,
-            "versions": {"llmcompressor": llmcompressor.__version__,
-                         "compressed-tensors": compressed_tensors.__version__,
-                         "transformers": transformers.__version__, "torch": torch.__version__}}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "quantize_seconds": t2 - t1,
+        "versions": {
+            "llmcompressor": llmcompressor.__version__,
+            "compressed-tensors": compressed_tensors.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
+    }
 
 
 def run_autoawq(job: dict, blocks: list[list[int]]) -> dict:
@@ -84,14 +98,22 @@ def run_autoawq(job: dict, blocks: list[list[int]]) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(job["src"])
     quant_config = {"zero_point": True, "q_group_size": job["group_size"], "w_bit": 4, "version": "GEMM"}
     t1 = time.perf_counter()
-    model.quantize(tok, quant_config=quant_config, calib_data=blocks, duo_scaling=bool(job["duo_scaling"]),
-                   max_calib_samples=len(blocks), max_calib_seq_len=len(blocks[0]))
+    model.quantize(
+        tok,
+        quant_config=quant_config,
+        calib_data=blocks,
+        duo_scaling=bool(job["duo_scaling"]),
+        max_calib_samples=len(blocks),
+        max_calib_seq_len=len(blocks[0]),
+    )
     t2 = time.perf_counter()
     model.save_quantized(job["dst"])
     tok.save_pretrained(job["dst"])
-    return {"seconds": time.perf_counter() - t0, "quantize_seconds": t2 - t1,
-            "versions": {"autoawq": awq.__version__, "transformers": transformers.__version__,
-                         "torch": torch.__version__}}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "quantize_seconds": t2 - t1,
+        "versions": {"autoawq": awq.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+    }
 
 
 def main() -> None:

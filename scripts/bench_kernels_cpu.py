@@ -56,9 +56,11 @@ def main() -> None:
     if not cpu_int4.is_available():
         raise SystemExit("cpu-int4 is not available in this torch build")
     cols = ["linear", "torch", "cpu-int4"] + (["int4-fp32"] if a.fp32_exact else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, group {GROUP_SIZE}; median us per call "
-          f"({a.repeats} samples x {a.inner} calls, {a.warmup} warm-up)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, group {GROUP_SIZE}; median us per call "
+        f"({a.repeats} samples x {a.inner} calls, {a.warmup} warm-up)"
+    )
     print(f"{'K':>5} {'N':>5} {'M':>3} " + " ".join(f"{c:>10}" for c in cols) + f" {'torch/int4':>10} {'int4/lin':>9}")
     torch.manual_seed(0)
     for k, n in SHAPES:
@@ -78,8 +80,12 @@ def main() -> None:
                     cpu_int4.prepare_module(ql, torch.float32)
                     res["int4-fp32"] = median_us(lambda ql=ql, x=x: ql(x), a.warmup, a.repeats, a.inner)
                     cpu_int4.prepare_module(ql, torch.bfloat16)
-            print(f"{k:>5} {n:>5} {m:>3} " + " ".join(f"{res[c]:>10.1f}" for c in cols)
-                  + f" {res['torch'] / res['cpu-int4']:>9.1f}x {res['cpu-int4'] / res['linear']:>8.2f}x", flush=True)
+            print(
+                f"{k:>5} {n:>5} {m:>3} "
+                + " ".join(f"{res[c]:>10.1f}" for c in cols)
+                + f" {res['torch'] / res['cpu-int4']:>9.1f}x {res['cpu-int4'] / res['linear']:>8.2f}x",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

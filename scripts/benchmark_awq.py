@@ -41,7 +41,7 @@ RUNS = {
 CHILD = r"""
 import json, sys, time
 from awqkit.api import quantize
-from awqkit.eval.bench import process_peak_rss_bytes
+from awqkit.bench.modes import process_peak_rss_bytes
 from awqkit.config import QuantConfig, CalibConfig, SearchConfig
 a = json.loads(sys.argv[1])
 t = time.perf_counter()
@@ -75,8 +75,13 @@ def main() -> None:
     ap.add_argument("--runs", default="rtn,awq,awq-float")
     ap.add_argument("--work", default=None, help="output folder (default: a temporary folder)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
-    ap.add_argument("--search", action="append", default=[], metavar="KEY=VALUE",
-                    help="SearchConfig override for every AWQ run (JSON value), e.g. search_samples=8")
+    ap.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SearchConfig override for every AWQ run (JSON value), e.g. search_samples=8",
+    )
     ap.add_argument("--section", default=SECTION, help="BENCHMARKS.md section title (default: %(default)s)")
     a = ap.parse_args()
     common: dict = {}
@@ -92,8 +97,8 @@ def main() -> None:
 
     import torch
 
+    from awqkit.bench.resources import folder_size_bytes, fp16_size_bytes
     from awqkit.eval.perplexity import default_data_dir, kl_divergence, load_wikitext_test, make_windows
-    from awqkit.eval.resources import folder_size_bytes, fp16_size_bytes
     from awqkit.io.load import load_quantized
     from awqkit.io.source import load_source
     from awqkit.report.table import markdown_table, write_benchmarks_section
@@ -110,10 +115,14 @@ def main() -> None:
     for name in a.runs.split(","):
         spec = RUNS[name]
         dst = work / f"smollm2-{name}-w4g{a.group_size}"
-        child = {"src": str(src), "dst": str(dst), "method": spec["method"],
-                 "quant": {"bits": 4, "group_size": a.group_size},
-                 "calib": {"source": str(calib_file), "n_samples": a.n_samples, "seq_len": 512, "seed": 13},
-                 "search": {**common, **spec.get("search", {})} if spec["method"] == "awq" else {}}
+        child = {
+            "src": str(src),
+            "dst": str(dst),
+            "method": spec["method"],
+            "quant": {"bits": 4, "group_size": a.group_size},
+            "calib": {"source": str(calib_file), "n_samples": a.n_samples, "seq_len": 512, "seed": 13},
+            "search": {**common, **spec.get("search", {})} if spec["method"] == "awq" else {},
+        }
         print(f"quantizing {name} ...", flush=True)
         results[name] = {"dst": dst, **run_child(child)}
 
@@ -129,32 +138,64 @@ def main() -> None:
         r.update(ppl=m["ppl_model"], kl=m["kl"], top1=m["top1_agreement"])
         del q
     rtn_ppl = results["rtn"]["ppl"] if "rtn" in results else None
-    rows.append({"model": "fp32 (from GGUF)", "ppl": fp_ppl, "KL to FP": 0.0, "top-1 agree": 1.0,
-                 "gap closed": None, "quantize s": None, "peak RSS GB": None, "size MB": fp_size / 1e6})
+    rows.append(
+        {
+            "model": "fp32 (from GGUF)",
+            "ppl": fp_ppl,
+            "KL to FP": 0.0,
+            "top-1 agree": 1.0,
+            "gap closed": None,
+            "quantize s": None,
+            "peak RSS GB": None,
+            "size MB": fp_size / 1e6,
+        }
+    )
     for name, r in results.items():
         gap = (rtn_ppl - r["ppl"]) / (rtn_ppl - fp_ppl) if rtn_ppl is not None else None
-        rows.append({"model": f"{name} w4 g{a.group_size}", "ppl": r["ppl"], "KL to FP": r["kl"],
-                     "top-1 agree": r["top1"], "gap closed": gap, "quantize s": r["seconds"],
-                     "peak RSS GB": r["peak_rss"] / 1e9, "size MB": folder_size_bytes(r["dst"]) / 1e6})
-    table = markdown_table(rows, floatfmt={"ppl": ".3f", "KL to FP": ".4f", "top-1 agree": ".3f",
-                                           "gap closed": ".1%", "quantize s": ".0f", "peak RSS GB": ".2f",
-                                           "size MB": ".1f"})
+        rows.append(
+            {
+                "model": f"{name} w4 g{a.group_size}",
+                "ppl": r["ppl"],
+                "KL to FP": r["kl"],
+                "top-1 agree": r["top1"],
+                "gap closed": gap,
+                "quantize s": r["seconds"],
+                "peak RSS GB": r["peak_rss"] / 1e9,
+                "size MB": folder_size_bytes(r["dst"]) / 1e6,
+            }
+        )
+    table = markdown_table(
+        rows,
+        floatfmt={
+            "ppl": ".3f",
+            "KL to FP": ".4f",
+            "top-1 agree": ".3f",
+            "gap closed": ".1%",
+            "quantize s": ".0f",
+            "peak RSS GB": ".2f",
+            "size MB": ".1f",
+        },
+    )
     body = (
         f"SmolLM2-135M-Instruct (float32 from the PyPI GGUF), 4-bit asymmetric, group {a.group_size}; calibration "
         f"{a.n_samples} x 512 tokens of SQuAD 2.0 dev contexts (seed 13); WikiText-2 test perplexity on the first "
         f"{a.windows} non-overlapping 2048-token windows; KL(FP || quantized) and top-1 agreement on the same "
-        f"windows; \"gap closed\" = (ppl_RTN − ppl) / (ppl_RTN − ppl_FP). Quantization wall time and peak RSS "
+        f'windows; "gap closed" = (ppl_RTN − ppl) / (ppl_RTN − ppl_FP). Quantization wall time and peak RSS '
         f"of each run in its own process on this machine ({torch.get_num_threads()} threads). Size: the output "
         f"folder; the FP row gives the fp16 weights' size. `awq` = defaults (scale mode both, clip on, next layer "
         f"fed the quantized outputs); `awq-float` = the same with the float outputs propagated; `awq-clipind` "
         f"adds the clip search's independent-ends pass; `awq-clipind-gqa` also scales v_proj -> o_proj under "
         f"grouped-query attention."
-        + (f" Search overrides for every AWQ run: {', '.join(f'{k}={v}' for k, v in common.items())}."
-           if common else "")
+        + (
+            f" Search overrides for every AWQ run: {', '.join(f'{k}={v}' for k, v in common.items())}."
+            if common
+            else ""
+        )
         + "\n\nProduced by `python scripts/benchmark_awq.py --n-samples "
         f"{a.n_samples} --windows {a.windows} --runs {a.runs}"
         + "".join(f" --search {x}" for x in a.search)
-        + (f" --section '{a.section}'" if a.section != SECTION else "") + f"`.\n\n{table}\n"
+        + (f" --section '{a.section}'" if a.section != SECTION else "")
+        + f"`.\n\n{table}\n"
     )
     print(body)
     if not a.no_write:

@@ -116,8 +116,8 @@ def main() -> None:
     import torch
     from benchmark_awq import squad_contexts_file
 
-    from awqkit.eval.orchestrate import orchestrate
     from awqkit.eval.perplexity import default_data_dir
+    from awqkit.platform.orchestrate import orchestrate
     from awqkit.report.table import write_benchmarks_section
     from awqkit.zoo import fetch_smollm2
 
@@ -140,7 +140,8 @@ def main() -> None:
         "option, acc and length-normalised acc_norm as lm-eval; SQuAD 2.0 (official EM/F1, unanswerable "
         "questions included) and GSM8K (final-number exact match), greedy generation with the chat template "
         f"on the first {a.items} items. Items scored: "
-        + ", ".join(f"{t} {n}" for t, n in counts.items() if t not in ("ppl", "kl")) + ". "
+        + ", ".join(f"{t} {n}" for t, n in counts.items() if t not in ("ppl", "kl"))
+        + ". "
         "Retention: model / fp (fp / model for ppl; 1.0 = the float model). Quantized models run the `auto` "
         "backend, all in fp32 on the checkpoint's exact values: forward passes of more than 16 rows (ppl, KL, "
         "ARC, generation prefill) the `torch` reference kernel, decode steps awqkit's `cpu-avx2` GEMV (equal "

@@ -55,23 +55,63 @@ logger = logging.getLogger("bench.growth")
 SECTION = "Engine: growth with model size, random-weight Llama shapes (issue 13)"
 VOCAB = 49152  # SmolLM2's tokenizer
 SHAPES: dict[str, dict[str, Any]] = {
-    "1b": {"hidden": 2048, "inter": 8192, "heads": 32, "kv": 8, "head_dim": 64, "layers": 16, "tied": True,
-           "name": "Llama-3.2-1B"},
-    "8b": {"hidden": 4096, "inter": 14336, "heads": 32, "kv": 8, "head_dim": 128, "layers": 32, "tied": False,
-           "name": "Llama-3-8B"},
-    "70b": {"hidden": 8192, "inter": 28672, "heads": 64, "kv": 8, "head_dim": 128, "layers": 80, "tied": False,
-            "name": "Llama-3-70B", "depths": [1]},
-    "debug": {"hidden": 512, "inter": 1536, "heads": 8, "kv": 2, "head_dim": 64, "layers": 16, "tied": False,
-              "name": "debug"},
+    "1b": {
+        "hidden": 2048,
+        "inter": 8192,
+        "heads": 32,
+        "kv": 8,
+        "head_dim": 64,
+        "layers": 16,
+        "tied": True,
+        "name": "Llama-3.2-1B",
+    },
+    "8b": {
+        "hidden": 4096,
+        "inter": 14336,
+        "heads": 32,
+        "kv": 8,
+        "head_dim": 128,
+        "layers": 32,
+        "tied": False,
+        "name": "Llama-3-8B",
+    },
+    "70b": {
+        "hidden": 8192,
+        "inter": 28672,
+        "heads": 64,
+        "kv": 8,
+        "head_dim": 128,
+        "layers": 80,
+        "tied": False,
+        "name": "Llama-3-70B",
+        "depths": [1],
+    },
+    "debug": {
+        "hidden": 512,
+        "inter": 1536,
+        "heads": 8,
+        "kv": 2,
+        "head_dim": 64,
+        "layers": 16,
+        "tied": False,
+        "name": "debug",
+    },
 }
 
 
 def layer_shapes(s: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     h, i, q, kv = s["hidden"], s["inter"], s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]
-    return {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
-            "self_attn.o_proj.weight": (h, q), "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h),
-            "mlp.down_proj.weight": (h, i)}
+    return {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (i, h),
+        "mlp.up_proj.weight": (i, h),
+        "mlp.down_proj.weight": (h, i),
+    }
 
 
 def model_bytes(s: dict[str, Any], depth: int) -> int:
@@ -98,11 +138,23 @@ def write_random_llama(folder: Path, s: dict[str, Any], depth: int, seed: int, t
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=s["hidden"], intermediate_size=s["inter"],
-                      num_hidden_layers=depth, num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                      head_dim=s["head_dim"], max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      rope_parameters={"rope_theta": 500000.0, "rope_type": "default"},
-                      tie_word_embeddings=s["tied"], bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype="bfloat16")
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=s["hidden"],
+        intermediate_size=s["inter"],
+        num_hidden_layers=depth,
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv"],
+        head_dim=s["head_dim"],
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 500000.0, "rope_type": "default"},
+        tie_word_embeddings=s["tied"],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        dtype="bfloat16",
+    )
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -136,24 +188,48 @@ def check_disk(work: Path, plan: list[tuple[str, int]], keep: bool) -> None:
     need = sum(need_each) if keep else max(need_each)
     free = shutil.disk_usage(work).free
     if need > free:
-        raise SystemExit(f"benchmark_growth: not enough disk space in {work}: the models "
-                         f"({', '.join(f'{sh}x{d}' for sh, d in plan)}) and their outputs need about "
-                         f"{need / 1e9:.1f} GB "
-                         f"{'in all (--keep)' if keep else 'at a time'}, {free / 1e9:.1f} GB is free. Free some space, "
-                         "point --work at a larger disk, or pick fewer/smaller --shapes/--depths.")
+        raise SystemExit(
+            f"benchmark_growth: not enough disk space in {work}: the models "
+            f"({', '.join(f'{sh}x{d}' for sh, d in plan)}) and their outputs need about "
+            f"{need / 1e9:.1f} GB "
+            f"{'in all (--keep)' if keep else 'at a time'}, {free / 1e9:.1f} GB is free. Free some space, "
+            "point --work at a larger disk, or pick fewer/smaller --shapes/--depths."
+        )
     logger.info("disk: about %.1f GB needed, %.1f GB free in %s", need / 1e9, free / 1e9, work)
 
 
 def measure(key: str, sh: str, depth: int, a: argparse.Namespace, work: Path, calib: Path, tok_dir: Path) -> dict:
     s = SHAPES[sh]
     src, dst, logs = work / "models" / key, work / "out" / key, work / "logs"
-    logger.info("%s: writing a random %s-shaped model with %d layer(s) (%.1f GB bf16) ...", key, s["name"], depth,
-                model_bytes(s, depth) / 1e9)
+    logger.info(
+        "%s: writing a random %s-shaped model with %d layer(s) (%.1f GB bf16) ...",
+        key,
+        s["name"],
+        depth,
+        model_bytes(s, depth) / 1e9,
+    )
     write_random_llama(src, s, depth, a.seed, tok_dir)
     logger.info("%s: quantizing ...", key)
-    args = ["--method", "awq", "--src", str(src), "--dst", str(dst), "--overwrite", "--bits", "4", "--group-size",
-            str(a.group_size), "--calib", str(calib), "--n-samples", str(a.n_samples), "--seq-len", str(a.seq_len),
-            *a.awqkit_arg]
+    args = [
+        "--method",
+        "awq",
+        "--src",
+        str(src),
+        "--dst",
+        str(dst),
+        "--overwrite",
+        "--bits",
+        "4",
+        "--group-size",
+        str(a.group_size),
+        "--calib",
+        str(calib),
+        "--n-samples",
+        str(a.n_samples),
+        "--seq-len",
+        str(a.seq_len),
+        *a.awqkit_arg,
+    ]
     r = awqkit_quantize(args, logs / f"{key}.result.json", logs / f"{key}.log")
     meta = r.pop("metadata") or {}
     t = meta.get("timings_seconds", {})
@@ -165,9 +241,19 @@ def measure(key: str, sh: str, depth: int, a: argparse.Namespace, work: Path, ca
         per_layer, how, in_layers = searched / depth, "search time / layers", searched
     else:
         per_layer, how, in_layers = r["seconds"] / depth, "wall time / layers", r["seconds"]
-    rec = {"shape": sh, "depth": depth, "disk_bytes": model_bytes(s, depth), "seconds": r["seconds"],
-           "peak_rss": r["peak_rss"], "s_per_layer": per_layer, "per_layer_from": how, "layer_seconds": layer_s,
-           "outside_layers_s": r["seconds"] - in_layers, "timings": t, "versions": meta.get("versions", {})}
+    rec = {
+        "shape": sh,
+        "depth": depth,
+        "disk_bytes": model_bytes(s, depth),
+        "seconds": r["seconds"],
+        "peak_rss": r["peak_rss"],
+        "s_per_layer": per_layer,
+        "per_layer_from": how,
+        "layer_seconds": layer_s,
+        "outside_layers_s": r["seconds"] - in_layers,
+        "timings": t,
+        "versions": meta.get("versions", {}),
+    }
     if not a.keep:
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(dst, ignore_errors=True)
@@ -178,12 +264,29 @@ def measure(key: str, sh: str, depth: int, a: argparse.Namespace, work: Path, ca
 def render(recs: dict[str, dict], a: argparse.Namespace, mach: dict[str, Any], command: str) -> str:
     from awqkit.report.table import markdown_table
 
-    rows = [{"shape": SHAPES[r["shape"]]["name"], "hidden / inter": f"{SHAPES[r['shape']]['hidden']} / "
-             f"{SHAPES[r['shape']]['inter']}", "layers": r["depth"], "bf16 GB": r["disk_bytes"] / 1e9,
-             "quantize s": r["seconds"], "s / layer": r["s_per_layer"], "outside layers s": r["outside_layers_s"],
-             "peak RSS GB": r["peak_rss"] / 1e9} for r in recs.values()]
-    table = markdown_table(rows, floatfmt={"bf16 GB": ".2f", "quantize s": ".0f", "s / layer": ".1f",
-                                           "outside layers s": ".0f", "peak RSS GB": ".2f"})
+    rows = [
+        {
+            "shape": SHAPES[r["shape"]]["name"],
+            "hidden / inter": f"{SHAPES[r['shape']]['hidden']} / {SHAPES[r['shape']]['inter']}",
+            "layers": r["depth"],
+            "bf16 GB": r["disk_bytes"] / 1e9,
+            "quantize s": r["seconds"],
+            "s / layer": r["s_per_layer"],
+            "outside layers s": r["outside_layers_s"],
+            "peak RSS GB": r["peak_rss"] / 1e9,
+        }
+        for r in recs.values()
+    ]
+    table = markdown_table(
+        rows,
+        floatfmt={
+            "bf16 GB": ".2f",
+            "quantize s": ".0f",
+            "s / layer": ".1f",
+            "outside layers s": ".0f",
+            "peak RSS GB": ".2f",
+        },
+    )
     by_shape: dict[str, dict[int, dict]] = {}
     for r in recs.values():
         by_shape.setdefault(r["shape"], {})[r["depth"]] = r
@@ -191,17 +294,21 @@ def render(recs: dict[str, dict], a: argparse.Namespace, mach: dict[str, Any], c
     for sh, d in by_shape.items():
         deepest = d[max(d)]
         full = SHAPES[sh]["layers"]
-        lines.append(f"- {SHAPES[sh]['name']} (hidden {SHAPES[sh]['hidden']}): {deepest['s_per_layer']:.1f} s per "
-                     f"layer at {max(d)} layer(s) -> a full {full}-layer model about "
-                     f"{deepest['s_per_layer'] * full / 3600:.2f} h here (layers only)")
+        lines.append(
+            f"- {SHAPES[sh]['name']} (hidden {SHAPES[sh]['hidden']}): {deepest['s_per_layer']:.1f} s per "
+            f"layer at {max(d)} layer(s) -> a full {full}-layer model about "
+            f"{deepest['s_per_layer'] * full / 3600:.2f} h here (layers only)"
+        )
         if 4 in d and max(d) > 4:
             ratio = deepest["peak_rss"] / d[4]["peak_rss"]
             goal = f"**{met(ratio <= 1.15)}**" if max(d) >= 16 else f"{met(ratio <= 1.15)} (goal is stated at 16)"
             lines.append(f"  - peak RSS {max(d)} layers / 4 layers = {ratio:.2f}x (goal <= 1.15x): {goal}")
         if sh == "8b":
             ok = deepest["peak_rss"] <= 4e9
-            lines.append(f"  - peak RSS {deepest['peak_rss'] / 1e9:.2f} GB at {max(d)} of 32 layers (goal: a full "
-                         f"8B within 4 GB): **{met(ok)}**" + ("" if max(d) == 32 else " at this depth"))
+            lines.append(
+                f"  - peak RSS {deepest['peak_rss'] / 1e9:.2f} GB at {max(d)} of 32 layers (goal: a full "
+                f"8B within 4 GB): **{met(ok)}**" + ("" if max(d) == 32 else " at this depth")
+            )
     versions = next((r["versions"] for r in recs.values() if r.get("versions")), {})
     return (
         f"Random-weight Llama models in bf16 safetensors (one shard per layer, seed {a.seed}, vocab {VOCAB}), "
@@ -226,8 +333,13 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0, help="weights' seed (default %(default)s)")
     ap.add_argument("--calib", default=None, help="calibration text file (default: SQuAD 2.0 dev contexts)")
-    ap.add_argument("--awqkit-arg", action="append", default=[], metavar="ARG",
-                    help="extra `awqkit quantize` argument (repeatable), e.g. --awqkit-arg=--rank-top-k=0")
+    ap.add_argument(
+        "--awqkit-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `awqkit quantize` argument (repeatable), e.g. --awqkit-arg=--rank-top-k=0",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs (default: delete)")
     add_output_args(ap, "~/.cache/awqkit/bench-growth", SECTION)
     a = ap.parse_args()
@@ -247,8 +359,14 @@ def main() -> None:
 
     work = Path(a.work).expanduser()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    settings = {"n_samples": a.n_samples, "seq_len": a.seq_len, "group_size": a.group_size, "seed": a.seed,
-                "calib": a.calib, "awqkit_arg": a.awqkit_arg}
+    settings = {
+        "n_samples": a.n_samples,
+        "seq_len": a.seq_len,
+        "group_size": a.group_size,
+        "seed": a.seed,
+        "calib": a.calib,
+        "awqkit_arg": a.awqkit_arg,
+    }
     store = RunStore(work, settings)
     recs: dict[str, dict] = {}
     todo = [(sh, d) for sh, d in plan if a.rerun or store.get(f"{sh}-d{d}") is None]
@@ -275,9 +393,11 @@ def main() -> None:
     mach_file.write_text(json.dumps(mach))
     command = subprocess.list2cmdline(
         ["python", "scripts/benchmark_growth.py", "--shapes", ",".join(shapes), "--depths", a.depths]
-        + (["--full"] if a.full else []) + ["--n-samples", str(a.n_samples), "--seq-len", str(a.seq_len)]
+        + (["--full"] if a.full else [])
+        + ["--n-samples", str(a.n_samples), "--seq-len", str(a.seq_len)]
         + ([f"--group-size={a.group_size}"] if a.group_size != 128 else [])
-        + [f"--awqkit-arg={x}" for x in a.awqkit_arg])
+        + [f"--awqkit-arg={x}" for x in a.awqkit_arg]
+    )
     body = render(recs, a, mach, command) + (f"\n{a.note}\n" if a.note else "")
     print(body)
     if not a.no_write:

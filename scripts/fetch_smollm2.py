@@ -2,6 +2,7 @@
 
 Usage: python scripts/fetch_smollm2.py [DST]   (default: $AWQKIT_CACHE or ~/.cache/awqkit)
 """
+
 from awqkit.zoo import main
 
 if __name__ == "__main__":

@@ -34,15 +34,32 @@ from typing import Any
 import torch
 
 SHAPES = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2},
-    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 4,
-                     "num_attention_heads": 9, "num_key_value_heads": 3},
-    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 2,
-                  "num_attention_heads": 32, "num_key_value_heads": 8},
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+    },
+    "llama3-8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
 }
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
-         "quantization maps float weights to small integers with scales and zero points").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
+    "quantization maps float weights to small integers with scales and zero points"
+).split()
 
 
 def tokenizer(folder: Path) -> Any:
@@ -53,8 +70,12 @@ def tokenizer(folder: Path) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([" ".join(WORDS)] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(folder)
@@ -69,13 +90,20 @@ def make_model(root: Path, shape: str) -> Path:
 
     folder = root / shape
     tok = tokenizer(folder)
-    cfg = LlamaConfig(**SHAPES[shape], vocab_size=len(tok), max_position_embeddings=4096, dtype="bfloat16",
-                      architectures=["LlamaForCausalLM"])
+    cfg = LlamaConfig(
+        **SHAPES[shape],
+        vocab_size=len(tok),
+        max_position_embeddings=4096,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(cfg)
     gen = torch.Generator().manual_seed(0)
-    state = {name: (torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
-             .to(torch.bfloat16) for name, p in skeleton.state_dict().items()}
+    state = {
+        name: (torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.ones(p.shape)).to(torch.bfloat16)
+        for name, p in skeleton.state_dict().items()
+    }
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -97,11 +125,22 @@ def quantize(src: Path, dst: Path, calib: Path, device: str, n_samples: int, seq
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    rep = run(src, dst, method="awq", quant=QuantConfig(bits=4, group_size=64 if "tiny" not in src.name else 32),
-              calib=CalibConfig(source=str(calib), n_samples=n_samples, seq_len=seq_len),
-              search=SearchConfig(), device=device, overwrite=True, progress=False)
-    out = {"seconds": time.perf_counter() - t0, "layer_seconds": rep.metadata["awq"]["layer_seconds"],
-           "mappings": [(m["mode"], m["alpha"], m["loss_awq"]) for m in rep.metadata["awq"]["mappings"]]}
+    rep = run(
+        src,
+        dst,
+        method="awq",
+        quant=QuantConfig(bits=4, group_size=64 if "tiny" not in src.name else 32),
+        calib=CalibConfig(source=str(calib), n_samples=n_samples, seq_len=seq_len),
+        search=SearchConfig(),
+        device=device,
+        overwrite=True,
+        progress=False,
+    )
+    out = {
+        "seconds": time.perf_counter() - t0,
+        "layer_seconds": rep.metadata["awq"]["layer_seconds"],
+        "mappings": [(m["mode"], m["alpha"], m["loss_awq"]) for m in rep.metadata["awq"]["mappings"]],
+    }
     if device.startswith("cuda"):
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return out
@@ -138,17 +177,23 @@ def main(argv: list[str] | None = None) -> int:
         results["correctness"] = {
             "mappings": len(cpu["mappings"]),
             "same_choice": sum(x[:2] == y[:2] for x, y in zip(cpu["mappings"], gpu["mappings"], strict=True)),
-            **compare(root / "q-cpu", root / "q-gpu")}
+            **compare(root / "q-cpu", root / "q-gpu"),
+        }
         for shape in a.shapes.split(","):
             src = make_model(root, shape)
             r = quantize(src, root / f"q-{shape}", calib, "cuda", 32, 512)
-            results[shape] = {"layer_seconds": r["layer_seconds"], "seconds": r["seconds"],
-                              "peak_gpu_gib": r["peak_gpu_bytes"] / 2**30}
+            results[shape] = {
+                "layer_seconds": r["layer_seconds"],
+                "seconds": r["seconds"],
+                "peak_gpu_gib": r["peak_gpu_bytes"] / 2**30,
+            }
     c = results["correctness"]
     print(f"{results['device']}, torch {results['torch']}")
-    print(f"correctness (tiny, cpu vs cuda): {c['same_choice']}/{c['mappings']} mappings choose the same scales; "
-          f"{c['bit_identical']}/{c['tensors']} tensors bit-identical; max relative scale difference "
-          f"{c['max_rel_scale_diff']:.2e}")
+    print(
+        f"correctness (tiny, cpu vs cuda): {c['same_choice']}/{c['mappings']} mappings choose the same scales; "
+        f"{c['bit_identical']}/{c['tensors']} tensors bit-identical; max relative scale difference "
+        f"{c['max_rel_scale_diff']:.2e}"
+    )
     print("| shape | s / layer (median) | total s | peak GPU GiB |\n|---|---|---|---|")
     for shape in a.shapes.split(","):
         r = results[shape]

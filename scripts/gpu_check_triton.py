@@ -155,8 +155,9 @@ class Timer:
                 graph.replay()
                 e.record()
             torch.cuda.synchronize()
-            res["graph"] = statistics.median(s.elapsed_time(e) * 1e3 / n_copies
-                                             for s, e in zip(starts, ends, strict=True))
+            res["graph"] = statistics.median(
+                s.elapsed_time(e) * 1e3 / n_copies for s, e in zip(starts, ends, strict=True)
+            )
             del graph
         except Exception as exc:
             res["graph_error"] = repr(exc)
@@ -184,14 +185,24 @@ def n_copies_for(nbytes: int, device: str) -> int:
 # --------------------------------------------------------------------------- sections
 def section_correctness(a, dev: str, act: torch.dtype, out: dict) -> None:
     if a.dry_run:
-        cases = [(256, 64, 32, 1, True, True, act), (256, 72, 64, 3, False, False, act),
-                 (384, 48, 128, 17, True, True, act), (128, 32, -1, 2, False, True, act)]
+        cases = [
+            (256, 64, 32, 1, True, True, act),
+            (256, 72, 64, 3, False, False, act),
+            (384, 48, 128, 17, True, True, act),
+            (128, 32, -1, 2, False, True, act),
+        ]
     else:
-        cases = [(4096, 4096, 128, 1, True, False, act), (4096, 11008, 128, 16, True, True, act),
-                 (11008, 4096, 128, 5, False, False, act), (1024, 768, 64, 33, True, True, act),
-                 (512, 1000, 32, 128, False, True, act), (2048, 2048, -1, 3, True, False, act),
-                 (4096, 4096, 128, 256, True, True, act), (4096, 4096, 128, 1, True, True, torch.bfloat16),
-                 (4096, 11008, 64, 16, False, False, torch.bfloat16)]
+        cases = [
+            (4096, 4096, 128, 1, True, False, act),
+            (4096, 11008, 128, 16, True, True, act),
+            (11008, 4096, 128, 5, False, False, act),
+            (1024, 768, 64, 33, True, True, act),
+            (512, 1000, 32, 128, False, True, act),
+            (2048, 2048, -1, 3, True, False, act),
+            (4096, 4096, 128, 256, True, True, act),
+            (4096, 4096, 128, 1, True, True, torch.bfloat16),
+            (4096, 11008, 64, 16, False, False, torch.bfloat16),
+        ]
     rows = []
     print("\n## correctness (fp32 reference; bound: see the script docstring)\n")
     print("| K | N | g | M | zp | bias | dtype | triton max abs | max rel | err/bound | torch-ref err/bound | |")
@@ -216,14 +227,16 @@ def section_correctness(a, dev: str, act: torch.dtype, out: dict) -> None:
                 r_ref = check(torch_ref.forward(x, ql), x, w32, bias)
                 chosen = kernels.resolve_backend("auto", x, ql).name
                 y_auto = ql(x)
-            rec.update(triton=r, torch_ref=r_ref, auto_backend=chosen,
-                       auto_equals_direct=bool(torch.equal(y_auto, y)))
+            rec.update(triton=r, torch_ref=r_ref, auto_backend=chosen, auto_equals_direct=bool(torch.equal(y_auto, y)))
             ok = r["pass"] and (chosen == "triton" or a.dry_run)
             if not ok:
                 FAILS.append(f"correctness {rec}")
-            print(f"| {K} | {N} | {g} | {M} | {zp} | {has_bias} | {str(dt)[6:]} | {r['max_abs']:.3g} | "
-                  f"{r['max_rel']:.3g} | {r['worst_err_over_bound']:.3g} | {r_ref['worst_err_over_bound']:.3g} | "
-                  f"{'PASS' if ok else 'FAIL'}{'' if chosen == 'triton' else f' (auto -> {chosen})'} |", flush=True)
+            print(
+                f"| {K} | {N} | {g} | {M} | {zp} | {has_bias} | {str(dt)[6:]} | {r['max_abs']:.3g} | "
+                f"{r['max_rel']:.3g} | {r['worst_err_over_bound']:.3g} | {r_ref['worst_err_over_bound']:.3g} | "
+                f"{'PASS' if ok else 'FAIL'}{'' if chosen == 'triton' else f' (auto -> {chosen})'} |",
+                flush=True,
+            )
         except Exception as exc:
             rec["error"] = repr(exc)
             FAILS.append(f"correctness {K}x{N} g{g} M{M}: {exc!r}")
@@ -235,9 +248,11 @@ def section_correctness(a, dev: str, act: torch.dtype, out: dict) -> None:
 
 def section_unpack(a, dev: str, act: torch.dtype, out: dict) -> None:
     K, N, g = (256, 80, 64) if a.dry_run else (4096, 4096, 128)
-    configs = [(tw.Config(1, 128, 64, split_k=4, group_m=1), 1),  # GEMV + split-K reduce
-               (tw.Config(16, 64, 64, split_k=4), 3),  # 16-row tl.dot + split-K
-               (tw.Config(64, 128, 64, num_warps=4, num_stages=3), 70)]  # 64-row tiles, bias in the epilogue
+    configs = [
+        (tw.Config(1, 128, 64, split_k=4, group_m=1), 1),  # GEMV + split-K reduce
+        (tw.Config(16, 64, 64, split_k=4), 3),  # 16-row tl.dot + split-K
+        (tw.Config(64, 128, 64, num_warps=4, num_stages=3), 70),
+    ]  # 64-row tiles, bias in the epilogue
     qweight, qzeros, scales = make_packed(K, N, g, True, dev, seed=5)
     w32 = dequant_t(qweight, qzeros, scales)
     bias = torch.randn(N, device=dev).half()
@@ -253,8 +268,11 @@ def section_unpack(a, dev: str, act: torch.dtype, out: dict) -> None:
                 rec.update(r)
                 if not r["pass"]:
                     FAILS.append(f"unpack {rec}")
-                print(f"- {mode:8s} M={M:<3d} {cfg}: max abs {r['max_abs']:.3g}, err/bound "
-                      f"{r['worst_err_over_bound']:.3g} {'PASS' if r['pass'] else 'FAIL'}", flush=True)
+                print(
+                    f"- {mode:8s} M={M:<3d} {cfg}: max abs {r['max_abs']:.3g}, err/bound "
+                    f"{r['worst_err_over_bound']:.3g} {'PASS' if r['pass'] else 'FAIL'}",
+                    flush=True,
+                )
             except Exception as exc:
                 rec["error"] = repr(exc)
                 FAILS.append(f"unpack {mode} {cfg}: {exc!r}")
@@ -284,8 +302,9 @@ def section_timings(a, dev: str, act: torch.dtype, out: dict, t_start: float) ->
         w16 = dequant_t(qweight, qzeros, scales).to(act).contiguous()  # [K, N]: x @ W
         packed_bytes = qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2
         nq, nw = n_copies_for(packed_bytes, dev), n_copies_for(w16.numel() * w16.element_size(), dev)
-        q_copies = [(qweight, qzeros, scales)] + [(qweight.clone(), qzeros.clone(), scales.clone())
-                                                  for _ in range(nq - 1)]
+        q_copies = [(qweight, qzeros, scales)] + [
+            (qweight.clone(), qzeros.clone(), scales.clone()) for _ in range(nq - 1)
+        ]
         w_copies = [w16] + [w16.clone() for _ in range(nw - 1)]
         for M in (1, 16):
             rec = {"K": K, "N": N, "group_size": g, "M": M, "dtype": str(act)}
@@ -304,9 +323,8 @@ def section_timings(a, dev: str, act: torch.dtype, out: dict, t_start: float) ->
                 rec["check"] = err
                 if not err["pass"]:
                     FAILS.append(f"timing-shape check {K}x{N} M{M}")
-                t_tr = timer(lambda i, qc=q_copies, x=x: (lambda c=qc[i]: tw.w4a16_matmul(x, c[0], c[1], c[2], g)),
-                             nq)
-                t_mm = timer(lambda i, wc=w_copies, x=x: (lambda w=wc[i]: torch.matmul(x, w)), nw)
+                t_tr = timer(lambda i, qc=q_copies, x=x: lambda c=qc[i]: tw.w4a16_matmul(x, c[0], c[1], c[2], g), nq)
+                t_mm = timer(lambda i, wc=w_copies, x=x: lambda w=wc[i]: torch.matmul(x, w), nw)
                 rec["copies"] = {"triton": nq, "fp16": nw}
                 rec["triton_us"], rec["triton_eager_us"] = t_tr["graph"], t_tr["eager"]
                 rec["fp16_matmul_us"], rec["fp16_matmul_eager_us"] = t_mm["graph"], t_mm["eager"]
@@ -319,8 +337,11 @@ def section_timings(a, dev: str, act: torch.dtype, out: dict, t_start: float) ->
                 FAILS.append(f"timing {K}x{N} M{M}: {exc!r}")
                 traceback.print_exc()
             rows.append(rec)
-            print(f"  timed {K}x{N} M={M} ({rec.get('config')}): {rec.get('triton_us', float('nan')):.1f} us triton, "
-                  f"{rec.get('fp16_matmul_us', float('nan')):.1f} us fp16 ({rec.get('error', 'ok')})", flush=True)
+            print(
+                f"  timed {K}x{N} M={M} ({rec.get('config')}): {rec.get('triton_us', float('nan')):.1f} us triton, "
+                f"{rec.get('fp16_matmul_us', float('nan')):.1f} us fp16 ({rec.get('error', 'ok')})",
+                flush=True,
+            )
         del w16, w_copies, q_copies
         torch.cuda.empty_cache() if dev == "cuda" else None
     out["timings"] = rows
@@ -336,8 +357,9 @@ def section_variants(a, dev: str, act: torch.dtype, out: dict, t_start: float) -
         qweight, qzeros, scales = make_packed(K, N, g, True, dev, seed=11)
         w32 = dequant_t(qweight, qzeros, scales)
         nq = n_copies_for(qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2, dev)
-        q_copies = [(qweight, qzeros, scales)] + [(qweight.clone(), qzeros.clone(), scales.clone())
-                                                  for _ in range(nq - 1)]
+        q_copies = [(qweight, qzeros, scales)] + [
+            (qweight.clone(), qzeros.clone(), scales.clone()) for _ in range(nq - 1)
+        ]
         for M in (1, 16):
             x = torch.randn(M, K, device=dev).to(act)
             base = tuned_config(x, N, K, g) or tw.interpreter_config(M, N, K, g)
@@ -353,8 +375,12 @@ def section_variants(a, dev: str, act: torch.dtype, out: dict, t_start: float) -
                         rec["pass"] = r["pass"]
                         if not r["pass"]:
                             FAILS.append(f"variant {rec}")
-                        t = timer(lambda i, c=cfg, qc=q_copies, x=x: (lambda q=qc[i]: tw.w4a16_matmul(
-                            x, q[0], q[1], q[2], g, config=c)), nq)
+                        t = timer(
+                            lambda i, c=cfg, qc=q_copies, x=x: (
+                                lambda q=qc[i]: tw.w4a16_matmul(x, q[0], q[1], q[2], g, config=c)
+                            ),
+                            nq,
+                        )
                         rec["us"], rec["eager_us"] = t["graph"], t["eager"]
                     except Exception as exc:
                         rec["error"] = repr(exc)
@@ -365,29 +391,39 @@ def section_variants(a, dev: str, act: torch.dtype, out: dict, t_start: float) -
 
 def print_tables(out: dict) -> None:
     print("\n## W4A16 triton vs fp16 torch.matmul (median us per call, each call on a cold weight copy)\n")
-    print("graph = per-call device time in a CUDA graph; eager = a plain call (adds host launch cost where "
-          "it exceeds the GPU work)\n")
-    print("| K x N | M | fp16 matmul | triton w4a16 | speed-up | eager fp16 | eager triton | eager speed-up "
-          "| triton GB/s | fp16 GB/s | config |")
+    print(
+        "graph = per-call device time in a CUDA graph; eager = a plain call (adds host launch cost where "
+        "it exceeds the GPU work)\n"
+    )
+    print(
+        "| K x N | M | fp16 matmul | triton w4a16 | speed-up | eager fp16 | eager triton | eager speed-up "
+        "| triton GB/s | fp16 GB/s | config |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out.get("timings", []):
         if "triton_us" not in r:
             print(f"| {r['K']}x{r['N']} | {r['M']} | {r.get('error') or r.get('skipped')} |||||||||")
             continue
-        print(f"| {r['K']}x{r['N']} | {r['M']} | {r['fp16_matmul_us']:.1f} | {r['triton_us']:.1f} | "
-              f"{r['speedup']:.2f}x | {r['fp16_matmul_eager_us']:.1f} | {r['triton_eager_us']:.1f} | "
-              f"{r['speedup_eager']:.2f}x | {r['triton_GBps']:.0f} | {r['fp16_GBps']:.0f} | {r['config']} |")
+        print(
+            f"| {r['K']}x{r['N']} | {r['M']} | {r['fp16_matmul_us']:.1f} | {r['triton_us']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['fp16_matmul_eager_us']:.1f} | {r['triton_eager_us']:.1f} | "
+            f"{r['speedup_eager']:.2f}x | {r['triton_GBps']:.0f} | {r['fp16_GBps']:.0f} | {r['config']} |"
+        )
     if out.get("variants"):
         print("\n## variants of the tuned block shape (graph us / eager us)\n")
         print("| K x N | M | unpack | magic | graph us | eager us | check | config |")
         print("|---|---|---|---|---|---|---|---|")
         for r in out["variants"]:
             if "us" not in r:
-                print(f"| {r['K']}x{r['N']} | {r['M']} | {r['unpack']} | {r['magic']} | "
-                      f"{r.get('error') or r.get('skipped')} | | | |")
+                print(
+                    f"| {r['K']}x{r['N']} | {r['M']} | {r['unpack']} | {r['magic']} | "
+                    f"{r.get('error') or r.get('skipped')} | | | |"
+                )
                 continue
-            print(f"| {r['K']}x{r['N']} | {r['M']} | {r['unpack']} | {r['magic']} | {r['us']:.1f} | "
-                  f"{r['eager_us']:.1f} | {'PASS' if r.get('pass') else 'FAIL'} | {r['config']} |")
+            print(
+                f"| {r['K']}x{r['N']} | {r['M']} | {r['unpack']} | {r['magic']} | {r['us']:.1f} | "
+                f"{r['eager_us']:.1f} | {'PASS' if r.get('pass') else 'FAIL'} | {r['config']} |"
+            )
 
 
 def main() -> int:
@@ -398,8 +434,11 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=200.0, help="skip remaining timings after this")
     ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes")
-    ap.add_argument("--sections", default="correctness,timings,unpack,variants",
-                    help="comma-separated subset of correctness,timings,unpack,variants")
+    ap.add_argument(
+        "--sections",
+        default="correctness,timings,unpack,variants",
+        help="comma-separated subset of correctness,timings,unpack,variants",
+    )
     ap.add_argument("--wide", action="store_true", help="AWQKIT_TRITON_AUTOTUNE=wide: explore more configs")
     a = ap.parse_args()
     if a.wide and not a.dry_run:
@@ -418,19 +457,26 @@ def main() -> int:
 
     out: dict = {
         "env": {
-            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "python": platform.python_version(),
             "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (Triton interpreter)",
             "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else None,
-            "dry_run": a.dry_run, "reps": a.reps, "warmup": a.warmup, "sections": a.sections,
+            "dry_run": a.dry_run,
+            "reps": a.reps,
+            "warmup": a.warmup,
+            "sections": a.sections,
             "autotune": os.environ.get("AWQKIT_TRITON_AUTOTUNE", "1"),
         }
     }
     print(json.dumps(out["env"]))
     print(f"backends available: {kernels.list_backends(only_available=True)}")
-    for name, fn in (("correctness", lambda: section_correctness(a, dev, act, out)),
-                     ("timings", lambda: section_timings(a, dev, act, out, t_start)),
-                     ("unpack", lambda: section_unpack(a, dev, act, out)),
-                     ("variants", lambda: section_variants(a, dev, act, out, t_start))):
+    for name, fn in (
+        ("correctness", lambda: section_correctness(a, dev, act, out)),
+        ("timings", lambda: section_timings(a, dev, act, out, t_start)),
+        ("unpack", lambda: section_unpack(a, dev, act, out)),
+        ("variants", lambda: section_variants(a, dev, act, out, t_start)),
+    ):
         if name not in a.sections.split(","):
             continue
         t0 = time.perf_counter()

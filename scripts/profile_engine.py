@@ -82,7 +82,8 @@ def profile(layers: int, n_samples: int, search: Any) -> dict[str, float]:
         for n, f in saved.items():
             setattr(pipeline, n, f)
     acc["float pass + statistics"] = acc["layer total"] - sum(
-        acc[k] for k in ("scale search + fold", "clip search", "next layer's inputs (quantized pass)"))
+        acc[k] for k in ("scale search + fold", "clip search", "next layer's inputs (quantized pass)")
+    )
     return {k: v / layers for k, v in acc.items() if k != "run total (with capture)"}
 
 
@@ -95,14 +96,17 @@ def flops(n_samples: int, search: Any) -> dict[str, float]:
     per_token = 2 * (attn_params + mlp_params) + sdpa
     search_tok = min(search.search_samples, n_samples) * length
     attn_tok = 2 * attn_params + sdpa
-    full = (1 if search.rank_top_k == 0 else 0)
+    full = 1 if search.rank_top_k == 0 else 0
     n_cand = 41
     scored = n_cand if full else 1 + search.rank_top_k
     ranked = 0 if full else n_cand
     return {
         "float pass + statistics": (tokens * per_token + tokens * 2 * inter * inter) / 1e9,  # + down_proj's Gram
-        "scale search + fold": ((scored + 1) * search_tok * (attn_tok + 2 * mlp_params)
-                                + ranked * search.rank_tokens * (attn_tok + 2 * mlp_params)) / 1e9,
+        "scale search + fold": (
+            (scored + 1) * search_tok * (attn_tok + 2 * mlp_params)
+            + ranked * search.rank_tokens * (attn_tok + 2 * mlp_params)
+        )
+        / 1e9,
         "next layer's inputs (quantized pass)": tokens * per_token / 1e9,
     }
 
@@ -118,12 +122,19 @@ def main() -> None:
     from awqkit.config import SearchConfig
     from awqkit.report.table import markdown_table
 
-    configs = {"exhaustive (--rank-top-k 0)": dataclasses.replace(SearchConfig(), rank_top_k=0),
-               "ranked (default)": SearchConfig()}
+    configs = {
+        "exhaustive (--rank-top-k 0)": dataclasses.replace(SearchConfig(), rank_top_k=0),
+        "ranked (default)": SearchConfig(),
+    }
     measured = {name: profile(a.layers, a.n_samples, cfg) for name, cfg in configs.items()}
     work = {name: flops(a.n_samples, cfg) for name, cfg in configs.items()}
-    steps = ["float pass + statistics", "scale search + fold", "clip search", "next layer's inputs (quantized pass)",
-             "layer total"]
+    steps = [
+        "float pass + statistics",
+        "scale search + fold",
+        "clip search",
+        "next layer's inputs (quantized pass)",
+        "layer total",
+    ]
     rows = []
     for step in steps:
         row: dict[str, Any] = {"step": step}
@@ -134,21 +145,26 @@ def main() -> None:
     fmt = {k: ".2f" if k.endswith(" s") else ".0f" for k in rows[0] if k != "step"}
     table = markdown_table(rows, floatfmt=fmt)
     ex, rk = (measured[n]["layer total"] for n in configs)
-    passes = measured["ranked (default)"]["float pass + statistics"] + \
-        measured["ranked (default)"]["next layer's inputs (quantized pass)"]
+    passes = (
+        measured["ranked (default)"]["float pass + statistics"]
+        + measured["ranked (default)"]["next layer's inputs (quantized pass)"]
+    )
     search_s = measured["ranked (default)"]["scale search + fold"]
-    command = subprocess.list2cmdline(["python", "scripts/profile_engine.py", "--layers", str(a.layers),
-                                       "--n-samples", str(a.n_samples)])
-    body = (f"SmolLM2-135M-Instruct, w4 g64, the first {a.layers} decoder layers, calibration {a.n_samples} x 512 "
-            "tokens (the engine benchmark's SQuAD blocks), default search settings otherwise. Seconds per layer of "
-            "each step (wall clock, one process); GFLOP: the dominant matmuls of the step estimated from the "
-            "shapes (41 grid candidates; the float pass includes down_proj's input Gram matrix).\n\n"
-            f"Machine: {machine_line(machine())}. Produced by `{command}`.\n\n{table}\n\n"
-            f"The ranked search makes a layer {ex / rk:.2f}x faster ({ex:.1f} -> {rk:.1f} s). Of a ranked layer's "
-            f"{rk:.1f} s, the scale search takes {search_s:.1f} s (the ranking pass scores all 41 candidates on 512 "
-            f"tokens, then the identity and the 3 best on the full search data) and the two passes over all "
-            f"calibration tokens (the float pass with its statistics, and the quantized pass that makes the next "
-            f"layer's inputs, which every AWQ implementation runs) {passes:.1f} s.\n")
+    command = subprocess.list2cmdline(
+        ["python", "scripts/profile_engine.py", "--layers", str(a.layers), "--n-samples", str(a.n_samples)]
+    )
+    body = (
+        f"SmolLM2-135M-Instruct, w4 g64, the first {a.layers} decoder layers, calibration {a.n_samples} x 512 "
+        "tokens (the engine benchmark's SQuAD blocks), default search settings otherwise. Seconds per layer of "
+        "each step (wall clock, one process); GFLOP: the dominant matmuls of the step estimated from the "
+        "shapes (41 grid candidates; the float pass includes down_proj's input Gram matrix).\n\n"
+        f"Machine: {machine_line(machine())}. Produced by `{command}`.\n\n{table}\n\n"
+        f"The ranked search makes a layer {ex / rk:.2f}x faster ({ex:.1f} -> {rk:.1f} s). Of a ranked layer's "
+        f"{rk:.1f} s, the scale search takes {search_s:.1f} s (the ranking pass scores all 41 candidates on 512 "
+        f"tokens, then the identity and the 3 best on the full search data) and the two passes over all "
+        f"calibration tokens (the float pass with its statistics, and the quantized pass that makes the next "
+        f"layer's inputs, which every AWQ implementation runs) {passes:.1f} s.\n"
+    )
     print(body)
     if not a.no_write:
         write_section(Path(a.benchmarks), SECTION, body)

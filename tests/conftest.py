@@ -91,8 +91,17 @@ def save_tiny_llama(folder: Path, **config: Any) -> Path:
 
     tok = make_tiny_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(**{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tok), **config})
+    cfg = LlamaConfig(
+        **{
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": len(tok),
+            **config,
+        }
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -102,9 +111,15 @@ def tiny_fp16_llama(hidden: int, intermediate: int, vocab: int, tie: bool = True
     """A seeded 2-layer Llama (4 heads, 2 KV heads) in eval mode whose fp32 weights are exactly fp16 values."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                   tie_word_embeddings=tie)
+    cfg = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        tie_word_embeddings=tie,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -134,4 +149,4 @@ def greedy(model: Any, ids: torch.Tensor, n: int = 12) -> list[int]:
     """The ``n`` greedily generated token ids after ``ids`` (forced length)."""
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()

@@ -20,11 +20,12 @@ from torch import nn
 from awqkit import __version__
 from awqkit.algo.results import AWQResults
 from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_arch, spec_for_architectures
-from awqkit.calib import load_calibration, text_file_hash
+from awqkit.bench.resources import track_peak_rss
+from awqkit.calib import load_calibration
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
 from awqkit.engine import Source, follow_layers, open_source, run_layers
 from awqkit.errors import InputError
-from awqkit.eval.resources import track_peak_rss
+from awqkit.files import sha256_file
 from awqkit.io.destination import (
     check_destination,
     check_free_space,
@@ -37,10 +38,9 @@ from awqkit.io.destination import (
 from awqkit.io.progress import RunProgress, has_progress, run_key
 from awqkit.io.save import normal_permissions, parse_size, quantized_config, write_side_files, writing_errors
 from awqkit.io.source import SourceCheck, SourceInfo, inspect_source
+from awqkit.io.training import training_link
 from awqkit.parallel import DataParallel
 from awqkit.parallel import current as current_parallel
-from awqkit.platform.info import training_link
-from awqkit.platform.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
 from awqkit.preflight import (
     check_calibration_source,
     check_device,
@@ -48,6 +48,7 @@ from awqkit.preflight import (
     expected_output_bytes,
 )
 from awqkit.report.model_card import write_model_card
+from awqkit.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
 
 logger = logging.getLogger(__name__)
 
@@ -81,18 +82,22 @@ def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targe
             g = mod.in_features if qcfg.group_size == -1 else qcfg.group_size
             if mod.in_features % g or (qcfg.bits == 4 and mod.out_features % 8):
                 unaligned.append((name, mod))
-                out.kept[name] = (f"shape [{mod.out_features}x{mod.in_features}] does not fit group_size {g}"
-                                  f"{' and the 4-bit GEMM layout' if qcfg.bits == 4 else ''}")
+                out.kept[name] = (
+                    f"shape [{mod.out_features}x{mod.in_features}] does not fit group_size {g}"
+                    f"{' and the 4-bit GEMM layout' if qcfg.bits == 4 else ''}"
+                )
                 continue
             out.quantized.append(name)
     if unaligned:
         ins = {mod.in_features for _, mod in unaligned}
         ok = [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in ins)] + [-1]
         listed = ", ".join(f"{n} [{m.out_features}x{m.in_features}]" for n, m in unaligned[:6])
-        msg = (f"{len(unaligned)} linears do not fit group_size={qcfg.group_size}"
-               f"{' (4-bit GEMM also needs out_features % 8 == 0)' if qcfg.bits == 4 else ''}: "
-               f"{listed}{' ...' if len(unaligned) > 6 else ''}. Group sizes that fit every "
-               f"layer: {ok}.")
+        msg = (
+            f"{len(unaligned)} linears do not fit group_size={qcfg.group_size}"
+            f"{' (4-bit GEMM also needs out_features % 8 == 0)' if qcfg.bits == 4 else ''}: "
+            f"{listed}{' ...' if len(unaligned) > 6 else ''}. Group sizes that fit every "
+            f"layer: {ok}."
+        )
         if not qcfg.keep_unaligned_fp16:
             raise InputError(msg + " Choose one of them, or keep these layers in fp16 with --keep-unaligned-fp16.")
         logger.warning("%s Keeping them in fp16 as asked.", msg)
@@ -114,8 +119,9 @@ class QuantizeReport:
     peak_rss_bytes: int
 
 
-def _method_and_quant(method: str | None, spec: QuantizationSpec | None,
-                      quant: QuantConfig | None) -> tuple[str, QuantConfig, QuantizationSpec]:
+def _method_and_quant(
+    method: str | None, spec: QuantizationSpec | None, quant: QuantConfig | None
+) -> tuple[str, QuantConfig, QuantizationSpec]:
     """``(method, quant, spec)`` from what the caller passed (see :func:`quantize`)."""
     if spec is not None:
         if quant is not None:
@@ -133,8 +139,9 @@ def _method_and_quant(method: str | None, spec: QuantizationSpec | None,
     return method, quant, spec or QuantizationSpec.from_quant_config(method, quant)
 
 
-def _check_before_loading(src: str | Path, dst: str | Path, method: str, calib: CalibConfig,
-                          device: str | torch.device, overwrite: bool) -> tuple[Path, torch.device, SourceCheck]:
+def _check_before_loading(
+    src: str | Path, dst: str | Path, method: str, calib: CalibConfig, device: str | torch.device, overwrite: bool
+) -> tuple[Path, torch.device, SourceCheck]:
     """The checks of :mod:`awqkit.preflight` that need no model: ``(dst, device, source check)``."""
     recover(dst, keep=has_progress)  # a killed run's progress stays until this run's key is known
     path = check_destination(dst, overwrite=overwrite, src=src)
@@ -165,7 +172,7 @@ def quantize(
 ) -> QuantizeReport:
     """Quantize the float model at ``src`` with ``method`` ("awq" or "rtn"; default "awq") and write it to ``dst``.
 
-    ``spec`` (a :class:`~awqkit.platform.spec.QuantizationSpec`) may replace ``method`` + ``quant``: its
+    ``spec`` (a :class:`~awqkit.spec.QuantizationSpec`) may replace ``method`` + ``quant``: its
     weights part becomes the QuantConfig; parts awqkit does not apply (activations, KV cache, ...) are
     warned about and recorded as ``not_applied`` in the metadata. When the source folder holds
     ``training_metadata.json`` it is copied into ``dst`` and linked from the metadata (``"training"``).
@@ -203,28 +210,56 @@ def quantize(
             ids = _calibration_ids(calib, source)
             timings["calibration_data"] = time.perf_counter() - t
         calib_meta = _calib_metadata(calib, ids) if ids is not None else {}
-        key = run_key({"source": info.weights_sha256 or info.src, "method": method, "quant": to_dict(quant),
-                       "calib": calib_meta and {**to_dict(calib), "source": calib_meta["sha256"]},
-                       "search": to_dict(search) if ids is not None else None, "awqkit": __version__,
-                       "torch": torch.__version__, "device": dev.type,
-                       **({"data_parallel": par.world} if par.active else {})})
+        key = run_key(
+            {
+                "source": info.weights_sha256 or info.src,
+                "method": method,
+                "quant": to_dict(quant),
+                "calib": calib_meta and {**to_dict(calib), "source": calib_meta["sha256"]},
+                "search": to_dict(search) if ids is not None else None,
+                "awqkit": __version__,
+                "torch": torch.__version__,
+                "device": dev.type,
+                **({"data_parallel": par.world} if par.active else {}),
+            }
+        )
         adopt = _resumable(dst, key, allow=not par.active)
         # [STEP 4-6] search (AWQ), pack and write layer by layer, then the rest of the folder, then commit
         with writing_errors(dst), staging(dst, adopt=adopt, keep_on_interrupt=has_progress) as staged:
             t = time.perf_counter()
-            results, files = run_layers(source, arch, set(targets.quantized), quant, ids=ids, search=search,
-                                        device=dev, staged=staged, key=key, max_shard_bytes=parse_size("2GB"),
-                                        progress=progress, parallel=par)
+            results, files = run_layers(
+                source,
+                arch,
+                set(targets.quantized),
+                quant,
+                ids=ids,
+                search=search,
+                device=dev,
+                staged=staged,
+                key=key,
+                max_shard_bytes=parse_size("2GB"),
+                progress=progress,
+                parallel=par,
+            )
             timings["layers"] = time.perf_counter() - t
             timings["total_before_save"] = time.perf_counter() - t0
-            metadata = build_metadata(method, quant, calib if ids is not None else None,
-                                      search if ids is not None else None, info, targets, results, calib_meta,
-                                      timings, spec=spec, training=training_link(info))
+            metadata = build_metadata(
+                method,
+                quant,
+                calib if ids is not None else None,
+                search if ids is not None else None,
+                info,
+                targets,
+                results,
+                calib_meta,
+                timings,
+                spec=spec,
+                training=training_link(info),
+            )
             if par.active:
                 metadata["data_parallel"] = {"world_size": par.world, "backend": par.backend}
             config = quantized_config(model, quant, sorted(targets.kept))
-            write_side_files(model, staged, src_dir=info.folder, config=config, metadata=metadata,
-                             weight_files=files)
+            write_side_files(model, staged, src_dir=info.folder, config=config, metadata=metadata, weight_files=files)
             if results is not None:
                 results.save(staged)
             base = info.name_or_path or (info.folder.name if info.folder else str(src))
@@ -252,9 +287,17 @@ def _calibration_ids(calib: CalibConfig, source: Source) -> torch.Tensor:
     return load_calibration(calib.source, source.tokenizer, calib, model=source.model)
 
 
-def _follow(src: str | Path, dst: Path | str, method: str, quant: QuantConfig, calib: CalibConfig,
-            search: SearchConfig, device: str | torch.device, trust_remote_code: bool,
-            par: DataParallel) -> QuantizeReport:
+def _follow(
+    src: str | Path,
+    dst: Path | str,
+    method: str,
+    quant: QuantConfig,
+    calib: CalibConfig,
+    search: SearchConfig,
+    device: str | torch.device,
+    trust_remote_code: bool,
+    par: DataParallel,
+) -> QuantizeReport:
     """A data-parallel rank other than 0: read the source and the calibration as rank 0 does, run the AWQ layer
     loop on this rank's batches (writing nothing), then wait for rank 0 to put ``dst`` in place."""
     t0 = time.perf_counter()
@@ -266,8 +309,15 @@ def _follow(src: str | Path, dst: Path | str, method: str, quant: QuantConfig, c
             check_calibration_source(calib.source)
             source = _open(src, checked, method, calib, trust_remote_code)
             targets = select_targets(source.model, resolve_arch(source.model), quant)
-            results = follow_layers(source, set(targets.quantized), quant, ids=_calibration_ids(calib, source),
-                                    search=search, device=dev, parallel=par)
+            results = follow_layers(
+                source,
+                set(targets.quantized),
+                quant,
+                ids=_calibration_ids(calib, source),
+                search=search,
+                device=dev,
+                parallel=par,
+            )
             del source
         par.barrier()
     path = Path(dst).expanduser().resolve()
@@ -281,8 +331,9 @@ def _resumable(dst: Path, key: str, allow: bool = True) -> Path | None:
     found = resumable(dst, lambda p: RunProgress.read_key(p) == key) if allow else []
     others = [p for p in resumable(dst, has_progress) if p not in found]
     for p in others:
-        logger.warning("a killed run with other settings (source, method, calibration or search) left %s; "
-                       "starting afresh", p)
+        logger.warning(
+            "a killed run with other settings (source, method, calibration or search) left %s; starting afresh", p
+        )
     recover(dst, keep=lambda p: bool(found) and p == found[0])
     return found[0] if found else None
 
@@ -290,9 +341,14 @@ def _resumable(dst: Path, key: str, allow: bool = True) -> Path | None:
 def _calib_metadata(calib: CalibConfig, ids: torch.Tensor) -> dict[str, Any]:
     source_hash = None
     if calib.source != "self":
-        source_hash = text_file_hash(calib.source)
-    return {"source": str(calib.source), "sha256": source_hash, "n_samples": int(ids.shape[0]),
-            "seq_len": int(ids.shape[1]), "seed": calib.seed}
+        source_hash = sha256_file(calib.source)
+    return {
+        "source": str(calib.source),
+        "sha256": source_hash,
+        "n_samples": int(ids.shape[0]),
+        "seq_len": int(ids.shape[1]),
+        "seed": calib.seed,
+    }
 
 
 def build_metadata(
@@ -330,8 +386,12 @@ def build_metadata(
         "quantized_modules": len(targets.quantized),
         "kept_float": targets.kept,
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
-        "versions": {"awqkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "awqkit": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
     }
     meta.update(spec_metadata(spec if spec is not None else QuantizationSpec.from_quant_config(method, quant)))
     if training is not None:
@@ -362,17 +422,24 @@ def quantize_with_awq(
     if not skip_lm_head:
         raise InputError("awqkit never quantizes the LM head; call with skip_lm_head=True")
     report = quantize(
-        src, dst, method=backend,
+        src,
+        dst,
+        method=backend,
         quant=QuantConfig(bits=bits, group_size=group_size),
         calib=CalibConfig(source=str(calib_path) if calib_path is not None else "self", seed=seed),
     )
     m = report.metadata
     flat = {
-        "method": m["method"], "bits": str(m["bits"]), "group_size": str(m["group_size"]),
-        "zero_point": str(m["zero_point"]).lower(), "seed": str(seed),
+        "method": m["method"],
+        "bits": str(m["bits"]),
+        "group_size": str(m["group_size"]),
+        "zero_point": str(m["zero_point"]).lower(),
+        "seed": str(seed),
         "calibration": str(calib_path if calib_path is not None else "self"),
-        "source_model": str(src), "quantize_seconds": f"{report.seconds:.1f}",
-        "awqkit_version": __version__, "lm_head": "fp16",
+        "source_model": str(src),
+        "quantize_seconds": f"{report.seconds:.1f}",
+        "awqkit_version": __version__,
+        "lm_head": "fp16",
     }
     if m.get("calibration"):
         flat["calibration_sha256"] = str(m["calibration"]["sha256"])

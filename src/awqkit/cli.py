@@ -16,28 +16,46 @@ from pathlib import Path
 from typing import Any
 
 from awqkit.config import PROPAGATE_MODES, RANK_BY, SCALE_MODES, CalibConfig, QuantConfig, SearchConfig, defaults
-from awqkit.errors import AwqkitError, InputError
+from awqkit.errors import AwqkitError
 
 Q, C, S = defaults(QuantConfig), defaults(CalibConfig), defaults(SearchConfig)
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=Q["bits"], help="weight bits, 2..8 (default %(default)s)")
-    p.add_argument("--group-size", type=int, default=Q["group_size"],
-                   help="input channels per scale: 32/64/128/256 or -1 per channel (default %(default)s)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=Q["group_size"],
+        help="input channels per scale: 32/64/128/256 or -1 per channel (default %(default)s)",
+    )
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
-    p.add_argument("--keep-lm-head-fp16", action=argparse.BooleanOptionalAction, default=Q["keep_lm_head_fp16"],
-                   help="keep the LM head and embeddings in fp16 (always on: awqkit never quantizes them)")
-    p.add_argument("--keep-unaligned-fp16", action="store_true",
-                   help="keep linears whose sizes do not fit the group size in fp16 instead of failing")
-    p.add_argument("--modules-to-not-convert", nargs="*", default=[],
-                   help="exact module names, leaf names or re:REGEX patterns to keep in float")
+    p.add_argument(
+        "--keep-lm-head-fp16",
+        action=argparse.BooleanOptionalAction,
+        default=Q["keep_lm_head_fp16"],
+        help="keep the LM head and embeddings in fp16 (always on: awqkit never quantizes them)",
+    )
+    p.add_argument(
+        "--keep-unaligned-fp16",
+        action="store_true",
+        help="keep linears whose sizes do not fit the group size in fp16 instead of failing",
+    )
+    p.add_argument(
+        "--modules-to-not-convert",
+        nargs="*",
+        default=[],
+        help="exact module names, leaf names or re:REGEX patterns to keep in float",
+    )
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default=C["source"],
-                   help="calibration: a text file (one prompt per line), JSONL/CSV training rows, or 'self' "
-                        "(data-free, sampled from the model) (default %(default)s)")
+    p.add_argument(
+        "--calib",
+        default=C["source"],
+        help="calibration: a text file (one prompt per line), JSONL/CSV training rows, or 'self' "
+        "(data-free, sampled from the model) (default %(default)s)",
+    )
     p.add_argument("--n-samples", type=int, default=C["n_samples"], help="calibration blocks (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=C["seq_len"], help="tokens per block (default %(default)s)")
     p.add_argument("--seed", type=int, default=C["seed"], help="seed (default %(default)s)")
@@ -47,51 +65,119 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale-mode", choices=SCALE_MODES, default=S["scale_mode"],
-                   help="s = x^a (x), x^a / w^(1-a) (duo) or both (default %(default)s)")
+    p.add_argument(
+        "--scale-mode",
+        choices=SCALE_MODES,
+        default=S["scale_mode"],
+        help="s = x^a (x), x^a / w^(1-a) (duo) or both (default %(default)s)",
+    )
     p.add_argument("--n-grid", type=int, default=S["n_grid"], help="alpha grid points in [0,1] (default %(default)s)")
-    p.add_argument("--search-samples", type=int, default=S["search_samples"],
-                   help="blocks scoring attention candidates (default %(default)s)")
-    p.add_argument("--search-tokens", type=int, default=S["search_tokens"],
-                   help="tokens scoring MLP candidates (default %(default)s)")
+    p.add_argument(
+        "--search-samples",
+        type=int,
+        default=S["search_samples"],
+        help="blocks scoring attention candidates (default %(default)s)",
+    )
+    p.add_argument(
+        "--search-tokens",
+        type=int,
+        default=S["search_tokens"],
+        help="tokens scoring MLP candidates (default %(default)s)",
+    )
     p.add_argument("--no-clip", action="store_true", help="skip the weight-clipping search")
-    p.add_argument("--clip-n-grid", type=int, default=S["clip_n_grid"],
-                   help="clip shrink steps of 1/N (default %(default)s)")
-    p.add_argument("--clip-max-shrink", type=float, default=S["clip_max_shrink"],
-                   help="largest clip shrink, range shrinks down to 1 - this (default %(default)s)")
-    p.add_argument("--clip-n-tokens", type=int, default=S["clip_n_tokens"],
-                   help="tokens scoring clip candidates; 0 = every calibration token (default %(default)s)")
-    p.add_argument("--clip-independent", action=argparse.BooleanOptionalAction, default=S["clip_independent"],
-                   help="also shrink the min and the max end of each group alone (default %(default)s)")
-    p.add_argument("--gqa-v-o", action=argparse.BooleanOptionalAction, default=S["gqa_v_o"],
-                   help="scale v_proj -> o_proj under grouped-query attention, tied per kv head "
-                        "(default %(default)s)")
-    p.add_argument("--propagate", choices=PROPAGATE_MODES, default=S["propagate"],
-                   help="next layer sees the quantized or the float outputs (default %(default)s)")
+    p.add_argument(
+        "--clip-n-grid", type=int, default=S["clip_n_grid"], help="clip shrink steps of 1/N (default %(default)s)"
+    )
+    p.add_argument(
+        "--clip-max-shrink",
+        type=float,
+        default=S["clip_max_shrink"],
+        help="largest clip shrink, range shrinks down to 1 - this (default %(default)s)",
+    )
+    p.add_argument(
+        "--clip-n-tokens",
+        type=int,
+        default=S["clip_n_tokens"],
+        help="tokens scoring clip candidates; 0 = every calibration token (default %(default)s)",
+    )
+    p.add_argument(
+        "--clip-independent",
+        action=argparse.BooleanOptionalAction,
+        default=S["clip_independent"],
+        help="also shrink the min and the max end of each group alone (default %(default)s)",
+    )
+    p.add_argument(
+        "--gqa-v-o",
+        action=argparse.BooleanOptionalAction,
+        default=S["gqa_v_o"],
+        help="scale v_proj -> o_proj under grouped-query attention, tied per kv head (default %(default)s)",
+    )
+    p.add_argument(
+        "--propagate",
+        choices=PROPAGATE_MODES,
+        default=S["propagate"],
+        help="next layer sees the quantized or the float outputs (default %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=S["batch_size"], help="blocks per forward (default %(default)s)")
-    p.add_argument("--rank-top-k", type=int, default=S["rank_top_k"],
-                   help="attention/MLP scale candidates scored on the full objective after a cheap ranking pass "
-                        "over the whole grid; 0 scores every candidate (default %(default)s)")
-    p.add_argument("--rank-by", choices=RANK_BY, default=S["rank_by"],
-                   help="how the grid is ranked before exact scoring: the same objective on --rank-tokens tokens "
-                        "(subset) or the linears' own output error from Gram blocks (gram) (default %(default)s)")
-    p.add_argument("--rank-tokens", type=int, default=S["rank_tokens"],
-                   help="tokens of the ranking pass with --rank-by subset (default %(default)s)")
+    p.add_argument(
+        "--rank-top-k",
+        type=int,
+        default=S["rank_top_k"],
+        help="attention/MLP scale candidates scored on the full objective after a cheap ranking pass "
+        "over the whole grid; 0 scores every candidate (default %(default)s)",
+    )
+    p.add_argument(
+        "--rank-by",
+        choices=RANK_BY,
+        default=S["rank_by"],
+        help="how the grid is ranked before exact scoring: the same objective on --rank-tokens tokens "
+        "(subset) or the linears' own output error from Gram blocks (gram) (default %(default)s)",
+    )
+    p.add_argument(
+        "--rank-tokens",
+        type=int,
+        default=S["rank_tokens"],
+        help="tokens of the ranking pass with --rank-by subset (default %(default)s)",
+    )
 
 
 def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchConfig]:
-    quant = QuantConfig(bits=a.bits, group_size=a.group_size, zero_point=not a.symmetric,
-                        modules_to_not_convert=tuple(a.modules_to_not_convert),
-                        keep_unaligned_fp16=a.keep_unaligned_fp16, keep_lm_head_fp16=a.keep_lm_head_fp16)
-    calib = CalibConfig(source=a.calib, n_samples=a.n_samples, seq_len=a.seq_len, seed=a.seed,
-                        prompt_column=a.prompt_column, response_column=a.response_column,
-                        messages_column=a.messages_column, text_column=a.text_column, system_prompt=a.system_prompt)
-    search = SearchConfig(n_grid=a.n_grid, scale_mode=a.scale_mode, search_samples=a.search_samples,
-                          search_tokens=a.search_tokens, clip=not a.no_clip, propagate=a.propagate,
-                          batch_size=a.batch_size, clip_n_tokens=a.clip_n_tokens, clip_n_grid=a.clip_n_grid,
-                          clip_max_shrink=a.clip_max_shrink,
-                          clip_independent=a.clip_independent, gqa_v_o=a.gqa_v_o, rank_top_k=a.rank_top_k,
-                          rank_by=a.rank_by, rank_tokens=a.rank_tokens)
+    quant = QuantConfig(
+        bits=a.bits,
+        group_size=a.group_size,
+        zero_point=not a.symmetric,
+        modules_to_not_convert=tuple(a.modules_to_not_convert),
+        keep_unaligned_fp16=a.keep_unaligned_fp16,
+        keep_lm_head_fp16=a.keep_lm_head_fp16,
+    )
+    calib = CalibConfig(
+        source=a.calib,
+        n_samples=a.n_samples,
+        seq_len=a.seq_len,
+        seed=a.seed,
+        prompt_column=a.prompt_column,
+        response_column=a.response_column,
+        messages_column=a.messages_column,
+        text_column=a.text_column,
+        system_prompt=a.system_prompt,
+    )
+    search = SearchConfig(
+        n_grid=a.n_grid,
+        scale_mode=a.scale_mode,
+        search_samples=a.search_samples,
+        search_tokens=a.search_tokens,
+        clip=not a.no_clip,
+        propagate=a.propagate,
+        batch_size=a.batch_size,
+        clip_n_tokens=a.clip_n_tokens,
+        clip_n_grid=a.clip_n_grid,
+        clip_max_shrink=a.clip_max_shrink,
+        clip_independent=a.clip_independent,
+        gqa_v_o=a.gqa_v_o,
+        rank_top_k=a.rank_top_k,
+        rank_by=a.rank_by,
+        rank_tokens=a.rank_tokens,
+    )
     return quant, calib, search
 
 
@@ -99,18 +185,28 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from awqkit.api import quantize
     from awqkit.parallel import init_from_env, rank_device
 
-    if not a.keep_lm_head_fp16:
-        raise InputError("awqkit never quantizes the LM head; drop --no-keep-lm-head-fp16")
     quant, calib, search = _configs(a)
     # under torchrun: join the process group (gloo on CPU, NCCL with one GPU per rank) and search data-parallel
     device = rank_device(a.device)
     par = init_from_env(device)  # SINGLE when not launched by torchrun (the device is checked later)
-    report = quantize(a.src, a.dst, method=a.method, quant=quant, calib=calib, search=search, device=device,
-                      overwrite=a.overwrite, trust_remote_code=a.trust_remote_code, parallel=par)
+    report = quantize(
+        a.src,
+        a.dst,
+        method=a.method,
+        quant=quant,
+        calib=calib,
+        search=search,
+        device=device,
+        overwrite=a.overwrite,
+        trust_remote_code=a.trust_remote_code,
+        parallel=par,
+    )
     if par.is_writer:
         ranks = f", {par.world} data-parallel ranks" if par.active else ""
-        print(f"wrote {report.path} ({a.method}, w{quant.bits} g{quant.group_size}) in {report.seconds:.1f} s, "
-              f"peak RSS {report.peak_rss_bytes / 1e9:.2f} GB{ranks}")
+        print(
+            f"wrote {report.path} ({a.method}, w{quant.bits} g{quant.group_size}) in {report.seconds:.1f} s, "
+            f"peak RSS {report.peak_rss_bytes / 1e9:.2f} GB{ranks}"
+        )
     return 0
 
 
@@ -124,20 +220,22 @@ def cmd_generate(a: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(a.path)
     text = a.prompt
     if a.chat and tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True
+        )
     ids = tok(text, return_tensors="pt", add_special_tokens=not a.chat)
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=a.max_new_tokens, do_sample=False)
-    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    print(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from awqkit.demo import run_demo
 
-    table = run_demo(work=Path(a.work) if a.work else None, n_samples=a.n_samples, windows=a.windows,
-                     group_size=a.group_size)
+    table = run_demo(
+        work=Path(a.work) if a.work else None, n_samples=a.n_samples, windows=a.windows, group_size=a.group_size
+    )
     print(table)
     return 0
 
@@ -151,8 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("awq", "rtn"), default="awq")
     q.add_argument("--src", required=True, help="HF folder, .gguf file or hub id")
     q.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
-    q.add_argument("--device", default="cpu", help="compute device for the layer being searched (under torchrun, "
-                   "cuda means cuda:LOCAL_RANK; the ranks split the calibration batches)")
+    q.add_argument(
+        "--device",
+        default="cpu",
+        help="compute device for the layer being searched (under torchrun, "
+        "cuda means cuda:LOCAL_RANK; the ranks split the calibration batches)",
+    )
     q.add_argument("--overwrite", action="store_true", help="replace an existing --dst once the new one is complete")
     q.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     _add_quant_args(q)
@@ -164,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("path")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
-                   help="wrap the prompt in the chat template")
+    g.add_argument(
+        "--chat", action=argparse.BooleanOptionalAction, default=False, help="wrap the prompt in the chat template"
+    )
     g.add_argument("--backend", default="auto", help="kernel backend (default %(default)s)")
     g.set_defaults(func=cmd_generate)
 
@@ -210,10 +313,12 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``awqkit`` command; returns its exit status (0, 1 for partial failures, 2 errors, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    previous = (
+        signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         return int(args.func(args))
     except EXPECTED_ERRORS as exc:
@@ -224,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.verbose:
             traceback.print_exc()
-        print(f"awqkit {args.command}: interrupted; unfinished outputs were removed, finished ones kept. Run the "
-              "same command again to continue", file=sys.stderr)
+        print(
+            f"awqkit {args.command}: interrupted; unfinished outputs were removed, finished ones kept. Run the "
+            "same command again to continue",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if previous is not None:

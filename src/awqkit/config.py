@@ -28,7 +28,8 @@ class QuantConfig:
     modules_to_not_convert: exact leaf/full names or ``re:``-prefixed regexes of linears kept in float.
     keep_unaligned_fp16: keep linears whose in_features is not a multiple of group_size in fp16 (with a
         warning) instead of failing.
-    keep_lm_head_fp16: never quantize the LM head (and embeddings); store them in fp16.
+    keep_lm_head_fp16: never quantize the LM head (and embeddings); store them in fp16. Always True: awqkit does
+        not quantize the head, and False is refused rather than ignored.
     """
 
     bits: int = 4
@@ -43,11 +44,14 @@ class QuantConfig:
         if self.bits not in SUPPORTED_BITS:
             raise InputError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise InputError(
-                f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
-            )
+            raise InputError(f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}")
         if self.version != "gemm":
             raise InputError(f"version={self.version!r} is not supported; awqkit writes 'gemm'")
+        if not self.keep_lm_head_fp16:
+            raise InputError(
+                "keep_lm_head_fp16=False is not supported: awqkit never quantizes the LM head "
+                "(drop the option, or --no-keep-lm-head-fp16 on the command line)"
+            )
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
 
     @property
@@ -79,6 +83,46 @@ class CalibConfig:
             raise InputError(f"n_samples={self.n_samples} must be >= 1")
         if self.seq_len < 8:
             raise InputError(f"seq_len={self.seq_len} must be >= 8 tokens")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``awqkit eval`` measures unless told otherwise (also the defaults of :func:`awqkit.eval.runner.
+    evaluate_model` and of a plan's ``[eval]`` table, which differs only in ``tasks``).
+
+    tasks: ``ppl``, ``kl``, ``arc``, ``squad``, ``gsm8k``. limit: items per downstream task (None: all).
+    seq_len / windows: WikiText-2 windows for ppl and kl (``windows=None``: every complete window).
+    batch_size: windows per forward pass. backend: the kernel that runs a quantized folder (``auto``, ``torch``,
+    ``cpu-avx2``, ``cpu-int4``, ``triton``).
+    """
+
+    tasks: tuple[str, ...] = ("ppl",)
+    limit: int | None = None
+    seq_len: int = 2048
+    windows: int | None = 16
+    batch_size: int = 1
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``awqkit bench`` (and ``awqkit eval --bench``) times: a ``prompt_tokens`` prompt then ``new_tokens`` greedy
+    tokens at each batch size, ``repeats`` timed runs after ``warmup`` untimed ones (medians reported); ``threads``
+    None keeps torch's."""
+
+    prompt_tokens: int = 128
+    new_tokens: int = 64
+    batch_sizes: tuple[int, ...] = (1, 8)
+    repeats: int = 3
+    warmup: int = 1
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"prompt_tokens, new_tokens, repeats must be >= 1 and warmup >= 0, got {self}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
 
 
 @dataclass(frozen=True)
@@ -137,8 +181,10 @@ class SearchConfig:
         if self.rank_top_k < 0:
             raise InputError(f"rank_top_k={self.rank_top_k} must be >= 0 (0: score every candidate exactly)")
         if min(self.search_samples, self.search_tokens, self.batch_size) < 1 or self.clip_n_tokens < 0:
-            raise InputError("search_samples, search_tokens and batch_size must be >= 1, clip_n_tokens >= 0 "
-                             "(0: every calibration token)")
+            raise InputError(
+                "search_samples, search_tokens and batch_size must be >= 1, clip_n_tokens >= 0 "
+                "(0: every calibration token)"
+            )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

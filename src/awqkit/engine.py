@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from awqkit.algo.results import AWQResults
 from awqkit.arch import ArchSpec, get_layers
 from awqkit.config import QuantConfig, SearchConfig
+from awqkit.files import sha256_named_files
 from awqkit.heap import bound_heap, release_free_memory
 from awqkit.io.lazy import LazyModel, lazy_or_none
 from awqkit.io.progress import RunProgress
@@ -34,7 +35,6 @@ from awqkit.io.source import (
     SourceInfo,
     check_finite,
     check_finite_tensors,
-    hash_weights,
     load_source,
 )
 from awqkit.io.stream import OutputWriter
@@ -55,12 +55,16 @@ class Source:
     lazy: LazyModel | None
 
 
-def open_source(src: str | Path, checked: SourceCheck, arch: ArchSpec | None, *,
-                trust_remote_code: bool = False) -> Source:
+def open_source(
+    src: str | Path, checked: SourceCheck, arch: ArchSpec | None, *, trust_remote_code: bool = False
+) -> Source:
     """The source, read lazily when it is a local safetensors folder of a known architecture (see the module
     docstring); every tensor is checked for NaN/Inf, one at a time."""
-    lazy = lazy_or_none(checked.folder, arch.layers, trust_remote_code=trust_remote_code) \
-        if checked.kind == "folder" and arch is not None else None
+    lazy = (
+        lazy_or_none(checked.folder, arch.layers, trust_remote_code=trust_remote_code)
+        if checked.kind == "folder" and arch is not None
+        else None
+    )
     if lazy is None:
         model, tokenizer, info = load_source(src, trust_remote_code=trust_remote_code, checked=checked)
         check_finite(model, f"source model {src}")
@@ -71,10 +75,14 @@ def open_source(src: str | Path, checked: SourceCheck, arch: ArchSpec | None, *,
     check_finite_tensors(lazy.reader.iter_chunks(), f"source model {src}")
     tokenizer = AutoTokenizer.from_pretrained(checked.load_dir, trust_remote_code=trust_remote_code)
     config = lazy.model.config
-    info = SourceInfo(src=str(src), kind="folder", folder=checked.folder,
-                      architectures=list(getattr(config, "architectures", None) or [type(lazy.model).__name__]),
-                      weights_sha256=hash_weights(checked.files),
-                      name_or_path=str((checked.config or {}).get("_name_or_path") or src))
+    info = SourceInfo(
+        src=str(src),
+        kind="folder",
+        folder=checked.folder,
+        architectures=list(getattr(config, "architectures", None) or [type(lazy.model).__name__]),
+        weights_sha256=sha256_named_files(checked.files),
+        name_or_path=str((checked.config or {}).get("_name_or_path") or src),
+    )
     return Source(lazy.model, tokenizer, info, lazy)
 
 
@@ -112,25 +120,42 @@ class _Hooks(_ReadHooks):
         release_free_memory()
 
 
-def _meta_quant_linears(model: nn.Module, arch: ArchSpec, targets: set[str], quant: QuantConfig,
-                        layers: int) -> None:
+def _meta_quant_linears(model: nn.Module, arch: ArchSpec, targets: set[str], quant: QuantConfig, layers: int) -> None:
     """Layers a killed run already wrote: their target linears become empty (meta) QuantLinear modules, so the
     model describes the checkpoint (its config lists what stays float) without being computed again."""
     for name in sorted(targets):
-        parts = name[len(arch.layers) + 1:].split(".", 1)
+        parts = name[len(arch.layers) + 1 :].split(".", 1)
         if not name.startswith(arch.layers + ".") or int(parts[0]) >= layers:
             continue
         parent_name, _, leaf = name.rpartition(".")
         lin = model.get_submodule(name)
         with torch.device("meta"):
-            q = QuantLinear(lin.in_features, lin.out_features, quant.bits, quant.group_size,
-                            bias=lin.bias is not None, zero_point=quant.zero_point)
+            q = QuantLinear(
+                lin.in_features,
+                lin.out_features,
+                quant.bits,
+                quant.group_size,
+                bias=lin.bias is not None,
+                zero_point=quant.zero_point,
+            )
         setattr(model.get_submodule(parent_name), leaf, q)
 
 
-def run_layers(source: Source, arch: ArchSpec, targets: set[str], quant: QuantConfig, *, ids: Tensor | None,
-               search: SearchConfig, device: torch.device, staged: Path, key: str, max_shard_bytes: int,
-               progress: bool = True, parallel: DataParallel = SINGLE) -> tuple[AWQResults | None, list[str]]:
+def run_layers(
+    source: Source,
+    arch: ArchSpec,
+    targets: set[str],
+    quant: QuantConfig,
+    *,
+    ids: Tensor | None,
+    search: SearchConfig,
+    device: torch.device,
+    staged: Path,
+    key: str,
+    max_shard_bytes: int,
+    progress: bool = True,
+    parallel: DataParallel = SINGLE,
+) -> tuple[AWQResults | None, list[str]]:
     """Quantize every layer of ``source`` (AWQ when calibration ``ids`` are given, else round-to-nearest) into
     the shards of ``staged``, continuing a killed run's progress recorded there under ``key``; returns the
     search results (AWQ) and the weight files written. Under data parallelism this is rank 0's part; the
@@ -159,8 +184,20 @@ def run_layers(source: Source, arch: ArchSpec, targets: set[str], quant: QuantCo
         record.start({"layout": writer.layout.to_json()})
     hooks = _Hooks(source, writer, record, done)
     if ids is not None:
-        results = run_awq(model, ids, quant, search, targets, device=device, progress=progress, hooks=hooks,
-                          start=done, hidden=hidden, results=results, parallel=parallel)
+        results = run_awq(
+            model,
+            ids,
+            quant,
+            search,
+            targets,
+            device=device,
+            progress=progress,
+            hooks=hooks,
+            start=done,
+            hidden=hidden,
+            results=results,
+            parallel=parallel,
+        )
     else:
         for i in range(done, len(layers)):
             hooks.load(i, layers[i])
@@ -170,21 +207,39 @@ def run_layers(source: Source, arch: ArchSpec, targets: set[str], quant: QuantCo
     return results, files
 
 
-def follow_layers(source: Source, targets: set[str], quant: QuantConfig, *, ids: Tensor, search: SearchConfig,
-                  device: torch.device, parallel: DataParallel) -> AWQResults:
+def follow_layers(
+    source: Source,
+    targets: set[str],
+    quant: QuantConfig,
+    *,
+    ids: Tensor,
+    search: SearchConfig,
+    device: torch.device,
+    parallel: DataParallel,
+) -> AWQResults:
     """A data-parallel rank other than 0: the same AWQ layer loop on its share of the calibration batches,
     reading the layers as rank 0 does and writing nothing (:mod:`awqkit.parallel`)."""
     bound_heap()
     if source.lazy is not None:
         source.lazy.load_outside_layers()
-    return run_awq(source.model, ids, quant, search, targets, device=device, progress=False,
-                   hooks=_ReadHooks(source, 0), parallel=parallel)
+    return run_awq(
+        source.model,
+        ids,
+        quant,
+        search,
+        targets,
+        device=device,
+        progress=False,
+        hooks=_ReadHooks(source, 0),
+        parallel=parallel,
+    )
 
 
 def _state_reader(model: nn.Module) -> Any:
     def read(names: list[str]) -> dict[str, Tensor]:
         state = model.state_dict()
         return {n: state[n] for n in names}
+
     return read
 
 

@@ -40,5 +40,12 @@ class EnvironmentProblem(AwqkitError, RuntimeError):
     """The machine cannot do what was asked: a device that is absent, too little disk space, no write access."""
 
 
-__all__ = ["AwqkitError", "CheckpointError", "DestinationError", "EnvironmentProblem", "InputError",
-           "KernelInputError", "NonFiniteError"]
+__all__ = [
+    "AwqkitError",
+    "CheckpointError",
+    "DestinationError",
+    "EnvironmentProblem",
+    "InputError",
+    "KernelInputError",
+    "NonFiniteError",
+]

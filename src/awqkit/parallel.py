@@ -92,8 +92,9 @@ class DataParallel:
         within a batch): the lists a single process would have built, as ``(batches, items)``."""
         if not self.active:
             return batches, items
-        merged = sorted((pair for part in self.gather(list(zip(batches, items, strict=True))) for pair in part),
-                        key=lambda p: p[0])
+        merged = sorted(
+            (pair for part in self.gather(list(zip(batches, items, strict=True))) for pair in part), key=lambda p: p[0]
+        )
         return [b for b, _ in merged], [x for _, x in merged]
 
     def barrier(self) -> None:

@@ -65,10 +65,12 @@ def _first(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _module_scorer(module: nn.Module, cached: list[tuple[tuple, dict]], device: torch.device | str,
-                   parallel: DataParallel = SINGLE) -> ModuleScorer:
+def _module_scorer(
+    module: nn.Module, cached: list[tuple[tuple, dict]], device: torch.device | str, parallel: DataParallel = SINGLE
+) -> ModuleScorer:
     """Scores ``module`` with its current weights on the cached (args, kwargs) batches, against its output now;
     the losses are summed over the data-parallel ranks (each holding its own batches)."""
+
     def forward(b: int) -> Tensor:
         args, kw = to_compute(cached[b], device)
         return _first(module(*args, **kw))
@@ -76,8 +78,9 @@ def _module_scorer(module: nn.Module, cached: list[tuple[tuple, dict]], device: 
     return ModuleScorer(forward, len(cached), reduce=parallel.sum_floats if parallel.active else None)
 
 
-def _rank_subset(cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: int, batches: list[int],
-                 shapes: list[tuple[int, int]]) -> list[tuple[tuple, dict]]:
+def _rank_subset(
+    cached: list[tuple[tuple, dict]], tokenwise: bool, n_tokens: int, batches: list[int], shapes: list[tuple[int, int]]
+) -> list[tuple[tuple, dict]]:
     """The part of a mapping's cached search inputs the ranking pass scores: ``n_tokens`` tokens evenly strided
     over the merged token sample's chunks (position-wise modules), or the first whole sequences holding at least
     ``n_tokens`` tokens (modules that mix positions). For the latter ``cached`` holds this rank's batches,
@@ -111,7 +114,7 @@ def _search_tokens(run: _Run, cached: list[tuple[tuple, dict]], tokenwise: bool)
     """Tokens a mapping's full objective is scored on (over all ranks)."""
     if tokenwise:  # the merged sample, the same on every rank
         return sum(args[0].shape[1] for args, _ in cached)
-    return sum(rows * length for rows, length in run.batch_shapes[:run.n_search_batches])
+    return sum(rows * length for rows, length in run.batch_shapes[: run.n_search_batches])
 
 
 def _shared_input(m: Any, prefix: str, targets: set[str]) -> str:
@@ -204,22 +207,38 @@ def run_awq(
     n_batches = math.ceil(n_blocks / bs)
     mine = parallel.batches(n_batches)
     if not mine:
-        raise ValueError(f"{n_blocks} calibration blocks in batches of {bs} make {n_batches} batch(es), fewer than "
-                         f"the {parallel.world} data-parallel ranks: use more --n-samples or a smaller --batch-size")
+        raise ValueError(
+            f"{n_blocks} calibration blocks in batches of {bs} make {n_batches} batch(es), fewer than "
+            f"the {parallel.world} data-parallel ranks: use more --n-samples or a smaller --batch-size"
+        )
     n_search_batches = max(1, math.ceil(min(scfg.search_samples, n_blocks) / bs))
-    logger.info("capturing layer inputs for %d blocks of %d tokens%s", n_blocks, seq_len,
-                f" ({len(mine)} of {n_batches} batches on rank {parallel.rank})" if parallel.active else "")
+    logger.info(
+        "capturing layer inputs for %d blocks of %d tokens%s",
+        n_blocks,
+        seq_len,
+        f" ({len(mine)} of {n_batches} batches on rank {parallel.rank})" if parallel.active else "",
+    )
     inputs: LayerInputs = capture_layer_inputs(model, layers, input_ids, bs, select=mine)
     if start:
         if hidden is None or len(hidden) != len(inputs.hidden):
             raise ValueError(f"resuming at layer {start} needs its inputs: {len(inputs.hidden)} batches")
         inputs.hidden = hidden
-    run = _Run(spec, qcfg, scfg, targets, inputs, device, n_search_batches,
-               math.ceil(scfg.clip_n_tokens / n_search_batches), math.ceil(scfg.search_tokens / n_batches),
-               parallel, mine, [(min(bs, n_blocks - b * bs), seq_len) for b in range(n_batches)])
+    run = _Run(
+        spec,
+        qcfg,
+        scfg,
+        targets,
+        inputs,
+        device,
+        n_search_batches,
+        math.ceil(scfg.clip_n_tokens / n_search_batches),
+        math.ceil(scfg.search_tokens / n_batches),
+        parallel,
+        mine,
+        [(min(bs, n_blocks - b * bs), seq_len) for b in range(n_batches)],
+    )
     hidden = inputs.hidden
-    for i in tqdm(range(start, len(layers)), desc="AWQ layers", disable=not progress, initial=start,
-                  total=len(layers)):
+    for i in tqdm(range(start, len(layers)), desc="AWQ layers", disable=not progress, initial=start, total=len(layers)):
         t0 = time.perf_counter()
         layer = layers[i]
         if hooks is not None:
@@ -240,17 +259,25 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
     layer.to(device=device, dtype=torch.float32)
     linears = {n: m for n, m in layer_linears(layer).items() if prefix + n in targets}
     mappings = resolve_mappings(layer, spec, i, tie_heads=scfg.gqa_v_o)
-    clip_groups = {n: resolve_group_size(lin.in_features, qcfg.group_size) for n, lin in linears.items()
-                   if scfg.clip and not re.fullmatch(spec.no_clip, n)}
-    ranked = {_shared_input(m, prefix, targets): resolve_group_size(m.linears[0].in_features, qcfg.group_size)
-              for m in mappings if scfg.rank_top_k and scfg.rank_by == "gram" and m.mapping.scoring != "linear"
-              and any(prefix + n in targets for n in m.mapping.linears)}
+    clip_groups = {
+        n: resolve_group_size(lin.in_features, qcfg.group_size)
+        for n, lin in linears.items()
+        if scfg.clip and not re.fullmatch(spec.no_clip, n)
+    }
+    ranked = {
+        _shared_input(m, prefix, targets): resolve_group_size(m.linears[0].in_features, qcfg.group_size)
+        for m in mappings
+        if scfg.rank_top_k
+        and scfg.rank_by == "gram"
+        and m.mapping.scoring != "linear"
+        and any(prefix + n in targets for n in m.mapping.linears)
+    }
     # single-linear mappings are scored from their input's Gram matrix, or from the tokens when there are fewer
     # tokens than input channels (the cheaper form of the same objective, see TokenScorer)
-    linear_tokens = {m.mapping.inspect for m in mappings
-                     if m.mapping.scoring == "linear" and run.n_tokens < m.linears[0].in_features}
-    cache = LayerStats(linears, mappings, run.tokens_per_batch, clip_groups, run.clip_per_batch, ranked,
-                       linear_tokens)
+    linear_tokens = {
+        m.mapping.inspect for m in mappings if m.mapping.scoring == "linear" and run.n_tokens < m.linears[0].in_features
+    }
+    cache = LayerStats(linears, mappings, run.tokens_per_batch, clip_groups, run.clip_per_batch, ranked, linear_tokens)
 
     # [STEP 1] float pass: statistics for all batches, caches for the search batches
     float_out: list[Tensor] = []
@@ -299,27 +326,53 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
         x_name = _shared_input(m, prefix, targets)
         rank = None
         if x_name in cache.proxy_gram:
-            rank = GroupGramProxy([lin for lin, q in zip(m.linears, mask, strict=True) if q],
-                                  cache.proxy_gram.pop(x_name).to(device), cache.count[x_name])
+            rank = GroupGramProxy(
+                [lin for lin, q in zip(m.linears, mask, strict=True) if q],
+                cache.proxy_gram.pop(x_name).to(device),
+                cache.count[x_name],
+            )
         elif m.mapping.scoring == "linear":
             rank = _linear_rank(run, m, cache, x_name, device)
-        elif (scfg.rank_top_k and scfg.rank_by == "subset"
-              and _search_tokens(run, cache.inputs[k], tokenwise) > scfg.rank_tokens):
+        elif (
+            scfg.rank_top_k
+            and scfg.rank_by == "subset"
+            and _search_tokens(run, cache.inputs[k], tokenwise) > scfg.rank_tokens
+        ):
             # (a subset as large as the search data would rank by the full objective: score every candidate)
-            sub = _rank_subset(cache.inputs[k], tokenwise, scfg.rank_tokens, cache.input_batches[k],
-                               run.batch_shapes)
+            sub = _rank_subset(cache.inputs[k], tokenwise, scfg.rank_tokens, cache.input_batches[k], run.batch_shapes)
             rank = _module_scorer(m.inspect, sub, device, SINGLE if tokenwise else par)
-        res = search_scales(m.linears, score, cache.x_mean(x_name),
-                            bits=qcfg.bits, group_size=qcfg.group_size, zero_point=qcfg.zero_point,
-                            n_grid=scfg.n_grid, mode=scfg.scale_mode, quantize_mask=mask, heads=m.heads,
-                            rank=rank, top_k=scfg.rank_top_k)
+        res = search_scales(
+            m.linears,
+            score,
+            cache.x_mean(x_name),
+            bits=qcfg.bits,
+            group_size=qcfg.group_size,
+            zero_point=qcfg.zero_point,
+            n_grid=scfg.n_grid,
+            mode=scfg.scale_mode,
+            quantize_mask=mask,
+            heads=m.heads,
+            rank=rank,
+            top_k=scfg.rank_top_k,
+        )
         del score
         fold_scales(m.prev, m.linears, res.scales.to(device), spec.norm_offset, m.heads)
         for n in m.mapping.linears:
             applied[n] = expand_heads(res.scales, *m.heads) if m.heads else res.scales
-        results.scales.append(ScaleEntry(i, prefix + m.mapping.prev, [prefix + n for n in m.mapping.linears],
-                                         res.scales, res.mode, res.alpha, res.loss_identity, res.loss_best,
-                                         res.fallback, list(m.heads) if m.heads else None))
+        results.scales.append(
+            ScaleEntry(
+                i,
+                prefix + m.mapping.prev,
+                [prefix + n for n in m.mapping.linears],
+                res.scales,
+                res.mode,
+                res.alpha,
+                res.loss_identity,
+                res.loss_best,
+                res.fallback,
+                list(m.heads) if m.heads else None,
+            )
+        )
     return applied
 
 
@@ -340,14 +393,15 @@ def _linear_rank(run: _Run, m: Any, cache: LayerStats, x_name: str, device: torc
     if not (scfg.rank_top_k and scfg.rank_by == "subset" and sample):
         return None
     x = torch.cat(sample)  # the same on every data-parallel rank (gathered in batch order)
-    x = x[::max(1, x.shape[0] // scfg.rank_tokens)][:scfg.rank_tokens]
+    x = x[:: max(1, x.shape[0] // scfg.rank_tokens)][: scfg.rank_tokens]
     if min(run.n_tokens, m.linears[0].in_features) < RANK_SAVING * x.shape[0]:
         return None
     return TokenScorer(m.linears[0], x.to(device))
 
 
-def _clip(run: _Run, i: int, linears: dict[str, nn.Linear], cache: LayerStats, applied: dict[str, Tensor],
-          results: AWQResults) -> None:
+def _clip(
+    run: _Run, i: int, linears: dict[str, nn.Linear], cache: LayerStats, applied: dict[str, Tensor], results: AWQResults
+) -> None:
     """Step 3: per clipped linear, the clip search on its scaled inputs, then clamping."""
     qcfg, scfg, device = run.qcfg, run.scfg, run.device
     prefix = f"{run.spec.layers}.{i}."
@@ -363,16 +417,31 @@ def _clip(run: _Run, i: int, linears: dict[str, nn.Linear], cache: LayerStats, a
         else:
             x = torch.cat(cache.clip_x[n]).to(device)
             clip_in = {"x": x / applied[n].to(device) if n in applied else x}
-        c = search_clip(lin.weight, **clip_in, bits=qcfg.bits, group_size=qcfg.group_size,
-                        zero_point=qcfg.zero_point, n_grid=scfg.clip_n_grid,
-                        max_shrink=scfg.clip_max_shrink, independent=scfg.clip_independent)
+        c = search_clip(
+            lin.weight,
+            **clip_in,
+            bits=qcfg.bits,
+            group_size=qcfg.group_size,
+            zero_point=qcfg.zero_point,
+            n_grid=scfg.clip_n_grid,
+            max_shrink=scfg.clip_max_shrink,
+            independent=scfg.clip_independent,
+        )
         apply_clip(lin, c.min_val, c.max_val)
-        results.clips.append(ClipEntry(i, prefix + n, c.min_val.cpu(), c.max_val.cpu(), c.err_before,
-                                       c.err_after, c.mean_ratio))
+        results.clips.append(
+            ClipEntry(i, prefix + n, c.min_val.cpu(), c.max_val.cpu(), c.err_before, c.err_after, c.mean_ratio)
+        )
 
 
-def _next_inputs(run: _Run, i: int, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[Tensor],
-                 float_out: list[Tensor], store_dtype: torch.dtype) -> list[Tensor]:
+def _next_inputs(
+    run: _Run,
+    i: int,
+    layer: nn.Module,
+    linears: dict[str, nn.Linear],
+    hidden: list[Tensor],
+    float_out: list[Tensor],
+    store_dtype: torch.dtype,
+) -> list[Tensor]:
     """Step 4: the next layer's inputs (the float outputs, or the outputs with the linears fake-quantized);
     the layer ends on CPU in its stored dtype."""
     qcfg, scfg, inputs, device = run.qcfg, run.scfg, run.inputs, run.device
@@ -382,8 +451,7 @@ def _next_inputs(run: _Run, i: int, layer: nn.Module, linears: dict[str, nn.Line
         layer.to(store_dtype)  # the stored weights are what gets quantized
         layer.float()
         saved = _fake_quantize_linears(linears, qcfg)
-        hidden = [_first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))).float().cpu()
-                  for h in hidden]
+        hidden = [_first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))).float().cpu() for h in hidden]
         for n, w in saved.items():
             linears[n].weight.data.copy_(w)
     layer.to(device="cpu", dtype=store_dtype)

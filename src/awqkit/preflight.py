@@ -40,12 +40,16 @@ def check_device(device: str | torch.device) -> torch.device:
     backend = getattr(torch, dev.type, None)
     available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
     if not available:
-        raise EnvironmentProblem(f"--device {device}: this torch ({torch.__version__}) has no usable {dev.type} "
-                                 f"device; use --device cpu, or install a torch build with {dev.type} support")
+        raise EnvironmentProblem(
+            f"--device {device}: this torch ({torch.__version__}) has no usable {dev.type} "
+            f"device; use --device cpu, or install a torch build with {dev.type} support"
+        )
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if dev.index is not None and dev.index >= count:
-        raise EnvironmentProblem(f"--device {device}: only {count} {dev.type} device(s) are visible (indices 0.."
-                                 f"{count - 1}); pick one of them")
+        raise EnvironmentProblem(
+            f"--device {device}: only {count} {dev.type} device(s) are visible (indices 0.."
+            f"{count - 1}); pick one of them"
+        )
     return dev
 
 
@@ -56,8 +60,9 @@ def check_calibration_source(source: str) -> None:
     path = Path(source).expanduser()
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
-        raise InputError(f"calibration file {source!r} {what}; pass a text/JSONL/CSV file, or --calib self for "
-                         "data-free calibration")
+        raise InputError(
+            f"calibration file {source!r} {what}; pass a text/JSONL/CSV file, or --calib self for data-free calibration"
+        )
     if not os.access(path, os.R_OK):
         raise InputError(f"calibration file {source!r} is not readable (permissions); fix them or copy the file")
     if path.stat().st_size == 0:
@@ -79,8 +84,10 @@ def check_seq_len(seq_len: int, config: Any, src: str) -> None:
     """Calibration blocks must fit the model's positions; raises InputError."""
     limit = max_positions(config)
     if limit is not None and seq_len > limit:
-        raise InputError(f"--seq-len {seq_len} is longer than {src}'s {limit} positions "
-                         f"(max_position_embeddings); use --seq-len {limit} or less")
+        raise InputError(
+            f"--seq-len {seq_len} is longer than {src}'s {limit} positions "
+            f"(max_position_embeddings); use --seq-len {limit} or less"
+        )
 
 
 def expected_output_bytes(model: nn.Module, quantized: list[str], bits: int, group_size: int) -> int:

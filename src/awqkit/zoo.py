@@ -11,7 +11,6 @@ The cache root is ``$AWQKIT_CACHE`` or ``~/.cache/awqkit``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -20,6 +19,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from awqkit.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +34,6 @@ def cache_root() -> Path:
     """Return the awqkit cache folder (``$AWQKIT_CACHE`` or ``~/.cache/awqkit``)."""
     env = os.environ.get("AWQKIT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "awqkit"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _download_gguf(workdir: Path) -> Path:

@@ -48,17 +48,30 @@ AWQ_VS_RTN = 1.3
 
 
 def _config(arch: str, vocab: int, kv_heads: int = 2):
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=kv_heads, head_dim=16, vocab_size=vocab)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        vocab_size=vocab,
+    )
     if arch == "gemma3":
         return T.Gemma3TextConfig(**common, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-    return {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config,
-            "qwen3": T.Qwen3Config}[arch](**common)
+    return {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config, "qwen3": T.Qwen3Config}[arch](
+        **common
+    )
 
 
 def _model_class(arch: str):
-    return {"llama": T.LlamaForCausalLM, "mistral": T.MistralForCausalLM, "qwen2": T.Qwen2ForCausalLM,
-            "qwen3": T.Qwen3ForCausalLM, "gemma3": T.Gemma3ForCausalLM}[arch]
+    return {
+        "llama": T.LlamaForCausalLM,
+        "mistral": T.MistralForCausalLM,
+        "qwen2": T.Qwen2ForCausalLM,
+        "qwen3": T.Qwen3ForCausalLM,
+        "gemma3": T.Gemma3ForCausalLM,
+    }[arch]
 
 
 def _make_source(root: Path, arch: str, kv_heads: int = 2) -> Path:
@@ -78,8 +91,16 @@ def _calib(root: Path) -> CalibConfig:
 
 
 def _quantize(root: Path, dst: Path, method: str = "awq", **kw):
-    return quantize(root / "src", dst, method=method, quant=kw.pop("quant", QCFG), calib=kw.pop("calib", _calib(root)),
-                    search=kw.pop("search", SCFG), progress=False, **kw)
+    return quantize(
+        root / "src",
+        dst,
+        method=method,
+        quant=kw.pop("quant", QCFG),
+        calib=kw.pop("calib", _calib(root)),
+        search=kw.pop("search", SCFG),
+        progress=False,
+        **kw,
+    )
 
 
 def _ids(vocab: int) -> torch.Tensor:
@@ -121,7 +142,12 @@ def test_folder_layout_and_metadata(run):
     cfg = json.loads((dst / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["version"], qc["zero_point"]) == (
-        "awq", 4, 32, "gemm", True)
+        "awq",
+        4,
+        32,
+        "gemm",
+        True,
+    )
     assert "lm_head" in qc["modules_to_not_convert"]
     assert (dst / "tokenizer.json").is_file()  # tokenizer files copied from the source
     assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left
@@ -135,14 +161,17 @@ def test_folder_layout_and_metadata(run):
     norm2 = "pre_feedforward_layernorm" if arch == "gemma3" else "post_attention_layernorm"
     # GQA (2 kv heads / 4 heads): v_proj -> o_proj is skipped; three mappings per layer
     assert [(m["layer"], m["prev"].rsplit(".", 1)[-1]) for m in mappings] == [
-        (i, p) for i in range(2) for p in ("input_layernorm", norm2, "up_proj")]
+        (i, p) for i in range(2) for p in ("input_layernorm", norm2, "up_proj")
+    ]
     for m in mappings:
         assert m["mode"] in ("x", "duo") and 0.0 <= m["alpha"] <= 1.0 and not m["fallback"]
         assert m["loss_rtn"] > 0 and m["loss_awq"] >= 0
     # clip search on every quantized linear except q/k
     assert sorted(c["name"].split(".", 2)[-1] for c in meta["awq"]["clips"]) == sorted(
-        f"{i}.{n}" for i in range(2)
-        for n in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+        f"{i}.{n}"
+        for i in range(2)
+        for n in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    )
     for c in meta["awq"]["clips"]:
         assert c["err_after"] <= c["err_before"]
 
@@ -250,8 +279,10 @@ def test_search_then_apply_is_bit_exact(run):
     saved = AWQResults.load(dst)
     assert [(e.prev, e.alpha, e.mode) for e in saved.scales] == [(e.prev, e.alpha, e.mode) for e in results.scales]
     assert all(torch.equal(a.scales, b.scales) for a, b in zip(saved.scales, results.scales, strict=True))
-    assert all(torch.equal(a.min_val, b.min_val) and torch.equal(a.max_val, b.max_val)
-               for a, b in zip(saved.clips, results.clips, strict=True))
+    assert all(
+        torch.equal(a.min_val, b.min_val) and torch.equal(a.max_val, b.max_val)
+        for a, b in zip(saved.clips, results.clips, strict=True)
+    )
 
 
 def test_captured_layer_inputs_replay_the_model(run):
@@ -341,7 +372,8 @@ def test_keep_unaligned_fp16_quantizes_only_aligned_linears(llama_root):
     assert [m["prev"] for m in meta["awq"]["mappings"]] == [f"model.layers.{i}.mlp.up_proj" for i in range(2)]
     q = load_quantized(dst)
     assert sorted(n for n, m in q.named_modules() if isinstance(m, QuantLinear)) == [
-        f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+        f"model.layers.{i}.mlp.down_proj" for i in range(2)
+    ]
     float_model = _float_model(llama_root / "src")
     ids = _ids(float_model.config.vocab_size)
     assert _rel(_logits(q, ids), _logits(float_model, ids)) < MAX_REL_ERR["llama"]
@@ -371,8 +403,9 @@ def test_modules_to_not_convert_keeps_linears_float(llama_root):
     dst = llama_root / "keep"
     report = _quantize(llama_root, dst, quant=qc)
     kept = sorted(report.metadata["kept_float"])
-    assert kept == sorted([f"model.layers.{i}.mlp.gate_proj" for i in range(2)]
-                          + [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"])
+    assert kept == sorted(
+        [f"model.layers.{i}.mlp.gate_proj" for i in range(2)] + [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]
+    )
     assert report.metadata["quantized_modules"] == 14 - 6
     ignore = json.loads((dst / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
     assert set(kept) | {"lm_head"} == set(ignore)
@@ -391,14 +424,19 @@ def test_float_propagation_without_clip_and_mha(tmp_path):
     """Non-default settings: float propagation, no clip, no GQA (v -> o mapping kept), and 5 blocks in
     batches of 2 (a last batch of 1, with its own captured kwargs)."""
     _make_source(tmp_path, "llama", kv_heads=4)
-    scfg = SearchConfig(batch_size=2, search_samples=3, search_tokens=64, n_grid=5, clip=False,
-                        propagate="float", scale_mode="x")
+    scfg = SearchConfig(
+        batch_size=2, search_samples=3, search_tokens=64, n_grid=5, clip=False, propagate="float", scale_mode="x"
+    )
     calib = CalibConfig(source=str(tmp_path / "calib.txt"), n_samples=5, seq_len=32)
     report = _quantize(tmp_path, tmp_path / "out", search=scfg, calib=calib)
     assert report.metadata["calibration"]["n_samples"] == 5
     mappings = report.metadata["awq"]["mappings"]
     assert [m["prev"].rsplit(".", 1)[-1] for m in mappings] == [
-        "input_layernorm", "v_proj", "post_attention_layernorm", "up_proj"] * 2
+        "input_layernorm",
+        "v_proj",
+        "post_attention_layernorm",
+        "up_proj",
+    ] * 2
     assert all(m["mode"] == "x" for m in mappings)
     assert report.metadata["awq"]["clips"] == []
     rebuilt = _reapply(tmp_path / "src", tmp_path / "out")

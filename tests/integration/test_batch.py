@@ -32,7 +32,7 @@ def _plan(tmp_path: Path, src: Path) -> Path:
     text = f"""
 output_dir = "out"
 [defaults]
-calib = "{src.parent / 'calib.txt'}"
+calib = "{src.parent / "calib.txt"}"
 n_samples = 4
 seq_len = 32
 [[models]]
@@ -61,8 +61,9 @@ def _folders(tmp_path: Path) -> list[Path]:
 class Calls:
     """Wraps awqkit.api.quantize: counts calls per output name, raises ``fault`` on call number ``fail_at``."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None,
-                 fault: BaseException | None = None) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None, fault: BaseException | None = None
+    ) -> None:
         self.real = awqkit.api.quantize
         self.names: list[str] = []
         self.fail_at, self.fault = fail_at, fault
@@ -82,8 +83,9 @@ def _stamp(folder: Path) -> tuple[int, int]:
     return meta.stat().st_ino, meta.stat().st_mtime_ns
 
 
-def test_interrupted_batch_rerun_makes_each_output_once(tmp_path: Path, src: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_batch_rerun_makes_each_output_once(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plan = _plan(tmp_path, src)
     first, second, third = _folders(tmp_path)
     calls = Calls(monkeypatch, fail_at=2, fault=KeyboardInterrupt())
@@ -114,13 +116,14 @@ def test_interrupted_batch_rerun_makes_each_output_once(tmp_path: Path, src: Pat
     report = run_batch(plan, progress=False)
     assert calls.names == [] and [o.status for o in report.outcomes] == ["skipped"] * 3
     # each output exactly once, nothing else left in the output folder
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([STATE_FILE, first.name, second.name,
-                                                                          third.name])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [STATE_FILE, first.name, second.name, third.name]
+    )
 
 
-def test_failed_model_is_reported_and_the_rest_go_on(tmp_path: Path, src: Path,
-                                                     monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_failed_model_is_reported_and_the_rest_go_on(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     plan = _plan(tmp_path, src)
     first, second, third = _folders(tmp_path)
     parser = argparse.ArgumentParser()

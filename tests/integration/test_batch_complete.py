@@ -28,7 +28,7 @@ def _plan(tmp_path: Path, src: Path, n_samples: int = 4, n_grid: int = 4) -> Pat
     (tmp_path / "plan.toml").write_text(f"""
 output_dir = "out"
 [defaults]
-calib = "{src.parent / 'calib.txt'}"
+calib = "{src.parent / "calib.txt"}"
 n_samples = {n_samples}
 seq_len = 32
 n_grid = {n_grid}
@@ -53,8 +53,9 @@ class Calls:
         return self.real(src, dst, **kw)
 
 
-def test_damaged_or_stale_outputs_are_made_again(tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_damaged_or_stale_outputs_are_made_again(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     plan = _plan(tmp_path, src)
     rtn, awq = (tmp_path / "out" / f"{RUN}_{m}_w4_g32_headfp16_quantized" for m in ("RTN", "AWQ"))
     calls = Calls(monkeypatch)
@@ -69,8 +70,9 @@ def test_damaged_or_stale_outputs_are_made_again(tmp_path: Path, src: Path, monk
             report = run_batch(plan, progress=False)
         assert report.ok and calls.names == expected, (why, calls.names)
         if expected:
-            assert any(why in r.getMessage() and "made again" in r.getMessage() for r in caplog.records), \
-                [r.getMessage() for r in caplog.records]
+            assert any(why in r.getMessage() and "made again" in r.getMessage() for r in caplog.records), [
+                r.getMessage() for r in caplog.records
+            ]
         assert folder_state(rtn)[0] == folder_state(awq)[0] == "complete"
 
     rerun([], "")  # nothing changed: both skipped
@@ -98,8 +100,9 @@ def test_damaged_or_stale_outputs_are_made_again(tmp_path: Path, src: Path, monk
     rerun([], "")
 
 
-def test_a_folder_awqkit_did_not_write_is_never_replaced(tmp_path: Path, src: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_folder_awqkit_did_not_write_is_never_replaced(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plan = _plan(tmp_path, src)
     rtn = tmp_path / "out" / f"{RUN}_RTN_w4_g32_headfp16_quantized"
     rtn.mkdir(parents=True)

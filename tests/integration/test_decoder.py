@@ -29,16 +29,29 @@ PROMPT, STEPS, WINDOW = 14, 6, 5
 
 def _tiny(arch: str, seed: int = 0, wide: bool = False) -> torch.nn.Module:
     """2 layers, 4 heads / 2 KV heads; ``wide``: every linear width a multiple of 64 (what cpu-avx2 takes)."""
-    common = dict(hidden_size=128 if wide else 64, intermediate_size=192 if wide else 96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32 if wide else 16, vocab_size=200)
-    cfg = {"llama": lambda: T.LlamaConfig(**common),
-           "mistral": lambda: T.MistralConfig(**common, sliding_window=WINDOW),
-           "qwen2": lambda: T.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW,
-                                          max_window_layers=1),
-           "qwen3": lambda: T.Qwen3Config(**common),
-           "gemma3": lambda: T.Gemma3TextConfig(**common)}[arch]()
-    cls = {"llama": T.LlamaForCausalLM, "mistral": T.MistralForCausalLM, "qwen2": T.Qwen2ForCausalLM,
-           "qwen3": T.Qwen3ForCausalLM, "gemma3": T.Gemma3ForCausalLM}[arch]
+    common = dict(
+        hidden_size=128 if wide else 64,
+        intermediate_size=192 if wide else 96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32 if wide else 16,
+        vocab_size=200,
+    )
+    cfg = {
+        "llama": lambda: T.LlamaConfig(**common),
+        "mistral": lambda: T.MistralConfig(**common, sliding_window=WINDOW),
+        "qwen2": lambda: T.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        "qwen3": lambda: T.Qwen3Config(**common),
+        "gemma3": lambda: T.Gemma3TextConfig(**common),
+    }[arch]()
+    cls = {
+        "llama": T.LlamaForCausalLM,
+        "mistral": T.MistralForCausalLM,
+        "qwen2": T.Qwen2ForCausalLM,
+        "qwen3": T.Qwen3ForCausalLM,
+        "gemma3": T.Gemma3ForCausalLM,
+    }[arch]
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     _sharpen(model)

@@ -82,21 +82,30 @@ def _weights(folder: Path) -> dict[str, Any]:
 def _same_weights(a: Path, b: Path) -> None:
     wa, wb = _weights(a), _weights(b)
     assert sorted(wa) == sorted(wb) and wa
-    differ = [k for k in wa if not (wa[k].dtype == wb[k].dtype and wa[k].shape == wb[k].shape
-                                    and bool((wa[k] == wb[k]).all()))]
+    differ = [
+        k
+        for k in wa
+        if not (wa[k].dtype == wb[k].dtype and wa[k].shape == wb[k].shape and bool((wa[k] == wb[k]).all()))
+    ]
     assert not differ, f"tensors differ between the single-process and the 2-rank output: {differ}"
 
 
-def test_two_ranks_write_the_single_process_checkpoint(root: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_ranks_write_the_single_process_checkpoint(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(awqkit.calib.stats, "TOKEN_CHUNK", CHUNK)
-    single = quantize(root / "src", tmp_path / "single", method="awq", quant=QCFG, calib=_calib(root),
-                      search=SCFG, progress=False)
+    single = quantize(
+        root / "src", tmp_path / "single", method="awq", quant=QCFG, calib=_calib(root), search=SCFG, progress=False
+    )
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
-    kw = {"src": str(root / "src"), "dst": str(tmp_path / "dp"), "quant": {"bits": 4, "group_size": 32},
-          "calib": {"source": str(root / "calib.txt"), "n_samples": 8, "seq_len": 32},
-          "search": {"batch_size": 2, "search_samples": 4, "search_tokens": 64, "n_grid": 5}}
+    kw = {
+        "src": str(root / "src"),
+        "dst": str(tmp_path / "dp"),
+        "quant": {"bits": 4, "group_size": 32},
+        "calib": {"source": str(root / "calib.txt"), "n_samples": 8, "seq_len": 32},
+        "search": {"batch_size": 2, "search_samples": 4, "search_tokens": 64, "n_grid": 5},
+    }
     _torchrun([str(script), str(tmp_path / "out"), json.dumps(kw), str(CHUNK)], tmp_path)
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
     want = [[e.mode, e.alpha] for e in single.results.scales]
@@ -110,9 +119,28 @@ def test_two_ranks_write_the_single_process_checkpoint(root: Path, tmp_path: Pat
 
 def test_torchrun_cli_gram_clip_equals_single_process(root: Path, tmp_path: Path) -> None:
     """The CLI under torchrun, with the clip search on every token's Gram blocks (all-reduced)."""
-    args = ["--src", str(root / "src"), "--calib", str(root / "calib.txt"), "--n-samples", "8", "--seq-len", "32",
-            "--group-size", "32", "--batch-size", "2", "--search-samples", "4", "--search-tokens", "64",
-            "--n-grid", "5", "--clip-n-tokens", "0"]
+    args = [
+        "--src",
+        str(root / "src"),
+        "--calib",
+        str(root / "calib.txt"),
+        "--n-samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--group-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--search-samples",
+        "4",
+        "--search-tokens",
+        "64",
+        "--n-grid",
+        "5",
+        "--clip-n-tokens",
+        "0",
+    ]
     from awqkit.cli import main
 
     assert main(["quantize", "--dst", str(tmp_path / "single"), *args]) == 0

@@ -24,8 +24,14 @@ def fp32_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaFo
     root = tmp_path_factory.mktemp("dtypes")
     tok = make_tiny_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok))
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+    )
     model = LlamaForCausalLM(cfg).eval()
     for dtype in (torch.float16, torch.bfloat16):
         model.to(dtype).save_pretrained(root / str(dtype).split(".")[1])
@@ -39,10 +45,14 @@ def fp32_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaFo
 def test_half_precision_source_quantizes(fp32_source: tuple, dtype: str) -> None:
     root, model32, calib = fp32_source
     dst = root / f"q-{dtype}"
-    rep = quantize(root / dtype, dst, quant=QuantConfig(bits=4, group_size=32),
-                   calib=CalibConfig(source=str(calib), n_samples=4, seq_len=32),
-                   search=SearchConfig(batch_size=2, search_samples=2, search_tokens=64, n_grid=5),
-                   progress=False)
+    rep = quantize(
+        root / dtype,
+        dst,
+        quant=QuantConfig(bits=4, group_size=32),
+        calib=CalibConfig(source=str(calib), n_samples=4, seq_len=32),
+        search=SearchConfig(batch_size=2, search_samples=2, search_tokens=64, n_grid=5),
+        progress=False,
+    )
     maps = rep.metadata["awq"]["mappings"]
     assert maps and all(m["loss_awq"] is not None and m["loss_awq"] <= m["loss_rtn"] for m in maps)
     q = load_quantized(dst)

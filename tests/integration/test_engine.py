@@ -46,8 +46,9 @@ def _weights(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("method", ["awq", "rtn"])
-def test_lazy_source_writes_the_bytes_of_the_in_memory_path(root: Path, tmp_path: Path, method: str,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lazy_source_writes_the_bytes_of_the_in_memory_path(
+    root: Path, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lazy = _run(root, "src2", tmp_path / "lazy", method)
     with monkeypatch.context() as m:
         m.setattr(awqkit.engine, "lazy_or_none", lambda *a, **k: None)
@@ -97,10 +98,33 @@ if k is not None:
 
 
 def _cli(root: Path, dst: Path, extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-c", "import sys; from awqkit.cli import main; sys.exit(main(sys.argv[1:]))",
-            "quantize", "--src", str(root / "src4"), "--dst", str(dst), "--calib", str(root / "calib.txt"),
-            "--group-size", "32", "--n-samples", "4", "--seq-len", "32", "--batch-size", "2", "--search-samples", "2",
-            "--search-tokens", "64", "--n-grid", "4", *(extra or [])]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from awqkit.cli import main; sys.exit(main(sys.argv[1:]))",
+        "quantize",
+        "--src",
+        str(root / "src4"),
+        "--dst",
+        str(dst),
+        "--calib",
+        str(root / "calib.txt"),
+        "--group-size",
+        "32",
+        "--n-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--search-samples",
+        "2",
+        "--search-tokens",
+        "64",
+        "--n-grid",
+        "4",
+        *(extra or []),
+    ]
 
 
 def test_killed_run_resumes_to_the_same_bytes(root: Path, tmp_path: Path) -> None:
@@ -112,9 +136,13 @@ def test_killed_run_resumes_to_the_same_bytes(root: Path, tmp_path: Path) -> Non
     assert subprocess.run(_cli(root, reference), env=env, capture_output=True, timeout=300).returncode == 0
     dst = tmp_path / "resumed"
     for layer, sig, rc in ((0, "SIGKILL", -signal.SIGKILL), (2, "SIGTERM", 130)):
-        proc = subprocess.run(_cli(root, dst), env={**env, "AWQKIT_TEST_KILL_AFTER_LAYER": str(layer),
-                                                    "AWQKIT_TEST_SIGNAL": sig}, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            _cli(root, dst),
+            env={**env, "AWQKIT_TEST_KILL_AFTER_LAYER": str(layer), "AWQKIT_TEST_SIGNAL": sig},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == rc, proc.stderr[-2000:]
         assert not dst.exists()
         staged = list(tmp_path.glob(f".{dst.name}.tmp-*"))
@@ -135,8 +163,9 @@ def test_a_changed_command_starts_afresh(root: Path, tmp_path: Path) -> None:
     (hook / "sitecustomize.py").write_text(HOOK)
     env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     dst = tmp_path / "out"
-    proc = subprocess.run(_cli(root, dst), env={**env, "AWQKIT_TEST_KILL_AFTER_LAYER": "1"}, capture_output=True,
-                          timeout=300)
+    proc = subprocess.run(
+        _cli(root, dst), env={**env, "AWQKIT_TEST_KILL_AFTER_LAYER": "1"}, capture_output=True, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL
     proc = subprocess.run(_cli(root, dst, ["--n-grid", "5"]), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

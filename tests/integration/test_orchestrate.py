@@ -17,12 +17,12 @@ from conftest import TINY_CORPUS, save_tiny_llama
 import awqkit.api
 import awqkit.eval.runner
 from awqkit.commands import orchestrate_cmd
-from awqkit.eval.orchestrate import orchestrate
 from awqkit.platform.batch import STATE_FILE
+from awqkit.platform.campaign_results import bits_per_weight, results_markdown
+from awqkit.platform.orchestrate import orchestrate
 from awqkit.platform.plan import load_plan
-from awqkit.platform.spec import resolve_quantization_spec
 from awqkit.report.model_card import RESULTS_START
-from awqkit.report.orchestrate_results import bits_per_weight, results_markdown
+from awqkit.spec import resolve_quantization_spec
 
 RUN = "Tiny-1-demo_SFT_NoPeft"
 TAGS = ("RTN_w4_g32", "RTN_w3_g32", "AWQ_w4_g32")
@@ -41,7 +41,7 @@ def _write_plan(tmp_path: Path, src: Path, windows: int = 2, backend: str = "tor
     text = f"""
 output_dir = "out"
 [defaults]
-calib = "{src.parent / 'calib.txt'}"
+calib = "{src.parent / "calib.txt"}"
 n_samples = 4
 seq_len = 32
 n_grid = 3
@@ -64,7 +64,7 @@ group_size = 32
 tasks = ["ppl", "kl"]
 seq_len = 16
 windows = {windows}
-text = "{src.parent / 'text.txt'}"
+text = "{src.parent / "text.txt"}"
 backend = "{backend}"
 """
     (tmp_path / "plan.toml").write_text(text)
@@ -74,8 +74,14 @@ backend = "{backend}"
 class Spy:
     """Replaces ``module.name``: records the output / evaluated folder name, raises ``fault`` on call ``fail_at``."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: Any, name: str, fail_at: int | None = None,
-                 fault: BaseException | None = None) -> None:
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        module: Any,
+        name: str,
+        fail_at: int | None = None,
+        fault: BaseException | None = None,
+    ) -> None:
         real = getattr(module, name)
         self.real = real.real if isinstance(real, Spy) else real
         self.seen: list[str] = []
@@ -100,9 +106,9 @@ def _stamps(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted((out / "eval").glob("*.json"))}
 
 
-def test_orchestrate_resumes_after_failure_and_interruption(tmp_path: Path, src: Path,
-                                                            monkeypatch: pytest.MonkeyPatch,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_orchestrate_resumes_after_failure_and_interruption(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     plan = _write_plan(tmp_path, src)
     out = tmp_path / "out"
     folders = [out / f"{RUN}_{t}_headfp16_quantized" for t in TAGS]

@@ -79,7 +79,8 @@ def test_linear_mappings_choose_the_same_from_tokens_as_from_the_gram(tmp_path: 
 
 
 def test_linear_mappings_ranked_on_the_clip_sample_choose_what_exhaustive_scoring_chooses(
-        tmp_path: Path, monkeypatch) -> None:
+    tmp_path: Path, monkeypatch
+) -> None:
     """A single linear whose exact score is RANK_SAVING times dearer than its ranking is ranked on rank_tokens
     tokens of its clip sample, then its best candidates are scored exactly: the same choices as scoring every
     candidate. (The test model's down_proj has 128 input channels; RANK_SAVING is lowered so 64 tokens rank it.)"""
@@ -102,8 +103,10 @@ def test_linear_mappings_ranked_on_the_clip_sample_choose_what_exhaustive_scorin
     linear = [j for j, e in enumerate(exhaustive) if e[1].endswith(("mlp.up_proj", "self_attn.v_proj"))]
     assert linear
     for j in linear:
-        assert ranked[j][2:4] == exhaustive[j][2:4] or ranked[j][4] <= exhaustive[j][4] * 1.02, (ranked[j],
-                                                                                               exhaustive[j])
+        assert ranked[j][2:4] == exhaustive[j][2:4] or ranked[j][4] <= exhaustive[j][4] * 1.02, (
+            ranked[j],
+            exhaustive[j],
+        )
     monkeypatch.setattr(awqkit.pipeline, "RANK_SAVING", 10**6)  # never worth it: no linear is ranked
     ranked_linears.clear()
     _choices(src, tmp_path, RANKED)

@@ -44,9 +44,15 @@ def _quantize(setup: dict, method: str) -> Path:
     from awqkit.config import CalibConfig, QuantConfig, SearchConfig
 
     dst = setup["work"] / method
-    quantize(setup["src"], dst, method=method, quant=QuantConfig(bits=4, group_size=64),
-             calib=CalibConfig(source=str(setup["calib"]), n_samples=N_SAMPLES, seq_len=512),
-             search=SearchConfig(search_samples=8, search_tokens=4096), progress=False)
+    quantize(
+        setup["src"],
+        dst,
+        method=method,
+        quant=QuantConfig(bits=4, group_size=64),
+        calib=CalibConfig(source=str(setup["calib"]), n_samples=N_SAMPLES, seq_len=512),
+        search=SearchConfig(search_samples=8, search_tokens=4096),
+        progress=False,
+    )
     return dst
 
 
@@ -69,7 +75,12 @@ def test_awq_checkpoint_layout_and_metadata(setup: dict) -> None:
         _quantize(setup, "awq")
     cfg = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert {k: cfg[k] for k in ("quant_method", "bits", "group_size", "zero_point", "version")} == {
-        "quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"}
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 64,
+        "zero_point": True,
+        "version": "gemm",
+    }
     meta = json.loads((dst / "quantization_metadata.json").read_text())
     assert meta["calibration"]["n_samples"] == N_SAMPLES and len(meta["calibration"]["sha256"]) == 64
     maps = meta["awq"]["mappings"]

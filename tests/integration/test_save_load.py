@@ -31,8 +31,15 @@ def _tiny(tie: bool = True, seed: int = 0) -> LlamaForCausalLM:
     """Tiny random Llama whose float params are already fp16-representable (they are saved in fp16, so
     the in-memory model and the loaded one then hold identical values: exact comparisons are fair)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=tie,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -82,7 +89,12 @@ def test_gemm_roundtrip_exact_logits_config_and_tying(tmp_path):
     qcfg = cfg["quantization_config"]
     assert set(qcfg) == AWQ_KEYS
     assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["zero_point"], qcfg["version"]) == (
-        "awq", 4, 32, True, "gemm")
+        "awq",
+        4,
+        32,
+        True,
+        "gemm",
+    )
     assert qcfg["modules_to_not_convert"] == ["lm_head"]  # float linears are always listed
     assert cfg["dtype"] == "float16" and cfg["torch_dtype"] == "float16"
     assert cfg["architectures"] == ["LlamaForCausalLM"]
@@ -119,7 +131,10 @@ def test_ct_roundtrip(tmp_path, bits, group_size, zero_point):
     dst = _save(model, qc, tmp_path / "ct")
     qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert (qcfg["quant_method"], qcfg["format"], qcfg["quantization_status"]) == (
-        "compressed-tensors", "pack-quantized", "compressed")
+        "compressed-tensors",
+        "pack-quantized",
+        "compressed",
+    )
     w = qcfg["config_groups"]["group_0"]["weights"]
     strategy = "group" if group_size > 0 else "channel"
     assert (w["num_bits"], w["symmetric"], w["strategy"]) == (bits, not zero_point, strategy)
@@ -184,8 +199,15 @@ def test_failure_mid_save_leaves_nothing(tmp_path, monkeypatch):
 def test_src_files_copied_and_metadata_checked(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-             "chat_template.jinja", "generation_config.json"]
+    names = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "generation_config.json",
+    ]
     for n in names:
         (src / n).write_text(f'{{"file": "{n}"}}')
     (src / "config.json").write_text("{}")
@@ -212,13 +234,25 @@ def test_save_refuses_untied_mismatch_and_unquantized(tmp_path):
 
 
 LLMC_W4A16 = {  # what llm-compressor writes for a symmetric W4A16 group-32 recipe
-    "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+        }
+    },
     "ignore": ["lm_head"],
 }
-AUTOAWQ = {"quant_method": "awq", "w_bit": 4, "q_group_size": 32, "zero_point": True, "version": "GEMM",
-           "modules_to_not_convert": None}
+AUTOAWQ = {
+    "quant_method": "awq",
+    "w_bit": 4,
+    "q_group_size": 32,
+    "zero_point": True,
+    "version": "GEMM",
+    "modules_to_not_convert": None,
+}
 
 
 @pytest.mark.parametrize("writer", ["autoawq", "llm-compressor"])
@@ -289,8 +323,9 @@ def test_ct_checkpoint_loads_in_transformers(tmp_path):
 
     model, qc = _quantized(3, 32, True)
     dst = _save(model, qc, tmp_path / "ct")
-    hf = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32,
-                                              quantization_config=CompressedTensorsConfig(dequantize=True))
+    hf = AutoModelForCausalLM.from_pretrained(
+        dst, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     for name in _layer_linears(_tiny()):
         ours = get_module(model, name).dequantized_weight()
         assert torch.equal(get_module(hf, name).weight.float(), ours.half().float()), name
@@ -300,13 +335,15 @@ def test_side_config_files_autoawq_read_autogptq_refused(tmp_path):
     # AutoAWQ's quant_config.json (no quant_method) is AWQ; AutoGPTQ's quantize_config.json is not
     awq = tmp_path / "awq"
     awq.mkdir()
-    (awq / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 64, "w_bit": 4,
-                                                       "version": "GEMM"}))
+    (awq / "quant_config.json").write_text(
+        json.dumps({"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"})
+    )
     qc = read_quant_config(awq)
     assert (qc["quant_method"], qc["bits"], qc["group_size"]) == ("awq", 4, 64)
     gptq = tmp_path / "gptq"
     gptq.mkdir()
-    (gptq / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128, "desc_act": False,
-                                                          "sym": True, "damp_percent": 0.01}))
+    (gptq / "quantize_config.json").write_text(
+        json.dumps({"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "damp_percent": 0.01})
+    )
     with pytest.raises(ValueError, match="quant_method='gptq' is not supported"):
         read_quant_config(gptq)

@@ -83,7 +83,7 @@ def test_multi_row_kernel_equals_row_by_row_bit_for_bit(group_size):
     for rows in (2, 3, 5, cpu_avx2.MAX_ROWS):
         x = _x(rows, 384, seed=rows)
         y = _run(ql, x)
-        assert torch.equal(y, torch.cat([_run(ql, x[i:i + 1]) for i in range(rows)]))
+        assert torch.equal(y, torch.cat([_run(ql, x[i : i + 1]) for i in range(rows)]))
 
 
 def test_thread_count_does_not_change_results():
@@ -278,8 +278,14 @@ def test_load_quantized_auto_uses_cpu_avx2_and_fp16_head(tmp_path):
     from awqkit.io.save import save_quantized
 
     model = _quantized_llama(32, True)
-    dst = save_quantized(model, tmp_path / "q", quant_config=QuantConfig(bits=4, group_size=32, zero_point=True),
-                         src_dir=None, metadata={}, modules_to_not_convert=[])
+    dst = save_quantized(
+        model,
+        tmp_path / "q",
+        quant_config=QuantConfig(bits=4, group_size=32, zero_point=True),
+        src_dir=None,
+        metadata={},
+        modules_to_not_convert=[],
+    )
     ids = torch.tensor([[3, 8, 120, 64]])
     set_backend(model, "torch")
     expected = greedy(model, ids, 6)

@@ -28,8 +28,10 @@ from awqkit.kernels import cpu_int4, torch_ref
 from awqkit.nn.qlinear import QuantLinear
 
 if not cpu_int4.is_available():
-    pytest.skip("torch has no working aten._weight_int4pack_mm_for_cpu / _convert_weight_to_int4pack_for_cpu",
-                allow_module_level=True)
+    pytest.skip(
+        "torch has no working aten._weight_int4pack_mm_for_cpu / _convert_weight_to_int4pack_for_cpu",
+        allow_module_level=True,
+    )
 
 U_BF16 = 2.0**-9
 U_FP32 = 2.0**-24
@@ -154,11 +156,14 @@ def test_per_row_group_inside_the_kernel_range():
 
 
 # ----------------------------------------------------------------------------- auto / fallback
-@pytest.mark.parametrize("in_f,out_f,group_size,reason", [
-    (128, 24, 32, "out_features=24 is not a multiple of 16"),
-    (128, 32, 16, "group_size=16"),
-    (512, 32, -1, "group_size=-1 (= in_features 512)"),
-])
+@pytest.mark.parametrize(
+    "in_f,out_f,group_size,reason",
+    [
+        (128, 24, 32, "out_features=24 is not a multiple of 16"),
+        (128, 32, 16, "group_size=16"),
+        (512, 32, -1, "group_size=-1 (= in_features 512)"),
+    ],
+)
 def test_unsupported_layer_falls_back_under_auto_and_raises_when_explicit(in_f, out_f, group_size, reason):
     ql = _ql(in_f, out_f, group_size, bias=True)
     x = _x(3, in_f)
@@ -253,12 +258,14 @@ def test_greedy_generation_matches_torch(group_size, zero_point):
 
 
 def test_prepare_model_reports_fallbacks(caplog):
-    model = nn.ModuleDict({
-        "ok": _ql(64, 32, 32),
-        "narrow": _ql(64, 24, 32),
-        "g16": _ql(64, 32, 16),
-        "b3": QuantLinear.from_linear(_linear(64, 32), 3, 32),
-    })
+    model = nn.ModuleDict(
+        {
+            "ok": _ql(64, 32, 32),
+            "narrow": _ql(64, 24, 32),
+            "g16": _ql(64, 32, 16),
+            "b3": QuantLinear.from_linear(_linear(64, 32), 3, 32),
+        }
+    )
     with caplog.at_level(logging.INFO, logger="awqkit.kernels"):
         report = cpu_int4.prepare_model(model)
     assert report.as_counts() == {"converted": 1, "fallback": 3}
@@ -283,8 +290,14 @@ def test_load_quantized_with_cpu_int4(tmp_path):
     from awqkit.io.save import save_quantized
 
     model = _quantized_llama(32, True)
-    dst = save_quantized(model, tmp_path / "q", quant_config=QuantConfig(bits=4, group_size=32, zero_point=True),
-                         src_dir=None, metadata={}, modules_to_not_convert=[])
+    dst = save_quantized(
+        model,
+        tmp_path / "q",
+        quant_config=QuantConfig(bits=4, group_size=32, zero_point=True),
+        src_dir=None,
+        metadata={},
+        modules_to_not_convert=[],
+    )
     loaded = load_quantized(dst, backend="cpu-int4")
     ids = torch.tensor([[3, 8, 120, 64]])
     set_backend(model, "torch")

@@ -81,7 +81,7 @@ def _rotate(x, cos, sin):
 def test_reference_attention_matches_eager_formula(window, qk_norm):
     """Prefill 6 positions, then 3 more at once, then 1: every output equals plain attention over all keys."""
     b, h, kv, d = 2, 4, 2, 16
-    shape = AttentionShape(h, kv, d, d ** -0.5, window, 1e-6)
+    shape = AttentionShape(h, kv, d, d**-0.5, window, 1e-6)
     g = torch.Generator().manual_seed(7)
     n = 10
     q = torch.randn(b, n, h * d, generator=g)
@@ -93,8 +93,11 @@ def test_reference_attention_matches_eager_formula(window, qk_norm):
     kc, vc = torch.zeros(b, kv, 16, d), torch.zeros(b, kv, 16, d)
     outs = []
     for lo, hi in ((0, 6), (6, 9), (9, 10)):
-        outs.append(decode_ops.attention_reference(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], kc, vc, lo,
-                                                   cos[:, lo:hi], sin[:, lo:hi], shape, qn, kn))
+        outs.append(
+            decode_ops.attention_reference(
+                q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], kc, vc, lo, cos[:, lo:hi], sin[:, lo:hi], shape, qn, kn
+            )
+        )
     out = torch.cat(outs, dim=1)
 
     def norm(x, w):
@@ -102,8 +105,9 @@ def test_reference_attention_matches_eager_formula(window, qk_norm):
 
     qr = _rotate(norm(q.view(b, n, h, d), qn).transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
     kr = _rotate(norm(k.view(b, n, kv, d), kn).transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
-    expected = _eager(qr.transpose(1, 2).reshape(b, n, h * d), kr, v.view(b, n, kv, d).transpose(1, 2),
-                      torch.arange(n), shape)
+    expected = _eager(
+        qr.transpose(1, 2).reshape(b, n, h * d), kr, v.view(b, n, kv, d).transpose(1, 2), torch.arange(n), shape
+    )
     _close(out, expected, 1e-5)
     _close(kc[:, :, :n], kr, 1e-6)
 
@@ -113,7 +117,7 @@ def test_reference_attention_matches_eager_formula(window, qk_norm):
 @pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_native_decode_attention_matches_reference(b, h, kv, d, window, qk_norm):
-    shape = AttentionShape(h, kv, d, 0.7 * d ** -0.5, window, 1e-6)
+    shape = AttentionShape(h, kv, d, 0.7 * d**-0.5, window, 1e-6)
     g = torch.Generator().manual_seed(b * h + d)
     maxlen, pos = 32, 19
     kc = torch.randn(b, kv, maxlen, d, generator=g)
@@ -133,8 +137,9 @@ def test_native_decode_attention_matches_reference(b, h, kv, d, window, qk_norm)
     # the fused entry point consumes a [q | k | v] buffer and gives the same
     kc3, vc3 = kc.clone(), vc.clone()
     kc3[:, :, pos] = 0
-    fused = decode_ops.attention_fused(torch.cat((q, k, v), -1).view(b, -1).contiguous(), kc3, vc3, pos, cos, sin,
-                                       shape, qn, kn)
+    fused = decode_ops.attention_fused(
+        torch.cat((q, k, v), -1).view(b, -1).contiguous(), kc3, vc3, pos, cos, sin, shape, qn, kn
+    )
     _close(fused, out, 1e-6)
 
 

@@ -57,8 +57,12 @@ def _close(y: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5) -> None:
 def test_forward_checks_x_and_the_converted_layer() -> None:
     ql = _ql()
     with torch.no_grad():
-        _raises(lambda: cpu_avx2.forward(_x(1, 128), ql), "cpu_avx2.forward: x has shape (1, 128)",
-                "expected (..., 64)", "in_features=64")
+        _raises(
+            lambda: cpu_avx2.forward(_x(1, 128), ql),
+            "cpu_avx2.forward: x has shape (1, 128)",
+            "expected (..., 64)",
+            "in_features=64",
+        )
         _raises(lambda: cpu_avx2.forward(torch.tensor(1.0), ql), "x has shape ()")
         _raises(lambda: cpu_avx2.forward(torch.empty(1, 64, device=META), ql), "x is on meta, expected cpu")
         for x in (_x(1, 64), _x(5, 64), _x(2, 3, 64), _x(4, 128)[:, ::2], _x(2, 64).double()):  # valid, any stride
@@ -71,8 +75,11 @@ def test_converted_layout_is_checked_once_at_construction() -> None:
     good = cpu_avx2.prepare_module(_ql())
     wq, sp, zq, bias = good.wq, good.sp, good.zq, good.bias
     make = cpu_avx2._Cache
-    _raises(lambda: make(wq.float(), sp, zq, bias, 32), "cpu_avx2._Cache: wq has dtype torch.float32",
-            "expected torch.int32")
+    _raises(
+        lambda: make(wq.float(), sp, zq, bias, 32),
+        "cpu_avx2._Cache: wq has dtype torch.float32",
+        "expected torch.int32",
+    )
     _raises(lambda: make(wq[:, :, :4], sp, zq, bias, 32), "wq has shape (2, 64, 4), expected (*, *, 8)")
     _raises(lambda: make(wq.transpose(0, 1).contiguous().transpose(0, 1), sp, zq, bias, 32), "wq is not contiguous")
     _raises(lambda: make(wq, sp, zq, bias, 48), "K is 64, expected a multiple of 48")
@@ -122,9 +129,17 @@ def _att(seed: int = 0) -> dict[str, Any]:
     """Valid inputs of attention_fused: qkv [B, (H + 2 KV) D], caches [B, KV, maxlen, D], cos/sin [B, 1, D]."""
     g = torch.Generator().manual_seed(seed)
     cos, sin = torch.rand(B, 1, D, generator=g), torch.rand(B, 1, D, generator=g)
-    return dict(qkv=torch.randn(B, (H + 2 * KV) * D, generator=g), k_cache=torch.randn(B, KV, MAXLEN, D, generator=g),
-                v_cache=torch.randn(B, KV, MAXLEN, D, generator=g), pos=POS, cos=cos, sin=sin, shape=SHAPE,
-                q_norm=torch.rand(D, generator=g) + 0.5, k_norm=None)
+    return dict(
+        qkv=torch.randn(B, (H + 2 * KV) * D, generator=g),
+        k_cache=torch.randn(B, KV, MAXLEN, D, generator=g),
+        v_cache=torch.randn(B, KV, MAXLEN, D, generator=g),
+        pos=POS,
+        cos=cos,
+        sin=sin,
+        shape=SHAPE,
+        q_norm=torch.rand(D, generator=g) + 0.5,
+        k_norm=None,
+    )
 
 
 def _fused(**changes: Any) -> Callable[[], torch.Tensor]:
@@ -138,10 +153,16 @@ ATTENTION_CASES = [
     ("qkv strides", dict(qkv=_x(128, B).t()), "qkv is not contiguous (shape (2, 128), stride (1, 2))"),
     ("qkv device", dict(qkv=torch.empty(B, 128, device=META)), "qkv is on meta, expected cpu"),
     ("kv heads", dict(k_cache=_x(B, H, MAXLEN, D)), "KV caches k_cache (2, 4, 6, 16) / v_cache (2, 2, 6, 16)"),
-    ("cache lengths", dict(v_cache=_x(B, KV, MAXLEN + 1, D)),
-     "v_cache (2, 2, 7, 16) do not match [B=2, KV=2, maxlen, D=16]"),
-    ("cache batch", dict(k_cache=_x(1, KV, MAXLEN, D), v_cache=_x(1, KV, MAXLEN, D)),
-     "KV caches k_cache (1, 2, 6, 16)"),
+    (
+        "cache lengths",
+        dict(v_cache=_x(B, KV, MAXLEN + 1, D)),
+        "v_cache (2, 2, 7, 16) do not match [B=2, KV=2, maxlen, D=16]",
+    ),
+    (
+        "cache batch",
+        dict(k_cache=_x(1, KV, MAXLEN, D), v_cache=_x(1, KV, MAXLEN, D)),
+        "KV caches k_cache (1, 2, 6, 16)",
+    ),
     ("cache strides", dict(k_cache=_x(B, KV, D, MAXLEN).transpose(2, 3)), "k_cache is not contiguous"),
     ("cache dtype", dict(v_cache=_x(B, KV, MAXLEN, D).half()), "v_cache has dtype torch.float16"),
     ("pos = maxlen", dict(pos=MAXLEN), "positions 6..6 do not fit the KV cache of 6 positions"),
@@ -152,8 +173,16 @@ ATTENTION_CASES = [
     ("sin device", dict(sin=torch.empty(B, 1, D, device=META)), "sin is on meta"),
     ("q_norm size", dict(q_norm=_x(D + 1)), "q_norm has shape (17,), expected (16,)"),
     ("k_norm dtype", dict(k_norm=_x(D).double()), "k_norm has dtype torch.float64"),
-    ("head_dim % 8", dict(shape=AttentionShape(4, 2, 12, 0.3), qkv=_x(B, 96), k_cache=_x(B, KV, MAXLEN, 12),
-                          v_cache=_x(B, KV, MAXLEN, 12)), "head_dim is 12, expected a multiple of 8"),
+    (
+        "head_dim % 8",
+        dict(
+            shape=AttentionShape(4, 2, 12, 0.3),
+            qkv=_x(B, 96),
+            k_cache=_x(B, KV, MAXLEN, 12),
+            v_cache=_x(B, KV, MAXLEN, 12),
+        ),
+        "head_dim is 12, expected a multiple of 8",
+    ),
 ]
 
 
@@ -167,8 +196,9 @@ def test_attention_fused_valid_inputs_match_the_reference() -> None:
     a, r = _att(), _att()
     qkv = r.pop("qkv").view(B, 1, -1)
     q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
-    ref = decode_ops.attention_reference(q, k, v, r["k_cache"], r["v_cache"], POS, r["cos"], r["sin"], SHAPE,
-                                         r["q_norm"], r["k_norm"])
+    ref = decode_ops.attention_reference(
+        q, k, v, r["k_cache"], r["v_cache"], POS, r["cos"], r["sin"], SHAPE, r["q_norm"], r["k_norm"]
+    )
     out = decode_ops.attention_fused(**a)
     _close(out, ref)
     _close(a["k_cache"], r["k_cache"], 1e-6)
@@ -222,8 +252,15 @@ def decoder() -> Any:
     from awqkit.runtime.decoder import Decoder
 
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=32, vocab_size=200)
+    cfg = T.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=200,
+    )
     model = quantize_decoder_linears(T.LlamaForCausalLM(cfg).eval(), group_size=32)
     dec = Decoder(model)
     assert dec.stack is not None
@@ -260,8 +297,7 @@ def test_native_stack_bind_caches_rejects_and_still_decodes(decoder: Any) -> Non
     stack, kc, vc = decoder.stack, decoder.k_cache, decoder.v_cache
     bind = stack.bind_caches
     _raises(lambda: bind(kc[:1], vc), "NativeStack.bind_caches: KV caches k_cache (1 tensors) / v_cache (2 tensors)")
-    _raises(lambda: bind([kc[0], _x(2, 4, 6, 32)], vc),
-            "KV caches k_cache[1] (2, 4, 6, 32) / v_cache[1] (2, 2, 6, 32)")
+    _raises(lambda: bind([kc[0], _x(2, 4, 6, 32)], vc), "KV caches k_cache[1] (2, 4, 6, 32) / v_cache[1] (2, 2, 6, 32)")
     _raises(lambda: bind([kc[0], _x(2, 2, 7, 32)], [vc[0], _x(2, 2, 7, 32)]), "[B=2, KV=2, maxlen=6, D=32]")
     _raises(lambda: bind([kc[0], _x(3, 2, 6, 32)], [vc[0], _x(3, 2, 6, 32)]), "[B=2, KV=2, maxlen=6, D=32]")
     _raises(lambda: bind([kc[0], kc[1].double()], vc), "k_cache[1] has dtype torch.float64")
@@ -269,8 +305,9 @@ def test_native_stack_bind_caches_rejects_and_still_decodes(decoder: Any) -> Non
     _raises(lambda: bind([torch.empty(2, 2, 6, 32, device=META), kc[1]], vc), "k_cache[0] is on meta")
     # a bound cache changed in place behind the structs' back
     kc[1].resize_(2, 2, 7, 32)
-    _raises(lambda: stack(**_step_args(decoder)), "NativeStack: KV caches k_cache[1] (2, 2, 7, 32)",
-            "bind_caches() bound")
+    _raises(
+        lambda: stack(**_step_args(decoder)), "NativeStack: KV caches k_cache[1] (2, 2, 7, 32)", "bind_caches() bound"
+    )
     decoder.start(2, 6)  # reallocates (the shapes differ) and binds again
     # the failed calls changed nothing else: the one-call stack still equals the per-op path, bit for bit
     ids = torch.randint(0, 200, (2, 3), generator=torch.Generator().manual_seed(0))
@@ -283,3 +320,16 @@ def test_native_stack_bind_caches_rejects_and_still_decodes(decoder: Any) -> Non
         a.append(decoder.step(nxt))
         b.append(per_op.step(nxt))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_the_c_kernel_reads_the_nibble_order_the_packer_writes() -> None:
+    """AWQ_ORDER lives in awqkit.quant.packing; the C source keeps its own copy for the compiler: they must agree."""
+    import re
+    from pathlib import Path
+
+    from awqkit.quant.packing import AWQ_ORDER
+
+    src = (Path(__file__).resolve().parents[2] / "src" / "awqkit" / "kernels" / "csrc" / "awqkit_cpu.c").read_text()
+    found = re.findall(r"static const int AWQ_ORDER\[8\] = \{([^}]*)\};", src)
+    assert len(found) == 1, "expected one AWQ_ORDER table in awqkit_cpu.c"
+    assert tuple(int(v) for v in found[0].split(",")) == AWQ_ORDER

@@ -110,8 +110,11 @@ CASES = [  # (K, N, group_size, M, zero_point, bias): N not a multiple of 64 in 
 ]
 
 
-@pytest.mark.parametrize("K,N,g,M,zp,bias", CASES, ids=[f"K{c[0]}-N{c[1]}-g{c[2]}-M{c[3]}-{'asym' if c[4] else 'sym'}"
-                                                        f"-{'bias' if c[5] else 'nobias'}" for c in CASES])
+@pytest.mark.parametrize(
+    "K,N,g,M,zp,bias",
+    CASES,
+    ids=[f"K{c[0]}-N{c[1]}-g{c[2]}-M{c[3]}-{'asym' if c[4] else 'sym'}-{'bias' if c[5] else 'nobias'}" for c in CASES],
+)
 def test_matches_reference(K, N, g, M, zp, bias):
     ql = _ql(K, N, g, zp, bias, seed=K + N + g)
     x = _x(M, K, seed=M)
@@ -121,14 +124,18 @@ def test_matches_reference(K, N, g, M, zp, bias):
     _assert_close(y, ref, x, ql)
 
 
-@pytest.mark.parametrize("cfg", [
-    tw.Config(16, 32, 32, split_k=3),  # split-K: fp32 partials + the reduce kernel (with bias)
-    tw.Config(1, 64, 32, split_k=2),  # GEMV path (no tl.dot) with split-K
-    tw.Config(1, 32, 64),  # GEMV path, bias in the epilogue
-    tw.Config(16, 64, 16, unpack="join"),  # tl.interleave-style widening of the word tile
-    tw.Config(16, 32, 32, unpack="gather", split_k=2),  # per-column word loads
-    tw.Config(32, 128, 64, group_m=2),  # N = 80 < BLOCK_N: masked columns
-], ids=["splitk", "gemv-splitk", "gemv", "join", "gather", "wide"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        tw.Config(16, 32, 32, split_k=3),  # split-K: fp32 partials + the reduce kernel (with bias)
+        tw.Config(1, 64, 32, split_k=2),  # GEMV path (no tl.dot) with split-K
+        tw.Config(1, 32, 64),  # GEMV path, bias in the epilogue
+        tw.Config(16, 64, 16, unpack="join"),  # tl.interleave-style widening of the word tile
+        tw.Config(16, 32, 32, unpack="gather", split_k=2),  # per-column word loads
+        tw.Config(32, 128, 64, group_m=2),  # N = 80 < BLOCK_N: masked columns
+    ],
+    ids=["splitk", "gemv-splitk", "gemv", "join", "gather", "wide"],
+)
 def test_explicit_configs(cfg):
     ql = _ql(256, 80, 64, zero_point=True, bias=True, seed=3)
     for m in (1, 5):
@@ -155,8 +162,9 @@ def test_magic_dequant_is_bitwise_identical(dtype, block_m):
     ql = _ql(256, 48, 64, zero_point=True, bias=True, seed=9)
     x = _x(block_m if block_m == 1 else 5, 256, seed=4, dtype=dtype)
     plain = tw.w4a16_matmul(x, ql.qweight, ql.qzeros, ql.scales, 64, ql.bias, config=tw.Config(block_m, 32, 32))
-    magic = tw.w4a16_matmul(x, ql.qweight, ql.qzeros, ql.scales, 64, ql.bias,
-                            config=tw.Config(block_m, 32, 32, magic=True))
+    magic = tw.w4a16_matmul(
+        x, ql.qweight, ql.qzeros, ql.scales, 64, ql.bias, config=tw.Config(block_m, 32, 32, magic=True)
+    )
     assert torch.equal(plain, magic)
     _assert_close(magic, torch_ref.forward(x.float(), ql), x, ql)
 
@@ -213,12 +221,16 @@ def test_not_available_on_cpu_without_interpreter(monkeypatch):
     assert kernels.resolve_backend("auto", _x(1, 128), ql).name != "triton"
 
 
-@pytest.mark.parametrize("make,reason", [
-    (lambda: _ql(200, 32, -1), "group_size=-1 (= in_features 200) is not a multiple of 16"),
-    (lambda: _ql(96, 32, 24), "group_size=24 is not a multiple of 16"),
-    (lambda: QuantLinear.from_linear(_linear(64, 32), 3, 32), "bits=3"),
-    (lambda: QuantLinear.from_linear(_linear(64, 32), 4, 32, format="pack-quantized"), "format='pack-quantized'"),
-], ids=["per-row-200", "g24", "bits3", "pack-quantized"])
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda: _ql(200, 32, -1), "group_size=-1 (= in_features 200) is not a multiple of 16"),
+        (lambda: _ql(96, 32, 24), "group_size=24 is not a multiple of 16"),
+        (lambda: QuantLinear.from_linear(_linear(64, 32), 3, 32), "bits=3"),
+        (lambda: QuantLinear.from_linear(_linear(64, 32), 4, 32, format="pack-quantized"), "format='pack-quantized'"),
+    ],
+    ids=["per-row-200", "g24", "bits3", "pack-quantized"],
+)
 def test_unsupported_layer_falls_back_under_auto_and_raises_when_explicit(make, reason):
     ql = make()
     x = _x(3, ql.in_features)
@@ -244,10 +256,9 @@ def test_grad_and_dtype_declined():
 
 def test_heuristic_configs_are_valid():
     for M in (1, 3, 16, 40, 300):
-        for (K, N, g) in ((4096, 4096, 128), (11008, 4096, 128), (4096, 11008, 64), (576, 1536, 32), (256, 80, 16)):
+        for K, N, g in ((4096, 4096, 128), (11008, 4096, 128), (4096, 11008, 64), (576, 1536, 32), (256, 80, 16)):
             cands = tw.candidates(M, N, K, g)
             assert cands
             for c in cands:
                 tw.check_config(c, M, N, K, g)
             tw.check_config(tw.interpreter_config(M, N, K, g), M, N, K, g)
-

@@ -19,8 +19,8 @@ from awqkit.config import QuantConfig
 from awqkit.io.save import save_quantized
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module, replace_linears
-from awqkit.platform.spec import resolve_quantization_spec
 from awqkit.quant import packing, primitives
+from awqkit.spec import resolve_quantization_spec
 
 
 def _raises(error_id: str, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -47,13 +47,37 @@ def test_quantize_arguments(src: Path, tmp_path: Path) -> None:
 def test_save_arguments(tmp_path: Path) -> None:
     model = tiny_fp16_llama(64, 128, 320)
     qc = QuantConfig(bits=4, group_size=32)
-    _raises("API-SAVE-MODEL", save_quantized, model, tmp_path / "a", src_dir=None, quant_config=qc, metadata={},
-            modules_to_not_convert=[])
+    _raises(
+        "API-SAVE-MODEL",
+        save_quantized,
+        model,
+        tmp_path / "a",
+        src_dir=None,
+        quant_config=qc,
+        metadata={},
+        modules_to_not_convert=[],
+    )
     replace_linears(model, ["model.layers.0.mlp.down_proj"], 4, 32, True)
-    _raises("API-SAVE-MODEL", save_quantized, model, tmp_path / "b", src_dir=None,
-            quant_config=QuantConfig(bits=4, group_size=64), metadata={}, modules_to_not_convert=[])
-    _raises("API-METADATA", save_quantized, model, tmp_path / "c", src_dir=None, quant_config=qc,
-            metadata={"when": torch.zeros(1)}, modules_to_not_convert=[])
+    _raises(
+        "API-SAVE-MODEL",
+        save_quantized,
+        model,
+        tmp_path / "b",
+        src_dir=None,
+        quant_config=QuantConfig(bits=4, group_size=64),
+        metadata={},
+        modules_to_not_convert=[],
+    )
+    _raises(
+        "API-METADATA",
+        save_quantized,
+        model,
+        tmp_path / "c",
+        src_dir=None,
+        quant_config=qc,
+        metadata={"when": torch.zeros(1)},
+        modules_to_not_convert=[],
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -95,6 +119,7 @@ def test_missing_optional_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             if name.split(".")[0] in names:
                 raise ModuleNotFoundError(f"No module named {name!r}")
             return real_import(name, *args, **kwargs)
+
         return fake
 
     (tmp_path / "ds").mkdir()

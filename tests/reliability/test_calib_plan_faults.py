@@ -20,8 +20,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _rows(path: Path, n: int) -> Path:
-    path.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(n)))
+    path.write_text(
+        "".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n" for i in range(n))
+    )
     return path
 
 
@@ -49,12 +50,16 @@ def test_calib_build_never_replaces_a_file_without_overwrite(model: Path, tmp_pa
     assert tree_hash(tmp_path / "out") != before
 
 
-@pytest.mark.parametrize("error_id,extra", [
-    ("CALIB-BUILD-COLUMN", ["--column", "prompt"]),
-    ("CALIB-BUILD-DATASET", ["--dataset", "missing.jsonl"]),
-])
-def test_calib_build_input_errors(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error_id: str,
-                                  extra: list[str]) -> None:
+@pytest.mark.parametrize(
+    "error_id,extra",
+    [
+        ("CALIB-BUILD-COLUMN", ["--column", "prompt"]),
+        ("CALIB-BUILD-DATASET", ["--dataset", "missing.jsonl"]),
+    ],
+)
+def test_calib_build_input_errors(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error_id: str, extra: list[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     data = _rows(tmp_path / "train.jsonl", 40)
     result = run("calib", "build", "--dataset", data, "--model", model, "--out", tmp_path / "out", *extra)
@@ -65,16 +70,21 @@ def test_calib_build_input_errors(model: Path, tmp_path: Path, monkeypatch: pyte
 
 def _plan(tmp_path: Path, model: Path, extra: str = "") -> Path:
     plan = tmp_path / "plan.toml"
-    plan.write_text(f'output_dir = "out"\n{extra}\n[[models]]\npath = "{model}"\n[[specs]]\nmethod = "rtn"\n'
-                    "bits = 4\ngroup_size = 32\n")
+    plan.write_text(
+        f'output_dir = "out"\n{extra}\n[[models]]\npath = "{model}"\n[[specs]]\nmethod = "rtn"\n'
+        "bits = 4\ngroup_size = 32\n"
+    )
     return plan
 
 
-@pytest.mark.parametrize("error_id,text", [
-    ("PLAN-INVALID", 'ouput_dir = "typo"'),
-    ("PLAN-INVALID", 'device = "cuda:7"'),
-    ("PLAN-FORMAT", "[[models]\n"),
-])
+@pytest.mark.parametrize(
+    "error_id,text",
+    [
+        ("PLAN-INVALID", 'ouput_dir = "typo"'),
+        ("PLAN-INVALID", 'device = "cuda:7"'),
+        ("PLAN-FORMAT", "[[models]\n"),
+    ],
+)
 @pytest.mark.parametrize("command", ["batch", "orchestrate"])
 def test_bad_plans(model: Path, tmp_path: Path, error_id: str, text: str, command: str) -> None:
     plan = _plan(tmp_path, model, text)

@@ -35,8 +35,19 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("kill")
     save_tiny_llama(root / "src")
     for name, bits in (("old", "4"), ("new", "8")):
-        result = run("quantize", "--method", "rtn", "--src", root / "src", "--dst", root / name, "--bits", bits,
-                     "--group-size", "32")
+        result = run(
+            "quantize",
+            "--method",
+            "rtn",
+            "--src",
+            root / "src",
+            "--dst",
+            root / name,
+            "--bits",
+            bits,
+            "--group-size",
+            "32",
+        )
         assert result.rc == 0, result.err
     return {"root": root, "src": root / "src", "old": root / "old", "new": root / "new"}
 
@@ -75,6 +86,7 @@ def _commit_in_child(new: Path, dst: Path, kill_at: int, exchange: bool) -> int:
             def wrapper(*a: Any, **k: Any) -> Any:
                 step()
                 return fn(*a, **k)
+
             return wrapper
 
         try:
@@ -85,8 +97,11 @@ def _commit_in_child(new: Path, dst: Path, kill_at: int, exchange: bool) -> int:
                     shutil.copy2(f, tmp / f.name)
                     if kill_at == 0 and i == 1:
                         os.kill(os.getpid(), signal.SIGKILL)
-                os.replace, Path.unlink, Path.rename = (counted(os.replace), counted(Path.unlink),  # type: ignore
-                                                        counted(Path.rename))
+                os.replace, Path.unlink, Path.rename = (
+                    counted(os.replace),
+                    counted(Path.unlink),  # type: ignore
+                    counted(Path.rename),
+                )
                 d._exchange, shutil.rmtree = counted(d._exchange), counted(shutil.rmtree)  # type: ignore
                 d.commit(tmp, dst)
             os._exit(100 + steps[0])
@@ -103,8 +118,9 @@ def _commit_in_child(new: Path, dst: Path, kill_at: int, exchange: bool) -> int:
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 @pytest.mark.parametrize("with_old", [True, False], ids=["replace", "fresh"])
-def test_kill_at_every_step_keeps_a_complete_output(outputs: dict[str, Path], tmp_path: Path, exchange: bool,
-                                                    with_old: bool) -> None:
+def test_kill_at_every_step_keeps_a_complete_output(
+    outputs: dict[str, Path], tmp_path: Path, exchange: bool, with_old: bool
+) -> None:
     steps = None
     kill_at = 0
     while steps is None or kill_at <= steps:
@@ -138,8 +154,12 @@ def test_kill_at_every_step_keeps_a_complete_output(outputs: dict[str, Path], tm
 
 
 def _cli(*args: Any) -> list[str]:
-    return [sys.executable, "-c", "import sys; from awqkit.cli import main; sys.exit(main(sys.argv[1:]))",
-            *map(str, args)]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from awqkit.cli import main; sys.exit(main(sys.argv[1:]))",
+        *map(str, args),
+    ]
 
 
 def test_real_kill_and_sigterm(outputs: dict[str, Path], tmp_path: Path) -> None:
@@ -147,8 +167,20 @@ def test_real_kill_and_sigterm(outputs: dict[str, Path], tmp_path: Path) -> None
     both; the same command afterwards replaces it and leaves nothing else."""
     dst = tmp_path / "model-q"
     shutil.copytree(outputs["old"], dst)
-    cmd = _cli("quantize", "--method", "rtn", "--src", outputs["src"], "--dst", dst, "--bits", "8",
-               "--group-size", "32", "--overwrite")
+    cmd = _cli(
+        "quantize",
+        "--method",
+        "rtn",
+        "--src",
+        outputs["src"],
+        "--dst",
+        dst,
+        "--bits",
+        "8",
+        "--group-size",
+        "32",
+        "--overwrite",
+    )
     hook = tmp_path / "hook"
     hook.mkdir()
     # sitecustomize makes the child signal itself while it writes the first tensor of the output
@@ -162,13 +194,12 @@ def test_real_kill_and_sigterm(outputs: dict[str, Path], tmp_path: Path) -> None
         "        real(self, *a, **k)\n"
         "        os.kill(os.getpid(), getattr(signal, sig))\n"
         "        import time; time.sleep(5)\n"
-        "    ShardWriter.write = write\n")
-    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+        "    ShardWriter.write = write\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     for sig, rc in (("SIGKILL", -signal.SIGKILL), ("SIGTERM", 130)):
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env={**env, "AWQKIT_TEST_SIGNAL": sig}, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(cmd, env={**env, "AWQKIT_TEST_SIGNAL": sig}, capture_output=True, text=True, timeout=300)
         assert proc.returncode == rc, (sig, proc.returncode, proc.stderr[-2000:], time.perf_counter() - t0)
         assert bits_of(dst) == 4  # the old output is untouched
         if sig == "SIGTERM":

@@ -20,7 +20,7 @@ from errors_catalogue import assert_error
 from safetensors.torch import load_file, save_file
 
 from awqkit.errors import AwqkitError, CheckpointError, InputError, NonFiniteError
-from awqkit.eval.detect import LOADABLE_FORMATS, detect_quantization_method
+from awqkit.io.detect import LOADABLE_FORMATS, detect_quantization_method
 from awqkit.io.load import load_quantized
 
 GPTQ_QC = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
@@ -56,8 +56,9 @@ def _edit_json(file: Path, fn: Callable[[dict[str, Any]], None]) -> None:
 def _edit_tensors(folder: Path, fn: Callable[[dict[str, torch.Tensor]], None]) -> None:
     tensors = load_file(str(folder / "model.safetensors"))
     fn(tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
 
 
 def _refused(error_id: str, folder: Path, exc_type: type[AwqkitError] = CheckpointError, **kw: Any) -> str:
@@ -101,17 +102,26 @@ def _variants(golden: Path, root: Path) -> dict[str, Path]:
     v["no-method"] = _copy(golden, "src", root / "no-method")
     _edit_json(v["no-method"] / "config.json", lambda c: c.update(quantization_config={"bits": 4, "group_size": 128}))
     v["bnb"] = _copy(golden, "src", root / "bnb")
-    _edit_json(v["bnb"] / "config.json", lambda c: c.update(
-        quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}))
+    _edit_json(
+        v["bnb"] / "config.json",
+        lambda c: c.update(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
+    )
     v["fp"] = _copy(golden, "src", root / "fp")
     return v
 
 
 EXPECTED = {  # folder -> (method, storage format)
-    "rtn": ("rtn", "awq"), "ct": ("rtn", "compressed-tensors"), "awq": ("awq", "awq"),
-    "gptq-config": ("gptq", "gptq"), "gptq-side": ("gptq", "gptq"), "gptq-name": ("gptq", None),
-    "gptq-stale-meta": ("gptq", "gptq"), "gptq-side-version": ("gptq", "gptq"), "no-method": ("unknown", "unknown"),
-    "bnb": ("bitsandbytes", "bitsandbytes"), "fp": ("fp", None),
+    "rtn": ("rtn", "awq"),
+    "ct": ("rtn", "compressed-tensors"),
+    "awq": ("awq", "awq"),
+    "gptq-config": ("gptq", "gptq"),
+    "gptq-side": ("gptq", "gptq"),
+    "gptq-name": ("gptq", None),
+    "gptq-stale-meta": ("gptq", "gptq"),
+    "gptq-side-version": ("gptq", "gptq"),
+    "no-method": ("unknown", "unknown"),
+    "bnb": ("bitsandbytes", "bitsandbytes"),
+    "fp": ("fp", None),
 }
 
 
@@ -170,8 +180,13 @@ def test_load_folder_and_config_errors(golden: Path, tmp_path: Path) -> None:
         (q / "config.json").write_text(json.dumps({k: v for k, v in edited.items() if v is not None}))
         return q
 
-    for changes in ({"hidden_size": None}, {"num_hidden_layers": "2"}, {"num_hidden_layers": 3},
-                    {"vocab_size": 999}, {"model_type": None}):
+    for changes in (
+        {"hidden_size": None},
+        {"num_hidden_layers": "2"},
+        {"num_hidden_layers": 3},
+        {"vocab_size": 999},
+        {"model_type": None},
+    ):
         msg = _refused("LOAD-CONFIG-FIELD", with_config(**changes))
         assert next(iter(changes)) in msg
     _refused("LOAD-CONFIG-INVALID", with_config(model_type="no_such_model"))
@@ -181,15 +196,23 @@ def test_load_folder_and_config_errors(golden: Path, tmp_path: Path) -> None:
 def test_quantization_config_errors(golden: Path, tmp_path: Path) -> None:
     q = _copy(golden, "rtn", tmp_path / "q")
     qc = json.loads((q / "config.json").read_text())["quantization_config"]
-    for change in ({"group_size": "32"}, {"version": "gemv"}, {"bits": 3}, {"zero_point": "yes"},
-                   {"group_size": 0}, {"group_size": 48}, {"modules_to_not_convert": "lm_head"}):
+    for change in (
+        {"group_size": "32"},
+        {"version": "gemv"},
+        {"bits": 3},
+        {"zero_point": "yes"},
+        {"group_size": 0},
+        {"group_size": 48},
+        {"modules_to_not_convert": "lm_head"},
+    ):
         _edit_json(q / "config.json", lambda c, change=change: c.update(quantization_config={**qc, **change}))
         _refused("LOAD-QUANT-CONFIG", q)
     _edit_json(q / "config.json", lambda c: c.update(quantization_config="awq"))
     _refused("LOAD-QUANT-CONFIG", q)
     ct = _copy(golden, "ct", tmp_path / "ct")
-    _edit_json(ct / "config.json", lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
-        num_bits=9))
+    _edit_json(
+        ct / "config.json", lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=9)
+    )
     _refused("LOAD-QUANT-CONFIG", ct)
     gptq = _copy(golden, "src", tmp_path / "gptq")
     (gptq / "quantize_config.json").write_text(json.dumps(AUTOGPTQ_SIDE))
@@ -206,9 +229,13 @@ def _header(folder: Path) -> tuple[int, bytes]:
 def test_truncated_or_corrupt_safetensors(golden: Path, tmp_path: Path, damage: str) -> None:
     q = _copy(golden, "rtn", tmp_path / "q")
     n, blob = _header(q)
-    out = {"cut_data": blob[:-100], "cut_header": blob[:8 + n // 2], "empty": b"",
-           "garbage_header": blob[:8] + b"\x00\xff" * (n // 2) + blob[8 + n:],
-           "length_beyond_file": struct.pack("<Q", len(blob) * 2) + blob[8:]}[damage]
+    out = {
+        "cut_data": blob[:-100],
+        "cut_header": blob[: 8 + n // 2],
+        "empty": b"",
+        "garbage_header": blob[:8] + b"\x00\xff" * (n // 2) + blob[8 + n :],
+        "length_beyond_file": struct.pack("<Q", len(blob) * 2) + blob[8:],
+    }[damage]
     (q / "model.safetensors").write_bytes(out)
     msg = _refused("LOAD-TRUNCATED", q)
     assert "model.safetensors" in msg
@@ -228,8 +255,9 @@ def test_missing_weights_and_shards(golden: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.int16])
-def test_wrong_qweight_dtype_is_refused_on_every_backend(golden: Path, tmp_path: Path, backend: str,
-                                                        dtype: torch.dtype) -> None:
+def test_wrong_qweight_dtype_is_refused_on_every_backend(
+    golden: Path, tmp_path: Path, backend: str, dtype: torch.dtype
+) -> None:
     q = _copy(golden, "rtn", tmp_path / "q")
     key = "model.layers.0.self_attn.q_proj.qweight"
     _edit_tensors(q, lambda t: t.update({key: t[key].to(dtype)}))
@@ -264,10 +292,17 @@ def test_dtype_shape_layout_and_key_errors(golden: Path, tmp_path: Path) -> None
     _refused("LOAD-LAYOUT", q)
 
 
-@pytest.mark.parametrize("key,value", [("model.layers.1.self_attn.v_proj.scales", math.nan),
-                                       ("model.layers.0.mlp.gate_proj.scales", math.inf),
-                                       ("model.embed_tokens.weight", -math.inf), ("model.norm.weight", math.nan),
-                                       ("lm_head.weight", math.nan), ("model.layers.0.mlp.up_proj.bias", math.nan)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("model.layers.1.self_attn.v_proj.scales", math.nan),
+        ("model.layers.0.mlp.gate_proj.scales", math.inf),
+        ("model.embed_tokens.weight", -math.inf),
+        ("model.norm.weight", math.nan),
+        ("lm_head.weight", math.nan),
+        ("model.layers.0.mlp.up_proj.bias", math.nan),
+    ],
+)
 def test_nonfinite_tensors_are_named(golden: Path, tmp_path: Path, key: str, value: float) -> None:
     q = _copy(golden, "rtn", tmp_path / "q")
 
@@ -305,8 +340,19 @@ def test_float_folder_with_packed_tensors_is_refused_by_eval(golden: Path, tmp_p
         load_for_eval(q)
     assert_error("LOAD-FLOAT-PACKED", str(info.value))
     assert "suggests 'awq'" in str(info.value)
-    _cli_refused("LOAD-FLOAT-PACKED", "eval", q, "--text", golden / "text.txt", "--seq-len", "8", "--windows", "1",
-                 "--no-progress", sealed=q)
+    _cli_refused(
+        "LOAD-FLOAT-PACKED",
+        "eval",
+        q,
+        "--text",
+        golden / "text.txt",
+        "--seq-len",
+        "8",
+        "--windows",
+        "1",
+        "--no-progress",
+        sealed=q,
+    )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -333,8 +379,21 @@ def test_eval_kl_needs_the_same_vocabulary(golden: Path, tmp_path: Path) -> None
     save_tiny_llama(other)
     tok = make_tiny_tokenizer(vocab_size=300)
     tok.save_pretrained(other)
-    _cli_refused("EVAL-VOCAB", "eval", golden / "src", "--baseline", other, "--text", golden / "text.txt",
-                 "--seq-len", "8", "--windows", "1", "--no-progress", sealed=golden / "src")
+    _cli_refused(
+        "EVAL-VOCAB",
+        "eval",
+        golden / "src",
+        "--baseline",
+        other,
+        "--text",
+        golden / "text.txt",
+        "--seq-len",
+        "8",
+        "--windows",
+        "1",
+        "--no-progress",
+        sealed=golden / "src",
+    )
 
 
 def test_eval_nonfinite_metric_exits_1_and_still_writes_the_report(golden: Path, tmp_path: Path) -> None:
@@ -343,8 +402,21 @@ def test_eval_nonfinite_metric_exits_1_and_still_writes_the_report(golden: Path,
     _edit_tensors(huge, lambda t: t.update({"model.norm.weight": torch.full_like(t["model.norm.weight"], 3e38)}))
     before = tree_hash(huge)
     out, md = tmp_path / "res" / "eval.json", tmp_path / "eval.md"
-    result = run("eval", huge, "--text", golden / "text.txt", "--seq-len", "8", "--windows", "2", "--json", out,
-                 "--markdown", md, "--no-progress")
+    result = run(
+        "eval",
+        huge,
+        "--text",
+        golden / "text.txt",
+        "--seq-len",
+        "8",
+        "--windows",
+        "2",
+        "--json",
+        out,
+        "--markdown",
+        md,
+        "--no-progress",
+    )
     assert result.rc == 1, result.err
     line = one_line_error(result, "eval")
     assert_error("EVAL-NONFINITE", line)
@@ -356,9 +428,14 @@ def test_eval_nonfinite_metric_exits_1_and_still_writes_the_report(golden: Path,
     # From Python: evaluate_model returns the results, the helper names the metrics
     from awqkit.eval.runner import evaluate_model, nonfinite_metrics
 
-    results = evaluate_model(huge, baseline=golden / "src", tasks="ppl,kl", text=golden / "text.txt", seq_len=8,
-                             windows=1, progress=False)
+    results = evaluate_model(
+        huge, baseline=golden / "src", tasks="ppl,kl", text=golden / "text.txt", seq_len=8, windows=1, progress=False
+    )
     assert math.isnan(results["tasks"]["ppl"]["model"]["ppl"])
     assert set(nonfinite_metrics(results)) >= {"ppl", "kl"}
-    assert nonfinite_metrics(evaluate_model(golden / "src", text=golden / "text.txt", seq_len=8, windows=1,
-                                            progress=False)) == []
+    assert (
+        nonfinite_metrics(
+            evaluate_model(golden / "src", text=golden / "text.txt", seq_len=8, windows=1, progress=False)
+        )
+        == []
+    )

@@ -40,20 +40,56 @@ from awqkit.io.load import load_quantized
 FILES = ("config.json", "model.safetensors", "quantization_metadata.json")
 BACKENDS = ("torch", "auto")
 IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 3, 250, 17, 64, 8, 2]])
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
-CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-               "vocab_size", "head_dim", "architectures", "model_type", "dtype", "torch_dtype", "quantization_config",
-               "tie_word_embeddings")
+CONFIG_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "head_dim",
+    "architectures",
+    "model_type",
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+    "tie_word_embeddings",
+)
 QUANT_KEYS = ("group_size", "bits", "zero_point", "version", "quant_method", "modules_to_not_convert", "w_bit")
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 300),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 300),
     st.sampled_from([0, 1, 2, 3, 4, 8, 16, 32, 64, 128, -1, 10**12]),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["gemm", "GEMM", "gemv", "awq", "gptq", "compressed-tensors", "LlamaForCausalLM", "float32",
-                     "int8", "llama", "mistral", "bert", "", "64"]),
-    st.text(max_size=6), st.lists(st.integers(-1, 3), max_size=2),
+    st.sampled_from(
+        [
+            "gemm",
+            "GEMM",
+            "gemv",
+            "awq",
+            "gptq",
+            "compressed-tensors",
+            "LlamaForCausalLM",
+            "float32",
+            "int8",
+            "llama",
+            "mistral",
+            "bert",
+            "",
+            "64",
+        ]
+    ),
+    st.text(max_size=6),
+    st.lists(st.integers(-1, 3), max_size=2),
     st.dictionaries(st.sampled_from(["a", "bits"]), st.integers(0, 9), max_size=2),
 )
 
@@ -76,15 +112,23 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     blob = (dst / "model.safetensors").read_bytes()
     n = struct.unpack("<Q", blob[:8])[0]
     quantize(src, root / "ct", method="rtn", quant=QuantConfig(bits=3, group_size=32), progress=False)
-    return {"root": root, "folder": dst, "config": json.loads((dst / "config.json").read_text()), "blob": blob,
-            "header": json.loads(blob[8:8 + n]), "data": blob[8 + n:],
-            "tensors": load_file(str(dst / "model.safetensors")),
-            "ref": {b: _logits(load_quantized(dst, backend=b)) for b in BACKENDS}, "ct": root / "ct",
-            "ct_ref": _logits(load_quantized(root / "ct", backend="torch"))}
+    return {
+        "root": root,
+        "folder": dst,
+        "config": json.loads((dst / "config.json").read_text()),
+        "blob": blob,
+        "header": json.loads(blob[8 : 8 + n]),
+        "data": blob[8 + n :],
+        "tensors": load_file(str(dst / "model.safetensors")),
+        "ref": {b: _logits(load_quantized(dst, backend=b)) for b in BACKENDS},
+        "ct": root / "ct",
+        "ct_ref": _logits(load_quantized(root / "ct", backend="torch")),
+    }
 
 
-def _check(base: dict[str, Any], mutate: Callable[[Path], None], backend: str, noop: bool | None,
-           source: str = "folder") -> None:
+def _check(
+    base: dict[str, Any], mutate: Callable[[Path], None], backend: str, noop: bool | None, source: str = "folder"
+) -> None:
     """Copy the base (``source``: its GEMM ``folder`` or the 3-bit ``ct`` one), apply ``mutate`` to the copy,
     load it; the property of the module docstring. ``noop``: True = must load unchanged, None = may be refused
     but if it loads the logits must be the unmutated ones (config edits: every key mutated here either
@@ -143,15 +187,22 @@ def _set_path(cfg: dict[str, Any], key: str, value: Any, drop: bool) -> None:
 
 CONFIG_OPS = st.lists(
     st.tuples(st.sampled_from(CONFIG_KEYS + tuple(f"q.{k}" for k in QUANT_KEYS)), VALUES, st.booleans()),
-    min_size=1, max_size=3)
+    min_size=1,
+    max_size=3,
+)
 RAW_CONFIG = st.one_of(st.binary(max_size=40), st.sampled_from([b"[]", b"null", b"3", b'"x"', b"{}", b""]))
 
 
 @FUZZ
-@given(ops=CONFIG_OPS, raw=st.one_of(st.none(), RAW_CONFIG), cut=st.one_of(st.none(), st.integers(0, 2000)),
-       backend=st.sampled_from(BACKENDS))
-def test_config_mutations(base: dict[str, Any], ops: list[tuple[str, Any, bool]], raw: bytes | None,
-                          cut: int | None, backend: str) -> None:
+@given(
+    ops=CONFIG_OPS,
+    raw=st.one_of(st.none(), RAW_CONFIG),
+    cut=st.one_of(st.none(), st.integers(0, 2000)),
+    backend=st.sampled_from(BACKENDS),
+)
+def test_config_mutations(
+    base: dict[str, Any], ops: list[tuple[str, Any, bool]], raw: bytes | None, cut: int | None, backend: str
+) -> None:
     def mutate(folder: Path) -> None:
         cfg = json.loads(json.dumps(base["config"]))
         for key, value, drop in ops:
@@ -167,17 +218,27 @@ def test_config_mutations(base: dict[str, Any], ops: list[tuple[str, Any, bool]]
 
 
 CT_WEIGHT_KEYS = ("num_bits", "group_size", "strategy", "symmetric", "type", "actorder")
-CT_OPS = st.lists(st.tuples(st.sampled_from(CT_WEIGHT_KEYS + ("format", "quantization_status", "config_groups",
-                                                              "ignore", "input_activations")),
-                            st.one_of(VALUES, st.sampled_from(["group", "channel", "tensor", "int", "float",
-                                                               "pack-quantized", "compressed", "frozen"])),
-                            st.booleans()), min_size=1, max_size=3)
+CT_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            CT_WEIGHT_KEYS + ("format", "quantization_status", "config_groups", "ignore", "input_activations")
+        ),
+        st.one_of(
+            VALUES,
+            st.sampled_from(["group", "channel", "tensor", "int", "float", "pack-quantized", "compressed", "frozen"]),
+        ),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=3,
+)
 
 
 @settings(FUZZ, max_examples=120)
 @given(ops=CT_OPS)
 def test_compressed_tensors_config_mutations(base: dict[str, Any], ops: list[tuple[str, Any, bool]]) -> None:
     """The 3-bit compressed-tensors checkpoint with its config group's keys dropped or retyped."""
+
     def mutate(folder: Path) -> None:
         cfg = json.loads((folder / "config.json").read_text())
         qc = cfg["quantization_config"]
@@ -205,11 +266,19 @@ def test_config_noops_load_unchanged(base: dict[str, Any]) -> None:
     edits: list[Callable[[dict[str, Any]], None]] = [
         lambda c: c.update(architectures=["SomethingElseForCausalLM"]),
         lambda c: c["quantization_config"].update(version="GEMM"),
-        lambda c: c.update(quantization_config={"quant_method": "awq", "w_bit": 4, "q_group_size": 32,
-                                                 "zero_point": True, "version": "gemm"}),
+        lambda c: c.update(
+            quantization_config={
+                "quant_method": "awq",
+                "w_bit": 4,
+                "q_group_size": 32,
+                "zero_point": True,
+                "version": "gemm",
+            }
+        ),
         lambda c: c.update(unrelated_key={"a": 1}),
     ]
     for edit in edits:
+
         def mutate(folder: Path, edit: Callable[[dict[str, Any]], None] = edit) -> None:
             cfg = json.loads(json.dumps(base["config"]))
             edit(cfg)
@@ -276,11 +345,11 @@ def test_header_mutations(base: dict[str, Any], op: tuple[str, int, Any], backen
             out = struct.pack("<Q", min(length, 2**64 - 1)) + blob[8:]
         elif kind == "garbage":
             start = 8 + pick % n
-            out = blob[:start] + arg + blob[start + len(arg):]
+            out = blob[:start] + arg + blob[start + len(arg) :]
         elif kind == "cut_header":
-            out = blob[:8 + pick % n]
+            out = blob[: 8 + pick % n]
         elif kind == "cut_file":
-            out = blob[:pick % len(blob)]
+            out = blob[: pick % len(blob)]
         else:
             _write_header(folder, header, data)
             return
@@ -295,8 +364,11 @@ CONTENT_OPS = st.one_of(
     st.tuples(st.just("nonfinite"), st.integers(0, 10**6), st.sampled_from([math.nan, math.inf, -math.inf])),
     st.tuples(st.just("cast"), st.integers(0, 10**6), st.sampled_from(FLOAT_CASTS)),
     st.tuples(st.just("drop"), st.integers(0, 10**6), st.none()),
-    st.tuples(st.just("extra"), st.integers(0, 10**6), st.sampled_from(["model.extra.weight", "lm_head.bias",
-                                                                        "model.layers.0.mlp.up_proj.bias"])),
+    st.tuples(
+        st.just("extra"),
+        st.integers(0, 10**6),
+        st.sampled_from(["model.extra.weight", "lm_head.bias", "model.layers.0.mlp.up_proj.bias"]),
+    ),
     st.tuples(st.just("scales_fp32"), st.integers(0, 10**6), st.none()),
     st.tuples(st.just("identity"), st.integers(0, 10**6), st.none()),
 )
@@ -325,7 +397,10 @@ def test_tensor_mutations(base: dict[str, Any], op: tuple[str, int, Any], backen
             tensors[arg] = torch.zeros(64, dtype=torch.float16)
         elif kind == "scales_fp32":
             tensors.update({k: v.float() for k, v in tensors.items() if k.endswith(".scales")})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(folder / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
 
     _check(base, mutate, backend, noop=noop)

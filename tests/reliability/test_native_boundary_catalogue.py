@@ -24,9 +24,15 @@ B, H, KV, D, MAXLEN = 1, 4, 2, 16, 5
 
 def _fused_attention(**changes: Any) -> Callable[[], Any]:
     """attention_fused on valid inputs (qkv [B, (H + 2 KV) D], caches [B, KV, maxlen, D]) with ``changes``."""
-    args: dict[str, Any] = dict(qkv=torch.zeros(B, (H + 2 * KV) * D), k_cache=torch.zeros(B, KV, MAXLEN, D),
-                                v_cache=torch.zeros(B, KV, MAXLEN, D), pos=0, cos=torch.ones(B, 1, D),
-                                sin=torch.zeros(B, 1, D), shape=AttentionShape(H, KV, D, 0.25))
+    args: dict[str, Any] = dict(
+        qkv=torch.zeros(B, (H + 2 * KV) * D),
+        k_cache=torch.zeros(B, KV, MAXLEN, D),
+        v_cache=torch.zeros(B, KV, MAXLEN, D),
+        pos=0,
+        cos=torch.ones(B, 1, D),
+        sin=torch.zeros(B, 1, D),
+        shape=AttentionShape(H, KV, D, 0.25),
+    )
     return lambda: decode_ops.attention_fused(**{**args, **changes})
 
 
@@ -50,8 +56,15 @@ def _stack_with_17_rows() -> Any:
     from awqkit.runtime.decoder import Decoder
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=2, head_dim=32, vocab_size=64)  # every width % 64 == 0
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=64,
+    )  # every width % 64 == 0
     dec = Decoder(quantize_decoder_linears(transformers.LlamaForCausalLM(cfg).eval(), group_size=32))
     assert dec.stack is not None
     dec.start(17, 4)
@@ -64,8 +77,15 @@ CASES: list[tuple[str, Callable[[], Any]]] = [
     ("KERNEL-CONTIGUOUS", _fused_attention(k_cache=torch.zeros(B, KV, D, MAXLEN).transpose(2, 3))),
     ("KERNEL-DEVICE", _forward_on_meta),
     ("KERNEL-ROWS", _stack_with_17_rows),
-    ("KERNEL-SIZE", _fused_attention(shape=AttentionShape(H, KV, 12, 0.25), qkv=torch.zeros(B, 96),
-                                     k_cache=torch.zeros(B, KV, MAXLEN, 12), v_cache=torch.zeros(B, KV, MAXLEN, 12))),
+    (
+        "KERNEL-SIZE",
+        _fused_attention(
+            shape=AttentionShape(H, KV, 12, 0.25),
+            qkv=torch.zeros(B, 96),
+            k_cache=torch.zeros(B, KV, MAXLEN, 12),
+            v_cache=torch.zeros(B, KV, MAXLEN, 12),
+        ),
+    ),
     ("KERNEL-KV-CACHE", _fused_attention(v_cache=torch.zeros(B, KV, MAXLEN + 1, D))),
     ("KERNEL-POSITION", _fused_attention(pos=MAXLEN)),
 ]

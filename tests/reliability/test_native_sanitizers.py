@@ -33,8 +33,11 @@ from awqkit.kernels import native
 HERE = Path(__file__).resolve().parent
 HARNESS = HERE / "sanitize" / "harness.c"
 SANITIZE = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-fno-sanitize-recover=all")
-ENV = {"OMP_NUM_THREADS": "2", "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
-       "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+ENV = {
+    "OMP_NUM_THREADS": "2",
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+}
 SKIP_CPU = 77  # the harness's exit status on a CPU without AVX2/FMA/F16C
 REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer", "WARNING: AddressSanitizer")
 
@@ -77,8 +80,10 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"NOTICE: cannot run the C compiler {cc} for the sanitizer build: {exc}")
     if built.returncode != 0:
-        pytest.skip(f"NOTICE: {cc} lacks sanitizer support (-fsanitize=address,undefined): "
-                    f"{(built.stderr or built.stdout).strip()[-300:]}")
+        pytest.skip(
+            f"NOTICE: {cc} lacks sanitizer support (-fsanitize=address,undefined): "
+            f"{(built.stderr or built.stdout).strip()[-300:]}"
+        )
     ran = subprocess.run([str(folder / "probe")], capture_output=True, text=True, check=False, timeout=60, env=_env())
     if ran.returncode != 0:
         pytest.skip(f"NOTICE: sanitized programs do not run here (exit {ran.returncode}): {ran.stderr.strip()[-300:]}")

@@ -20,8 +20,22 @@ from errors_catalogue import assert_error
 from safetensors.torch import load_file, save_file
 
 RTN = ["--method", "rtn", "--group-size", "32"]
-AWQ = ["--method", "awq", "--group-size", "32", "--n-samples", "2", "--seq-len", "16", "--n-grid", "2",
-       "--search-samples", "1", "--search-tokens", "16"]
+AWQ = [
+    "--method",
+    "awq",
+    "--group-size",
+    "32",
+    "--n-samples",
+    "2",
+    "--seq-len",
+    "16",
+    "--n-grid",
+    "2",
+    "--search-samples",
+    "1",
+    "--search-tokens",
+    "16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +59,17 @@ class Env:
         self.sealed: list[Path] = [self.src, self.calib]
 
     def quantize(self, *extra: Any, dst: Path | str | None = None, method: list[str] = RTN) -> list[str]:
-        return ["quantize", "--src", str(self.src), "--dst", str(self.dst if dst is None else dst), "--calib",
-                str(self.calib), *method, *map(str, extra)]
+        return [
+            "quantize",
+            "--src",
+            str(self.src),
+            "--dst",
+            str(self.dst if dst is None else dst),
+            "--calib",
+            str(self.calib),
+            *method,
+            *map(str, extra),
+        ]
 
     def awqkit_output(self, folder: Path) -> Path:
         """A folder that looks like a previous awqkit output (it holds quantization_metadata.json)."""
@@ -98,75 +121,183 @@ def _repo_not_found() -> BaseException:
 Setup = Callable[[Env, pytest.MonkeyPatch], list[str]]
 CASES: list[tuple[str, Setup]] = [
     ("DST-EXISTS", lambda e, m: e.quantize(dst=e.awqkit_output(e.dst))),
-    ("DST-NOT-AWQKIT", lambda e, m: (e.dst.mkdir(parents=True), (e.dst / "notes.txt").write_text("mine"),
-                                     e.sealed.append(e.dst), e.quantize("--overwrite"))[-1]),
+    (
+        "DST-NOT-AWQKIT",
+        lambda e, m: (
+            e.dst.mkdir(parents=True),
+            (e.dst / "notes.txt").write_text("mine"),
+            e.sealed.append(e.dst),
+            e.quantize("--overwrite"),
+        )[-1],
+    ),
     ("DST-IS-SOURCE", lambda e, m: e.quantize("--overwrite", dst=e.src)),
     ("DST-CONTAINS-SOURCE", lambda e, m: e.quantize("--overwrite", dst=e.src.parent)),
-    ("DST-CWD", lambda e, m: ((e.root / "work").mkdir(), m.chdir(e.root / "work"),
-                              e.quantize("--overwrite", dst="."))[-1]),
-    ("DST-HOME", lambda e, m: (m.setenv("HOME", str(e.awqkit_output(e.root / "home"))),
-                               e.quantize("--overwrite", dst=e.root / "home"))[-1]),
+    (
+        "DST-CWD",
+        lambda e, m: ((e.root / "work").mkdir(), m.chdir(e.root / "work"), e.quantize("--overwrite", dst="."))[-1],
+    ),
+    (
+        "DST-HOME",
+        lambda e, m: (
+            m.setenv("HOME", str(e.awqkit_output(e.root / "home"))),
+            e.quantize("--overwrite", dst=e.root / "home"),
+        )[-1],
+    ),
     ("DST-ROOT", lambda e, m: e.quantize("--overwrite", dst="/")),
-    ("DST-SYMLINK", lambda e, m: (e.awqkit_output(e.root / "real"), e.dst.parent.mkdir(),
-                                  e.dst.symlink_to(e.root / "real"), e.quantize("--overwrite"))[-1]),
-    ("DST-FILE", lambda e, m: (e.dst.parent.mkdir(), e.dst.write_text("a file"), e.sealed.append(e.dst),
-                               e.quantize("--overwrite"))[-1]),
-    ("DST-NOT-WRITABLE", lambda e, m: ((e.root / "afile").write_text("x"), e.sealed.append(e.root / "afile"),
-                                       e.quantize(dst=e.root / "afile" / "out"))[-1]),
-    ("DST-NO-SPACE", lambda e, m: (m.setattr("awqkit.io.destination.shutil.disk_usage",
-                                             lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000)),
-                                   e.quantize())[-1]),
-    ("DST-BUSY", lambda e, m: (e.dst.parent.mkdir(), (e.dst.parent / ".tiny-q.awqkit-commit.json").write_text(
-        json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "staged": "x", "recovery": "y",
-                    "staged_inode": 1})), e.quantize())[-1]),
-    ("DST-JOURNAL", lambda e, m: (e.dst.parent.mkdir(), (e.dst.parent / ".tiny-q.awqkit-commit.json").write_text(
-        "{not json"), e.quantize())[-1]),
+    (
+        "DST-SYMLINK",
+        lambda e, m: (
+            e.awqkit_output(e.root / "real"),
+            e.dst.parent.mkdir(),
+            e.dst.symlink_to(e.root / "real"),
+            e.quantize("--overwrite"),
+        )[-1],
+    ),
+    (
+        "DST-FILE",
+        lambda e, m: (
+            e.dst.parent.mkdir(),
+            e.dst.write_text("a file"),
+            e.sealed.append(e.dst),
+            e.quantize("--overwrite"),
+        )[-1],
+    ),
+    (
+        "DST-NOT-WRITABLE",
+        lambda e, m: (
+            (e.root / "afile").write_text("x"),
+            e.sealed.append(e.root / "afile"),
+            e.quantize(dst=e.root / "afile" / "out"),
+        )[-1],
+    ),
+    (
+        "DST-NO-SPACE",
+        lambda e, m: (
+            m.setattr(
+                "awqkit.io.destination.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000)
+            ),
+            e.quantize(),
+        )[-1],
+    ),
+    (
+        "DST-BUSY",
+        lambda e, m: (
+            e.dst.parent.mkdir(),
+            (e.dst.parent / ".tiny-q.awqkit-commit.json").write_text(
+                json.dumps(
+                    {"pid": os.getpid(), "host": os.uname().nodename, "staged": "x", "recovery": "y", "staged_inode": 1}
+                )
+            ),
+            e.quantize(),
+        )[-1],
+    ),
+    (
+        "DST-JOURNAL",
+        lambda e, m: (
+            e.dst.parent.mkdir(),
+            (e.dst.parent / ".tiny-q.awqkit-commit.json").write_text("{not json"),
+            e.quantize(),
+        )[-1],
+    ),
     ("SRC-MISSING", lambda e, m: e.quantize()[:2] + ["./nowhere/at/all"] + e.quantize()[3:]),
     ("SRC-MISTYPED", lambda e, m: e.quantize()[:2] + ["models/tinny"] + e.quantize()[3:]),
-    ("SRC-HUB-UNREACHABLE", lambda e, m: (_no_hub(m, ConnectionError("Name or service not known")),
-                                          e.quantize()[:2] + ["someone/some-model"] + e.quantize()[3:])[-1]),
-    ("SRC-HUB-UNKNOWN", lambda e, m: (_no_hub(m, _repo_not_found()),
-                                      e.quantize()[:2] + ["someone/some-model"] + e.quantize()[3:])[-1]),
-    ("SRC-HUB-OFFLINE", lambda e, m: (m.setenv("HF_HUB_OFFLINE", "1"),
-                                      e.quantize()[:2] + ["someone/some-model"] + e.quantize()[3:])[-1]),
+    (
+        "SRC-HUB-UNREACHABLE",
+        lambda e, m: (
+            _no_hub(m, ConnectionError("Name or service not known")),
+            e.quantize()[:2] + ["someone/some-model"] + e.quantize()[3:],
+        )[-1],
+    ),
+    (
+        "SRC-HUB-UNKNOWN",
+        lambda e, m: (_no_hub(m, _repo_not_found()), e.quantize()[:2] + ["someone/some-model"] + e.quantize()[3:])[-1],
+    ),
+    (
+        "SRC-HUB-OFFLINE",
+        lambda e, m: (m.setenv("HF_HUB_OFFLINE", "1"), e.quantize()[:2] + ["someone/some-model"] + e.quantize()[3:])[
+            -1
+        ],
+    ),
     ("SRC-NO-CONFIG", lambda e, m: ((e.src / "config.json").unlink(), e.quantize())[-1]),
     ("SRC-NO-WEIGHTS", lambda e, m: ((e.src / "model.safetensors").unlink(), e.quantize())[-1]),
     ("SRC-NOT-GGUF", lambda e, m: e.quantize()[:2] + [str(e.src / "config.json")] + e.quantize()[3:]),
-    ("SRC-QUANTIZED", lambda e, m: (e.edit_config(lambda c: c.update(quantization_config={
-        "quant_method": "gptq", "bits": 4})), e.quantize())[-1]),
-    ("SRC-ARCH", lambda e, m: (e.edit_config(lambda c: c.update(architectures=["FancyNewForCausalLM"])),
-                               e.quantize())[-1]),
+    (
+        "SRC-QUANTIZED",
+        lambda e, m: (
+            e.edit_config(lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4})),
+            e.quantize(),
+        )[-1],
+    ),
+    (
+        "SRC-ARCH",
+        lambda e, m: (e.edit_config(lambda c: c.update(architectures=["FancyNewForCausalLM"])), e.quantize())[-1],
+    ),
     ("SRC-CONFIG-FIELDS", lambda e, m: (e.edit_config(lambda c: c.pop("hidden_size")), e.quantize())[-1]),
     ("SRC-CONFIG-JSON", lambda e, m: ((e.src / "config.json").write_text("[1, 2]"), e.quantize())[-1]),
-    ("SRC-TRUNCATED", lambda e, m: ((e.src / "model.safetensors").write_bytes(
-        (e.src / "model.safetensors").read_bytes()[:-100]), e.quantize())[-1]),
-    ("SRC-SHARD-MISSING", lambda e, m: ((e.src / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model-00001-of-00002.safetensors"}})), e.quantize())[-1]),
-    ("SRC-NONFINITE", lambda e, m: (e.edit_weights(lambda sd: _nan(sd, "model.embed_tokens.weight")),
-                                    e.quantize())[-1]),
-    ("SRC-LOAD-FAILED", lambda e, m: ((e.src / "model.safetensors").unlink(),
-                                      (e.src / "pytorch_model.bin").write_bytes(b"not a pickle at all"),
-                                      e.quantize())[-1]),
+    (
+        "SRC-TRUNCATED",
+        lambda e, m: (
+            (e.src / "model.safetensors").write_bytes((e.src / "model.safetensors").read_bytes()[:-100]),
+            e.quantize(),
+        )[-1],
+    ),
+    (
+        "SRC-SHARD-MISSING",
+        lambda e, m: (
+            (e.src / "model.safetensors.index.json").write_text(
+                json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+            ),
+            e.quantize(),
+        )[-1],
+    ),
+    (
+        "SRC-NONFINITE",
+        lambda e, m: (e.edit_weights(lambda sd: _nan(sd, "model.embed_tokens.weight")), e.quantize())[-1],
+    ),
+    (
+        "SRC-LOAD-FAILED",
+        lambda e, m: (
+            (e.src / "model.safetensors").unlink(),
+            (e.src / "pytorch_model.bin").write_bytes(b"not a pickle at all"),
+            e.quantize(),
+        )[-1],
+    ),
     ("CALIB-MISSING", lambda e, m: e.quantize(method=AWQ)[:6] + ["nothing.txt"] + e.quantize(method=AWQ)[7:]),
     ("CALIB-EMPTY", lambda e, m: (e.calib.write_text(""), e.quantize(method=AWQ))[-1]),
     ("CALIB-NOT-UTF8", lambda e, m: (e.calib.write_bytes(b"caf\xe9 au lait\n" * 20), e.quantize(method=AWQ))[-1]),
-    ("CALIB-BAD-JSON", lambda e, m: ((e.root / "c.jsonl").write_text('{"text": "a"}\n{oops\n'),
-                                     e.sealed.append(e.root / "c.jsonl"),
-                                     e.quantize(method=AWQ)[:6] + [str(e.root / "c.jsonl")]
-                                     + e.quantize(method=AWQ)[7:])[-1]),
-    ("CALIB-COLUMN", lambda e, m: ((e.root / "c.jsonl").write_text('{"question": "a b c"}\n' * 30),
-                                   e.sealed.append(e.root / "c.jsonl"),
-                                   e.quantize("--prompt-column", "prompt", method=AWQ)[:6]
-                                   + [str(e.root / "c.jsonl")] + e.quantize("--prompt-column", "prompt",
-                                                                             method=AWQ)[7:])[-1]),
+    (
+        "CALIB-BAD-JSON",
+        lambda e, m: (
+            (e.root / "c.jsonl").write_text('{"text": "a"}\n{oops\n'),
+            e.sealed.append(e.root / "c.jsonl"),
+            e.quantize(method=AWQ)[:6] + [str(e.root / "c.jsonl")] + e.quantize(method=AWQ)[7:],
+        )[-1],
+    ),
+    (
+        "CALIB-COLUMN",
+        lambda e, m: (
+            (e.root / "c.jsonl").write_text('{"question": "a b c"}\n' * 30),
+            e.sealed.append(e.root / "c.jsonl"),
+            e.quantize("--prompt-column", "prompt", method=AWQ)[:6]
+            + [str(e.root / "c.jsonl")]
+            + e.quantize("--prompt-column", "prompt", method=AWQ)[7:],
+        )[-1],
+    ),
     ("SEQ-LEN", lambda e, m: e.quantize("--seq-len", "128", method=AWQ)),
     ("CALIB-TOO-SHORT", lambda e, m: (e.calib.write_text("hello world\n"), e.quantize(method=AWQ))[-1]),
     ("DEVICE-NAME", lambda e, m: e.quantize("--device", "gpu0")),
-    ("DEVICE-UNAVAILABLE", lambda e, m: (m.setattr(torch.cuda, "is_available", lambda: False),
-                                         e.quantize("--device", "cuda"))[-1]),
-    ("DEVICE-INDEX", lambda e, m: (m.setattr(torch.cuda, "is_available", lambda: True),
-                                   m.setattr(torch.cuda, "device_count", lambda: 1),
-                                   e.quantize("--device", "cuda:3"))[-1]),
+    (
+        "DEVICE-UNAVAILABLE",
+        lambda e, m: (m.setattr(torch.cuda, "is_available", lambda: False), e.quantize("--device", "cuda"))[-1],
+    ),
+    (
+        "DEVICE-INDEX",
+        lambda e, m: (
+            m.setattr(torch.cuda, "is_available", lambda: True),
+            m.setattr(torch.cuda, "device_count", lambda: 1),
+            e.quantize("--device", "cuda:3"),
+        )[-1],
+    ),
     ("SET-BITS", lambda e, m: e.quantize("--bits", "9")),
     ("SET-GROUP", lambda e, m: e.quantize("--group-size", "100")),
     ("SET-UNALIGNED", lambda e, m: e.quantize("--group-size", "128")),
@@ -183,8 +314,9 @@ def _siblings(env: Env) -> list[str]:
 
 
 @pytest.mark.parametrize("error_id,setup", CASES, ids=[c[0] for c in CASES])
-def test_fault_is_one_line_exit_2_and_changes_nothing(error_id: str, setup: Setup, env: Env,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fault_is_one_line_exit_2_and_changes_nothing(
+    error_id: str, setup: Setup, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     argv = setup(env, monkeypatch)
     before = {p: tree_hash(p) for p in env.sealed}
     journal_before = _siblings(env)
@@ -193,8 +325,19 @@ def test_fault_is_one_line_exit_2_and_changes_nothing(error_id: str, setup: Setu
     assert_error(error_id, one_line_error(result, "quantize"))
     assert {p: tree_hash(p) for p in env.sealed} == before
     assert _siblings(env) == journal_before  # no staged or recovery folder left behind
-    if error_id not in ("DST-EXISTS", "DST-NOT-AWQKIT", "DST-FILE", "DST-SYMLINK", "DST-IS-SOURCE",
-                        "DST-CONTAINS-SOURCE", "DST-CWD", "DST-HOME", "DST-ROOT", "DST-BUSY", "DST-JOURNAL"):
+    if error_id not in (
+        "DST-EXISTS",
+        "DST-NOT-AWQKIT",
+        "DST-FILE",
+        "DST-SYMLINK",
+        "DST-IS-SOURCE",
+        "DST-CONTAINS-SOURCE",
+        "DST-CWD",
+        "DST-HOME",
+        "DST-ROOT",
+        "DST-BUSY",
+        "DST-JOURNAL",
+    ):
         assert not env.dst.parent.exists()  # not even the output's parent folder was created
 
 

@@ -15,8 +15,9 @@ from awqkit.arch.specs import REGISTRY, Mapping
 transformers = pytest.importorskip("transformers")
 import transformers as T  # noqa: E402
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
-              vocab_size=64)
+COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16, vocab_size=64
+)
 ARCHS = {
     "LlamaForCausalLM": (T.LlamaConfig, T.LlamaForCausalLM, "llama"),
     "MistralForCausalLM": (T.MistralConfig, T.MistralForCausalLM, "mistral"),
@@ -50,8 +51,10 @@ def test_resolve_arch_and_bind_mappings(arch):
         bound = resolve_mappings(layer, spec, i)
         # GQA (2 kv heads, 4 query heads): v_proj -> o_proj is skipped, the other three stay
         assert [m.mapping.prev.rsplit(".", 1)[-1] for m in bound] == [
-            "input_layernorm", "pre_feedforward_layernorm" if arch.startswith("Gemma") else "post_attention_layernorm",
-            "up_proj"]
+            "input_layernorm",
+            "pre_feedforward_layernorm" if arch.startswith("Gemma") else "post_attention_layernorm",
+            "up_proj",
+        ]
         for m in bound:
             assert m.prev is layer.get_submodule(m.mapping.prev)
             assert m.inspect is layer.get_submodule(m.mapping.inspect)

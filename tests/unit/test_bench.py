@@ -14,21 +14,30 @@ import torch
 from conftest import make_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from awqkit.bench import llamacpp as bench_llamacpp
+from awqkit.bench import modes as bench
+from awqkit.bench import report as bench_report
+from awqkit.bench.modes import BenchConfig, ModeSpec, build_specs
 from awqkit.commands.bench_cmd import register
-from awqkit.eval import bench, bench_llamacpp, bench_report
-from awqkit.eval.bench import BenchSettings, ModeSpec, build_specs
 
 torch.set_num_threads(1)
 
 H, INTER, LAYERS, HEADS, KV_HEADS, GROUP = 64, 128, 2, 4, 2, 32
 KV_OUT = H // HEADS * KV_HEADS
 LINEARS = [(H, H), (H, KV_OUT), (H, KV_OUT), (H, H), (H, INTER), (H, INTER), (INTER, H)]  # (K, N) q k v o gate up down
-SETTINGS = BenchSettings(prompt_tokens=8, new_tokens=4, batch_sizes=(1, 2), repeats=3, warmup=1, threads=1)
+SETTINGS = BenchConfig(prompt_tokens=8, new_tokens=4, batch_sizes=(1, 2), repeats=3, warmup=1, threads=1)
 
 
 def _config(vocab: int, tie: bool = False) -> LlamaConfig:
-    return LlamaConfig(hidden_size=H, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                       num_key_value_heads=KV_HEADS, vocab_size=vocab, tie_word_embeddings=tie)
+    return LlamaConfig(
+        hidden_size=H,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=vocab,
+        tie_word_embeddings=tie,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +109,9 @@ def test_bytes_per_step_hand_count(folders: dict, batch: int) -> None:
         # auto: cpu-avx2 blocks (int32 words K*N/8 + fp16 scales + uint8 zeros) where N % 64 == 0, the
         # narrower k/v projections on their packed buffers (cpu-int4 converts lazily), the head in fp16
         avx2 = LAYERS * sum(k * n // 2 + (k // GROUP) * n * 3 for k, n in LINEARS if n % 64 == 0)
-        narrow = LAYERS * sum(k * n // 2 + (k // GROUP) * n // 2 + (k // GROUP) * n * 2
-                              for k, n in LINEARS if n % 64 != 0)
+        narrow = LAYERS * sum(
+            k * n // 2 + (k // GROUP) * n // 2 + (k // GROUP) * n * 2 for k, n in LINEARS if n % 64 != 0
+        )
         model = load_quantized(folders["q"], backend="auto")
         assert bench.weight_bytes_per_step(model, batch) == avx2 + narrow + rest - vocab * H * 2
     dense = LlamaForCausalLM.from_pretrained(folders["src"])
@@ -134,8 +144,9 @@ def test_time_generation_is_greedy_and_forced_length(folders: dict) -> None:
     assert torch.equal(ids, bench.make_prompt(folders["vocab"], 2, 8, seed=3))
     pre, dec, out = bench.time_generation(model, ids, 5)
     assert pre > 0 and dec > 0 and out.shape == (2, 6)
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
-                         do_sample=False, pad_token_id=0)
+    ref = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(out, ref[:, 8:])
 
 
@@ -147,7 +158,7 @@ def test_subprocess_peak_rss_is_its_own() -> None:
     ballast = bytearray(400 * 2**20)
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page
     parent = bench.current_rss_bytes()
-    code = "from awqkit.eval.bench import process_peak_rss_bytes as p; print(p())"
+    code = "from awqkit.bench.modes import process_peak_rss_bytes as p; print(p())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0 < child < parent - 300 * 2**20
     del ballast
@@ -177,10 +188,15 @@ def test_gguf_bytes_per_step(tmp_path: Path) -> None:
 
 
 def test_build_specs(folders: dict) -> None:
-    specs = build_specs(str(folders["q"]), str(folders["src"]), ["torch", "cpu-int4"], "float32",
-                        ["float32", "bfloat16"])
+    specs = build_specs(
+        str(folders["q"]), str(folders["src"]), ["torch", "cpu-int4"], "float32", ["float32", "bfloat16"]
+    )
     assert [(s.quantized, s.dtype, s.backend) for s in specs] == [
-        (False, "float32", None), (False, "bfloat16", None), (True, "float32", "torch"), (True, "float32", "cpu-int4")]
+        (False, "float32", None),
+        (False, "bfloat16", None),
+        (True, "float32", "torch"),
+        (True, "float32", "cpu-int4"),
+    ]
     assert len({s.label for s in specs}) == 4
     with pytest.raises(ValueError, match="quantized"):
         build_specs(str(folders["q"]), str(folders["q"]), ["torch"], "float32", ["float32"])
@@ -189,12 +205,22 @@ def test_build_specs(folders: dict) -> None:
 
 
 def test_build_specs_with_the_awqkit_loop(folders: dict) -> None:
-    specs = build_specs(str(folders["q"]), str(folders["src"]), ["auto"], "float32", ["float32", "bfloat16"],
-                        loops=["transformers", "awqkit"])
+    specs = build_specs(
+        str(folders["q"]),
+        str(folders["src"]),
+        ["auto"],
+        "float32",
+        ["float32", "bfloat16"],
+        loops=["transformers", "awqkit"],
+    )
     # the awqkit loop runs float32 only: no bf16 row for it
     assert [(s.loop, s.dtype, s.quantized) for s in specs] == [
-        ("transformers", "float32", False), ("transformers", "bfloat16", False), ("transformers", "float32", True),
-        ("awqkit", "float32", False), ("awqkit", "float32", True)]
+        ("transformers", "float32", False),
+        ("transformers", "bfloat16", False),
+        ("transformers", "float32", True),
+        ("awqkit", "float32", False),
+        ("awqkit", "float32", True),
+    ]
     assert all(s.label.endswith("[awqkit loop]") == (s.loop == "awqkit") for s in specs)
     with pytest.raises(ValueError, match="decode loops"):
         build_specs(str(folders["q"]), None, ["auto"], "float32", ["float32"], loops=["vllm"])
@@ -220,9 +246,15 @@ def test_awqkit_loop_decodes_the_same_tokens(folders: dict) -> None:
 def _fake(label: str, tok_s: float) -> dict:
     stats = {"median": tok_s, "min": tok_s, "max": tok_s, "samples": [tok_s]}
     pre = {"median": 0.01, "min": 0.01, "max": 0.01, "samples": [0.01]}
-    return {"label": label, "disk_bytes": 2e6, "memory_bytes": 3e6, "peak_rss_bytes": 4e8, "bytes_per_token": 1e6,
-            "peak_vram_bytes": None,
-            "batches": {"1": {"prefill_s": pre, "decode_tok_s": stats, "bandwidth_gb_s": 0.1}}}
+    return {
+        "label": label,
+        "disk_bytes": 2e6,
+        "memory_bytes": 3e6,
+        "peak_rss_bytes": 4e8,
+        "bytes_per_token": 1e6,
+        "peak_vram_bytes": None,
+        "batches": {"1": {"prefill_s": pre, "decode_tok_s": stats, "bandwidth_gb_s": 0.1}},
+    }
 
 
 def test_report_table_ratio_and_skipped_rows(tmp_path: Path) -> None:
@@ -236,8 +268,9 @@ def test_report_table_ratio_and_skipped_rows(tmp_path: Path) -> None:
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_bench_writes_json(folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                               capsys: pytest.CaptureFixture) -> None:
+def test_cli_bench_writes_json(
+    folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Real path: each mode in its own subprocess; llama.cpp asked for but reported as skipped."""
     monkeypatch.setattr(bench_llamacpp, "unavailable_reason", lambda: "llama-cpp-python is not installed")
     gguf = tmp_path / "m.gguf"
@@ -246,21 +279,51 @@ def test_cli_bench_writes_json(folders: dict, tmp_path: Path, monkeypatch: pytes
     sub = p.add_subparsers(dest="command")
     register(sub)
     out = tmp_path / "bench.json"
-    a = p.parse_args(["bench", str(folders["q"]), "--baseline", str(folders["src"]), "--backend", "torch",
-                      "--prompt-tokens", "8", "--new-tokens", "3", "--batch-sizes", "1", "--repeats", "2",
-                      "--warmup", "0", "--threads", "1", "--json", str(out), "--llama-cpp", str(gguf)])
+    a = p.parse_args(
+        [
+            "bench",
+            str(folders["q"]),
+            "--baseline",
+            str(folders["src"]),
+            "--backend",
+            "torch",
+            "--prompt-tokens",
+            "8",
+            "--new-tokens",
+            "3",
+            "--batch-sizes",
+            "1",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            "--llama-cpp",
+            str(gguf),
+        ]
+    )
     assert a.func(a) == 0
     doc = json.loads(out.read_text())
     assert doc["settings"]["batch_sizes"] == [1] and doc["environment"]["torch"] == torch.__version__
     labels = [r["label"] for r in doc["results"]]
     # default loops: transformers, then awqkit's
-    assert labels == ["src fp32 dense", "q int4 (torch)", "src fp32 dense [awqkit loop]",
-                      "q int4 (torch) [awqkit loop]", "llama.cpp Q4_1"]
+    assert labels == [
+        "src fp32 dense",
+        "q int4 (torch)",
+        "src fp32 dense [awqkit loop]",
+        "q int4 (torch) [awqkit loop]",
+        "llama.cpp Q4_1",
+    ]
     assert doc["results"][4]["skipped"].startswith("llama-cpp-python")
     for r in doc["results"][:4]:
         _check_stats(r["batches"]["1"]["decode_tok_s"], 2)
         assert r["peak_rss_bytes"] > 0
-    assert set(doc["ratios"]) == {"q int4 (torch) / src fp32 dense decode B=1",
-                                  "q int4 (torch) [awqkit loop] / src fp32 dense [awqkit loop] decode B=1",
-                                  "q int4 (torch) [awqkit loop] / src fp32 dense decode B=1"}
+    assert set(doc["ratios"]) == {
+        "q int4 (torch) / src fp32 dense decode B=1",
+        "q int4 (torch) [awqkit loop] / src fp32 dense [awqkit loop] decode B=1",
+        "q int4 (torch) [awqkit loop] / src fp32 dense decode B=1",
+    }
     assert "q int4 (torch)" in capsys.readouterr().out

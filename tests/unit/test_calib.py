@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from awqkit.calib import build_blocks, load_calibration, read_samples, self_generate, text_file_hash
+from awqkit.calib import build_blocks, load_calibration, read_samples, self_generate
 from awqkit.config import CalibConfig
+from awqkit.files import sha256_file
 
 CFG = CalibConfig(source="x", n_samples=4, seq_len=16, seed=0)
 
@@ -51,8 +52,9 @@ def test_json_array_file(tmp_path: Path, tiny_tokenizer: Any) -> None:
 def test_question_answer_rendered_with_chat_template(tmp_path: Path, tiny_tokenizer: Any) -> None:
     rows = [{"question": "What is 2+2?", "answer": "4", "id": 7}, {"question": "Only a prompt?"}]
     got = read_samples(_jsonl(tmp_path / "qa.jsonl", rows), tiny_tokenizer, CFG)
-    expected_full = _chat(tiny_tokenizer, [{"role": "user", "content": "What is 2+2?"},
-                                           {"role": "assistant", "content": "4"}], gen=False)
+    expected_full = _chat(
+        tiny_tokenizer, [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], gen=False
+    )
     expected_prompt = _chat(tiny_tokenizer, [{"role": "user", "content": "Only a prompt?"}], gen=True)
     assert got == [expected_full, expected_prompt]
     assert got[1].endswith("<|assistant|>\n") and not got[0].endswith("<|assistant|>\n")
@@ -61,14 +63,26 @@ def test_question_answer_rendered_with_chat_template(tmp_path: Path, tiny_tokeni
 def test_system_prompt_is_prepended(tmp_path: Path, tiny_tokenizer: Any) -> None:
     cfg = CalibConfig(source="x", system_prompt="Be brief.")
     got = read_samples(_jsonl(tmp_path / "qa.jsonl", [{"prompt": "hi", "completion": "hello"}]), tiny_tokenizer, cfg)
-    assert got == [_chat(tiny_tokenizer, [{"role": "system", "content": "Be brief."},
-                                          {"role": "user", "content": "hi"},
-                                          {"role": "assistant", "content": "hello"}], gen=False)]
+    assert got == [
+        _chat(
+            tiny_tokenizer,
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ],
+            gen=False,
+        )
+    ]
 
 
 def test_messages_column_rendered_whole(tmp_path: Path, tiny_tokenizer: Any) -> None:
-    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
-            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+    conv = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+    ]
     # "messages" wins over a text column in detection order
     got = read_samples(_jsonl(tmp_path / "m.jsonl", [{"messages": conv, "text": "ignored"}]), tiny_tokenizer, CFG)
     assert got == [_chat(tiny_tokenizer, conv, gen=True)]
@@ -84,10 +98,17 @@ def test_csv_instruction_input_output(tmp_path: Path, tiny_tokenizer: Any) -> No
         w.writerow({"instruction": "Say hi", "input": "", "output": "hi"})
     got = read_samples(p, tiny_tokenizer, CFG)
     assert got == [
-        _chat(tiny_tokenizer, [{"role": "user", "content": "Translate\n\nbonjour, le monde"},
-                               {"role": "assistant", "content": "hello, world"}], gen=False),
-        _chat(tiny_tokenizer, [{"role": "user", "content": "Say hi"},
-                               {"role": "assistant", "content": "hi"}], gen=False),
+        _chat(
+            tiny_tokenizer,
+            [
+                {"role": "user", "content": "Translate\n\nbonjour, le monde"},
+                {"role": "assistant", "content": "hello, world"},
+            ],
+            gen=False,
+        ),
+        _chat(
+            tiny_tokenizer, [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}], gen=False
+        ),
     ]
 
 
@@ -95,8 +116,10 @@ def test_explicit_columns(tmp_path: Path, tiny_tokenizer: Any) -> None:
     p = _jsonl(tmp_path / "x.jsonl", [{"Q": "why", "A": "because", "text": "raw"}])
     cfg = CalibConfig(source="x", prompt_column="q", response_column="A")  # case-insensitive match
     assert read_samples(p, tiny_tokenizer, cfg) == [
-        _chat(tiny_tokenizer, [{"role": "user", "content": "why"},
-                               {"role": "assistant", "content": "because"}], gen=False)]
+        _chat(
+            tiny_tokenizer, [{"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}], gen=False
+        )
+    ]
     assert read_samples(p, tiny_tokenizer, CalibConfig(source="x", text_column="text")) == ["raw"]
     with pytest.raises(ValueError, match="nope.*columns found"):
         read_samples(p, tiny_tokenizer, CalibConfig(source="x", text_column="nope"))
@@ -111,8 +134,9 @@ def test_unknown_columns_error_lists_columns(tmp_path: Path, tiny_tokenizer: Any
         assert needle in msg
 
 
-def test_no_chat_template_falls_back_to_plain_text(tmp_path: Path, tiny_tokenizer_no_template: Any,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_no_chat_template_falls_back_to_plain_text(
+    tmp_path: Path, tiny_tokenizer_no_template: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     p = _jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": "A."}])
     with caplog.at_level(logging.WARNING, logger="awqkit.calib"):
         assert read_samples(p, tiny_tokenizer_no_template, CFG) == ["Q?\n\nA."]
@@ -129,7 +153,7 @@ def test_bad_jsonl_line_reports_line_number(tmp_path: Path, tiny_tokenizer: Any)
 def test_text_file_hash(tmp_path: Path) -> None:
     p = tmp_path / "h.txt"
     p.write_bytes(b"abc\n")
-    assert text_file_hash(p) == hashlib.sha256(b"abc\n").hexdigest()
+    assert sha256_file(p) == hashlib.sha256(b"abc\n").hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- blocks
@@ -158,7 +182,7 @@ def test_blocks_are_consecutive_windows_of_the_stream(tiny_tokenizer: Any) -> No
     assert len(ids) >= seq_len
     blocks = build_blocks(samples, tiny_tokenizer, n_samples=100, seq_len=seq_len, seed=0)
     n = len(ids) // seq_len
-    assert blocks.tolist() == [ids[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+    assert blocks.tolist() == [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
 
 
 def test_blocks_fewer_than_requested_warns(tiny_tokenizer: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -195,9 +219,17 @@ def tiny_llama(tiny_tokenizer: Any) -> Iterator[Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                      bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+    )
     yield LlamaForCausalLM(cfg).eval()
 
 

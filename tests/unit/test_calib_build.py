@@ -30,8 +30,14 @@ from awqkit.platform.calib_build import (
 
 SYSTEM = "You are a careful\nmath tutor."
 # Prompts that would break a line-based format: newlines, CR, tabs, Unicode line/paragraph separators, NEL.
-TRICKY = ["line one\nline two\n\nline four", "crlf\r\nand cr\rend", "tab\tand unicode \u2028 sep \u2029 and \x85 nel",
-          "  leading and trailing spaces  ", "quotes \" and backslash \\n (not a newline)", "héllo wörld ✓ 数学"]
+TRICKY = [
+    "line one\nline two\n\nline four",
+    "crlf\r\nand cr\rend",
+    "tab\tand unicode \u2028 sep \u2029 and \x85 nel",
+    "  leading and trailing spaces  ",
+    'quotes " and backslash \\n (not a newline)',
+    "héllo wörld ✓ 数学",
+]
 
 
 def _rows(n: int) -> list[dict[str, Any]]:
@@ -48,8 +54,23 @@ def _expected(tok: Any, question: str, system: str | None = None) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("rows, size", [(0, 0), (5, 5), (8, 8), (10, 8), (53, 8), (60, 9), (100, 15), (140, 21),
-                                        (853, 127), (854, 128), (2000, 128), (10**6, 128)])
+@pytest.mark.parametrize(
+    "rows, size",
+    [
+        (0, 0),
+        (5, 5),
+        (8, 8),
+        (10, 8),
+        (53, 8),
+        (60, 9),
+        (100, 15),
+        (140, 21),
+        (853, 127),
+        (854, 128),
+        (2000, 128),
+        (10**6, 128),
+    ],
+)
 def test_sample_size_rule(rows: int, size: int) -> None:
     assert calibration_sample_size(rows) == size
 
@@ -83,7 +104,8 @@ def test_render_prompt_equals_apply_chat_template() -> None:
 def test_template_kwargs_reach_the_template() -> None:
     tok = make_tiny_tokenizer(
         chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                      "{% if add_generation_prompt %}<gen think={{ enable_thinking }}>{% endif %}")
+        "{% if add_generation_prompt %}<gen think={{ enable_thinking }}>{% endif %}"
+    )
     assert render_prompt(tok, "q", chat_template_kwargs={"enable_thinking": False}) == "q<gen think=False>"
 
 
@@ -128,8 +150,8 @@ def test_file_format_round_trips_tricky_prompts(tmp_path: Path) -> None:
 
 def test_plain_text_still_one_prompt_per_line(tmp_path: Path) -> None:
     path = tmp_path / "prompts.txt"
-    path.write_text("first prompt\n\nsecond {not json}\n{\"text\": \"a JSON-looking line\"}\n", encoding="utf-8")
-    expected = ["first prompt", "second {not json}", "{\"text\": \"a JSON-looking line\"}"]
+    path.write_text('first prompt\n\nsecond {not json}\n{"text": "a JSON-looking line"}\n', encoding="utf-8")
+    expected = ["first prompt", "second {not json}", '{"text": "a JSON-looking line"}']
     assert read_samples(path, make_tiny_tokenizer(), CalibConfig()) == expected
     assert read_calibration_file(path) == expected
 
@@ -142,8 +164,9 @@ def test_csv_with_custom_column_and_name(tmp_path: Path) -> None:
         w.writeheader()
         for i in range(40):
             w.writerow({"Problem": f"multi-line\nproblem {i}" if i % 3 else "", "solution": str(i)})
-    res = build_calibration_set(path, tok, column="problem", dataset_name="open math_v2", out_dir=tmp_path,
-                                n_blocks=1, seq_len=8)
+    res = build_calibration_set(
+        path, tok, column="problem", dataset_name="open math_v2", out_dir=tmp_path, n_blocks=1, seq_len=8
+    )
     assert res.n_rows == 40 and res.n_usable_rows == 26 and res.n_samples == 8
     assert res.path.name == "calibration_open-math-v2_8samples.txt"
     assert any("14 of 40 rows have an empty 'Problem'" in w for w in res.warnings)
@@ -209,8 +232,9 @@ def test_parquet_through_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
     (tmp_path / "openmath.parquet").write_bytes(b"PAR1")
-    res = build_calibration_set(tmp_path / "openmath.parquet", make_tiny_tokenizer(), out_dir=tmp_path,
-                                n_blocks=1, seq_len=8)
+    res = build_calibration_set(
+        tmp_path / "openmath.parquet", make_tiny_tokenizer(), out_dir=tmp_path, n_blocks=1, seq_len=8
+    )
     assert seen == [str(tmp_path / "openmath.parquet")] and res.n_samples == 8
     assert res.path.name == "calibration_openmath_8samples.txt"
 
@@ -250,9 +274,26 @@ def test_cli_calib_build(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = _jsonl(tmp_path / "openmath.jsonl", _rows(100))
     parser = argparse.ArgumentParser(prog="awqkit")
     calib_cmd.register(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args(["calib", "build", "--dataset", str(data), "--model", str(model), "--out",
-                           str(tmp_path / "out"), "--system-prompt", SYSTEM, "--n-samples", "4", "--seq-len", "16",
-                           "--template-kwarg", "enable_thinking=false"])
+    a = parser.parse_args(
+        [
+            "calib",
+            "build",
+            "--dataset",
+            str(data),
+            "--model",
+            str(model),
+            "--out",
+            str(tmp_path / "out"),
+            "--system-prompt",
+            SYSTEM,
+            "--n-samples",
+            "4",
+            "--seq-len",
+            "16",
+            "--template-kwarg",
+            "enable_thinking=false",
+        ]
+    )
     assert a.template_kwarg == [("enable_thinking", False)] and a.seed == 42
     assert a.func(a) == 0
     out = capsys.readouterr().out
@@ -260,8 +301,9 @@ def test_cli_calib_build(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert f"wrote {path} (15 prompts)" in out and "tokens:" in out
     tok = make_tiny_tokenizer()
     rows = _rows(100)
-    assert read_calibration_file(path) == [_expected(tok, rows[i]["question"], SYSTEM)
-                                           for i in sample_rows(100, 15, 42)]
+    assert read_calibration_file(path) == [
+        _expected(tok, rows[i]["question"], SYSTEM) for i in sample_rows(100, 15, 42)
+    ]
     assert calibration_file_name("openmath", 15) == path.name
 
 
@@ -275,8 +317,9 @@ def test_real_parquet_and_saved_dataset_give_the_jsonl_prompts(tmp_path: Path) -
     rows = _rows(100)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hfds"))
-    ref = build_calibration_set(_jsonl(tmp_path / "train.jsonl", rows), tok, out_dir=tmp_path / "j", n_blocks=1,
-                                seq_len=8)
+    ref = build_calibration_set(
+        _jsonl(tmp_path / "train.jsonl", rows), tok, out_dir=tmp_path / "j", n_blocks=1, seq_len=8
+    )
     for src in (tmp_path / "train.parquet", tmp_path / "hfds"):
         res = build_calibration_set(src, tok, dataset_name="train", out_dir=tmp_path / src.stem, n_blocks=1, seq_len=8)
         assert res.n_samples == 15 and res.row_indices == ref.row_indices

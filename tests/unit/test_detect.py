@@ -1,4 +1,4 @@
-"""Tests for awqkit.eval.detect.detect_quantization_method on hand-written checkpoint folders."""
+"""Tests for awqkit.io.detect.detect_quantization_method on hand-written checkpoint folders."""
 
 from __future__ import annotations
 
@@ -7,15 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from awqkit.eval.detect import QuantizationInfo, detect_quantization_method
+from awqkit.io.detect import QuantizationInfo, detect_quantization_method
 
-AWQ_QC = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
-          "modules_to_not_convert": ["lm_head"]}
+AWQ_QC = {
+    "quant_method": "awq",
+    "bits": 4,
+    "group_size": 128,
+    "zero_point": True,
+    "version": "gemm",
+    "modules_to_not_convert": ["lm_head"],
+}
 CT_QC = {
     "quant_method": "compressed-tensors",
     "format": "pack-quantized",
-    "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
-        "num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}}},
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "input_activations": None,
+            "weights": {"num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64},
+        }
+    },
     "ignore": ["lm_head"],
     "quantization_status": "compressed",
 }
@@ -37,14 +48,23 @@ def _config(qc: dict | None = None, dtype: str = "float16") -> dict:
 
 
 def test_awqkit_folder_metadata_method_overrides_config(tmp_path):
-    folder = _folder(tmp_path, "out", {
-        "config.json": _config(AWQ_QC),
-        "quantization_metadata.json": {"method": "RTN", "bits": 4, "group_size": 128, "format_version": 1},
-    })
+    folder = _folder(
+        tmp_path,
+        "out",
+        {
+            "config.json": _config(AWQ_QC),
+            "quantization_metadata.json": {"method": "RTN", "bits": 4, "group_size": 128, "format_version": 1},
+        },
+    )
     info = detect_quantization_method(folder)
     assert isinstance(info, QuantizationInfo)
-    assert info.to_dict() == {"method": "rtn", "bits": 4, "group_size": 128,
-                              "source": "quantization_metadata.json+config.json", "format": "awq"}
+    assert info.to_dict() == {
+        "method": "rtn",
+        "bits": 4,
+        "group_size": 128,
+        "source": "quantization_metadata.json+config.json",
+        "format": "awq",
+    }
 
 
 def test_autoawq_config_only(tmp_path):
@@ -74,10 +94,14 @@ def test_compressed_tensors_channel_strategy_is_minus_one(tmp_path):
 
 
 def test_compressed_tensors_with_awqkit_metadata(tmp_path):
-    folder = _folder(tmp_path, "ct_awq", {
-        "config.json": _config(CT_QC),
-        "quantization_metadata.json": {"method": "awq", "bits": 3, "group_size": 64},
-    })
+    folder = _folder(
+        tmp_path,
+        "ct_awq",
+        {
+            "config.json": _config(CT_QC),
+            "quantization_metadata.json": {"method": "awq", "bits": 3, "group_size": 64},
+        },
+    )
     info = detect_quantization_method(folder)
     assert (info.method, info.bits, info.group_size) == ("awq", 3, 64)
     assert info.source == "quantization_metadata.json+config.json"
@@ -91,24 +115,34 @@ def test_gptq_config(tmp_path):
 
 
 def test_metadata_only(tmp_path):
-    folder = _folder(tmp_path, "meta", {
-        "config.json": _config(), "quantization_metadata.json": {"method": "awq", "bits": 3, "group_size": 32}})
+    folder = _folder(
+        tmp_path,
+        "meta",
+        {"config.json": _config(), "quantization_metadata.json": {"method": "awq", "bits": 3, "group_size": 32}},
+    )
     info = detect_quantization_method(folder)
     assert (info.method, info.bits, info.group_size, info.source) == ("awq", 3, 32, "quantization_metadata.json")
 
 
 def test_quantization_config_json_only(tmp_path):
-    folder = _folder(tmp_path, "side", {
-        "config.json": _config(),
-        "quantization_config.json": {"quant_method": "GPTQ", "bits": 2, "group_size": 32},
-    })
+    folder = _folder(
+        tmp_path,
+        "side",
+        {
+            "config.json": _config(),
+            "quantization_config.json": {"quant_method": "GPTQ", "bits": 2, "group_size": 32},
+        },
+    )
     info = detect_quantization_method(folder)
     assert (info.method, info.bits, info.group_size, info.source) == ("gptq", 2, 32, "quantization_config.json")
 
 
 def test_autogptq_quantize_config_without_method(tmp_path):
-    folder = _folder(tmp_path, "autogptq", {
-        "config.json": _config(), "quantize_config.json": {"bits": 4, "group_size": 128, "desc_act": True}})
+    folder = _folder(
+        tmp_path,
+        "autogptq",
+        {"config.json": _config(), "quantize_config.json": {"bits": 4, "group_size": 128, "desc_act": True}},
+    )
     info = detect_quantization_method(folder)
     assert (info.method, info.bits, info.group_size, info.source) == ("gptq", 4, 128, "quantize_config.json")
 
@@ -152,24 +186,38 @@ def test_empty_folder_is_fp_with_unknown_bits(tmp_path):
 
 
 def test_precedence_config_beats_side_file_and_name(tmp_path):
-    folder = _folder(tmp_path, "x_RTN_w3_g64", {
-        "config.json": _config(AWQ_QC),
-        "quantization_config.json": {"quant_method": "gptq", "bits": 2, "group_size": 32},
-    })
+    folder = _folder(
+        tmp_path,
+        "x_RTN_w3_g64",
+        {
+            "config.json": _config(AWQ_QC),
+            "quantization_config.json": {"quant_method": "gptq", "bits": 2, "group_size": 32},
+        },
+    )
     info = detect_quantization_method(folder)
     assert (info.method, info.bits, info.group_size, info.source) == ("awq", 4, 128, "config.json")
 
 
 def test_precedence_metadata_refines_side_file_and_beats_name(tmp_path):
-    folder = _folder(tmp_path, "x_GPTQ_w3_g64", {
-        "quantization_metadata.json": {"method": "rtn", "bits": 4, "group_size": 128},
-        "quantization_config.json": {"quant_method": "awq", "bits": 4, "group_size": 32},
-    })
+    folder = _folder(
+        tmp_path,
+        "x_GPTQ_w3_g64",
+        {
+            "quantization_metadata.json": {"method": "rtn", "bits": 4, "group_size": 128},
+            "quantization_config.json": {"quant_method": "awq", "bits": 4, "group_size": 32},
+        },
+    )
     info = detect_quantization_method(folder)
     assert (info.method, info.bits, info.group_size, info.source, info.format) == (
-        "rtn", 4, 32, "quantization_metadata.json+quantization_config.json", "awq")
-    meta_only = _folder(tmp_path, "y_GPTQ_w3_g64", {
-        "quantization_metadata.json": {"method": "rtn", "bits": 4, "group_size": 128}})
+        "rtn",
+        4,
+        32,
+        "quantization_metadata.json+quantization_config.json",
+        "awq",
+    )
+    meta_only = _folder(
+        tmp_path, "y_GPTQ_w3_g64", {"quantization_metadata.json": {"method": "rtn", "bits": 4, "group_size": 128}}
+    )
     info = detect_quantization_method(meta_only)
     assert (info.method, info.bits, info.source, info.format) == ("rtn", 4, "quantization_metadata.json", None)
 
@@ -177,28 +225,44 @@ def test_precedence_metadata_refines_side_file_and_beats_name(tmp_path):
 def test_stale_metadata_never_renames_a_gptq_storage_config(tmp_path, caplog):
     """A GPTQ side file (awqkit never writes GPTQ) wins over an awqkit metadata file: the weights are stored as
     GPTQ, so detection (and info, and the loader) must say gptq, not the metadata's method."""
-    folder = _folder(tmp_path, "x_RTN_w4_g128", {
-        "quantization_metadata.json": {"method": "rtn", "bits": 4, "group_size": 128},
-        "quantization_config.json": {"quant_method": "gptq", "bits": 2, "group_size": 32},
-    })
+    folder = _folder(
+        tmp_path,
+        "x_RTN_w4_g128",
+        {
+            "quantization_metadata.json": {"method": "rtn", "bits": 4, "group_size": 128},
+            "quantization_config.json": {"quant_method": "gptq", "bits": 2, "group_size": 32},
+        },
+    )
     with caplog.at_level("WARNING"):
         info = detect_quantization_method(folder)
     assert (info.method, info.bits, info.group_size, info.source, info.format) == (
-        "gptq", 2, 32, "quantization_config.json", "gptq")
+        "gptq",
+        2,
+        32,
+        "quantization_config.json",
+        "gptq",
+    )
     assert "ignoring the stale quantization_metadata.json" in caplog.text
 
 
 def test_precedence_side_file_beats_name(tmp_path):
-    folder = _folder(tmp_path, "x_RTN_w3_g64", {
-        "config.json": _config(),
-        "quantization_config.json": {"quant_method": "awq", "bits": 4, "group_size": 128},
-    })
+    folder = _folder(
+        tmp_path,
+        "x_RTN_w3_g64",
+        {
+            "config.json": _config(),
+            "quantization_config.json": {"quant_method": "awq", "bits": 4, "group_size": 128},
+        },
+    )
     assert detect_quantization_method(folder).source == "quantization_config.json"
 
 
 def test_config_bits_win_over_conflicting_metadata(tmp_path, caplog):
-    folder = _folder(tmp_path, "conflict", {
-        "config.json": _config(AWQ_QC), "quantization_metadata.json": {"method": "awq", "bits": 3, "group_size": 128}})
+    folder = _folder(
+        tmp_path,
+        "conflict",
+        {"config.json": _config(AWQ_QC), "quantization_metadata.json": {"method": "awq", "bits": 3, "group_size": 128}},
+    )
     with caplog.at_level("WARNING"):
         info = detect_quantization_method(folder)
     assert info.bits == 4
@@ -232,8 +296,13 @@ def test_real_awqkit_save_is_detected(tmp_path):
 
     for bits, method in ((4, "rtn"), (3, "awq")):
         qc = build_quantization_config(QuantConfig(bits=bits, group_size=64), ["lm_head"])
-        folder = _folder(tmp_path, f"saved{bits}", {
-            "config.json": _config(qc),
-            "quantization_metadata.json": {"method": method, "bits": bits, "group_size": 64}})
+        folder = _folder(
+            tmp_path,
+            f"saved{bits}",
+            {
+                "config.json": _config(qc),
+                "quantization_metadata.json": {"method": method, "bits": bits, "group_size": 64},
+            },
+        )
         info = detect_quantization_method(folder)
         assert (info.method, info.bits, info.group_size) == (method, bits, 64)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from awqkit.eval import (
+from awqkit.bench.resources import (
     Timer,
     current_rss_bytes,
-    default_data_dir,
     folder_size_bytes,
     fp16_size_bytes,
+    peak_rss_bytes,
+)
+from awqkit.eval import (
+    default_data_dir,
     kl_divergence,
     load_wikitext_test,
     make_windows,
-    peak_rss_bytes,
     perplexity,
-    track_peak_rss,
 )
 from awqkit.report import markdown_table, write_benchmarks_section
 
@@ -131,9 +131,7 @@ def test_kl_perturbed_matches_kl_div(tiny_model, windows):
     assert r["kl"] == pytest.approx(expected, rel=1e-5)
     assert abs(expected - reverse) > 1e-6 * expected  # the direction test can tell them apart
     assert r["top1_agreement"] == pytest.approx(agree)
-    assert r["ppl_model"] == pytest.approx(
-        perplexity(perturbed, one, progress=False)["ppl"], rel=1e-6
-    )
+    assert r["ppl_model"] == pytest.approx(perplexity(perturbed, one, progress=False)["ppl"], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- windows / data
@@ -244,26 +242,41 @@ def test_fp16_size_bytes_tied_counted_once():
     model = nn.ModuleDict({"emb": emb, "head": head, "proj": nn.Linear(4, 3)})
     assert fp16_size_bytes(model) == 2 * (40 + 12 + 3)
 
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=VOCAB)
+    cfg = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
     tied = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **cfg))
     untied = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **cfg))
     assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
     assert fp16_size_bytes(untied) - fp16_size_bytes(tied) == 2 * VOCAB * 32
 
 
-def test_rss_and_timer():
+def test_rss_readings_and_the_peak_tracker(monkeypatch) -> None:
+    """No sleeps and no timed assertions: the tracker's samples and the timer's clock are scripted."""
+    from awqkit.bench import resources
+
     assert peak_rss_bytes() >= current_rss_bytes() > 10 * 2**20
-    with track_peak_rss() as mem:
-        big = torch.ones(64 * 2**20 // 4)  # 64 MiB
-        time.sleep(0.15)
-        del big
-    assert mem.peak >= mem.start
-    assert mem.delta > 32 * 2**20
+    readings = iter([100, 500, 300, 200])  # on entry, two samples in the block, on exit
+    monkeypatch.setattr(resources, "current_rss_bytes", lambda: next(readings, 200))
+    with resources.PeakRSSTracker(interval=3600.0) as mem:  # the sampling thread never wakes during the test
+        mem._sample()
+        mem._sample()
+    assert (mem.start, mem.peak, mem.delta) == (100, 500, 400)
+
+
+def test_timer_reads_the_clock_on_entry_and_exit(monkeypatch) -> None:
+    from awqkit.bench import resources
+
+    clock = iter([10.0, 11.0, 12.5])
+    monkeypatch.setattr(resources.time, "perf_counter", lambda: next(clock))
     with Timer() as t:
-        time.sleep(0.05)
-    assert 0.04 < t.seconds < 1.0
-    assert t.seconds == t.seconds  # fixed after the block
+        assert t.seconds == 1.0  # running: now - start
+    assert t.seconds == 2.5 and t.seconds == 2.5  # fixed after the block
 
 
 # ----------------------------------------------------------------------------- report

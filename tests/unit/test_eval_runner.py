@@ -30,18 +30,38 @@ def _write_data(root: Path) -> Path:
     (data / "wikitext-2-raw").mkdir(parents=True)
     (data / "wikitext-2-raw" / "wiki.test.raw").write_text("\n".join(f" {s} " for s in TINY_CORPUS * 4) + "\n")
     (data / "arc-challenge").mkdir()
-    arc = [{"id": f"a{i}", "question": f"What is {i} plus {i}?",
-            "options": [{"label": "A", "text": "the quick brown fox"}, {"label": "B", "text": f"hello world {i}"},
-                        {"label": "C", "text": "Paris"}], "answer": "ABC"[i % 3]} for i in range(5)]
+    arc = [
+        {
+            "id": f"a{i}",
+            "question": f"What is {i} plus {i}?",
+            "options": [
+                {"label": "A", "text": "the quick brown fox"},
+                {"label": "B", "text": f"hello world {i}"},
+                {"label": "C", "text": "Paris"},
+            ],
+            "answer": "ABC"[i % 3],
+        }
+        for i in range(5)
+    ]
     (data / "arc-challenge" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arc))
     (data / "gsm8k").mkdir()
     gsm = [{"question": f"What is {i} plus 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(5)]
     (data / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm))
     (data / "squad-v2").mkdir()
-    qas = [{"id": f"q{i}", "question": f"question {i}?",
-            "answers": [] if i % 2 else [{"text": "the quick brown fox", "answer_start": 0}]} for i in range(5)]
-    squad = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [
-        {"context": "the quick brown fox jumps over the lazy dog.", "qas": qas}]}]}
+    qas = [
+        {
+            "id": f"q{i}",
+            "question": f"question {i}?",
+            "answers": [] if i % 2 else [{"text": "the quick brown fox", "answer_start": 0}],
+        }
+        for i in range(5)
+    ]
+    squad = {
+        "version": "v2.0",
+        "data": [
+            {"title": "t", "paragraphs": [{"context": "the quick brown fox jumps over the lazy dog.", "qas": qas}]}
+        ],
+    }
     (data / "squad-v2" / "dev-v2.0.json").write_text(json.dumps(squad))
     return data
 
@@ -51,9 +71,18 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evalrun")
     tok = make_tiny_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(root / "src")
     tok.save_pretrained(root / "src")
     return {"root": root, "src": root / "src", "data": _write_data(root)}
@@ -63,8 +92,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def self_results(env: dict[str, Path]) -> dict[str, Any]:
     """The tiny model against itself on every task."""
     return evaluate_model(
-        env["src"], baseline=env["src"], tasks="all", limit=LIMIT, data_dir=env["data"], seq_len=SEQ_LEN,
-        windows=WINDOWS, progress=False,
+        env["src"],
+        baseline=env["src"],
+        tasks="all",
+        limit=LIMIT,
+        data_dir=env["data"],
+        seq_len=SEQ_LEN,
+        windows=WINDOWS,
+        progress=False,
         task_options={"gsm8k": {"max_new_tokens": 6}, "squad": {"max_new_tokens": 4}},
     )
 
@@ -108,12 +143,19 @@ def test_argument_errors_come_before_loading(env: dict[str, Path], tmp_path: Pat
 
 
 def test_task_limit_overrides_the_shared_limit(env: dict[str, Path]) -> None:
-    r = evaluate_model(env["src"], tasks="arc,gsm8k", limit=2, data_dir=env["data"], progress=False,
-                       task_options={"arc": {"limit": 4}, "gsm8k": {"max_new_tokens": 2}})
+    r = evaluate_model(
+        env["src"],
+        tasks="arc,gsm8k",
+        limit=2,
+        data_dir=env["data"],
+        progress=False,
+        task_options={"arc": {"limit": 4}, "gsm8k": {"max_new_tokens": 2}},
+    )
     assert r["tasks"]["arc"]["model"]["n"] == 4  # its own limit
     assert r["tasks"]["gsm8k"]["model"]["n"] == 2  # the shared one
-    everything = evaluate_model(env["src"], tasks="arc", data_dir=env["data"], progress=False,
-                                task_options={"arc": {"limit": 3}})
+    everything = evaluate_model(
+        env["src"], tasks="arc", data_dir=env["data"], progress=False, task_options={"arc": {"limit": 3}}
+    )
     assert everything["tasks"]["arc"]["model"]["n"] == 3
     assert r["settings"]["task_options"]["arc"] == {"limit": 4}  # recorded as given
 
@@ -130,8 +172,13 @@ def test_self_comparison_is_perfect(self_results: dict[str, Any]) -> None:
         assert t[task]["model"]["n"] == LIMIT and t[task]["model"] == t[task]["baseline"]
         assert set(t[task]["seconds_by_model"]) == {"model", "baseline"}
     rows = self_results["metrics"]
-    assert {(r["task"], r["metric"]) for r in rows} >= {("ppl", "ppl"), ("kl", "kl"), ("arc", "acc"),
-                                                         ("squad", "f1"), ("gsm8k", "em")}
+    assert {(r["task"], r["metric"]) for r in rows} >= {
+        ("ppl", "ppl"),
+        ("kl", "kl"),
+        ("arc", "acc"),
+        ("squad", "f1"),
+        ("gsm8k", "em"),
+    }
     defined = [r for r in rows if r["retention"] is not None]
     assert {(r["task"], r["metric"]) for r in defined} >= {("ppl", "ppl"), ("kl", "top1_agreement")}
     for r in defined:
@@ -160,8 +207,9 @@ def test_ppl_is_exp_mean_nll_by_hand(env: dict[str, Path], self_results: dict[st
     expected = math.exp(nll / count)
     assert self_results["tasks"]["ppl"]["model"]["ppl"] == pytest.approx(expected, rel=1e-5)
     # ppl alone (its own pass, no baseline) gives the same number as the shared kl pass
-    alone = evaluate_model(env["src"], tasks="ppl", data_dir=env["data"], seq_len=SEQ_LEN, windows=WINDOWS,
-                           progress=False)
+    alone = evaluate_model(
+        env["src"], tasks="ppl", data_dir=env["data"], seq_len=SEQ_LEN, windows=WINDOWS, progress=False
+    )
     assert alone["tasks"]["ppl"]["model"]["ppl"] == self_results["tasks"]["ppl"]["model"]["ppl"]
     assert alone["baseline"] is None and "baseline" not in alone["tasks"]["ppl"]
     assert all(r["retention"] is None for r in alone["metrics"])
@@ -203,8 +251,16 @@ def test_markdown_table(self_results: dict[str, Any]) -> None:
 
 
 def test_quantized_folder_is_detected_and_kernels_recorded(env: dict[str, Path], rtn_folder: Path) -> None:
-    r = evaluate_model(rtn_folder, baseline=env["src"], tasks="ppl,kl", data_dir=env["data"], seq_len=SEQ_LEN,
-                       windows=2, backend="torch", progress=False)
+    r = evaluate_model(
+        rtn_folder,
+        baseline=env["src"],
+        tasks="ppl,kl",
+        data_dir=env["data"],
+        seq_len=SEQ_LEN,
+        windows=2,
+        backend="torch",
+        progress=False,
+    )
     det = r["model"]["detection"]
     assert (det["method"], det["bits"], det["group_size"], det["format"]) == ("rtn", 4, 32, "awq")
     assert det["source"] == "quantization_metadata.json+config.json"
@@ -248,9 +304,25 @@ def _parser() -> argparse.ArgumentParser:
 def test_cli_writes_json_and_markdown(env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, md = tmp_path / "res" / "eval.json", tmp_path / "eval.md"
     text = env["data"] / "wikitext-2-raw" / "wiki.test.raw"
-    a = _parser().parse_args(["eval", str(env["src"]), "--baseline", str(env["src"]), "--text", str(text),
-                              "--seq-len", str(SEQ_LEN), "--windows", "2", "--json", str(out),
-                              "--markdown", str(md), "--no-progress"])
+    a = _parser().parse_args(
+        [
+            "eval",
+            str(env["src"]),
+            "--baseline",
+            str(env["src"]),
+            "--text",
+            str(text),
+            "--seq-len",
+            str(SEQ_LEN),
+            "--windows",
+            "2",
+            "--json",
+            str(out),
+            "--markdown",
+            str(md),
+            "--no-progress",
+        ]
+    )
     assert a.command == "eval" and a.tasks is None
     assert a.func(a) == 0
     printed = capsys.readouterr().out
@@ -274,14 +346,29 @@ def test_cli_errors(env: dict[str, Path]) -> None:
 
 
 def test_bench_rows_with_retention(env: dict[str, Path], rtn_folder: Path) -> None:
-    from awqkit.eval.bench import BenchSettings, disk_weight_bytes
+    from awqkit.bench.modes import BenchConfig, disk_weight_bytes
 
-    settings = BenchSettings(prompt_tokens=8, new_tokens=3, batch_sizes=(1, 2), repeats=1, warmup=0)
-    r = evaluate_model(rtn_folder, baseline=env["src"], tasks="ppl", data_dir=env["data"], seq_len=SEQ_LEN,
-                       windows=WINDOWS, backend="torch", bench=settings, progress=False)
+    settings = BenchConfig(prompt_tokens=8, new_tokens=3, batch_sizes=(1, 2), repeats=1, warmup=0)
+    r = evaluate_model(
+        rtn_folder,
+        baseline=env["src"],
+        tasks="ppl",
+        data_dir=env["data"],
+        seq_len=SEQ_LEN,
+        windows=WINDOWS,
+        backend="torch",
+        bench=settings,
+        progress=False,
+    )
     rows = {x["metric"]: x for x in r["metrics"] if x["task"] == "bench"}
-    assert list(rows) == ["prefill_ms", "decode_tok_s_b1", "decode_tok_s_b2", "peak_rss_mb", "weights_disk_mb",
-                          "weights_memory_mb"]
+    assert list(rows) == [
+        "prefill_ms",
+        "decode_tok_s_b1",
+        "decode_tok_s_b2",
+        "peak_rss_mb",
+        "weights_disk_mb",
+        "weights_memory_mb",
+    ]
     assert all(row["model"] > 0 and row["baseline"] > 0 for row in rows.values())
     speed, disk = rows["decode_tok_s_b1"], rows["weights_disk_mb"]
     assert speed["higher_is_better"] and speed["retention"] == pytest.approx(speed["model"] / speed["baseline"])
@@ -296,11 +383,14 @@ def test_bench_rows_with_retention(env: dict[str, Path], rtn_folder: Path) -> No
 def test_nonfinite_metrics_and_strict_json() -> None:
     from awqkit.eval.runner import nonfinite_metrics, results_json
 
-    results = {"baseline": {"path": "b"}, "tasks": {
-        "ppl": {"model": {"ppl": math.nan}, "baseline": {"ppl": 12.0}},
-        "kl": {"model": {"kl": math.inf, "top1_agreement": 0.5}, "baseline": {"kl": 0.0, "top1_agreement": 1.0}},
-        "arc": {"model": {"acc": 0.25, "acc_norm": 0.5, "n": 4}, "baseline": {"acc": -math.inf, "acc_norm": 0.5}},
-    }}
+    results = {
+        "baseline": {"path": "b"},
+        "tasks": {
+            "ppl": {"model": {"ppl": math.nan}, "baseline": {"ppl": 12.0}},
+            "kl": {"model": {"kl": math.inf, "top1_agreement": 0.5}, "baseline": {"kl": 0.0, "top1_agreement": 1.0}},
+            "arc": {"model": {"acc": 0.25, "acc_norm": 0.5, "n": 4}, "baseline": {"acc": -math.inf, "acc_norm": 0.5}},
+        },
+    }
     results["metrics"] = metric_rows(results)
     assert nonfinite_metrics(results) == ["ppl", "kl", "arc/acc (baseline)"]
     text = results_json(results)

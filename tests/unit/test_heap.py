@@ -34,8 +34,9 @@ print(json.dumps({"applied": applied, "grew": rss() - before}))
 
 def _run(mode: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True,
-                         env={**clean, **env})
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True, env={**clean, **env}
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

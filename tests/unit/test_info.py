@@ -11,14 +11,20 @@ import pytest
 from conftest import save_tiny_llama
 
 from awqkit.api import quantize
-from awqkit.io.source import SourceInfo, _weight_files, hash_weights
+from awqkit.files import sha256_named_files
+from awqkit.io.source import SourceInfo, _weight_files
+from awqkit.naming import make_run_name, quantized_folder_name
 from awqkit.platform.info import describe_folder, training_link
-from awqkit.platform.naming import make_run_name, quantized_folder_name
-from awqkit.platform.spec import resolve_quantization_spec, spec_metadata
+from awqkit.spec import resolve_quantization_spec, spec_metadata
 
 RUN = make_run_name("Qwen3-0.6B", "openmath", "SFT", "NoPeft", None)
-TRAINING = {"base_model": "Qwen/Qwen3-0.6B", "dataset": "openmath", "method": "SFT", "epochs": 2,
-            "hyperparameters": {"lr": 2e-5, "batch_size": 8}}
+TRAINING = {
+    "base_model": "Qwen/Qwen3-0.6B",
+    "dataset": "openmath",
+    "method": "SFT",
+    "epochs": 2,
+    "hyperparameters": {"lr": 2e-5, "batch_size": 8},
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +41,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     meta_path = dst / "quantization_metadata.json"
     meta = json.loads(meta_path.read_text())
     if "training" not in meta:
-        info = SourceInfo(src=str(src), kind="folder", folder=src,
-                          weights_sha256=report.metadata["source_model"]["weights_sha256"])
+        info = SourceInfo(
+            src=str(src), kind="folder", folder=src, weights_sha256=report.metadata["source_model"]["weights_sha256"]
+        )
         meta["training"] = training_link(info)
         meta.update(spec_metadata(spec))
         meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -50,7 +57,7 @@ def test_training_link(folders: dict[str, Path]) -> None:
     link = training_link(src)
     assert link is not None and link["file"] == "training_metadata.json"
     assert link["source_path"] == str(src.resolve()) and link["run_name"] == RUN
-    assert link["source_weights_sha256"] == hash_weights(_weight_files(src))
+    assert link["source_weights_sha256"] == sha256_named_files(_weight_files(src))
     import hashlib
 
     assert link["sha256"] == hashlib.sha256((src / "training_metadata.json").read_bytes()).hexdigest()
@@ -107,10 +114,23 @@ def test_info_shows_unapplied_parts(tmp_path: Path) -> None:
     spec = resolve_quantization_spec("awq", activations_bits=8, kv_cache_bits=8)
     qc = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
-    (folder / "quantization_metadata.json").write_text(json.dumps(
-        {"method": "awq", "bits": 4, "group_size": 128, **spec_metadata(spec),
-         "calibration": {"source": "calibration_openmath_128samples.txt", "sha256": "ab" * 32, "n_samples": 128,
-                         "seq_len": 512, "seed": 13}}))
+    (folder / "quantization_metadata.json").write_text(
+        json.dumps(
+            {
+                "method": "awq",
+                "bits": 4,
+                "group_size": 128,
+                **spec_metadata(spec),
+                "calibration": {
+                    "source": "calibration_openmath_128samples.txt",
+                    "sha256": "ab" * 32,
+                    "n_samples": 128,
+                    "seq_len": 512,
+                    "seed": 13,
+                },
+            }
+        )
+    )
     info = describe_folder(folder)
     assert info.spec == spec and info.not_applied == ["activations_bits=8", "kv_cache_bits=8"]
     assert info.run_name is None and "not a run name" in info.run_name_error
@@ -155,8 +175,9 @@ _QUANTIZE_TAKES_SPEC = "spec" in __import__("inspect").signature(quantize).param
 
 
 @pytest.mark.skipif(not _QUANTIZE_TAKES_SPEC, reason="awqkit.api.quantize does not take spec= yet")
-def test_quantize_with_spec_writes_spec_and_training_link(folders: dict[str, Path], tmp_path: Path,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_quantize_with_spec_writes_spec_and_training_link(
+    folders: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     spec = resolve_quantization_spec("rtn", group_size=32, activations_bits=8)
     dst = tmp_path / quantized_folder_name(make_run_name("Qwen3-0.6B", "openmath", "SFT", "NoPeft", spec))
     with caplog.at_level("WARNING"):

@@ -28,6 +28,7 @@ PAIRS = [
 TASK = "awqkit_tiny_arc"
 N_ITEMS = 5
 
+
 def _lm_eval() -> Any:
     return pytest.importorskip("lm_eval", reason='lm-eval is an optional extra: pip install "awqkit[lm-eval]"')
 
@@ -44,11 +45,17 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     options = ["the quick brown fox", "hello world", "Paris", "a scale and a zero point"]
     rows = []
     for i in range(N_ITEMS):
-        opts = options[i % 2:] if i % 2 else options  # 4 or 3 options
+        opts = options[i % 2 :] if i % 2 else options  # 4 or 3 options
         # our ARC format (question / options / answer label) and lm-eval's (choices / gold) in one row
-        rows.append({"question": f"What is {i} plus {i}?", "answer": "ABCD"[i % len(opts)],
-                     "options": [{"label": "ABCD"[k], "text": t} for k, t in enumerate(opts)],
-                     "choices": opts, "gold": i % len(opts)})
+        rows.append(
+            {
+                "question": f"What is {i} plus {i}?",
+                "answer": "ABCD"[i % len(opts)],
+                "options": [{"label": "ABCD"[k], "text": t} for k, t in enumerate(opts)],
+                "choices": opts,
+                "gold": i % len(opts),
+            }
+        )
     data = root / "arc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tasks = root / "tasks"
@@ -87,8 +94,9 @@ def _is_greedy(model: torch.nn.Module, tok: Any, ctx: str, cont: str) -> bool:
     return bool((logits.argmax(-1) == torch.tensor(x)).all())
 
 
-@pytest.mark.parametrize(("folder", "backend", "batch_size"),
-                         [("src", "auto", 1), ("q4", "torch", 2), ("q4", "auto", 3)])
+@pytest.mark.parametrize(
+    ("folder", "backend", "batch_size"), [("src", "auto", 1), ("q4", "torch", 2), ("q4", "auto", 3)]
+)
 def test_loglikelihood_matches_ours(folders: dict[str, Path], folder: str, backend: str, batch_size: int) -> None:
     _lm_eval()
     from lm_eval.api.instance import Instance
@@ -119,8 +127,11 @@ def test_registered_model_name_matches_our_arc(folders: dict[str, Path]) -> None
     assert get_model(adapter.MODEL_NAME) is adapter.AwqkitLM
     assert adapter.register_with_lm_eval()  # idempotent, also once the class is resolved
     results = lm_eval.simple_evaluate(
-        model="awqkit", model_args=f"pretrained={folders['q4']},backend=torch,batch_size=2", tasks=[TASK],
-        task_manager=TaskManager(include_path=str(folders["tasks"]), include_defaults=False), log_samples=False,
+        model="awqkit",
+        model_args=f"pretrained={folders['q4']},backend=torch,batch_size=2",
+        tasks=[TASK],
+        task_manager=TaskManager(include_path=str(folders["tasks"]), include_defaults=False),
+        log_samples=False,
     )
     lm_eval_metrics = results["results"][TASK]
     assert lm_eval_metrics["sample_len"] == N_ITEMS
@@ -135,9 +146,25 @@ def test_registered_model_name_matches_our_arc(folders: dict[str, Path]) -> None
 def test_cli_lm_eval_writes_json(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _lm_eval()
     out = tmp_path / "res" / "lm_eval.json"
-    rc = cli.main(["lm-eval", str(folders["q4"]), "--tasks", TASK, "--include-path", str(folders["tasks"]),
-                   "--no-default-tasks", "--limit", "3", "--backend", "torch", "--batch-size", "2",
-                   "--json", str(out)])
+    rc = cli.main(
+        [
+            "lm-eval",
+            str(folders["q4"]),
+            "--tasks",
+            TASK,
+            "--include-path",
+            str(folders["tasks"]),
+            "--no-default-tasks",
+            "--limit",
+            "3",
+            "--backend",
+            "torch",
+            "--batch-size",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert TASK in printed and "acc_norm" in printed and f"wrote {out}" in printed
@@ -159,8 +186,9 @@ def test_argument_errors_come_before_loading(folders: dict[str, Path], tmp_path:
         adapter.run_lm_eval(missing, TASK, include_path=folders["tasks"], include_defaults=False)
 
 
-def test_missing_lm_eval_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture) -> None:
+def test_missing_lm_eval_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     hint = 'pip install "awqkit[lm-eval]"'
     with pytest.raises(ImportError, match="awqkit\\[lm-eval\\]") as err:
@@ -173,8 +201,10 @@ def test_missing_lm_eval_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_importing_awqkit_does_not_import_lm_eval() -> None:
-    code = ("import sys, awqkit, awqkit.cli; awqkit.cli.build_parser(); "
-            "from awqkit.commands import lm_eval_cmd; print('lm_eval' in sys.modules)")
+    code = (
+        "import sys, awqkit, awqkit.cli; awqkit.cli.build_parser(); "
+        "from awqkit.commands import lm_eval_cmd; print('lm_eval' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

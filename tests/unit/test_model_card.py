@@ -60,8 +60,15 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("card")
     tok = make_tiny_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+    )
     LlamaForCausalLM(cfg).save_pretrained(root / "src")
     tok.save_pretrained(root / "src")
     (root / "src" / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- text\n---\n# tiny\n")
@@ -74,8 +81,16 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def results(folders: dict[str, Path]) -> dict[str, Any]:
     from awqkit.eval.runner import evaluate_model
 
-    return evaluate_model(folders["q"], baseline=folders["src"], tasks="ppl,kl", text=folders["text"], seq_len=16,
-                          windows=2, backend="torch", progress=False)
+    return evaluate_model(
+        folders["q"],
+        baseline=folders["src"],
+        tasks="ppl,kl",
+        text=folders["text"],
+        seq_len=16,
+        windows=2,
+        backend="torch",
+        progress=False,
+    )
 
 
 @pytest.fixture
@@ -105,10 +120,20 @@ def test_front_matter_and_description(qdir: Path) -> None:
 
 def test_metadata_argument_and_quoting(qdir: Path) -> None:
     meta = json.loads((qdir / "quantization_metadata.json").read_text())
-    meta.update({"method": "awq", "license": "mit",
-                 "calibration": {"source": "/data/calib/pile.txt", "sha256": "ab" * 32, "n_samples": 128,
-                                 "seq_len": 512, "seed": 13},
-                 "search_config": {"clip": True}})
+    meta.update(
+        {
+            "method": "awq",
+            "license": "mit",
+            "calibration": {
+                "source": "/data/calib/pile.txt",
+                "sha256": "ab" * 32,
+                "n_samples": 128,
+                "seq_len": 512,
+                "seed": 13,
+            },
+            "search_config": {"clip": True},
+        }
+    )
     odd = "/models/my model: v2"
     text = write_model_card(qdir, base_model=odd, metadata=meta).read_text()
     fm = parse_front_matter(text)
@@ -126,7 +151,7 @@ def test_metadata_argument_and_quoting(qdir: Path) -> None:
 def test_results_table_and_idempotent_update(qdir: Path, results: dict[str, Any]) -> None:
     full = write_model_card(qdir, base_model=BASE, results=results).read_text()
     assert full.count(RESULTS_START) == 1 and full.count(RESULTS_END) == 1
-    block = full[full.index(RESULTS_START): full.index(RESULTS_END)]
+    block = full[full.index(RESULTS_START) : full.index(RESULTS_END)]
     assert "## Evaluation" in full and "retention (1.0 = baseline, ↑)" in block and "| ppl" in block
     assert "top1_agreement" in block and "baseline `src` (fp)" in block and "torch (float32): 14" in block
 

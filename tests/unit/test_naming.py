@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from awqkit.eval.detect import detect_quantization_method
-from awqkit.platform.naming import (
+from awqkit.io.detect import detect_quantization_method
+from awqkit.naming import (
     RunNameError,
     base_model_name,
     make_run_name,
@@ -17,7 +17,7 @@ from awqkit.platform.naming import (
     quant_tag,
     quantized_folder_name,
 )
-from awqkit.platform.spec import resolve_quantization_spec
+from awqkit.spec import resolve_quantization_spec
 
 BASES = ["Qwen3-0.6B", "Meta-Llama-3.1-8B-Instruct", "SmolLM2-135M-Instruct", "gpt2", "Mistral-7B-v0.3"]
 TAGS = ["AWQ_w4_g128_headfp16", "RTN_w3_g64", "RTN_w4_g-1_sym_headfp16", "FP16", None]
@@ -29,7 +29,13 @@ def test_documented_example() -> None:
     assert quantized_folder_name(name) == name + "_quantized"
     p = parse_run_name(name + "_quantized")
     assert (p.base_model, p.dataset, p.method, p.peft, p.quant_tag, p.quantized) == (
-        "Qwen3-0.6B", "openmath", "SFT", "NoPeft", "AWQ_w4_g128_headfp16", True)
+        "Qwen3-0.6B",
+        "openmath",
+        "SFT",
+        "NoPeft",
+        "AWQ_w4_g128_headfp16",
+        True,
+    )
     assert p.run_name == name and p.folder_name == name + "_quantized"
     assert (p.tag.method, p.tag.weights_bits, p.tag.group_size, p.tag.lm_head_dtype) == ("awq", 4, 128, "fp16")
 
@@ -55,26 +61,38 @@ def test_quant_tag_from_spec() -> None:
     assert quant_tag(resolve_quantization_spec("awq", activations_bits=8, kv_cache_bits=8)) == "AWQ_w4_g128_headfp16"
     spec = resolve_quantization_spec("awq", group_size=64)
     assert make_run_name("Qwen3-0.6B", "openmath", "SFT", "NoPeft", spec) == (
-        "Qwen3-0.6B-openmath_SFT_NoPeft_AWQ_w4_g64_headfp16")
+        "Qwen3-0.6B-openmath_SFT_NoPeft_AWQ_w4_g64_headfp16"
+    )
 
 
 def test_parse_quant_tag_fields() -> None:
     t = parse_quant_tag("RTN_w4a8_g-1_sym_kv8_headfp16_extra")
-    assert (t.method, t.weights_bits, t.activations_bits, t.group_size, t.symmetric, t.kv_cache_bits,
-            t.lm_head_dtype, t.other) == ("rtn", 4, 8, -1, True, 8, "fp16", ("extra",))
+    assert (
+        t.method,
+        t.weights_bits,
+        t.activations_bits,
+        t.group_size,
+        t.symmetric,
+        t.kv_cache_bits,
+        t.lm_head_dtype,
+        t.other,
+    ) == ("rtn", 4, 8, -1, True, 8, "fp16", ("extra",))
     assert parse_quant_tag("FP16").weights_bits == 16
 
 
-@pytest.mark.parametrize("bad, match", [
-    ("Qwen3-0.6B", "at least 3 are needed"),
-    ("justaname", "expected"),
-    ("Qwen3_SFT_NoPeft", "must be '{base_model}-{dataset}'"),
-    ("Qwen3-0.6B-_SFT_NoPeft", "dataset=''"),
-    ("Qwen3-0.6B-openmath_S FT_NoPeft", "method='S FT'"),
-    ("Qwen3-0.6B-openmath_SFT__AWQ", "peft=''"),
-    ("Qwen3-0.6B-openmath_SFT_NoPeft_4bit", "quant_tag='4bit'"),
-    ("Qwen3-0.6B-openmath_SFT_NoPeft_AWQ__g128", "quant_tag='AWQ__g128'"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("Qwen3-0.6B", "at least 3 are needed"),
+        ("justaname", "expected"),
+        ("Qwen3_SFT_NoPeft", "must be '{base_model}-{dataset}'"),
+        ("Qwen3-0.6B-_SFT_NoPeft", "dataset=''"),
+        ("Qwen3-0.6B-openmath_S FT_NoPeft", "method='S FT'"),
+        ("Qwen3-0.6B-openmath_SFT__AWQ", "peft=''"),
+        ("Qwen3-0.6B-openmath_SFT_NoPeft_4bit", "quant_tag='4bit'"),
+        ("Qwen3-0.6B-openmath_SFT_NoPeft_AWQ__g128", "quant_tag='AWQ__g128'"),
+    ],
+)
 def test_parse_errors_are_clear(bad: str, match: str) -> None:
     with pytest.raises(RunNameError, match=match) as info:
         parse_run_name(bad)
@@ -110,5 +128,8 @@ def test_agrees_with_detect_folder_name_fallback(tmp_path: Path, base: str, tag:
     detected = detect_quantization_method(folder)
     parsed = parse_run_name(folder.name).tag
     assert detected.source == "folder name"
-    assert (detected.method, detected.bits, detected.group_size) == (parsed.method, parsed.weights_bits,
-                                                                     parsed.group_size)
+    assert (detected.method, detected.bits, detected.group_size) == (
+        parsed.method,
+        parsed.weights_bits,
+        parsed.group_size,
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from awqkit.platform.plan import PlanError, load_plan, plan_from_dict
-from awqkit.platform.spec import QuantMethod
+from awqkit.spec import QuantMethod
 
 RUN = "Qwen3-0.6B-openmath_SFT_NoPeft"
 
@@ -71,8 +71,11 @@ def test_toml_plan(root: Path) -> None:
     assert plan.search.n_grid == 5
     assert [s.method for s in plan.specs] == [QuantMethod.AWQ, QuantMethod.AWQ, QuantMethod.RTN, QuantMethod.NONE]
     names = [c.folder.name for c in plan.cells()]  # fp is never quantized
-    assert names == [f"{RUN}_AWQ_w3_g128_headfp16_quantized", f"{RUN}_AWQ_w4_g128_headfp16_quantized",
-                     f"{RUN}_RTN_w4_g64_sym_headfp16_quantized"]
+    assert names == [
+        f"{RUN}_AWQ_w3_g128_headfp16_quantized",
+        f"{RUN}_AWQ_w4_g128_headfp16_quantized",
+        f"{RUN}_RTN_w4_g64_sym_headfp16_quantized",
+    ]
     assert all(c.folder.parent == root / "runs" for c in plan.cells())
     assert plan.eval.tasks == ("ppl", "kl") and plan.eval.windows is None and plan.eval.text == root / "wiki.txt"
     json.dumps(plan.to_dict())  # JSON-ready
@@ -114,16 +117,19 @@ def test_typos_are_errors_naming_key_and_file(root: Path) -> None:
     assert "devise: unknown key; did you mean 'device'?" in msg
 
 
-@pytest.mark.parametrize(("edit", "expected"), [
-    (("bits = [3, 4]", "bits = [3, 9]"), "weights_bits=9 is not supported"),
-    (("n_samples = 16", 'n_samples = "many"'), "defaults.n_samples: 'many' is not an integer"),
-    (('tasks = "ppl,kl"', 'tasks = "ppl,kll"'), "eval.tasks: unknown task(s) ['kll']"),
-    (('windows = "all"', "windows = 0"), "eval.windows: 0 is not a positive integer or 'all'"),
-    (('text = "wiki.txt"', 'text = "missing.txt"'), "eval.text:"),
-    (('output_dir = "runs"', ""), "output_dir: missing"),
-    (("method = \"fp\"", "method = \"fp\"\ngroup_size = 128"), "specs[2]: method none (float) has no group_size"),
-    (("method = \"rtn\"", "method = \"gptq\""), "specs[1]: quantization method 'gptq' is not known"),
-])
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (("bits = [3, 4]", "bits = [3, 9]"), "weights_bits=9 is not supported"),
+        (("n_samples = 16", 'n_samples = "many"'), "defaults.n_samples: 'many' is not an integer"),
+        (('tasks = "ppl,kl"', 'tasks = "ppl,kll"'), "eval.tasks: unknown task(s) ['kll']"),
+        (('windows = "all"', "windows = 0"), "eval.windows: 0 is not a positive integer or 'all'"),
+        (('text = "wiki.txt"', 'text = "missing.txt"'), "eval.text:"),
+        (('output_dir = "runs"', ""), "output_dir: missing"),
+        (('method = "fp"', 'method = "fp"\ngroup_size = 128'), "specs[2]: method none (float) has no group_size"),
+        (('method = "rtn"', 'method = "gptq"'), "specs[1]: quantization method 'gptq' is not known"),
+    ],
+)
 def test_bad_values(root: Path, edit: tuple[str, str], expected: str) -> None:
     assert edit[0] in PLAN_TOML
     (root / "plan.toml").write_text(PLAN_TOML.replace(*edit))
@@ -151,22 +157,32 @@ def test_duplicate_outputs_and_calibration(root: Path) -> None:
 def test_naming_sources(tmp_path: Path) -> None:
     plain = _model(tmp_path / "plain")
     with pytest.raises(PlanError, match="cannot name .*plain: base_model, dataset, method, peft not found"):
-        plan_from_dict({"output_dir": "o", "models": [{"path": "plain"}], "specs": [{"method": "rtn"}]},
-                       base_dir=tmp_path)
+        plan_from_dict(
+            {"output_dir": "o", "models": [{"path": "plain"}], "specs": [{"method": "rtn"}]}, base_dir=tmp_path
+        )
     # explicit keys name it
-    plan = plan_from_dict({"output_dir": "o", "models": [{"path": "plain", "base_model": "Tiny-1", "dataset": "math",
-                                                          "method": "DPO", "peft": "LoRA"}],
-                           "specs": [{"method": "rtn"}]}, base_dir=tmp_path)
+    plan = plan_from_dict(
+        {
+            "output_dir": "o",
+            "models": [{"path": "plain", "base_model": "Tiny-1", "dataset": "math", "method": "DPO", "peft": "LoRA"}],
+            "specs": [{"method": "rtn"}],
+        },
+        base_dir=tmp_path,
+    )
     assert plan.models[0].run_name == "Tiny-1-math_DPO_LoRA"
     # training_metadata.json keys (hub id shortened), the missing part from its run_name
-    (plain / "training_metadata.json").write_text(json.dumps({"base_model": "org/Tiny-2", "dataset": "code",
-                                                              "run_name": "X-y_SFT_NoPeft"}))
-    plan = plan_from_dict({"output_dir": "o", "models": [{"path": "plain"}], "specs": [{"method": "rtn"}]},
-                          base_dir=tmp_path)
+    (plain / "training_metadata.json").write_text(
+        json.dumps({"base_model": "org/Tiny-2", "dataset": "code", "run_name": "X-y_SFT_NoPeft"})
+    )
+    plan = plan_from_dict(
+        {"output_dir": "o", "models": [{"path": "plain"}], "specs": [{"method": "rtn"}]}, base_dir=tmp_path
+    )
     assert plan.models[0].run_name == "Tiny-2-code_SFT_NoPeft"
     with pytest.raises(PlanError, match="dataset='open-math' is not valid"):
-        plan_from_dict({"output_dir": "o", "models": [{"path": "plain", "dataset": "open-math"}],
-                        "specs": [{"method": "rtn"}]}, base_dir=tmp_path)
+        plan_from_dict(
+            {"output_dir": "o", "models": [{"path": "plain", "dataset": "open-math"}], "specs": [{"method": "rtn"}]},
+            base_dir=tmp_path,
+        )
 
 
 def test_scan(tmp_path: Path) -> None:
@@ -178,20 +194,36 @@ def test_scan(tmp_path: Path) -> None:
     _model(models / "D-4-x_SFT_NoPeft", weights=False)  # config only: skipped
     _model(models / "E-5-draft_SFT_NoPeft")
     _model(models / "runs" / "F-6-x_SFT_NoPeft")  # inside output_dir: skipped
-    plan = plan_from_dict({"output_dir": "models/runs",
-                           "models": [{"scan": "models", "exclude": ["E-*"]},
-                                      {"path": "models/A-1-math_SFT_NoPeft"}],  # found twice: used once
-                           "specs": [{"method": "rtn"}]}, base_dir=tmp_path)
+    plan = plan_from_dict(
+        {
+            "output_dir": "models/runs",
+            "models": [
+                {"scan": "models", "exclude": ["E-*"]},
+                {"path": "models/A-1-math_SFT_NoPeft"},
+            ],  # found twice: used once
+            "specs": [{"method": "rtn"}],
+        },
+        base_dir=tmp_path,
+    )
     assert sorted(m.run_name for m in plan.models) == ["A-1-math_SFT_NoPeft", "B-2-code_DPO_LoRA"]
     with pytest.raises(PlanError, match=r"models\[0\]: \['dataset'\] cannot be set for a scan"):
-        plan_from_dict({"output_dir": "o", "models": [{"scan": "models", "dataset": "x"}],
-                        "specs": [{"method": "rtn"}]}, base_dir=tmp_path)
+        plan_from_dict(
+            {"output_dir": "o", "models": [{"scan": "models", "dataset": "x"}], "specs": [{"method": "rtn"}]},
+            base_dir=tmp_path,
+        )
     with pytest.raises(PlanError, match="is already quantized"):
-        plan_from_dict({"output_dir": "o", "models": [{"path": "models/A-1-math_SFT_NoPeft_AWQ_w4_g128_quantized"}],
-                        "specs": [{"method": "rtn"}]}, base_dir=tmp_path)
+        plan_from_dict(
+            {
+                "output_dir": "o",
+                "models": [{"path": "models/A-1-math_SFT_NoPeft_AWQ_w4_g128_quantized"}],
+                "specs": [{"method": "rtn"}],
+            },
+            base_dir=tmp_path,
+        )
     with pytest.raises(PlanError, match="exactly one of 'path'"):
-        plan_from_dict({"output_dir": "o", "models": [{"path": "a", "scan": "b"}], "specs": [{"method": "rtn"}]},
-                       base_dir=tmp_path)
+        plan_from_dict(
+            {"output_dir": "o", "models": [{"path": "a", "scan": "b"}], "specs": [{"method": "rtn"}]}, base_dir=tmp_path
+        )
 
 
 def test_file_errors(tmp_path: Path) -> None:

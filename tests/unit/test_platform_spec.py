@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from awqkit.config import QuantConfig
-from awqkit.platform.spec import (
+from awqkit.spec import (
     QuantizationSpec,
     QuantMethod,
     resolve_quantization_spec,
@@ -31,7 +31,12 @@ def test_method_aliases_and_unknown() -> None:
 def test_defaults_per_method() -> None:
     awq = resolve_quantization_spec("awq")
     assert (awq.method, awq.weights_bits, awq.group_size, awq.lm_head_dtype, awq.backend) == (
-        QuantMethod.AWQ, 4, 128, "fp16", "auto")
+        QuantMethod.AWQ,
+        4,
+        128,
+        "fp16",
+        "auto",
+    )
     assert awq.activations_bits is None and awq.kv_cache_bits is None and awq.extras == {}
     assert awq.format == "gemm" and awq.unapplied() == []
     rtn = resolve_quantization_spec(QuantMethod.RTN, bits=3, group_size=64)
@@ -41,11 +46,13 @@ def test_defaults_per_method() -> None:
 
 
 def test_to_quant_config() -> None:
-    spec = resolve_quantization_spec("awq", weights_bits=3, group_size=64, zero_point=False,
-                                     modules_to_not_convert=["down_proj"])
+    spec = resolve_quantization_spec(
+        "awq", weights_bits=3, group_size=64, zero_point=False, modules_to_not_convert=["down_proj"]
+    )
     assert spec.extras == {"zero_point": False, "modules_to_not_convert": ["down_proj"]}
-    assert spec.to_quant_config() == QuantConfig(bits=3, group_size=64, zero_point=False,
-                                                 modules_to_not_convert=("down_proj",))
+    assert spec.to_quant_config() == QuantConfig(
+        bits=3, group_size=64, zero_point=False, modules_to_not_convert=("down_proj",)
+    )
     assert spec.unapplied() == []
     assert resolve_quantization_spec("rtn").to_quant_config() == QuantConfig()
     with pytest.raises(ValueError, match="does not quantize"):
@@ -60,14 +67,25 @@ def test_from_quant_config_applies_everything() -> None:
 
 
 def test_unapplied_parts_are_listed_and_warned(caplog: pytest.LogCaptureFixture) -> None:
-    spec = resolve_quantization_spec("awq", activations_bits=8, kv_cache_bits=8, lm_head_dtype="int8",
-                                     backend="pack-quantized", extras={"smoothquant_alpha": 0.5})
-    assert spec.unapplied() == ["activations_bits=8", "kv_cache_bits=8", "lm_head_dtype=int8",
-                                "backend=pack-quantized", "extras.smoothquant_alpha=0.5"]
+    spec = resolve_quantization_spec(
+        "awq",
+        activations_bits=8,
+        kv_cache_bits=8,
+        lm_head_dtype="int8",
+        backend="pack-quantized",
+        extras={"smoothquant_alpha": 0.5},
+    )
+    assert spec.unapplied() == [
+        "activations_bits=8",
+        "kv_cache_bits=8",
+        "lm_head_dtype=int8",
+        "backend=pack-quantized",
+        "extras.smoothquant_alpha=0.5",
+    ]
     # the weights part still converts: what awqkit does is unchanged by the unapplied parts
     assert spec.to_quant_config() == QuantConfig(bits=4, group_size=128)
     assert "planned, not applied: activations_bits=8" in spec.describe()
-    with caplog.at_level(logging.WARNING, logger="awqkit.platform.spec"):
+    with caplog.at_level(logging.WARNING, logger="awqkit.spec"):
         assert warn_unapplied(spec) == spec.unapplied()
     assert "NOT applied" in caplog.text and "kv_cache_bits=8" in caplog.text
     # 16-bit activations / KV cache are float: nothing unapplied, no warning
@@ -95,12 +113,17 @@ def test_invalid_specs_are_clear_errors() -> None:
         resolve_quantization_spec("awq", bits=4, weights_bits=4)
 
 
-@pytest.mark.parametrize("spec", [
-    resolve_quantization_spec("awq"),
-    resolve_quantization_spec("rtn", bits=3, group_size=-1, zero_point=False, modules_to_not_convert=("re:.*o_proj",)),
-    resolve_quantization_spec("awq", activations_bits=8, kv_cache_bits=4, extras={"note": [1, 2]}),
-    resolve_quantization_spec("none"),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        resolve_quantization_spec("awq"),
+        resolve_quantization_spec(
+            "rtn", bits=3, group_size=-1, zero_point=False, modules_to_not_convert=("re:.*o_proj",)
+        ),
+        resolve_quantization_spec("awq", activations_bits=8, kv_cache_bits=4, extras={"note": [1, 2]}),
+        resolve_quantization_spec("none"),
+    ],
+)
 def test_dict_and_metadata_round_trip(spec: QuantizationSpec) -> None:
     d = json.loads(json.dumps(spec.to_dict()))
     assert QuantizationSpec.from_dict(d) == spec
@@ -110,8 +133,13 @@ def test_dict_and_metadata_round_trip(spec: QuantizationSpec) -> None:
 
 
 def test_spec_from_older_metadata_without_spec() -> None:
-    meta = {"method": "awq", "bits": 4, "group_size": 64, "zero_point": False,
-            "quant_config": {"bits": 4, "group_size": 64, "zero_point": False, "modules_to_not_convert": []}}
+    meta = {
+        "method": "awq",
+        "bits": 4,
+        "group_size": 64,
+        "zero_point": False,
+        "quant_config": {"bits": 4, "group_size": 64, "zero_point": False, "modules_to_not_convert": []},
+    }
     spec = spec_from_metadata(meta)
     assert spec == resolve_quantization_spec("awq", group_size=64, zero_point=False)
     assert spec_from_metadata({"format_version": 1}) is None

@@ -63,7 +63,7 @@ def reference(w: np.ndarray, bits: int, group: int, zero_point: bool, kind: str)
     dq = np.zeros((out_f, in_f), np.float32)
     for r in range(out_f):
         for j in range(n):
-            x = w[r, j * g:(j + 1) * g].astype(np.float32)
+            x = w[r, j * g : (j + 1) * g].astype(np.float32)
             if zero_point:
                 span = np.float32(max(np.float32(x.max()) - np.float32(x.min()), np.float32(1e-5)))
                 s_exact = np.float32(span / np.float32(max_int))
@@ -77,8 +77,8 @@ def reference(w: np.ndarray, bits: int, group: int, zero_point: bool, kind: str)
                 z = half
             qq = np.clip(np.round(x / s) + z, 0, max_int).astype(np.int64)
             scales[r, j], exact[r, j], zeros[r, j] = s, s_exact, z
-            q[r, j * g:(j + 1) * g] = qq
-            dq[r, j * g:(j + 1) * g] = (qq - z).astype(np.float32) * s
+            q[r, j * g : (j + 1) * g] = qq
+            dq[r, j * g : (j + 1) * g] = (qq - z).astype(np.float32) * s
     return {"scales": scales, "exact": exact, "zeros": zeros, "q": q, "dq": dq, "g": np.array(g)}
 
 
@@ -96,8 +96,9 @@ def weights(draw: st.DrawFn, out_choices: tuple[int, ...] = (1, 2, 3, 5, 8)) -> 
     w = np.empty((out_f, in_f), np.float32)
     for r in range(out_f):
         for j in range(in_f // g):
-            kind = draw(st.sampled_from(["normal", "constant", "tiny", "positive", "negative", "wide", "zero",
-                                         "outlier"]))
+            kind = draw(
+                st.sampled_from(["normal", "constant", "tiny", "positive", "negative", "wide", "zero", "outlier"])
+            )
             scale = draw(st.sampled_from([1e-3, 0.02, 1.0, 30.0]))
             if kind == "normal":
                 x = rng.normal(0, scale, g)
@@ -116,7 +117,7 @@ def weights(draw: st.DrawFn, out_choices: tuple[int, ...] = (1, 2, 3, 5, 8)) -> 
             else:
                 x = rng.normal(0, 0.02, g)
                 x[rng.integers(g)] = draw(st.sampled_from([-8.0, 5.0, 100.0]))
-            w[r, j * g:(j + 1) * g] = x.astype(np.float32)
+            w[r, j * g : (j + 1) * g] = x.astype(np.float32)
     return w, group
 
 
@@ -173,9 +174,9 @@ def test_error_is_at_most_half_a_step(wg: tuple[np.ndarray, int], bits: int, zer
     above = max_int if zero_point else 2 ** (bits - 1) - 1  # grid steps above zero that the range needs
     for r in range(w.shape[0]):
         for j in range(w.shape[1] // g):
-            x = w[r, j * g:(j + 1) * g].astype(np.float64)
+            x = w[r, j * g : (j + 1) * g].astype(np.float64)
             s, s_exact, z = float(ref["scales"][r, j]), float(ref["exact"][r, j]), int(ref["zeros"][r, j])
-            q, dq = ref["q"][r, j * g:(j + 1) * g], ref["dq"][r, j * g:(j + 1) * g].astype(np.float64)
+            q, dq = ref["q"][r, j * g : (j + 1) * g], ref["dq"][r, j * g : (j + 1) * g].astype(np.float64)
             err = np.abs(x - dq)
             arith = 8 * float(F32_EPS) * max(float(np.abs(x).max()), max_int * s)
             bound = s / 2 + above * abs(s - s_exact) + arith
@@ -221,8 +222,13 @@ def _u32(t: torch.Tensor) -> np.ndarray:
 
 
 @PROPS
-@given(out_f=st.sampled_from([8, 16, 24]), in_f=st.sampled_from([32, 64, 128]), group=st.sampled_from([32, -1]),
-       seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["fp16", "bf16", "fp32"]))
+@given(
+    out_f=st.sampled_from([8, 16, 24]),
+    in_f=st.sampled_from([32, 64, 128]),
+    group=st.sampled_from([32, -1]),
+    seed=st.integers(0, 2**32 - 1),
+    kind=st.sampled_from(["fp16", "bf16", "fp32"]),
+)
 def test_gemm_pack_matches_the_layout_and_round_trips(out_f: int, in_f: int, group: int, seed: int, kind: str) -> None:
     rng = np.random.default_rng(seed)
     n = in_f // (in_f if group == -1 else group)
@@ -242,10 +248,17 @@ def test_gemm_pack_matches_the_layout_and_round_trips(out_f: int, in_f: int, gro
 
 
 @PROPS
-@given(bits=st.integers(2, 8), out_f=st.integers(1, 12), in_f=st.sampled_from([32, 64, 96, 128]),
-       group=st.sampled_from([32, -1]), symmetric=st.booleans(), seed=st.integers(0, 2**32 - 1))
-def test_ct_pack_matches_the_layout_and_round_trips(bits: int, out_f: int, in_f: int, group: int, symmetric: bool,
-                                                    seed: int) -> None:
+@given(
+    bits=st.integers(2, 8),
+    out_f=st.integers(1, 12),
+    in_f=st.sampled_from([32, 64, 96, 128]),
+    group=st.sampled_from([32, -1]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_ct_pack_matches_the_layout_and_round_trips(
+    bits: int, out_f: int, in_f: int, group: int, symmetric: bool, seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     n = in_f // (in_f if group == -1 else group)
     q = rng.integers(0, 2**bits, (out_f, in_f))
@@ -258,8 +271,9 @@ def test_ct_pack_matches_the_layout_and_round_trips(bits: int, out_f: int, in_f:
     else:  # zero points are streamed along the output dim: one stream per group column
         np.testing.assert_array_equal(_u32(packed["weight_zero_point"]).T, _stream_reference(zeros.T, bits))
     assert packed["weight_shape"].tolist() == [out_f, in_f]
-    uq, uz, us = unpack_ct(packed["weight_packed"], packed["weight_scale"], packed["weight_shape"], bits,
-                           packed.get("weight_zero_point"))
+    uq, uz, us = unpack_ct(
+        packed["weight_packed"], packed["weight_scale"], packed["weight_shape"], bits, packed.get("weight_zero_point")
+    )
     np.testing.assert_array_equal(uq.numpy(), q)
     np.testing.assert_array_equal(uz.numpy(), zeros)
     assert torch.equal(us, scales)

@@ -15,10 +15,17 @@ from awqkit.quant import primitives as P
 _linear = random_linear
 
 
-@pytest.mark.parametrize("bits,group_size,zero_point,bias,fmt", [
-    (4, 32, True, True, None), (4, -1, False, False, None), (3, 32, True, True, None),
-    (5, 64, False, True, None), (8, -1, True, False, None), (4, 32, True, True, "pack-quantized"),
-])
+@pytest.mark.parametrize(
+    "bits,group_size,zero_point,bias,fmt",
+    [
+        (4, 32, True, True, None),
+        (4, -1, False, False, None),
+        (3, 32, True, True, None),
+        (5, 64, False, True, None),
+        (8, -1, True, False, None),
+        (4, 32, True, True, "pack-quantized"),
+    ],
+)
 def test_forward_equals_fake_quantized_matmul(bits, group_size, zero_point, bias, fmt):
     lin = _linear(64, 48, bias=bias)
     ql = QuantLinear.from_linear(lin, bits, group_size, zero_point, format=fmt)

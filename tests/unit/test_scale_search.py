@@ -121,8 +121,9 @@ def test_awq_search_beats_rtn_on_salient_channels(mode, bits, seed):
     b0 = lin.bias.detach().clone()
     batches = x.reshape(4, 128, IN)
     scorer = ModuleScorer(lambda b: lin(batches[b]), 4)
-    res = search_scales([lin], scorer, x.abs().mean(0), bits=bits, group_size=GROUP, zero_point=True,
-                        n_grid=10, mode=mode)
+    res = search_scales(
+        [lin], scorer, x.abs().mean(0), bits=bits, group_size=GROUP, zero_point=True, n_grid=10, mode=mode
+    )
     # weights restored exactly (bit for bit) after trying every candidate
     assert torch.equal(lin.weight, w0) and torch.equal(lin.bias, b0)
 
@@ -143,8 +144,9 @@ def test_both_mode_picks_the_better_of_x_and_duo():
     best = {}
     for mode in ("x", "duo", "both"):
         scorer = ModuleScorer(lambda b: lin(batches[b]), 4)
-        best[mode] = search_scales([lin], scorer, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True,
-                                   n_grid=10, mode=mode).loss_best
+        best[mode] = search_scales(
+            [lin], scorer, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10, mode=mode
+        ).loss_best
     assert best["both"] == min(best["x"], best["duo"])
 
 
@@ -158,11 +160,20 @@ def test_search_over_several_linears_respects_quantize_mask():
 
     def forward(b: int) -> torch.Tensor:
         seen_other.append(torch.equal(other.weight, w_other))
-        return torch.cat([lin(x[b * 256:(b + 1) * 256]), other(x[b * 256:(b + 1) * 256])], dim=-1)
+        return torch.cat([lin(x[b * 256 : (b + 1) * 256]), other(x[b * 256 : (b + 1) * 256])], dim=-1)
 
     scorer = ModuleScorer(forward, 2)
-    res = search_scales([lin, other], scorer, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True,
-                        n_grid=5, mode="both", quantize_mask=[True, False])
+    res = search_scales(
+        [lin, other],
+        scorer,
+        x.abs().mean(0),
+        bits=4,
+        group_size=GROUP,
+        zero_point=True,
+        n_grid=5,
+        mode="both",
+        quantize_mask=[True, False],
+    )
     assert all(seen_other)
     assert torch.equal(other.weight, w_other)
     assert res.loss_best < res.loss_identity
@@ -205,8 +216,9 @@ def test_nan_forward_falls_back_to_identity():
     lin, x = _salient_problem(6)
     w0 = lin.weight.detach().clone()
     scorer = ModuleScorer(lambda b: lin(x) * float("nan"), 1)
-    res = search_scales([lin], scorer, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True,
-                        n_grid=5, mode="both")
+    res = search_scales(
+        [lin], scorer, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=5, mode="both"
+    )
     assert res.fallback is True
     assert torch.equal(res.scales, torch.ones(IN))
     assert (res.mode, res.alpha) == ("x", 0.0)
@@ -218,16 +230,18 @@ def test_nan_forward_falls_back_to_identity():
 def test_non_finite_candidates_are_skipped():
     lin, x = _salient_problem(7)
     losses = iter([5.0, float("nan"), float("inf"), 1.0, float("nan")])
-    res = search_scales([lin], lambda: next(losses), x.abs().mean(0), bits=4, group_size=GROUP,
-                        zero_point=True, n_grid=5, mode="x")
+    res = search_scales(
+        [lin], lambda: next(losses), x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=5, mode="x"
+    )
     assert not res.fallback
     assert res.alpha == 0.75 and res.loss_best == 1.0 and res.loss_identity == 5.0
 
 
 def test_ties_keep_the_earliest_candidate_identity():
     lin, x = _salient_problem(8)
-    res = search_scales([lin], lambda: 1.0, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True,
-                        n_grid=5, mode="both")
+    res = search_scales(
+        [lin], lambda: 1.0, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=5, mode="both"
+    )
     assert torch.equal(res.scales, torch.ones(IN)) and res.alpha == 0.0 and not res.fallback
 
 
@@ -242,8 +256,17 @@ def test_tied_heads_search_returns_kv_space_scales_that_are_repeated_per_head():
     kv = x.reshape(512, -1, n_rep, head_dim)[:, :, :1].expand(-1, -1, n_rep, -1).reshape(512, IN).clone()
     w0 = lin.weight.detach().clone()
     scorer = ModuleScorer(lambda b: lin(kv.reshape(4, 128, IN)[b]), 4)
-    res = search_scales([lin], scorer, kv.abs().mean(0), bits=4, group_size=GROUP, zero_point=True,
-                        n_grid=10, mode="x", heads=(head_dim, n_rep))
+    res = search_scales(
+        [lin],
+        scorer,
+        kv.abs().mean(0),
+        bits=4,
+        group_size=GROUP,
+        zero_point=True,
+        n_grid=10,
+        mode="x",
+        heads=(head_dim, n_rep),
+    )
     assert res.scales.shape == (IN // n_rep,)
     assert torch.equal(lin.weight, w0)
     assert res.alpha > 0
@@ -272,12 +295,23 @@ def test_ranked_search_scores_identity_and_top_k_by_rank() -> None:
         calls["score"] += 1
         return score()
 
-    exhaustive = search_scales([lin], score, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10,
-                               mode="both")
+    exhaustive = search_scales(
+        [lin], score, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10, mode="both"
+    )
     assert all(v is not None for v in exhaustive.losses) and exhaustive.proxy_losses == []
     proxy = GroupGramProxy([lin], group_gram(x, GROUP), x.shape[0])
-    ranked = search_scales([lin], counted, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10,
-                           mode="both", rank=proxy, top_k=2)
+    ranked = search_scales(
+        [lin],
+        counted,
+        x.abs().mean(0),
+        bits=4,
+        group_size=GROUP,
+        zero_point=True,
+        n_grid=10,
+        mode="both",
+        rank=proxy,
+        top_k=2,
+    )
     assert calls["score"] == 3  # the identity and the two best by rank
     scored = [i for i, v in enumerate(ranked.losses) if v is not None]
     by_rank = sorted(range(1, len(ranked.proxy_losses)), key=lambda i: (ranked.proxy_losses[i], i))[:2]
@@ -286,12 +320,32 @@ def test_ranked_search_scores_identity_and_top_k_by_rank() -> None:
     # scored candidates get the same exact loss as in the exhaustive search
     assert all(ranked.losses[i] == exhaustive.losses[i] for i in scored)
     # a perfect ranking (the objective itself) with top_k=1 chooses what the exhaustive search chooses
-    perfect = search_scales([lin], score, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10,
-                            mode="both", rank=score, top_k=1)
+    perfect = search_scales(
+        [lin],
+        score,
+        x.abs().mean(0),
+        bits=4,
+        group_size=GROUP,
+        zero_point=True,
+        n_grid=10,
+        mode="both",
+        rank=score,
+        top_k=1,
+    )
     assert perfect.chosen == exhaustive.chosen and torch.equal(perfect.scales, exhaustive.scales)
     with pytest.raises(ValueError, match="top_k"):
-        search_scales([lin], score, x.abs().mean(0), bits=4, group_size=GROUP, zero_point=True, n_grid=10,
-                      mode="both", rank=score, top_k=-1)
+        search_scales(
+            [lin],
+            score,
+            x.abs().mean(0),
+            bits=4,
+            group_size=GROUP,
+            zero_point=True,
+            n_grid=10,
+            mode="both",
+            rank=score,
+            top_k=-1,
+        )
 
 
 def test_group_gram_proxy_is_the_output_mse_without_cross_group_terms() -> None:
@@ -307,8 +361,8 @@ def test_group_gram_proxy_is_the_output_mse_without_cross_group_terms() -> None:
         lin.weight.copy_(fake_quantize(w0, 4, GROUP, True))
     d = (lin.weight - w0).double()
     dx = x.double() @ d.T
-    mse = (dx ** 2).mean().item()
+    mse = (dx**2).mean().item()
     assert full() == pytest.approx(mse, rel=1e-4) and exact() == pytest.approx(mse, rel=1e-4)
     xg, dg = x.double().reshape(-1, IN // GROUP, GROUP), d.reshape(OUT, IN // GROUP, GROUP)
     per_group = torch.einsum("tgk,ogk->tog", xg, dg)  # each group's share of the output error
-    assert blocks() == pytest.approx((per_group ** 2).sum(-1).mean().item(), rel=1e-4)
+    assert blocks() == pytest.approx((per_group**2).sum(-1).mean().item(), rel=1e-4)

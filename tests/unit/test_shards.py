@@ -41,12 +41,16 @@ def _all_dtypes() -> dict[str, torch.Tensor]:
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
-def _write(folder: Path, tensors: dict[str, torch.Tensor], max_bytes: int = 1 << 30, order: list[str] | None = None,
-           **plan_kw) -> list[str]:
+def _write(
+    folder: Path, tensors: dict[str, torch.Tensor], max_bytes: int = 1 << 30, order: list[str] | None = None, **plan_kw
+) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     layout = ShardLayout.plan([TensorSpec.of(k, t) for k, t in tensors.items()], max_bytes, **plan_kw)
     with ShardWriter(folder, layout) as w:
@@ -72,8 +76,8 @@ def test_every_dtype_round_trips_and_equals_the_reference_bytes(tmp_path: Path) 
         assert all(_same_bits(f.get_tensor(k), t) for k, t in tensors.items())
     raw = ours.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    assert n % 8 == 0 and raw[8 + n - 1:8 + n] in (b" ", b"}")
+    header = json.loads(raw[8 : 8 + n])
+    assert n % 8 == 0 and raw[8 + n - 1 : 8 + n] in (b" ", b"}")
     assert header["empty.f32"]["data_offsets"][0] == header["empty.f32"]["data_offsets"][1]
     assert header["scalar.i64"]["shape"] == []
     sizes = {k: torch.empty((), dtype=t.dtype).element_size() for k, t in tensors.items()}
@@ -231,8 +235,15 @@ def test_short_pwrites_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_transformers_loads_a_tiny_llama_written_shard_by_shard(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     sd = {k: v.to(torch.bfloat16) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     cfg.dtype = torch.bfloat16

@@ -43,9 +43,17 @@ def _llama(vocab: int, init: float = 0.02) -> nn.Module:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=vocab, max_position_embeddings=1024, initializer_range=init,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=1024,
+        initializer_range=init,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -119,14 +127,34 @@ def test_encode_pair_rejects_empty_continuation(tok):
 
 
 ARC_ROWS = [
-    {"id": "q1", "question": "What is the capital of France?", "answer": "B",
-     "options": [{"label": "A", "text": "Berlin"}, {"label": "B", "text": "Paris"}, {"label": "C", "text": "Rome"}]},
-    {"id": "q2", "question": "Which animal is quick and brown?", "answer": "A",
-     "options": [{"label": "A", "text": "the fox"}, {"label": "B", "text": "a lazy dog"},
-                 {"label": "C", "text": "hello world"}, {"label": "D", "text": "zero point"}]},
-    {"id": "q3", "question": "What maps float weights to integers?", "answer": "D",
-     "options": [{"label": "A", "text": "prompt"}, {"label": "B", "text": "response"},
-                 {"label": "C", "text": "system"}, {"label": "D", "text": "Quantization with a scale"}]},
+    {
+        "id": "q1",
+        "question": "What is the capital of France?",
+        "answer": "B",
+        "options": [{"label": "A", "text": "Berlin"}, {"label": "B", "text": "Paris"}, {"label": "C", "text": "Rome"}],
+    },
+    {
+        "id": "q2",
+        "question": "Which animal is quick and brown?",
+        "answer": "A",
+        "options": [
+            {"label": "A", "text": "the fox"},
+            {"label": "B", "text": "a lazy dog"},
+            {"label": "C", "text": "hello world"},
+            {"label": "D", "text": "zero point"},
+        ],
+    },
+    {
+        "id": "q3",
+        "question": "What maps float weights to integers?",
+        "answer": "D",
+        "options": [
+            {"label": "A", "text": "prompt"},
+            {"label": "B", "text": "response"},
+            {"label": "C", "text": "system"},
+            {"label": "D", "text": "Quantization with a scale"},
+        ],
+    },
 ]
 
 
@@ -273,12 +301,27 @@ def test_squad_scores_aggregate():
 
 
 def _squad_file(tmp_path: Path, n: int = 10) -> Path:
-    qas = [{"id": f"q{i}", "question": f"question {i}?",
+    qas = [
+        {
+            "id": f"q{i}",
+            "question": f"question {i}?",
             "answers": [] if i % 3 == 2 else [{"text": f"answer {i}", "answer_start": 0}],
-            "is_impossible": i % 3 == 2} for i in range(n)]
-    data = {"version": "v2.0", "data": [
-        {"title": "t", "paragraphs": [{"context": "hello world, the quick brown fox.", "qas": qas[: n // 2]},
-                                      {"context": "What is the capital of France?", "qas": qas[n // 2 :]}]}]}
+            "is_impossible": i % 3 == 2,
+        }
+        for i in range(n)
+    ]
+    data = {
+        "version": "v2.0",
+        "data": [
+            {
+                "title": "t",
+                "paragraphs": [
+                    {"context": "hello world, the quick brown fox.", "qas": qas[: n // 2]},
+                    {"context": "What is the capital of France?", "qas": qas[n // 2 :]},
+                ],
+            }
+        ],
+    }
     path = tmp_path / "dev.json"
     path.write_text(json.dumps(data))
     return path
@@ -368,8 +411,10 @@ def test_gold_and_parse_number():
         gold_answer("just 5")
 
 
-GSM_ROWS = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
-            for i in range(1, 7)]
+GSM_ROWS = [
+    {"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+    for i in range(1, 7)
+]
 
 
 def test_load_gsm8k_excludes_exemplars(tmp_path):
@@ -386,8 +431,7 @@ def test_load_gsm8k_excludes_exemplars(tmp_path):
 def test_gsm8k_prompts(tok):
     ex = GSM_ROWS[:1]
     few = gsm8k_prompt(tok, "What is 9 plus 9?", ex, use_chat_template=False)
-    assert few == (f"Question: {ex[0]['question']}\nAnswer: {ex[0]['answer']}\n\n"
-                   "Question: What is 9 plus 9?\nAnswer:")
+    assert few == (f"Question: {ex[0]['question']}\nAnswer: {ex[0]['answer']}\n\nQuestion: What is 9 plus 9?\nAnswer:")
     zero = gsm8k_prompt(tok, "What is 9 plus 9?", [], use_chat_template=True)
     assert zero.startswith("<s><|user|>\n") and "####" in zero and zero.endswith("<|assistant|>\n")
     multi = gsm8k_prompt(tok, "What is 9 plus 9?", ex, use_chat_template=True)
@@ -404,8 +448,7 @@ def test_evaluate_gsm8k_scoring_via_fake_generate(tmp_path, tok, monkeypatch):
         return [next(answers) for _ in prompts]
 
     monkeypatch.setattr(gsm8k_mod, "generate", fake_generate)
-    r = evaluate_gsm8k(nn.Identity(), tok, path=path, num_fewshot=2, limit=4, progress=False,
-                       return_predictions=True)
+    r = evaluate_gsm8k(nn.Identity(), tok, path=path, num_fewshot=2, limit=4, progress=False, return_predictions=True)
     # items are rows 3..6 with golds 6, 8, 10, 12
     assert (r["em"], r["n"], r["n_no_number"], r["chat_template"]) == (0.5, 4, 1, False)
     assert [p["gold"] for p in r["predictions"]] == ["6", "8", "10", "12"]

@@ -70,20 +70,27 @@ def search_clip(
     g = resolve_group_size(in_f, group_size)
     n_groups = in_f // g
     if gram.shape != (n_groups, g, g) or not n_tokens:
-        raise ValueError(f"search_clip: w {tuple(w.shape)} and gram {tuple(gram.shape)} (n_tokens={n_tokens}) "
-                         f"do not fit ([out, in], [in/g, g, g] with g={group_size})")
+        raise ValueError(
+            f"search_clip: w {tuple(w.shape)} and gram {tuple(gram.shape)} (n_tokens={n_tokens}) "
+            f"do not fit ([out, in], [in/g, g, g] with g={group_size})"
+        )
     cg = gram.to(w.device, torch.float32)
     ratios = [1 - i / n_grid for i in range(int(max_shrink * n_grid) + 1)]
     mins, maxs, before, after, chosen = [], [], 0.0, 0.0, 0.0
     for start in range(0, out_f, rows_per_chunk):
-        wc = w[start:start + rows_per_chunk].float()
+        wc = w[start : start + rows_per_chunk].float()
         rows = wc.shape[0]
         wg = wc.reshape(rows, n_groups, g)
         org_min, org_max = wg.amin(dim=-1), wg.amax(dim=-1)  # [r, G]
 
         def error(lo: Tensor, hi: Tensor, wg: Tensor = wg, rows: int = rows) -> Tensor:
-            wq = fake_quantize(torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(rows, in_f),
-                               bits, group_size, zero_point, inplace=True).reshape(rows, n_groups, g)
+            wq = fake_quantize(
+                torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(rows, in_f),
+                bits,
+                group_size,
+                zero_point,
+                inplace=True,
+            ).reshape(rows, n_groups, g)
             d = (wq - wg).transpose(0, 1)  # [G, r, g]
             return (torch.bmm(d, cg) * d).sum(-1).T.clamp(min=0) / n_tokens  # [r, G]
 

@@ -44,8 +44,9 @@ def reduce_heads(x: Tensor, head_dim: int, n_rep: int) -> Tensor:
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor, norm_offset: float = 0.0,
-                heads: tuple[int, int] | None = None) -> None:
+def fold_scales(
+    prev: nn.Module, linears: list[nn.Linear], s: Tensor, norm_offset: float = 0.0, heads: tuple[int, int] | None = None
+) -> None:
     """Divide ``prev``'s output channels by ``s`` and multiply the input columns of ``linears`` by ``s``.
 
     Args:

@@ -93,8 +93,9 @@ class AWQResults:
         doc = json.loads((folder / RESULTS_JSON).read_text())
         t = load_file(str(folder / RESULTS_TENSORS))
         scales = [ScaleEntry(scales=t[f"scale.{i}"], **e) for i, e in enumerate(doc["scales"])]
-        clips = [ClipEntry(min_val=t[f"clip_min.{j}"], max_val=t[f"clip_max.{j}"], **c)
-                 for j, c in enumerate(doc["clips"])]
+        clips = [
+            ClipEntry(min_val=t[f"clip_min.{j}"], max_val=t[f"clip_max.{j}"], **c) for j, c in enumerate(doc["clips"])
+        ]
         return cls(doc["norm_offset"], scales, clips, doc.get("layer_seconds", []), doc.get("info", {}))
 
     def summary(self) -> dict[str, Any]:
@@ -104,13 +105,26 @@ class AWQResults:
         """Per-mapping and per-layer statistics for metadata and reports (no tensors)."""
         return {
             "mappings": [
-                {"layer": e.layer, "prev": e.prev, "linears": e.linears, "mode": e.mode, "alpha": round(e.alpha, 4),
-                 "loss_rtn": e.loss_identity, "loss_awq": e.loss_best, "fallback": e.fallback}
+                {
+                    "layer": e.layer,
+                    "prev": e.prev,
+                    "linears": e.linears,
+                    "mode": e.mode,
+                    "alpha": round(e.alpha, 4),
+                    "loss_rtn": e.loss_identity,
+                    "loss_awq": e.loss_best,
+                    "fallback": e.fallback,
+                }
                 for e in self.scales
             ],
             "clips": [
-                {"layer": c.layer, "name": c.name, "mean_ratio": round(c.mean_ratio, 4),
-                 "err_before": c.err_before, "err_after": c.err_after}
+                {
+                    "layer": c.layer,
+                    "name": c.name,
+                    "mean_ratio": round(c.mean_ratio, 4),
+                    "err_before": c.err_before,
+                    "err_after": c.err_after,
+                }
                 for c in self.clips
             ],
             "layer_seconds": [round(s, 3) for s in self.layer_seconds],
@@ -132,8 +146,13 @@ def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> No
         mod.float()
     for e in results.scales:
         if e.layer == layer:
-            fold_scales(model.get_submodule(e.prev), [model.get_submodule(n) for n in e.linears],
-                        e.scales, results.norm_offset, tuple(e.heads) if e.heads else None)
+            fold_scales(
+                model.get_submodule(e.prev),
+                [model.get_submodule(n) for n in e.linears],
+                e.scales,
+                results.norm_offset,
+                tuple(e.heads) if e.heads else None,
+            )
     for c in results.clips:
         if c.layer == layer:
             apply_clip(model.get_submodule(c.name), c.min_val, c.max_val)

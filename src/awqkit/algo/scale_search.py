@@ -109,8 +109,12 @@ class ModuleScorer:
     holds a share of the batches: the squared errors and element counts are then totals over all ranks.
     """
 
-    def __init__(self, forward: Callable[[int], Tensor], n_batches: int,
-                 reduce: Callable[[list[float]], list[float]] | None = None) -> None:
+    def __init__(
+        self,
+        forward: Callable[[int], Tensor],
+        n_batches: int,
+        reduce: Callable[[list[float]], list[float]] | None = None,
+    ) -> None:
         self.forward = forward
         self.n_batches = n_batches
         self.reduce = reduce
@@ -175,8 +179,9 @@ class GroupGramProxy:
 
     def __init__(self, linears: Sequence[nn.Linear], blocks: Tensor, n_tokens: int) -> None:
         if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2] or n_tokens < 1:
-            raise ValueError(f"GroupGramProxy: blocks {tuple(blocks.shape)} must be [in/g, g, g] and n_tokens "
-                             f"({n_tokens}) >= 1")
+            raise ValueError(
+                f"GroupGramProxy: blocks {tuple(blocks.shape)} must be [in/g, g, g] and n_tokens ({n_tokens}) >= 1"
+            )
         self.linears = list(linears)
         self.originals = [lin.weight.detach().float().clone() for lin in self.linears]
         self.blocks = blocks.float()
@@ -192,8 +197,15 @@ class GroupGramProxy:
         return total / self.denominator
 
 
-def _set_candidate(linears: Sequence[nn.Linear], originals: Sequence[Tensor], mask: Sequence[bool], s: Tensor,
-                   bits: int, group_size: int, zero_point: bool) -> None:
+def _set_candidate(
+    linears: Sequence[nn.Linear],
+    originals: Sequence[Tensor],
+    mask: Sequence[bool],
+    s: Tensor,
+    bits: int,
+    group_size: int,
+    zero_point: bool,
+) -> None:
     """Every quantized linear's weight := Q(W · diag(s)) · diag(s)⁻¹ (the others keep their weights)."""
     for lin, orig, quant in zip(linears, originals, mask, strict=True):
         if quant:
@@ -266,9 +278,27 @@ def search_scales(
     finite = [i for i in to_score if math.isfinite(losses[i])]  # type: ignore[arg-type]
     if not finite:
         logger.warning("scale search: no candidate gave a finite loss; using identity scales")
-        return ScaleSearchResult(torch.ones_like(x_mean.float()), "x", 0.0, loss_identity, loss_identity,
-                                 len(candidates), fallback=True, losses=losses, proxy_losses=proxy)
+        return ScaleSearchResult(
+            torch.ones_like(x_mean.float()),
+            "x",
+            0.0,
+            loss_identity,
+            loss_identity,
+            len(candidates),
+            fallback=True,
+            losses=losses,
+            proxy_losses=proxy,
+        )
     best = min(finite, key=lambda i: (losses[i], i))
     cand = candidates[best]
-    return ScaleSearchResult(cand.scales.detach().cpu().clone(), cand.mode, cand.alpha, loss_identity,
-                             losses[best], len(candidates), losses=losses, proxy_losses=proxy, chosen=best)
+    return ScaleSearchResult(
+        cand.scales.detach().cpu().clone(),
+        cand.mode,
+        cand.alpha,
+        loss_identity,
+        losses[best],
+        len(candidates),
+        losses=losses,
+        proxy_losses=proxy,
+        chosen=best,
+    )

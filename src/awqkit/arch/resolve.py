@@ -82,8 +82,9 @@ def _tied_heads(layer: nn.Module, m: Mapping, prev_out: int, in_features: int, l
     return head_dim, in_features // prev_out
 
 
-def resolve_mappings(layer: nn.Module, spec: ArchSpec, layer_index: int, *,
-                     tie_heads: bool = False) -> list[ResolvedMapping]:
+def resolve_mappings(
+    layer: nn.Module, spec: ArchSpec, layer_index: int, *, tie_heads: bool = False
+) -> list[ResolvedMapping]:
     """Bind every mapping of ``spec`` to ``layer``.
 
     Mappings whose shapes do not match are skipped, unless ``tie_heads`` is on and the mapping names a
@@ -107,7 +108,10 @@ def resolve_mappings(layer: nn.Module, spec: ArchSpec, layer_index: int, *,
                 if layer_index == 0:
                     logger.info(
                         "skipping mapping %s -> %s: output size %d != input size %d (grouped-query attention)",
-                        m.prev, list(m.linears), prev_out, linears[0].in_features,
+                        m.prev,
+                        list(m.linears),
+                        prev_out,
+                        linears[0].in_features,
                     )
                 continue
         out.append(ResolvedMapping(m, prev, linears, get_submodule(layer, m.inspect)))

@@ -99,8 +99,13 @@ class ArchSpec:
     norm_offset: float = 0.0
     not_convert: tuple[str, ...] = (r"lm_head",)
     decode: DecodeSpec | None = None
-    config_fields: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                      "num_attention_heads", "vocab_size")
+    config_fields: tuple[str, ...] = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+    )
 
 
 # Llama-style decoder layer: input_layernorm → attention; post_attention_layernorm → gated MLP.
@@ -108,8 +113,14 @@ class ArchSpec:
 # under grouped-query attention (see Mapping.tie_heads).
 _LLAMA_MAPPINGS = (
     Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "linear", require_shapes_match=True,
-            tie_heads="self_attn"),
+    Mapping(
+        "self_attn.v_proj",
+        ("self_attn.o_proj",),
+        "self_attn.o_proj",
+        "linear",
+        require_shapes_match=True,
+        tie_heads="self_attn",
+    ),
     Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "tokens"),
     Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "linear"),
 )
@@ -119,8 +130,14 @@ _LLAMA_MAPPINGS = (
 # q_norm/k_norm act per head on q/k outputs, so scaling q/k/v inputs stays exact.
 _GEMMA3_MAPPINGS = (
     Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "linear", require_shapes_match=True,
-            tie_heads="self_attn"),
+    Mapping(
+        "self_attn.v_proj",
+        ("self_attn.o_proj",),
+        "self_attn.o_proj",
+        "linear",
+        require_shapes_match=True,
+        tie_heads="self_attn",
+    ),
     Mapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "tokens"),
     Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "linear"),
 )

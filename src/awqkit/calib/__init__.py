@@ -11,8 +11,9 @@ import torch
 
 from awqkit.calib.blocks import build_blocks, separator_ids, tokenize_samples
 from awqkit.calib.selfgen import self_generate
-from awqkit.calib.sources import ACCEPTED_KINDS, PAIR_COLUMNS, read_samples, text_file_hash
+from awqkit.calib.sources import ACCEPTED_KINDS, PAIR_COLUMNS, read_samples
 from awqkit.config import CalibConfig
+from awqkit.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +41,27 @@ def load_calibration(
     """
     if isinstance(source, str) and source == SELF_SOURCE:
         if model is None:
-            raise ValueError('calibration source "self" (data-free) samples from the model, but no model was '
-                             "given; pass model=... or use a calibration file")
+            raise ValueError(
+                'calibration source "self" (data-free) samples from the model, but no model was '
+                "given; pass model=... or use a calibration file"
+            )
         if device is None:
             device = model.get_input_embeddings().weight.device
             if device.type == "meta":
                 device = torch.device("cpu")
-        logger.info("Calibration source: self-generated (%d x %d tokens, seed %d)",
-                    cfg.n_samples, cfg.seq_len, cfg.seed)
-        return self_generate(model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed,
-                             batch_size=batch_size, device=device)
+        logger.info(
+            "Calibration source: self-generated (%d x %d tokens, seed %d)", cfg.n_samples, cfg.seq_len, cfg.seed
+        )
+        return self_generate(
+            model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, batch_size=batch_size, device=device
+        )
 
     path = Path(source).expanduser()
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise ValueError(f"calibration source {str(path)!r} {what}; expected {ACCEPTED_KINDS}")
     samples = read_samples(path, tokenizer, cfg)
-    logger.info("Calibration source: %s (%d samples, sha256 %s)", path, len(samples), text_file_hash(path)[:12])
+    logger.info("Calibration source: %s (%d samples, sha256 %s)", path, len(samples), sha256_file(path)[:12])
     return build_blocks(samples, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed)
 
 
@@ -69,6 +74,5 @@ __all__ = [
     "read_samples",
     "self_generate",
     "separator_ids",
-    "text_file_hash",
     "tokenize_samples",
 ]

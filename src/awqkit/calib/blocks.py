@@ -26,9 +26,8 @@ def tokenize_samples(samples: list[str], tokenizer: Any) -> list[list[int]]:
     """Token ids of each sample, without added special tokens (chat templates already carry theirs)."""
     out: list[list[int]] = []
     chunks = range(0, len(samples), _TOKENIZE_CHUNK)
-    for start in tqdm(chunks, desc="tokenizing calibration data", unit="chunk", leave=False,
-                      disable=len(chunks) < 4):
-        batch = samples[start:start + _TOKENIZE_CHUNK]
+    for start in tqdm(chunks, desc="tokenizing calibration data", unit="chunk", leave=False, disable=len(chunks) < 4):
+        batch = samples[start : start + _TOKENIZE_CHUNK]
         # verbose=False: long samples are fine here, they are cut into blocks afterwards.
         enc = tokenizer(batch, add_special_tokens=False, verbose=False)
         out.extend([int(t) for t in ids] for ids in enc["input_ids"])
@@ -78,12 +77,21 @@ def build_blocks(samples: list[str], tokenizer: Any, n_samples: int, seq_len: in
             logger.warning(
                 "The calibration source has %d tokens: only %d blocks of %d tokens instead of the %d "
                 "requested; calibrating on %d blocks (add data or lower --n-samples/--seq-len)",
-                total, n_blocks, seq_len, n_samples, n_blocks,
+                total,
+                n_blocks,
+                seq_len,
+                n_samples,
+                n_blocks,
             )
     flat = torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
     blocks = flat[torch.tensor(picked, dtype=torch.long)].contiguous()
     logger.info(
         "Calibration: %d samples -> %d tokens -> %d blocks of %d; using %d blocks (%d tokens)",
-        len(samples), total, n_blocks, seq_len, blocks.shape[0], blocks.numel(),
+        len(samples),
+        total,
+        n_blocks,
+        seq_len,
+        blocks.shape[0],
+        blocks.numel(),
     )
     return blocks

@@ -65,14 +65,17 @@ def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, input_ids: Tensor, batch_size: int,
+    model: nn.Module,
+    layers: nn.ModuleList,
+    input_ids: Tensor,
+    batch_size: int,
     select: Sequence[int] | None = None,
 ) -> LayerInputs:
     """Record layer-0 inputs and per-layer kwargs for ``input_ids`` ``[N, L]`` cut in batches of ``batch_size``
     blocks; only the batches whose indices are in ``select`` (default all), in that order."""
     backbone = model.base_model
     device = model.get_input_embeddings().weight.device
-    batches = [input_ids[i:i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
+    batches = [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
     if select is not None:
         batches = [batches[b] for b in select]
     kwargs: dict[int, dict[int, dict[str, Any]]] = {i: {} for i in range(len(layers))}
@@ -85,6 +88,7 @@ def capture_layer_inputs(
                 hidden.append(h.detach().float())
             kwargs[idx].setdefault(h.shape[0], map_tensors(_clean(kw), lambda t: t.detach()))
             return h
+
         return forward
 
     for idx, layer in enumerate(layers):

@@ -56,8 +56,10 @@ def _check_device(model: Any, device: torch.device) -> None:
         return  # offloaded (accelerate hooks move the inputs)
     same = weight.device.type == device.type and (device.index is None or weight.device.index == device.index)
     if not same:
-        raise ValueError(f"self_generate: the model's embeddings are on {weight.device} but device={device}; "
-                         f"move the model with model.to({str(device)!r}) or pass device={str(weight.device)!r}")
+        raise ValueError(
+            f"self_generate: the model's embeddings are on {weight.device} but device={device}; "
+            f"move the model with model.to({str(device)!r}) or pass device={str(weight.device)!r}"
+        )
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> torch.Tensor:
@@ -126,16 +128,17 @@ def self_generate(
                 bar.update(b)
                 cache = None
                 for t in range(1, seq_len):
-                    step_in = ids[:, :t] if cache is None else ids[:, t - 1:t]
+                    step_in = ids[:, :t] if cache is None else ids[:, t - 1 : t]
                     res = model(input_ids=step_in, use_cache=True, **{cache_kw: cache})
                     cache = _output_cache(res)
                     logits = res.logits[:, -1, :vocab].float()
-                    ids[:, t:t + 1] = _sample(logits, temperature, top_k, gen)
+                    ids[:, t : t + 1] = _sample(logits, temperature, top_k, gen)
                     bar.update(b)
-                out[start:start + b] = ids.cpu()
+                out[start : start + b] = ids.cpu()
         finally:
             bar.close()
             model.train(was_training)
-    logger.info("Self-generated %d calibration blocks of %d tokens (%d tokens, seed %d)",
-                n_samples, seq_len, out.numel(), seed)
+    logger.info(
+        "Self-generated %d calibration blocks of %d tokens (%d tokens, seed %d)", n_samples, seq_len, out.numel(), seed
+    )
     return out

@@ -18,7 +18,6 @@ optional ``input`` column), ``text`` (used raw), and lastly a prompt column alon
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import sys
@@ -33,9 +32,9 @@ logger = logging.getLogger(__name__)
 JSON_SUFFIXES = (".jsonl", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 ACCEPTED_KINDS = (
-    "a text file with one prompt per line, a JSONL/JSON file of rows ({\"text\": ...}, "
-    "{\"messages\": [...]}, question/answer, instruction/output, prompt/response, ...), "
-    "a CSV/TSV file with such columns, or \"self\" for data-free calibration"
+    'a text file with one prompt per line, a JSONL/JSON file of rows ({"text": ...}, '
+    '{"messages": [...]}, question/answer, instruction/output, prompt/response, ...), '
+    'a CSV/TSV file with such columns, or "self" for data-free calibration'
 )
 #: (prompt, response) column names tried, in order, when no column is configured.
 PAIR_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -49,17 +48,7 @@ MESSAGES_COLUMN = "messages"
 TEXT_COLUMN = "text"
 INSTRUCTION_INPUT_COLUMN = "input"
 _COLUMN_FLAGS = "--prompt-column/--response-column, --messages-column or --text-column"
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system"}
-
-
-def text_file_hash(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes (recorded in the quantization metadata)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def read_samples(path: str | Path, tokenizer: Any, cfg: CalibConfig) -> list[str]:
@@ -71,8 +60,7 @@ def read_samples(path: str | Path, tokenizer: Any, cfg: CalibConfig) -> list[str
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"calibration file {str(path)!r} does not exist or is not a file; expected "
-                         f"{ACCEPTED_KINDS}")
+        raise ValueError(f"calibration file {str(path)!r} does not exist or is not a file; expected {ACCEPTED_KINDS}")
     suffix = path.suffix.lower()
     if suffix in CSV_SUFFIXES:
         rows: list[Any] = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
@@ -149,8 +137,10 @@ def _read_json(path: Path) -> list[Any]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line "
-                             "(JSONL) or a single JSON array") from e
+            raise ValueError(
+                f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line "
+                "(JSONL) or a single JSON array"
+            ) from e
     return rows
 
 
@@ -192,18 +182,25 @@ def _resolve(name: str, columns: dict[str, str], what: str, path: Path) -> str:
         return name
     if name.lower() in columns:
         return columns[name.lower()]
-    raise ValueError(f"{path}: {what}={name!r} is not a column of the file; columns found: "
-                     f"{sorted(columns.values())}")
+    raise ValueError(f"{path}: {what}={name!r} is not a column of the file; columns found: {sorted(columns.values())}")
 
 
 def _detect_layout(columns: dict[str, str], cfg: CalibConfig, path: Path) -> _Layout:
     """Choose the columns from the config, else by the usual names. ``columns``: lower -> actual."""
     chosen = {k: getattr(cfg, k) for k in ("prompt_column", "response_column", "messages_column", "text_column")}
-    n_kinds = sum(x is not None for x in (chosen["prompt_column"] or chosen["response_column"],
-                                          chosen["messages_column"], chosen["text_column"]))
+    n_kinds = sum(
+        x is not None
+        for x in (
+            chosen["prompt_column"] or chosen["response_column"],
+            chosen["messages_column"],
+            chosen["text_column"],
+        )
+    )
     if n_kinds > 1:
-        raise ValueError(f"{path}: set only one of prompt/response columns, messages_column or text_column; "
-                         f"got {({k: v for k, v in chosen.items() if v is not None})}")
+        raise ValueError(
+            f"{path}: set only one of prompt/response columns, messages_column or text_column; "
+            f"got { ({k: v for k, v in chosen.items() if v is not None}) }"
+        )
     if chosen["messages_column"] is not None:
         return _Layout("messages", _resolve(chosen["messages_column"], columns, "messages_column", path))
     if chosen["text_column"] is not None:
@@ -261,8 +258,9 @@ def _messages(value: Any, path: Path, index: int) -> list[dict[str, Any]] | None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: row {index}: the messages cell is not a JSON list ({e.msg})") from e
     if not isinstance(value, list):
-        raise ValueError(f"{path}: row {index}: messages must be a list of {{role, content}}, "
-                         f"got {type(value).__name__}")
+        raise ValueError(
+            f"{path}: row {index}: messages must be a list of {{role, content}}, got {type(value).__name__}"
+        )
     out = []
     for m in value:
         if isinstance(m, dict) and "role" not in m and "from" in m and "value" in m:
@@ -281,8 +279,9 @@ class _Renderer:
         self.path = path
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         if not self.has_template:
-            logger.warning("The tokenizer has no chat template; rendering %s rows as plain "
-                           "'prompt\\n\\nresponse' text", path)
+            logger.warning(
+                "The tokenizer has no chat template; rendering %s rows as plain 'prompt\\n\\nresponse' text", path
+            )
 
     def render(self, messages: list[dict[str, Any]], index: int) -> str:
         add_generation_prompt = messages[-1].get("role") != "assistant"
@@ -307,8 +306,10 @@ def _render_rows(rows: list[Any], path: Path, tokenizer: Any, cfg: CalibConfig) 
     """Render JSON/CSV rows to sample strings according to the detected or configured columns."""
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise ValueError(f"{path}: row {bad} is a {type(rows[bad]).__name__}; expected every row to be an "
-                         "object with named columns (or every row to be a string)")
+        raise ValueError(
+            f"{path}: row {bad} is a {type(rows[bad]).__name__}; expected every row to be an "
+            "object with named columns (or every row to be a string)"
+        )
     columns: dict[str, str] = {}
     for row in rows:
         for key in row:

@@ -40,9 +40,16 @@ class LayerStats:
     ("tokens"), or the Gram matrix of its linear's input over every token ("linear").
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], mappings: list, tokens_per_batch: int,
-                 clip_groups: dict[str, int], clip_tokens: int, proxy_groups: dict[str, int] | None = None,
-                 linear_tokens: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        linears: dict[str, nn.Linear],
+        mappings: list,
+        tokens_per_batch: int,
+        clip_groups: dict[str, int],
+        clip_tokens: int,
+        proxy_groups: dict[str, int] | None = None,
+        linear_tokens: set[str] | None = None,
+    ) -> None:
         self.abs_sum = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
         self.count = dict.fromkeys(linears, 0)
         # the shared input of each ranked mapping ({linear name: group size}): its diagonal Gram blocks over
@@ -108,6 +115,7 @@ class LayerStats:
             elif self.caching and name in self.clip_x:
                 self.clip_x[name].append(sample_tokens(x, self.clip_tokens).cpu())
                 self.clip_batches[name].append(self.batch)
+
         return hook
 
     def _blocks(self, x: Tensor, flat: Tensor, g: int) -> Tensor:
@@ -128,6 +136,7 @@ class LayerStats:
             elif self.caching:
                 self.inputs[idx].append(map_tensors((args, kwargs), lambda t: t.detach()))
                 self.input_batches[idx].append(self.batch)
+
         return hook
 
     def finish(self, parallel: DataParallel = SINGLE, device: torch.device | str = "cpu") -> None:
@@ -149,7 +158,7 @@ class LayerStats:
                 self.clip_gram[name] = group_gram(self.tokens[name][0], g)
             elif name in self.gram:
                 full = self.gram[name]
-                self.clip_gram[name] = torch.stack([full[i:i + g, i:i + g] for i in range(0, full.shape[0], g)])
+                self.clip_gram[name] = torch.stack([full[i : i + g, i : i + g] for i in range(0, full.shape[0], g)])
         for k, items in self.inputs.items():
             if self._tokenwise.get(k) and items:
                 x = torch.cat([a[0] for a, _ in items], dim=1)
@@ -169,8 +178,7 @@ class LayerStats:
             self.token_batches[n], self.tokens[n] = par.gather_in_batch_order(self.token_batches[n], self.tokens[n])
         for k in sorted(self.inputs):
             if self._tokenwise.get(k):
-                self.input_batches[k], self.inputs[k] = par.gather_in_batch_order(self.input_batches[k],
-                                                                                  self.inputs[k])
+                self.input_batches[k], self.inputs[k] = par.gather_in_batch_order(self.input_batches[k], self.inputs[k])
 
     def x_mean(self, name: str) -> Tensor:
         return (self.abs_sum[name] / max(self.count[name], 1)).float()

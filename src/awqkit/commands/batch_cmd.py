@@ -42,8 +42,11 @@ def cmd_batch(a: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add the ``batch`` subcommand to ``subparsers``."""
     p = subparsers.add_parser(
-        "batch", help="quantize many models with one or more specs from a plan file (resumable)",
-        description=__doc__.splitlines()[0], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "batch",
+        help="quantize many models with one or more specs from a plan file (resumable)",
+        description=__doc__.splitlines()[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_plan_arguments(p)
     p.set_defaults(func=cmd_batch)

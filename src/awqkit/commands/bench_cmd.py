@@ -3,7 +3,7 @@
 Prefill latency, decode tokens/s per batch size, peak RSS (and VRAM on cuda), weight bytes on disk and in
 memory, and weight bytes read per decoded token with the implied memory bandwidth, for MODEL (every
 ``--backend`` listed when it is quantized) and its dense ``--baseline`` (every ``--baseline-dtype``), each
-mode in its own subprocess. Methods: :mod:`awqkit.eval.bench`. Speeds on a busy machine are noisy.
+mode in its own subprocess. Methods: :mod:`awqkit.bench.modes`. Speeds on a busy machine are noisy.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any
+
+from awqkit.config import BenchConfig
+
+B = BenchConfig()  # the defaults the options show
 
 _EPILOG = """\
 Each mode runs in a fresh Python process (so its peak RSS is its own): --warmup untimed runs, then
@@ -53,19 +57,27 @@ def _str_list(text: str) -> list[str]:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     """Measure, print the table, write ``--json`` / ``--png``."""
-    from awqkit.eval.bench import BenchSettings, build_specs, run_modes
-    from awqkit.eval.bench_report import decode_ratio, format_table, plot_png, write_json
+    from awqkit.bench.modes import BenchConfig, build_specs, run_modes
+    from awqkit.bench.report import decode_ratio, format_table, plot_png, write_json
     from awqkit.preflight import check_device
 
     if a.llama_cpp is not None and not Path(a.llama_cpp).is_file():
         raise FileNotFoundError(f"--llama-cpp GGUF file not found: {a.llama_cpp}")
     check_device(a.device)  # before any model is loaded or subprocess started
-    settings = BenchSettings(prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch_sizes=a.batch_sizes,
-                             repeats=a.repeats, warmup=a.warmup, threads=a.threads)
+    settings = BenchConfig(
+        prompt_tokens=a.prompt_tokens,
+        new_tokens=a.new_tokens,
+        batch_sizes=a.batch_sizes,
+        repeats=a.repeats,
+        warmup=a.warmup,
+        threads=a.threads,
+    )
     specs = build_specs(a.model, a.baseline, a.backend, a.dtype, a.baseline_dtype, a.device, a.loop)
     results = run_modes(specs, settings, subprocesses=not a.in_process, llama_cpp=a.llama_cpp)
-    print(f"prompt {settings.prompt_tokens} tokens, {settings.new_tokens} new tokens, "
-          f"{settings.repeats} repeats (medians) after {settings.warmup} warm-up, threads {a.threads or 'default'}")
+    print(
+        f"prompt {settings.prompt_tokens} tokens, {settings.new_tokens} new tokens, "
+        f"{settings.repeats} repeats (medians) after {settings.warmup} warm-up, threads {a.threads or 'default'}"
+    )
     print(format_table(results))
     ratios = {}
     if a.baseline is not None:
@@ -82,38 +94,71 @@ def cmd_bench(a: argparse.Namespace) -> int:
         write_json(a.json, results, settings, {"ratios": ratios})
         print(f"wrote {a.json}")
     if a.png:
-        plot_png(a.png, results, title=f"{Path(a.model).name}: prompt {settings.prompt_tokens}, "
-                                       f"{settings.new_tokens} new tokens")
+        plot_png(
+            a.png,
+            results,
+            title=f"{Path(a.model).name}: prompt {settings.prompt_tokens}, {settings.new_tokens} new tokens",
+        )
         print(f"wrote {a.png}")
     return 0
 
 
 def register(subparsers: Any) -> None:
     """Add the ``bench`` subcommand to an ``argparse`` subparsers object."""
-    p = subparsers.add_parser("bench", help="inference speed/memory of a (quantized) model vs its baseline",
-                              description=__doc__.splitlines()[0], epilog=_EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "bench",
+        help="inference speed/memory of a (quantized) model vs its baseline",
+        description=__doc__.splitlines()[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="quantized (or dense) checkpoint folder")
     p.add_argument("--baseline", default=None, help="dense Hugging Face folder to compare against")
-    p.add_argument("--prompt-tokens", type=_positive, default=128, help="prompt length (default %(default)s)")
-    p.add_argument("--new-tokens", type=_positive, default=64, help="decoded tokens (default %(default)s)")
-    p.add_argument("--batch-sizes", type=_int_list, default=(1, 8), help="comma list (default 1,8)")
-    p.add_argument("--repeats", type=_positive, default=3, help="timed runs, median reported (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default %(default)s)")
+    p.add_argument(
+        "--prompt-tokens", type=_positive, default=B.prompt_tokens, help="prompt length (default %(default)s)"
+    )
+    p.add_argument("--new-tokens", type=_positive, default=B.new_tokens, help="decoded tokens (default %(default)s)")
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=B.batch_sizes,
+        help=f"comma list (default {','.join(map(str, B.batch_sizes))})",
+    )
+    p.add_argument(
+        "--repeats", type=_positive, default=B.repeats, help="timed runs, median reported (default %(default)s)"
+    )
+    p.add_argument("--warmup", type=int, default=B.warmup, help="untimed runs first (default %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="torch / llama.cpp threads (default: torch's)")
-    p.add_argument("--backend", type=_str_list, default=["auto"],
-                   help="kernel backend(s) of a quantized MODEL, comma list, e.g. torch,cpu-avx2,cpu-int4 "
-                        "(default auto)")
-    p.add_argument("--dtype", default="float32",
-                   help="dtype of MODEL's non-quantized weights (or of a dense MODEL) (default %(default)s)")
-    p.add_argument("--baseline-dtype", type=_str_list, default=["float32"],
-                   help="dtype(s) of the baseline, comma list, e.g. float32,bfloat16 (default float32)")
+    p.add_argument(
+        "--backend",
+        type=_str_list,
+        default=["auto"],
+        help="kernel backend(s) of a quantized MODEL, comma list, e.g. torch,cpu-avx2,cpu-int4 (default auto)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="dtype of MODEL's non-quantized weights (or of a dense MODEL) (default %(default)s)",
+    )
+    p.add_argument(
+        "--baseline-dtype",
+        type=_str_list,
+        default=["float32"],
+        help="dtype(s) of the baseline, comma list, e.g. float32,bfloat16 (default float32)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
-    p.add_argument("--loop", type=_str_list, default=["transformers", "awqkit"],
-                   help="decode loop(s), comma list: transformers, awqkit (default transformers,awqkit; see below)")
+    p.add_argument(
+        "--loop",
+        type=_str_list,
+        default=["transformers", "awqkit"],
+        help="decode loop(s), comma list: transformers, awqkit (default transformers,awqkit; see below)",
+    )
     p.add_argument("--json", default=None, metavar="OUT", help="write every sample and setting as JSON")
     p.add_argument("--png", default=None, metavar="OUT", help="write a bar chart (needs matplotlib)")
     p.add_argument("--llama-cpp", default=None, metavar="GGUF", help="also run llama.cpp on this GGUF file")
-    p.add_argument("--in-process", action="store_true",
-                   help="measure every mode in this process (faster start; peak RSS is then shared)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every mode in this process (faster start; peak RSS is then shared)",
+    )
     p.set_defaults(func=cmd_bench)

@@ -40,10 +40,21 @@ def cmd_calib_build(a: argparse.Namespace) -> int:
     from awqkit.platform.calib_build import build_calibration_set
 
     result = build_calibration_set(
-        a.dataset, a.model, dataset_name=a.dataset_name, out_dir=a.out, column=a.column,
-        system_prompt=a.system_prompt, seed=a.seed, fraction=a.fraction, min_samples=a.min_samples,
-        max_samples=a.max_samples, split=a.split, n_blocks=a.n_samples, seq_len=a.seq_len,
-        chat_template_kwargs=dict(a.template_kwarg) or None, trust_remote_code=a.trust_remote_code,
+        a.dataset,
+        a.model,
+        dataset_name=a.dataset_name,
+        out_dir=a.out,
+        column=a.column,
+        system_prompt=a.system_prompt,
+        seed=a.seed,
+        fraction=a.fraction,
+        min_samples=a.min_samples,
+        max_samples=a.max_samples,
+        split=a.split,
+        n_blocks=a.n_samples,
+        seq_len=a.seq_len,
+        chat_template_kwargs=dict(a.template_kwarg) or None,
+        trust_remote_code=a.trust_remote_code,
         overwrite=a.overwrite,
     )
     print(result.summary())
@@ -53,14 +64,22 @@ def cmd_calib_build(a: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add the ``calib`` command (with its ``build`` subcommand) to ``subparsers``."""
     c = defaults(CalibConfig)
-    p = subparsers.add_parser("calib", help="calibration sets: build one from training data",
-                              description="Calibration sets for awqkit quantize --calib.")
+    p = subparsers.add_parser(
+        "calib",
+        help="calibration sets: build one from training data",
+        description="Calibration sets for awqkit quantize --calib.",
+    )
     sub = p.add_subparsers(dest="calib_command", required=True)
-    b = sub.add_parser("build", help="sample training rows, render them with the chat template, write the set",
-                       description=__doc__.splitlines()[0], epilog=_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--dataset", required=True,
-                   help="CSV/TSV, JSONL/JSON, Parquet file, or a folder from datasets' save_to_disk")
+    b = sub.add_parser(
+        "build",
+        help="sample training rows, render them with the chat template, write the set",
+        description=__doc__.splitlines()[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument(
+        "--dataset", required=True, help="CSV/TSV, JSONL/JSON, Parquet file, or a folder from datasets' save_to_disk"
+    )
     b.add_argument("--model", required=True, help="model folder or hub id whose tokenizer/chat template renders rows")
     b.add_argument("--dataset-name", default=None, help="name in the output file (default: the dataset's name)")
     b.add_argument("--out", default=".", help="output folder (default: the current folder)")
@@ -71,11 +90,21 @@ def register(subparsers: Any) -> None:
     b.add_argument("--fraction", type=float, default=0.15, help="fraction of rows to sample (default %(default)s)")
     b.add_argument("--min-samples", type=int, default=8, help="lower bound on the sample size (default %(default)s)")
     b.add_argument("--max-samples", type=int, default=128, help="upper bound on the sample size (default %(default)s)")
-    b.add_argument("--n-samples", type=int, default=c["n_samples"],
-                   help="calibration blocks quantize will ask for, to warn when the set is short (default %(default)s)")
+    b.add_argument(
+        "--n-samples",
+        type=int,
+        default=c["n_samples"],
+        help="calibration blocks quantize will ask for, to warn when the set is short (default %(default)s)",
+    )
     b.add_argument("--seq-len", type=int, default=c["seq_len"], help="tokens per block (default %(default)s)")
-    b.add_argument("--template-kwarg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra chat-template variable training used, e.g. enable_thinking=false (JSON values)")
+    b.add_argument(
+        "--template-kwarg",
+        type=_kwarg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra chat-template variable training used, e.g. enable_thinking=false (JSON values)",
+    )
     b.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code (off by default)")
     b.add_argument("--overwrite", action="store_true", help="replace a calibration file of the same name")
     b.set_defaults(func=cmd_calib_build)

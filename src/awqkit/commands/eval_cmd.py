@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from awqkit.config import BenchConfig, EvalConfig
+
+E, B = EvalConfig(), BenchConfig()  # the defaults the options show
+
 _EPILOG = """\
 tasks: ppl (perplexity on --text, default WikiText-2 test), kl (KL(baseline || model) and top-1
 agreement on the same windows; needs --baseline), arc, squad, gsm8k (--limit items each).
@@ -44,9 +48,9 @@ def _windows(text: str) -> int | None:
 def _bench_settings(a: argparse.Namespace) -> Any:
     if not a.bench:
         return None
-    from awqkit.eval.bench import BenchSettings
+    from awqkit.bench.modes import BenchConfig
 
-    return BenchSettings(repeats=a.bench_repeats)
+    return BenchConfig(repeats=a.bench_repeats)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -56,9 +60,20 @@ def cmd_eval(a: argparse.Namespace) -> int:
     tasks = a.tasks if a.tasks is not None else ("ppl,kl" if a.baseline else "ppl")
     parse_tasks(tasks)  # fail on bad names before anything is loaded
     results = evaluate_model(
-        a.model, baseline=a.baseline, tasks=tasks, limit=a.limit, text=a.text, data_dir=a.data_dir,
-        seq_len=a.seq_len, windows=a.windows, batch_size=a.batch_size, backend=a.backend, device=a.device,
-        trust_remote_code=a.trust_remote_code, progress=a.progress, bench=_bench_settings(a),
+        a.model,
+        baseline=a.baseline,
+        tasks=tasks,
+        limit=a.limit,
+        text=a.text,
+        data_dir=a.data_dir,
+        seq_len=a.seq_len,
+        windows=a.windows,
+        batch_size=a.batch_size,
+        backend=a.backend,
+        device=a.device,
+        trust_remote_code=a.trust_remote_code,
+        progress=a.progress,
+        bench=_bench_settings(a),
     )
     report = results_markdown(results)
     print(report, end="")
@@ -82,36 +97,51 @@ def _nonfinite_line(bad: list[str], model: str, baseline: str | None) -> str:
     parts = [f"{', '.join(mine)} came out NaN/Inf for {model}"] if mine else []
     if theirs:
         parts.append(f"{', '.join(theirs)} came out NaN/Inf for the baseline {baseline}")
-    return (" and ".join(parts) + "; the model's forward pass overflowed or its weights are damaged: check the "
-            "folder with `awqkit info`, re-run with --backend torch (the fp32 reference) to rule out a kernel, and "
-            "re-quantize from a finite float model (the report and --json were still written, NaN as null)")
+    return (
+        " and ".join(parts) + "; the model's forward pass overflowed or its weights are damaged: check the "
+        "folder with `awqkit info`, re-run with --backend torch (the fp32 reference) to rule out a kernel, and "
+        "re-quantize from a finite float model (the report and --json were still written, NaN as null)"
+    )
 
 
 def register(subparsers: Any) -> None:
     """Add the ``eval`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     p = subparsers.add_parser(
-        "eval", help="evaluate a float or quantized folder (ppl, kl, arc, squad, gsm8k), optionally vs a baseline",
-        description=__doc__.splitlines()[0], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "eval",
+        help="evaluate a float or quantized folder (ppl, kl, arc, squad, gsm8k), optionally vs a baseline",
+        description=__doc__.splitlines()[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="model folder: float, or quantized (awqkit, AutoAWQ GEMM, compressed-tensors)")
     p.add_argument("--baseline", default=None, help="baseline folder (usually the float source model)")
-    p.add_argument("--tasks", default=None,
-                   help="comma-separated: ppl,kl,arc,squad,gsm8k or all (default: ppl, or ppl,kl with --baseline)")
-    p.add_argument("--limit", type=_positive, default=None, help="items per arc/squad/gsm8k task (default: all)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated: ppl,kl,arc,squad,gsm8k or all (default: ppl, or ppl,kl with --baseline)",
+    )
+    p.add_argument("--limit", type=_positive, default=E.limit, help="items per arc/squad/gsm8k task (default: all)")
     p.add_argument("--text", default=None, help="text file for ppl/kl (default: WikiText-2 test in the data folder)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $AWQKIT_DATA or ../shared/data)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per ppl/kl window (default %(default)s)")
-    p.add_argument("--windows", type=_windows, default=16, help="ppl/kl windows, or 'all' (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward pass (default %(default)s)")
-    p.add_argument("--backend", default="auto",
-                   help="kernel backend for quantized folders: auto (CPU: cpu-avx2, then bf16 cpu-int4, where "
-                        "a layer fits), torch (fp32 reference), cpu-avx2, cpu-int4 (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=E.seq_len, help="tokens per ppl/kl window (default %(default)s)")
+    p.add_argument("--windows", type=_windows, default=E.windows, help="ppl/kl windows, or 'all' (default %(default)s)")
+    p.add_argument(
+        "--batch-size", type=_positive, default=E.batch_size, help="windows per forward pass (default %(default)s)"
+    )
+    p.add_argument(
+        "--backend",
+        default=E.backend,
+        help="kernel backend for quantized folders: auto (CPU: cpu-avx2, then bf16 cpu-int4, where "
+        "a layer fits), torch (fp32 reference), cpu-avx2, cpu-int4 (default %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="device for both models (default %(default)s)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full results as JSON to OUT")
     p.add_argument("--markdown", default=None, metavar="OUT", help="write the Markdown report to OUT")
     p.add_argument("--bench", action="store_true", help="add speed and memory rows (see below)")
-    p.add_argument("--bench-repeats", type=_positive, default=3, help="timed runs for --bench (default %(default)s)")
+    p.add_argument(
+        "--bench-repeats", type=_positive, default=B.repeats, help="timed runs for --bench (default %(default)s)"
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.set_defaults(func=cmd_eval)
 

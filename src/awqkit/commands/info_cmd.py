@@ -25,12 +25,18 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add the ``info`` subcommand to ``subparsers``."""
-    p = subparsers.add_parser("info", help="describe a model folder: method, bits, spec, calibration, origin",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "info",
+        help="describe a model folder: method, bits, spec, calibration, origin",
+        description=__doc__.splitlines()[0],
+    )
     p.add_argument("path", help="model folder (quantized or float)")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
-    p.add_argument("--verify", action="store_true",
-                   help="re-hash the linked source weights and compare them with the link (slow for big models)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash the linked source weights and compare them with the link (slow for big models)",
+    )
     p.set_defaults(func=cmd_info)
 
 

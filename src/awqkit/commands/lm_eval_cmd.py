@@ -46,9 +46,17 @@ def cmd_lm_eval(a: argparse.Namespace) -> int:
 
     try:
         results = run_lm_eval(
-            a.model, a.tasks, limit=a.limit, num_fewshot=a.num_fewshot, backend=a.backend,
-            batch_size=a.batch_size, device=a.device, output=a.json, include_path=a.include_path,
-            include_defaults=a.default_tasks, trust_remote_code=a.trust_remote_code,
+            a.model,
+            a.tasks,
+            limit=a.limit,
+            num_fewshot=a.num_fewshot,
+            backend=a.backend,
+            batch_size=a.batch_size,
+            device=a.device,
+            output=a.json,
+            include_path=a.include_path,
+            include_defaults=a.default_tasks,
+            trust_remote_code=a.trust_remote_code,
         )
     except ImportError as exc:
         print(f"awqkit lm-eval: error: {exc}", file=sys.stderr)
@@ -60,8 +68,10 @@ def cmd_lm_eval(a: argparse.Namespace) -> int:
         print(make_table(results, "groups"))
     load = results.get("config", {}).get("awqkit") or {}
     if load:
-        print(f"model: {load['path']} ({load['detection']['method']}; {load['loaded_as']}); "
-              f"kernels: {json.dumps(load['kernels']['layers']) if load['kernels']['layers'] else 'none (float)'}")
+        print(
+            f"model: {load['path']} ({load['detection']['method']}; {load['loaded_as']}); "
+            f"kernels: {json.dumps(load['kernels']['layers']) if load['kernels']['layers'] else 'none (float)'}"
+        )
     if a.json:
         print(f"wrote {a.json}")
     return 0
@@ -70,23 +80,38 @@ def cmd_lm_eval(a: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add the ``lm-eval`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     p = subparsers.add_parser(
-        "lm-eval", help="run lm-evaluation-harness tasks on a float or quantized folder (optional extra)",
-        description=__doc__.splitlines()[0], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "lm-eval",
+        help="run lm-evaluation-harness tasks on a float or quantized folder (optional extra)",
+        description=__doc__.splitlines()[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="model folder: float, or quantized (awqkit, AutoAWQ GEMM, compressed-tensors)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_challenge,hellaswag")
-    p.add_argument("--limit", type=_limit, default=None,
-                   help="items per task, or a fraction of each task when below 1 (default: all)")
+    p.add_argument(
+        "--limit",
+        type=_limit,
+        default=None,
+        help="items per task, or a fraction of each task when below 1 (default: all)",
+    )
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
-    p.add_argument("--backend", default="auto",
-                   help="kernel backend for quantized folders: auto, torch (fp32 reference), cpu-avx2, cpu-int4 "
-                        "(default %(default)s)")
-    p.add_argument("--batch-size", type=_batch_size, default=1,
-                   help="requests per forward pass, or auto (default %(default)s)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="kernel backend for quantized folders: auto, torch (fp32 reference), cpu-avx2, cpu-int4 "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size", type=_batch_size, default=1, help="requests per forward pass, or auto (default %(default)s)"
+    )
     p.add_argument("--device", default="cpu", help="device (default %(default)s)")
     p.add_argument("--include-path", default=None, metavar="DIR", help="folder of extra lm-eval task YAMLs")
-    p.add_argument("--default-tasks", action=argparse.BooleanOptionalAction, default=True,
-                   help="index lm-eval's built-in tasks (default on; off needs --include-path)")
+    p.add_argument(
+        "--default-tasks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="index lm-eval's built-in tasks (default on; off needs --include-path)",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--json", default=None, metavar="OUT", help="write lm-eval's full results as JSON to OUT")
     p.set_defaults(func=cmd_lm_eval)

@@ -4,7 +4,7 @@ Quantizes what the plan asks for and is missing (as ``awqkit batch``), evaluates
 baseline and every output on the plan's ``[eval]`` tasks, and writes ``results.csv``, ``results.md``,
 ``results.json`` and PNG plots (matplotlib: ``pip install 'awqkit[plot]'``) into the output folder. Rerunning
 skips finished cells; a failed cell is reported (exit status 1) and the rest go on. See
-:mod:`awqkit.eval.orchestrate` and, for the plan format, :mod:`awqkit.platform.plan`.
+:mod:`awqkit.platform.orchestrate` and, for the plan format, :mod:`awqkit.platform.plan`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ awqkit_state.json. Retention is against each model's FP16 row.
 
 def cmd_orchestrate(a: argparse.Namespace) -> int:
     """Run the orchestration, print the results table and the summary; 1 when a cell failed."""
-    from awqkit.eval.orchestrate import orchestrate
+    from awqkit.platform.orchestrate import orchestrate
 
     report = orchestrate(a.plan, output_dir=a.output_dir, progress=a.progress, plots=a.plots, dry_run=a.dry_run)
     md = report.plan.output_dir / "results.md"
@@ -46,12 +46,19 @@ def cmd_orchestrate(a: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add the ``orchestrate`` subcommand to ``subparsers``."""
     p = subparsers.add_parser(
-        "orchestrate", help="quantize what a plan is missing, evaluate everything, write tables and plots",
-        description=__doc__.splitlines()[0], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "orchestrate",
+        help="quantize what a plan is missing, evaluate everything, write tables and plots",
+        description=__doc__.splitlines()[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_plan_arguments(p)
-    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
-                   help="write PNG plots (needs matplotlib; skipped with a warning without it)")
+    p.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write PNG plots (needs matplotlib; skipped with a warning without it)",
+    )
     p.set_defaults(func=cmd_orchestrate)
 
 

@@ -1,4 +1,5 @@
-"""Evaluation: WikiText-2 perplexity, KL divergence against a baseline, and resource measurements."""
+"""Quality: WikiText-2 perplexity, KL divergence against a baseline, tasks (ARC, SQuAD, GSM8K), the eval runner.
+Speed and memory live in :mod:`awqkit.bench`."""
 
 from awqkit.eval.perplexity import (
     default_data_dir,
@@ -7,27 +8,11 @@ from awqkit.eval.perplexity import (
     make_windows,
     perplexity,
 )
-from awqkit.eval.resources import (
-    PeakRSSTracker,
-    Timer,
-    current_rss_bytes,
-    folder_size_bytes,
-    fp16_size_bytes,
-    peak_rss_bytes,
-    track_peak_rss,
-)
 
 __all__ = [
-    "PeakRSSTracker",
-    "Timer",
-    "current_rss_bytes",
     "default_data_dir",
-    "folder_size_bytes",
-    "fp16_size_bytes",
     "kl_divergence",
     "load_wikitext_test",
     "make_windows",
-    "peak_rss_bytes",
     "perplexity",
-    "track_peak_rss",
 ]

@@ -71,8 +71,9 @@ def _adapter_class() -> type:
             max_length: int | None = None,
             **kwargs: Any,
         ) -> None:
-            loaded = load_for_eval(pretrained, backend=str(backend), device=device,
-                                   trust_remote_code=bool(trust_remote_code))
+            loaded = load_for_eval(
+                pretrained, backend=str(backend), device=device, trust_remote_code=bool(trust_remote_code)
+            )
             for ignored in ("tokenizer", "dtype", "parallelize", "revision"):
                 if kwargs.pop(ignored, None) is not None:
                     logger.warning("lm-eval argument %r is ignored: awqkit loads the folder itself", ignored)
@@ -81,9 +82,15 @@ def _adapter_class() -> type:
             level = hf_logger.level
             hf_logger.setLevel(max(level, logging.ERROR))
             try:
-                super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, backend="causal",
-                                 batch_size=batch_size, max_length=None if max_length is None else int(max_length),
-                                 trust_remote_code=bool(trust_remote_code), **kwargs)
+                super().__init__(
+                    pretrained=loaded.model,
+                    tokenizer=loaded.tokenizer,
+                    backend="causal",
+                    batch_size=batch_size,
+                    max_length=None if max_length is None else int(max_length),
+                    trust_remote_code=bool(trust_remote_code),
+                    **kwargs,
+                )
             finally:
                 hf_logger.setLevel(level)
             self.pretrained = str(loaded.path)  # for lm-eval's result config, instead of the model object
@@ -151,8 +158,15 @@ def load_lm_eval_model(
     """
     _require_lm_eval()
     register_with_lm_eval()
-    return _adapter_class()(str(path), backend=backend, device=device, batch_size=batch_size,
-                            trust_remote_code=trust_remote_code, max_length=max_length, **hflm_kwargs)
+    return _adapter_class()(
+        str(path),
+        backend=backend,
+        device=device,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        max_length=max_length,
+        **hflm_kwargs,
+    )
 
 
 def parse_lm_eval_tasks(tasks: str | Sequence[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
@@ -167,8 +181,11 @@ def parse_lm_eval_tasks(tasks: str | Sequence[str | dict[str, Any]]) -> list[str
 def _task_manager(path: str | Path, include_path: str | Path | None, include_defaults: bool) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(include_path) if include_path is not None else None,
-                       include_defaults=include_defaults, metadata={"pretrained": str(path)})
+    return TaskManager(
+        include_path=str(include_path) if include_path is not None else None,
+        include_defaults=include_defaults,
+        metadata={"pretrained": str(path)},
+    )
 
 
 def _check_task_names(manager: Any, tasks: Sequence[str | dict[str, Any]]) -> None:
@@ -180,8 +197,10 @@ def _check_task_names(manager: Any, tasks: Sequence[str | dict[str, Any]]) -> No
     if unknown:
         hints = {t: difflib.get_close_matches(t, known, n=3) for t in unknown}
         detail = "; ".join(f"{t!r} (close: {', '.join(h) or 'none'})" for t, h in hints.items())
-        raise ValueError(f"unknown lm-eval task(s): {detail}; `lm-eval ls tasks` lists them "
-                         "(or pass --include-path for task YAMLs of your own)")
+        raise ValueError(
+            f"unknown lm-eval task(s): {detail}; `lm-eval ls tasks` lists them "
+            "(or pass --include-path for task YAMLs of your own)"
+        )
 
 
 def run_lm_eval(
@@ -219,11 +238,16 @@ def run_lm_eval(
     lm_eval = _require_lm_eval()
     manager = _task_manager(path, include_path, include_defaults)
     _check_task_names(manager, task_list)
-    lm = load_lm_eval_model(path, backend=backend, device=device, batch_size=batch_size,
-                            trust_remote_code=trust_remote_code)
+    lm = load_lm_eval_model(
+        path, backend=backend, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code
+    )
     logger.info("lm-eval: %s on %s (limit %s, num_fewshot %s)", path, task_list, limit, num_fewshot)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=task_list, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+        model=lm,
+        tasks=task_list,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
         log_samples=False,
     )
     if results is None:  # only on non-zero ranks of a distributed run

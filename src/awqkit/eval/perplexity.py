@@ -38,13 +38,13 @@ WIKITEXT_TEST_RELPATH = Path("wikitext-2-raw") / "wiki.test.raw"
 _CHUNK_ELEMENTS = 1 << 24
 
 
-
 def _exp(nll: float) -> float:
     """``exp(nll)``, Inf where it overflows (a broken model's huge NLL is a result, reported as non-finite)."""
     try:
         return math.exp(nll)
     except OverflowError:
         return math.inf
+
 
 def _find_repo_root(start: Path) -> Path | None:
     """First folder at or above ``start`` holding the awqkit ``pyproject.toml``."""
@@ -98,9 +98,7 @@ def load_wikitext_test(path: Path | str | None = None) -> str:
             )
         p = found
     elif not p.is_file():
-        raise FileNotFoundError(
-            f"WikiText-2 test file not found: {p}; pass its path or set ${DATA_ENV_VAR}"
-        )
+        raise FileNotFoundError(f"WikiText-2 test file not found: {p}; pass its path or set ${DATA_ENV_VAR}")
     # newline="" keeps "\r\n" as is so the split below sees the rows exactly.
     with open(p, encoding="utf-8-sig", newline="") as fh:
         raw = fh.read()
@@ -132,9 +130,7 @@ def _token_ids(tokenizer: Any, text: str) -> list[int]:
     return list(ids)
 
 
-def make_windows(
-    tokenizer: Any, text: str, seq_len: int = 2048, n_windows: int | None = None
-) -> Tensor:
+def make_windows(tokenizer: Any, text: str, seq_len: int = 2048, n_windows: int | None = None) -> Tensor:
     """Tokenize ``text`` once and cut it into consecutive non-overlapping windows.
 
     Window ``i`` holds tokens ``[i * seq_len, (i + 1) * seq_len)`` (stride = ``seq_len``, no overlap,
@@ -158,9 +154,7 @@ def make_windows(
     ids = _token_ids(tokenizer, text)
     available = len(ids) // seq_len
     if available < 1:
-        raise ValueError(
-            f"text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}"
-        )
+        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
     if n_windows is not None and n_windows > available:
         raise ValueError(
             f"asked for {n_windows} windows of {seq_len} tokens but the text has only "
@@ -178,9 +172,7 @@ def _check_windows(windows: Tensor, batch_size: int) -> None:
     if windows.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"windows must hold integer token ids, got {windows.dtype}")
     if windows.shape[0] < 1 or windows.shape[1] < 2:
-        raise ValueError(
-            f"windows must have at least one row of at least 2 tokens, got {tuple(windows.shape)}"
-        )
+        raise ValueError(f"windows must have at least one row of at least 2 tokens, got {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
 
@@ -190,9 +182,7 @@ def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
     out = model(input_ids=input_ids, use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
-        raise ValueError(
-            f"model returned logits of shape {tuple(logits.shape)} for input {tuple(input_ids.shape)}"
-        )
+        raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input {tuple(input_ids.shape)}")
     return logits
 
 

@@ -39,12 +39,14 @@ from typing import Any
 
 import torch
 
+from awqkit.config import EvalConfig
 from awqkit.errors import InputError
 from awqkit.eval.perplexity import WIKITEXT_TEST_RELPATH, kl_divergence, load_wikitext_test, make_windows, perplexity
 from awqkit.eval.runner_load import LoadedModel, check_folder, load_for_eval, same_vocabulary
 from awqkit.eval.tasks._common import check_positive
+from awqkit.files import sha256_file
 from awqkit.preflight import check_device, check_seq_len
-from awqkit.report.table import markdown_table
+from awqkit.report.table import metrics_table
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,12 @@ def _versions() -> dict[str, str]:
 
     from awqkit import __version__
 
-    return {"awqkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "awqkit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _text_file(text: str | Path | None, data_dir: str | Path | None) -> Path:
@@ -113,14 +119,19 @@ def _window_tasks(
         assert b is not None
         r, secs = _timed(kl_divergence, m.model, b.model, ids, **opts)
         keys = ("kl", "kl_sum", "top1_agreement", "n_tokens", "n_windows")
-        out["kl"] = {"model": {k: r[k] for k in keys}, "baseline": {"kl": 0.0, "top1_agreement": 1.0},
-                     "seconds": secs, "direction": "KL(P_baseline || P_model), mean per predicted token"}
+        out["kl"] = {
+            "model": {k: r[k] for k in keys},
+            "baseline": {"kl": 0.0, "top1_agreement": 1.0},
+            "seconds": secs,
+            "direction": "KL(P_baseline || P_model), mean per predicted token",
+        }
         if "ppl" in names:
             common = {"n_tokens": r["n_tokens"], "n_windows": r["n_windows"], "seq_len": int(ids.shape[1])}
             out["ppl"] = {
                 "model": {"ppl": r["ppl_model"], "nll_sum": r["nll_sum_model"], **common},
                 "baseline": {"ppl": r["ppl_baseline"], "nll_sum": r["nll_sum_baseline"], **common},
-                "seconds": 0.0, "computed_in": "kl",
+                "seconds": 0.0,
+                "computed_in": "kl",
             }
     if "ppl" in names and "ppl" not in out:
         out["ppl"] = _per_model(lambda lm: perplexity(lm.model, ids, **opts), m, b)
@@ -139,8 +150,9 @@ def _per_model(fn: Any, m: LoadedModel, b: LoadedModel | None) -> dict[str, Any]
     return entry
 
 
-def _run_task(name: str, lm: LoadedModel, limit: int | None, data_dir: str | Path | None,
-              options: dict[str, Any], progress: bool) -> dict[str, Any]:
+def _run_task(
+    name: str, lm: LoadedModel, limit: int | None, data_dir: str | Path | None, options: dict[str, Any], progress: bool
+) -> dict[str, Any]:
     from awqkit.eval.tasks import evaluate_arc, evaluate_gsm8k, evaluate_squad
 
     fn = {"arc": evaluate_arc, "squad": evaluate_squad, "gsm8k": evaluate_gsm8k}[name]
@@ -153,14 +165,14 @@ def evaluate_model(
     model_path: str | Path,
     *,
     baseline: str | Path | None = None,
-    tasks: str | Iterable[str] = ("ppl",),
-    limit: int | None = None,
+    tasks: str | Iterable[str] = EvalConfig.tasks,
+    limit: int | None = EvalConfig.limit,
     text: str | Path | None = None,
     data_dir: str | Path | None = None,
-    seq_len: int = 2048,
-    windows: int | None = 16,
-    batch_size: int = 1,
-    backend: str = "auto",
+    seq_len: int = EvalConfig.seq_len,
+    windows: int | None = EvalConfig.windows,
+    batch_size: int = EvalConfig.batch_size,
+    backend: str = EvalConfig.backend,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     task_options: dict[str, dict[str, Any]] | None = None,
@@ -180,8 +192,8 @@ def evaluate_model(
         task_options: extra keyword arguments per downstream task, e.g. ``{"gsm8k": {"num_fewshot": 5}}``;
             a task's ``limit`` there replaces ``limit`` for that task (``{"squad": {"limit": 200}}`` with
             ``limit=None``: every ARC item, 200 SQuAD items).
-        bench: an :class:`~awqkit.eval.bench.BenchSettings` to add speed and memory rows
-            (:mod:`awqkit.eval.runner_bench`: prefill, decode tokens/s, peak RSS, weight bytes; the model
+        bench: an :class:`~awqkit.bench.modes.BenchConfig` to add speed and memory rows
+            (:mod:`awqkit.bench.eval_rows`: prefill, decode tokens/s, peak RSS, weight bytes; the model
             with ``backend``, the baseline float32 dense, each measured in its own process), or None.
     Returns:
         a JSON-ready dict: ``versions``, ``settings``, ``model`` / ``baseline`` (path, detection, loader,
@@ -195,6 +207,89 @@ def evaluate_model(
         CheckpointError / NonFiniteError: a model folder awqkit cannot load (:mod:`awqkit.eval.runner_load`).
     """
     names = parse_tasks(tasks)
+    text_file = _check_request(
+        model_path, baseline, names, limit, text, data_dir, seq_len, windows, batch_size, backend, device, task_options
+    )
+    t_start = time.perf_counter()
+    wall: dict[str, float] = {}
+    m = load_for_eval(model_path, backend=backend, device=device, trust_remote_code=trust_remote_code)
+    wall["load_model"] = m.load_seconds
+    b = None
+    if baseline is not None:
+        b = load_for_eval(
+            baseline, backend=backend, device=device, trust_remote_code=trust_remote_code, what="baseline"
+        )
+        wall["load_baseline"] = b.load_seconds
+    results: dict[str, Any] = {
+        "awqkit_version": _versions()["awqkit"],
+        "versions": _versions(),
+        "settings": {
+            "tasks": list(names),
+            "limit": limit,
+            "seq_len": seq_len,
+            "windows": windows,
+            "stride": seq_len,
+            "batch_size": batch_size,
+            "backend": backend,
+            "device": str(device),
+            "text": str(text_file) if text_file else None,
+            "data_dir": str(data_dir) if data_dir is not None else None,
+            "task_options": task_options or {},
+        },
+        "model": m.describe(),
+        "baseline": b.describe() if b is not None else None,
+        "data": {},
+        "tasks": {},
+    }
+    if b is not None and not same_vocabulary(m.tokenizer, b.tokenizer):
+        if "kl" in names:
+            raise InputError(
+                f"{m.path} and {b.path} have different vocabularies; KL needs the same tokenizer: "
+                "compare a model with the float model it was quantized from"
+            )
+        logger.warning("model and baseline tokenizers differ; ppl windows use the model's tokenizer for both")
+
+    ran: dict[str, dict[str, Any]] = {}
+    if text_file is not None:
+        opts = {"batch_size": batch_size, "device": device, "progress": progress}
+        ran.update(_run_windows(names, m, b, text_file, seq_len, windows, opts, results, wall))
+    for name in (t for t in names if t not in _WINDOW_TASKS):
+        options = dict((task_options or {}).get(name, {}))
+        entry = _per_model(lambda lm: _run_task(name, lm, limit, data_dir, options, progress), m, b)  # noqa: B023
+        results["data"][name] = {"path": entry["model"].get("path"), "sha256": entry["model"].get("sha256")}
+        ran[name] = entry
+    results["tasks"] = {t: ran[t] for t in names}
+    if bench is not None:
+        from awqkit.bench.eval_rows import run_bench
+
+        del m, b  # free both models before the measuring processes start
+        t0 = time.perf_counter()
+        results["tasks"]["bench"] = run_bench(model_path, baseline, backend=backend, device=str(device), settings=bench)
+        results["tasks"]["bench"]["seconds"] = wall["bench"] = time.perf_counter() - t0
+        results["settings"]["bench"] = results["tasks"]["bench"]["settings"]
+    results["metrics"] = metric_rows(results)
+    wall.update({t: ran[t]["seconds"] for t in names})
+    wall["total"] = time.perf_counter() - t_start
+    results["wall_seconds"] = {k: round(v, 3) for k, v in wall.items()}
+    return results
+
+
+def _check_request(
+    model_path: str | Path,
+    baseline: str | Path | None,
+    names: tuple[str, ...],
+    limit: int | None,
+    text: str | Path | None,
+    data_dir: str | Path | None,
+    seq_len: int,
+    windows: int | None,
+    batch_size: int,
+    backend: str,
+    device: str | torch.device,
+    task_options: dict[str, dict[str, Any]] | None,
+) -> Path | None:
+    """Every check :func:`evaluate_model` makes before loading anything; returns the ppl/kl text file (None when
+    no task reads windows). Raises InputError / FileNotFoundError naming the problem."""
     if "kl" in names and baseline is None:
         raise InputError("task 'kl' compares against a baseline model; pass --baseline MODEL (baseline=...)")
     for label, value in (("limit", limit), ("windows", windows), ("batch_size", batch_size)):
@@ -217,80 +312,45 @@ def evaluate_model(
     check_folder(model_path, "model")
     if baseline is not None:
         check_folder(baseline, "baseline")
-    needs_windows = any(t in names for t in _WINDOW_TASKS)
-    text_file = _text_file(text, data_dir) if needs_windows else None
-    if needs_windows:
-        for folder in (model_path, baseline):
-            try:
-                cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")) if folder else None
-            except (OSError, ValueError):
-                cfg = None  # the loader names what is wrong with it
-            if isinstance(cfg, dict):
-                check_seq_len(seq_len, cfg, str(folder))
+    if not any(t in names for t in _WINDOW_TASKS):
+        return None
+    text_file = _text_file(text, data_dir)
+    for folder in (model_path, baseline):
+        try:
+            cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")) if folder else None
+        except (OSError, ValueError):
+            cfg = None  # the loader names what is wrong with it
+        if isinstance(cfg, dict):
+            check_seq_len(seq_len, cfg, str(folder))
+    return text_file
 
-    t_start = time.perf_counter()
-    wall: dict[str, float] = {}
-    m = load_for_eval(model_path, backend=backend, device=device, trust_remote_code=trust_remote_code)
-    wall["load_model"] = m.load_seconds
-    b = None
-    if baseline is not None:
-        b = load_for_eval(baseline, backend=backend, device=device, trust_remote_code=trust_remote_code,
-                          what="baseline")
-        wall["load_baseline"] = b.load_seconds
-    results: dict[str, Any] = {
-        "awqkit_version": _versions()["awqkit"],
-        "versions": _versions(),
-        "settings": {"tasks": list(names), "limit": limit, "seq_len": seq_len, "windows": windows,
-                     "stride": seq_len, "batch_size": batch_size, "backend": backend, "device": str(device),
-                     "text": str(text_file) if text_file else None,
-                     "data_dir": str(data_dir) if data_dir is not None else None,
-                     "task_options": task_options or {}},
-        "model": m.describe(),
-        "baseline": b.describe() if b is not None else None,
-        "data": {},
-        "tasks": {},
+
+def _run_windows(
+    names: tuple[str, ...],
+    m: LoadedModel,
+    b: LoadedModel | None,
+    text_file: Path,
+    seq_len: int,
+    windows: int | None,
+    opts: dict[str, Any],
+    results: dict[str, Any],
+    wall: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """ppl and kl on the text's windows (tokenized once, with the model's tokenizer); records the text in
+    ``results["data"]`` and the tokenizing time in ``wall``."""
+    t0 = time.perf_counter()
+    ids = make_windows(m.tokenizer, load_wikitext_test(text_file), seq_len, windows)
+    wall["tokenize"] = time.perf_counter() - t0
+    max_pos = getattr(getattr(m.model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        logger.warning("seq_len=%d exceeds the model's max_position_embeddings=%d", seq_len, max_pos)
+    results["data"]["text"] = {
+        "path": str(text_file),
+        "sha256": sha256_file(text_file),
+        "n_windows": int(ids.shape[0]),
+        "seq_len": seq_len,
     }
-    if b is not None and not same_vocabulary(m.tokenizer, b.tokenizer):
-        if "kl" in names:
-            raise InputError(f"{m.path} and {b.path} have different vocabularies; KL needs the same tokenizer: "
-                             "compare a model with the float model it was quantized from")
-        logger.warning("model and baseline tokenizers differ; ppl windows use the model's tokenizer for both")
-
-    ran: dict[str, dict[str, Any]] = {}
-    if needs_windows:
-        assert text_file is not None
-        from awqkit.zoo import sha256_file
-
-        t0 = time.perf_counter()
-        ids = make_windows(m.tokenizer, load_wikitext_test(text_file), seq_len, windows)
-        wall["tokenize"] = time.perf_counter() - t0
-        max_pos = getattr(getattr(m.model, "config", None), "max_position_embeddings", None)
-        if max_pos is not None and seq_len > max_pos:
-            logger.warning("seq_len=%d exceeds the model's max_position_embeddings=%d", seq_len, max_pos)
-        results["data"]["text"] = {"path": str(text_file), "sha256": sha256_file(text_file),
-                                   "n_windows": int(ids.shape[0]), "seq_len": seq_len}
-        opts = {"batch_size": batch_size, "device": device, "progress": progress}
-        ran.update(_window_tasks([t for t in names if t in _WINDOW_TASKS], m, b, ids, opts))
-    for name in (t for t in names if t not in _WINDOW_TASKS):
-        options = dict((task_options or {}).get(name, {}))
-        entry = _per_model(lambda lm: _run_task(name, lm, limit, data_dir, options, progress), m, b)  # noqa: B023
-        results["data"][name] = {"path": entry["model"].get("path"), "sha256": entry["model"].get("sha256")}
-        ran[name] = entry
-    results["tasks"] = {t: ran[t] for t in names}
-    if bench is not None:
-        from awqkit.eval.runner_bench import run_bench
-
-        del m, b  # free both models before the measuring processes start
-        t0 = time.perf_counter()
-        results["tasks"]["bench"] = run_bench(model_path, baseline, backend=backend, device=str(device),
-                                              settings=bench)
-        results["tasks"]["bench"]["seconds"] = wall["bench"] = time.perf_counter() - t0
-        results["settings"]["bench"] = results["tasks"]["bench"]["settings"]
-    results["metrics"] = metric_rows(results)
-    wall.update({t: ran[t]["seconds"] for t in names})
-    wall["total"] = time.perf_counter() - t_start
-    results["wall_seconds"] = {k: round(v, 3) for k, v in wall.items()}
-    return results
+    return _window_tasks([t for t in names if t in _WINDOW_TASKS], m, b, ids, opts)
 
 
 def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -304,8 +364,18 @@ def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             ratio = _ratio(mv, bv) if metric != "kl" else None
             retention = None if ratio is None else ratio if higher else _ratio(bv, mv)
             n = entry.get("model", {}).get("n_tokens", entry.get("model", {}).get("n"))
-            rows.append({"task": task, "metric": metric, "higher_is_better": higher, "model": mv,
-                         "baseline": bv, "ratio": ratio, "retention": retention, "n": n})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "higher_is_better": higher,
+                    "model": mv,
+                    "baseline": bv,
+                    "ratio": ratio,
+                    "retention": retention,
+                    "n": n,
+                }
+            )
     return rows
 
 
@@ -348,24 +418,7 @@ def results_table(results: dict[str, Any]) -> str:
     rows = results.get("metrics") or metric_rows(results)
     if not rows:
         raise ValueError("results hold no metrics to tabulate")
-    baseline = results.get("baseline") is not None
-    table_rows = [
-        {"task": r["task"], "metric": f"{r['metric']} {'↑' if r['higher_is_better'] else '↓'}",
-         "model": r["model"], "baseline": r["baseline"], "model / baseline": r["ratio"],
-         "retention (1.0 = baseline, ↑)": r["retention"], "n": r["n"]}
-        for r in rows
-    ]
-    cols = ["task", "metric", "model"]
-    if baseline:
-        cols += ["baseline", "model / baseline", "retention (1.0 = baseline, ↑)"]
-    cols.append("n")
-    fmt = {"model / baseline": ".4f", "retention (1.0 = baseline, ↑)": ".4f"} if baseline else {}
-    table = markdown_table(table_rows, cols, fmt)  # other floats: 4 significant digits
-    legend = "↑ higher is better, ↓ lower is better. n: predicted tokens (ppl, kl) or items (tasks)."
-    if baseline:
-        legend += (" retention = model / baseline for ↑ metrics and baseline / model for ↓ metrics (ppl), "
-                   "so below 1.0 is worse in every row; kl has none (the baseline's own KL is 0).")
-    return f"{table}\n\n{legend}"
+    return metrics_table(rows, baseline=results.get("baseline") is not None)
 
 
 def _describe_line(label: str, info: dict[str, Any]) -> str:
@@ -385,14 +438,27 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = ["## awqkit eval", "", _describe_line("model", results["model"])]
     if results.get("baseline"):
         lines.append(_describe_line("baseline", results["baseline"]))
-    lines.append(f"- tasks: {', '.join(s['tasks'])}; limit {s['limit']}; windows {s['windows']} x {s['seq_len']} "
-                 f"tokens (stride {s['stride']}); device {s['device']}; awqkit {results['awqkit_version']}")
+    lines.append(
+        f"- tasks: {', '.join(s['tasks'])}; limit {s['limit']}; windows {s['windows']} x {s['seq_len']} "
+        f"tokens (stride {s['stride']}); device {s['device']}; awqkit {results['awqkit_version']}"
+    )
     shared = {t for t, e in results.get("tasks", {}).items() if e.get("computed_in")}
-    secs = ", ".join(f"{k} in the {results['tasks'][k]['computed_in']} pass" if k in shared else f"{k} {v:.2f} s"
-                     for k, v in results.get("wall_seconds", {}).items())
+    secs = ", ".join(
+        f"{k} in the {results['tasks'][k]['computed_in']} pass" if k in shared else f"{k} {v:.2f} s"
+        for k, v in results.get("wall_seconds", {}).items()
+    )
     lines += [f"- wall time: {secs}", "", results_table(results)]
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["METRICS", "TASKS", "evaluate_model", "metric_rows", "nonfinite_metrics", "parse_tasks", "results_json",
-           "results_markdown", "results_table"]
+__all__ = [
+    "METRICS",
+    "TASKS",
+    "evaluate_model",
+    "metric_rows",
+    "nonfinite_metrics",
+    "parse_tasks",
+    "results_json",
+    "results_markdown",
+    "results_table",
+]

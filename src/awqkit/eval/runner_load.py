@@ -1,6 +1,6 @@
 """Loading model folders for :mod:`awqkit.eval.runner`: detection, the right loader, and which kernels run.
 
-* The quantization method is detected with :func:`~awqkit.eval.detect.detect_quantization_method`.
+* The quantization method is detected with :func:`~awqkit.io.detect.detect_quantization_method`.
 * A folder whose detection came from a quantization config (``config.json``'s ``quantization_config``,
   AutoAWQ's ``quant_config.json``, ...) is loaded with :func:`~awqkit.io.load.load_quantized` (awqkit,
   AutoAWQ GEMM and compressed-tensors pack-quantized checkpoints; anything else is a clear error),
@@ -11,7 +11,7 @@
   transformers would leave those layers randomly initialized, and transformers' load failures become a
   :class:`~awqkit.errors.CheckpointError` naming the folder.
 
-Detection is :func:`awqkit.eval.detect.detect_quantization_method`, the same that ``awqkit info`` and
+Detection is :func:`awqkit.io.detect.detect_quantization_method`, the same that ``awqkit info`` and
 :func:`~awqkit.io.load.load_quantized` use, so all three agree on every folder.
 
 Kernel backends (``backend``, quantized folders only): ``"auto"`` picks the fastest available kernel for
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from awqkit.errors import AwqkitError, CheckpointError, InputError
-from awqkit.eval.detect import QuantizationInfo, detect_quantization_method
+from awqkit.io.detect import QuantizationInfo, detect_quantization_method
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class LoadedModel:
         return {
             "path": str(self.path),
             "detection": self.detection.to_dict(),
-            "loaded_as": "quantized (awqkit.io.load.load_quantized)" if self.quantized
+            "loaded_as": "quantized (awqkit.io.load.load_quantized)"
+            if self.quantized
             else "float32 (transformers AutoModelForCausalLM)",
             "kernels": self.kernels,
             "load_seconds": round(self.load_seconds, 3),
@@ -121,8 +122,9 @@ def load_for_eval(
     info = detect_quantization_method(folder)
     quantized = info.format is not None
     if not quantized and info.method != "fp":
-        logger.warning("%s: method %r is only suggested by %s; loading it as a float model",
-                       folder, info.method, info.source)
+        logger.warning(
+            "%s: method %r is only suggested by %s; loading it as a float model", folder, info.method, info.source
+        )
     if quantized:
         from awqkit.io.load import load_quantized
 
@@ -130,15 +132,16 @@ def load_for_eval(
     else:
         model = _load_float(folder, info, device, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    loaded = LoadedModel(folder, model, tokenizer, info, quantized,
-                         kernel_summary(model, backend, device), time.perf_counter() - t0)
-    logger.info("loaded %s %s (%s, detected from %s) in %.1f s", what, folder, info.method, info.source,
-                loaded.load_seconds)
+    loaded = LoadedModel(
+        folder, model, tokenizer, info, quantized, kernel_summary(model, backend, device), time.perf_counter() - t0
+    )
+    logger.info(
+        "loaded %s %s (%s, detected from %s) in %.1f s", what, folder, info.method, info.source, loaded.load_seconds
+    )
     return loaded
 
 
-def _load_float(folder: Path, info: QuantizationInfo, device: str | torch.device,
-                trust_remote_code: bool) -> nn.Module:
+def _load_float(folder: Path, info: QuantizationInfo, device: str | torch.device, trust_remote_code: bool) -> nn.Module:
     """The float model in ``folder`` in float32 on ``device`` (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
@@ -150,9 +153,11 @@ def _load_float(folder: Path, info: QuantizationInfo, device: str | torch.device
     except AwqkitError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"loading {folder} as a float model failed ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:300]}); check that it is a complete Hugging Face "
-                              "causal LM folder (config.json and weights)") from None
+        raise CheckpointError(
+            f"loading {folder} as a float model failed ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); check that it is a complete Hugging Face "
+            "causal LM folder (config.json and weights)"
+        ) from None
     return model.to(device).eval()
 
 

@@ -46,13 +46,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from awqkit.errors import DestinationError
+from awqkit.files import partial_files, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 METADATA = "quantization_metadata.json"
 MARKER = ".awqkit-partial.json"
 _AWQKIT_FILES = (  # what an awqkit output folder holds (for markerless staged folders of older versions)
-    "*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "README.md",
+    "*.safetensors",
+    "*.json",
+    "*.jinja",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+    "README.md",
 )
 
 
@@ -96,18 +103,23 @@ def check_destination(dst: str | Path, *, overwrite: bool, src: str | Path | Non
     for place, what in protected:
         if _contains(real, place):
             how = "is" if real == place else "contains"
-            raise DestinationError(f"--dst {path} {how} {what} ({place}); awqkit never replaces it. "
-                                   "Choose a new folder for the output")
+            raise DestinationError(
+                f"--dst {path} {how} {what} ({place}); awqkit never replaces it. Choose a new folder for the output"
+            )
     if not path.exists():
         return path
     if not path.is_dir():
         raise DestinationError(f"--dst {path} exists and is a file; choose a folder path for the output")
     if not overwrite:
-        raise DestinationError(f"--dst {path} already exists; pass --overwrite (overwrite=True) to replace it "
-                               "(only a folder awqkit wrote is replaced) or choose another --dst")
+        raise DestinationError(
+            f"--dst {path} already exists; pass --overwrite (overwrite=True) to replace it "
+            "(only a folder awqkit wrote is replaced) or choose another --dst"
+        )
     if not (path / METADATA).is_file() and any(path.iterdir()):
-        raise DestinationError(f"--dst {path} is not an awqkit output (no {METADATA}) and not empty; "
-                               "--overwrite replaces only folders awqkit wrote. Choose another --dst")
+        raise DestinationError(
+            f"--dst {path} is not an awqkit output (no {METADATA}) and not empty; "
+            "--overwrite replaces only folders awqkit wrote. Choose another --dst"
+        )
     return path
 
 
@@ -129,17 +141,21 @@ def check_writable(parent: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise DestinationError(f"cannot write into {parent} ({exc.strerror or exc}"
-                               f"{': ' + str(exc.filename) if exc.filename else ''}); choose a --dst on a "
-                               "writable disk or fix the folder's permissions") from None
+        raise DestinationError(
+            f"cannot write into {parent} ({exc.strerror or exc}"
+            f"{': ' + str(exc.filename) if exc.filename else ''}); choose a --dst on a "
+            "writable disk or fix the folder's permissions"
+        ) from None
 
 
 def check_free_space(parent: Path, needed: int) -> None:
     """``needed`` bytes must be free on the file system ``parent`` is (or would be) on; raises DestinationError."""
     free = shutil.disk_usage(_existing_ancestor(parent)).free
     if free < needed:
-        raise DestinationError(f"not enough disk space for the output in {parent}: about {needed / 1e9:.2f} GB "
-                               f"needed, {free / 1e9:.2f} GB free; free some space or choose a --dst on another disk")
+        raise DestinationError(
+            f"not enough disk space for the output in {parent}: about {needed / 1e9:.2f} GB "
+            f"needed, {free / 1e9:.2f} GB free; free some space or choose a --dst on another disk"
+        )
 
 
 # ------------------------------------------------------------------------------------------ staging
@@ -166,18 +182,10 @@ def _owner_gone(info: object) -> bool:
     return isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid)
 
 
-def _write_json_atomic(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.part")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
-def staging(dst: Path, *, adopt: Path | None = None,
-            keep_on_interrupt: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def staging(
+    dst: Path, *, adopt: Path | None = None, keep_on_interrupt: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
     """A staged folder for ``dst`` (see the module docstring): a new one, or ``adopt``, the staged folder a
     killed run of the same command left (its marker now names this process). It is removed if the block
     raises, except on an interrupt (Ctrl-C, SIGTERM) when ``keep_on_interrupt(folder)`` says it holds progress
@@ -185,7 +193,7 @@ def staging(dst: Path, *, adopt: Path | None = None,
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = adopt if adopt is not None else Path(tempfile.mkdtemp(prefix=staged_prefix(dst), dir=dst.parent))
     try:
-        _write_json_atomic(tmp / MARKER, {**_owner(), "dst": str(dst)})
+        write_json_atomic(tmp / MARKER, indent=None, durable=True, data={**_owner(), "dst": str(dst)})
         yield tmp
     except KeyboardInterrupt:
         if keep_on_interrupt is None or not keep_on_interrupt(tmp):
@@ -233,8 +241,12 @@ def commit(staged: Path, dst: Path) -> None:
     """Put the complete ``staged`` folder in ``dst``'s place (journaled; see the module docstring)."""
     journal = journal_path(dst)
     old = dst.parent / f"{recovery_prefix(dst)}{uuid.uuid4().hex[:8]}"
-    _write_json_atomic(journal, {**_owner(), "staged": staged.name, "recovery": old.name,
-                                 "staged_inode": staged.stat().st_ino})
+    write_json_atomic(
+        journal,
+        indent=None,
+        durable=True,
+        data={**_owner(), "staged": staged.name, "recovery": old.name, "staged_inode": staged.stat().st_ino},
+    )
     (staged / MARKER).unlink(missing_ok=True)
     if not dst.exists():
         staged.rename(dst)
@@ -263,11 +275,15 @@ def _finish_journal(dst: Path, journal: Path) -> str:
         staged, old = dst.parent / str(info["staged"]), dst.parent / str(info["recovery"])
         staged_inode = int(info["staged_inode"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DestinationError(f"the replacement journal {journal} is unreadable ({exc}); check {dst} and the "
-                               f"folders {dst.parent}/.{dst.name}.* by hand, then delete the journal") from None
+        raise DestinationError(
+            f"the replacement journal {journal} is unreadable ({exc}); check {dst} and the "
+            f"folders {dst.parent}/.{dst.name}.* by hand, then delete the journal"
+        ) from None
     if not _owner_gone(info):
-        raise DestinationError(f"{dst} is being replaced by process {info.get('pid')} on {info.get('host')} "
-                               f"(journal {journal}); wait for it to finish, or delete the journal if it is gone")
+        raise DestinationError(
+            f"{dst} is being replaced by process {info.get('pid')} on {info.get('host')} "
+            f"(journal {journal}); wait for it to finish, or delete the journal if it is gone"
+        )
     if _inode(dst) == staged_inode:  # the new output is in place: only the old one is left to delete
         for leftover in (staged, old):
             if leftover.exists() and _inode(leftover) != staged_inode:
@@ -304,7 +320,8 @@ def recover(dst: str | Path, *, keep: Callable[[Path], bool] | None = None) -> l
     if not parent.is_dir():
         return done
     journal = journal_path(dst)
-    for partial in parent.glob(f"{journal.name}.*.part"):  # a journal whose write was cut: never acted on
+    # a journal whose write was cut is never acted on (awqkit <= 0.1.0 named it NAME.*.part, now .NAME.*.part)
+    for partial in [*partial_files(journal), *parent.glob(f"{journal.name}.*.part")]:
         partial.unlink(missing_ok=True)
     if journal.is_file():
         done.append(_finish_journal(dst, journal))
@@ -342,5 +359,17 @@ def recover(dst: str | Path, *, keep: Callable[[Path], bool] | None = None) -> l
     return done
 
 
-__all__ = ["MARKER", "check_destination", "check_free_space", "check_writable", "commit", "journal_path",
-           "pid_alive", "recover", "resumable", "recovery_prefix", "staged_prefix", "staging"]
+__all__ = [
+    "MARKER",
+    "check_destination",
+    "check_free_space",
+    "check_writable",
+    "commit",
+    "journal_path",
+    "pid_alive",
+    "recover",
+    "resumable",
+    "recovery_prefix",
+    "staged_prefix",
+    "staging",
+]

@@ -79,7 +79,7 @@ class CheckpointReader:
             step = max(1, max_bytes // row_bytes)
             for start in range(0, shape[0], step):
                 with safe_open(str(self.folder / fname), framework="pt") as fh:
-                    yield name, fh.get_slice(name)[start:start + step]
+                    yield name, fh.get_slice(name)[start : start + step]
 
     def first_float_dtype(self) -> torch.dtype | None:
         from safetensors import safe_open
@@ -89,8 +89,12 @@ class CheckpointReader:
                 for k in fh.keys():
                     dtype = fh.get_slice(k).get_dtype()
                     if dtype in ("F64", "F32", "F16", "BF16"):
-                        return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                                "BF16": torch.bfloat16}[dtype]
+                        return {
+                            "F64": torch.float64,
+                            "F32": torch.float32,
+                            "F16": torch.float16,
+                            "BF16": torch.bfloat16,
+                        }[dtype]
         return None
 
 
@@ -132,8 +136,10 @@ class LazyModel:
         tied = self._tied_output_key()
         missing = [n for n in self.names if n not in self.reader and n != tied]
         if missing:
-            raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} tensors the model built from its "
-                                  f"config has ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})")
+            raise CheckpointError(
+                f"{folder}: the checkpoint lacks {len(missing)} tensors the model built from its "
+                f"config has ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})"
+            )
 
     def _tied_output_key(self) -> str | None:
         text = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
@@ -156,8 +162,13 @@ class LazyModel:
     def load_outside_layers(self) -> None:
         """Everything but the decoder layers and the output head: what runs to capture the layers' inputs."""
         head = self._output_head_prefix()
-        self.load([n for n in self.names if not n.startswith(self.layers_prefix + ".")
-                   and not (head and n.startswith(head + "."))])
+        self.load(
+            [
+                n
+                for n in self.names
+                if not n.startswith(self.layers_prefix + ".") and not (head and n.startswith(head + "."))
+            ]
+        )
 
     def _output_head_prefix(self) -> str | None:
         out = self.model.get_output_embeddings()

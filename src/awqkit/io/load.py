@@ -7,7 +7,7 @@ dict), swap each linear whose checkpoint has ``qweight`` / ``weight_packed`` for
 :class:`QuantLinear`, assign the checkpoint tensors (``load_state_dict(assign=True)``; missing and
 unexpected keys are errors), then re-tie tied weights (a tied LM head is not stored).
 
-Which folders load: the method is read by :mod:`awqkit.eval.detect` (the same answer ``awqkit info`` and
+Which folders load: the method is read by :mod:`awqkit.io.detect` (the same answer ``awqkit info`` and
 ``awqkit eval`` give); gptq, bitsandbytes, ... and float folders are refused with a named error. Before any
 tensor is assigned, :mod:`awqkit.io.validate` checks the config's size fields, the safetensors files, and
 every tensor's dtype, shape and finiteness. Expected failures are :class:`~awqkit.errors.AwqkitError`
@@ -41,7 +41,7 @@ _MAX_LISTED = 20
 def read_quant_config(path: str | Path) -> dict[str, Any]:
     """Normalized quantization settings of a checkpoint folder.
 
-    The storage config and its method come from :func:`awqkit.eval.detect.inspect_folder` (the same place
+    The storage config and its method come from :func:`awqkit.io.detect.inspect_folder` (the same place
     ``awqkit info`` and ``awqkit eval`` read them): ``config.json["quantization_config"]`` (or its
     ``text_config``'s), else ``quantization_config.json`` / AutoAWQ's ``quant_config.json`` / AutoGPTQ's
     ``quantize_config.json``. Returns ``{"quant_method": "awq" | "compressed-tensors", "format": "gemm" |
@@ -53,7 +53,7 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
         CheckpointError: no storage config, a method awqkit does not load (gptq, bitsandbytes, ...), or
             settings it does not support (the message names them).
     """
-    from awqkit.eval.detect import inspect_folder, load_refusal
+    from awqkit.io.detect import inspect_folder, load_refusal
 
     path = Path(path)
     info, found = inspect_folder(path)
@@ -66,8 +66,10 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
     version = str(raw.get("version", raw.get("format", "gemm"))).lower()
     bits = validate.int_setting(path, raw, ("bits", "w_bit"), 4)
     if version != "gemm" or bits != 4:
-        raise CheckpointError(f"{path}: quantization_config AWQ version={version!r}, bits={bits} is not "
-                              "supported; awqkit loads 4-bit 'gemm' checkpoints")
+        raise CheckpointError(
+            f"{path}: quantization_config AWQ version={version!r}, bits={bits} is not "
+            "supported; awqkit loads 4-bit 'gemm' checkpoints"
+        )
     group_size = validate.int_setting(path, raw, ("group_size", "q_group_size"), 128)
     validate.check_bits_group(path, bits, group_size)
     zero_point = raw.get("zero_point", True)
@@ -95,19 +97,21 @@ def _listing(keys: list[str]) -> str:
     return ", ".join(sorted(keys)[:_MAX_LISTED]) + more
 
 
-def _install_quant_linears(
-    model: nn.Module, sd: dict[str, Tensor], qc: dict[str, Any], path: Path
-) -> list[str]:
+def _install_quant_linears(model: nn.Module, sd: dict[str, Tensor], qc: dict[str, Any], path: Path) -> list[str]:
     """Swap every linear with packed tensors in ``sd`` for an empty (meta) QuantLinear; returns names."""
     gemm = qc["format"] == "gemm"
     marker, other = (".qweight", ".weight_packed") if gemm else (".weight_packed", ".qweight")
     if any(k.endswith(other) for k in sd):
-        raise CheckpointError(f"checkpoint {path} mixes layouts: found '*{other}' tensors in a {qc['format']!r} "
-                              "checkpoint; re-save it with one quantization format")
+        raise CheckpointError(
+            f"checkpoint {path} mixes layouts: found '*{other}' tensors in a {qc['format']!r} "
+            "checkpoint; re-save it with one quantization format"
+        )
     names = [k[: -len(marker)] for k in sd if k.endswith(marker)]
     if not names:
-        raise CheckpointError(f"checkpoint {path} has no '*{marker}' tensors although quantization_config says it "
-                              f"is {qc['quant_method']!r}; restore the config.json the checkpoint was saved with")
+        raise CheckpointError(
+            f"checkpoint {path} has no '*{marker}' tensors although quantization_config says it "
+            f"is {qc['quant_method']!r}; restore the config.json the checkpoint was saved with"
+        )
     for name in names:
         try:
             linear = get_module(model, name)
@@ -117,14 +121,21 @@ def _install_quant_linears(
                 f"packed weights for {name!r}, which that model lacks (does config.json belong to these weights?)"
             ) from None
         if not isinstance(linear, nn.Linear):
-            raise CheckpointError(f"checkpoint {path} has packed weights for {name!r}, but the model's module "
-                                  f"there is a {type(linear).__name__}, not an nn.Linear")
+            raise CheckpointError(
+                f"checkpoint {path} has packed weights for {name!r}, but the model's module "
+                f"there is a {type(linear).__name__}, not an nn.Linear"
+            )
         zero_point = qc["zero_point"] if gemm else f"{name}.weight_zero_point" in sd
         try:
             with torch.device("meta"):
                 qlinear = QuantLinear(
-                    linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
-                    bias=f"{name}.bias" in sd, zero_point=zero_point, format=qc["format"],
+                    linear.in_features,
+                    linear.out_features,
+                    qc["bits"],
+                    qc["group_size"],
+                    bias=f"{name}.bias" in sd,
+                    zero_point=zero_point,
+                    format=qc["format"],
                 )
         except ValueError as exc:
             raise CheckpointError(
@@ -168,8 +179,9 @@ def _resolve_dtype(config: Any, device: torch.device, dtype: torch.dtype | None)
     return cfg_dtype
 
 
-def _build_model(path: Path, raw_cfg: dict[str, Any], device: torch.device, dtype: torch.dtype | None,
-                 trust_remote_code: bool) -> tuple[Any, nn.Module, torch.dtype]:
+def _build_model(
+    path: Path, raw_cfg: dict[str, Any], device: torch.device, dtype: torch.dtype | None, trust_remote_code: bool
+) -> tuple[Any, nn.Module, torch.dtype]:
     """``(config, model with parameters on meta, dtype)`` from ``config.json``; a config transformers cannot
     build a causal LM from is a CheckpointError (its own exception, whatever its type, is quoted)."""
     from transformers import AutoConfig
@@ -183,67 +195,17 @@ def _build_model(path: Path, raw_cfg: dict[str, Any], device: torch.device, dtyp
     except AwqkitError:
         raise
     except Exception as exc:  # noqa: BLE001 -- transformers raises many types for a bad config; all mean that
-        raise CheckpointError(f"building the model from {path / 'config.json'} failed ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:300]}); restore the config.json the checkpoint was "
-                              "saved with") from None
+        raise CheckpointError(
+            f"building the model from {path / 'config.json'} failed ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); restore the config.json the checkpoint was "
+            "saved with"
+        ) from None
     return config, model, dtype
 
 
-def load_quantized(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    backend: str = "auto",
-    trust_remote_code: bool = False,
-    fp16_head: bool | None = None,
-) -> nn.Module:
-    """Load a quantized causal LM from ``path`` onto ``device``.
-
-    Args:
-        path: checkpoint folder (config.json + safetensors).
-        device: where the model ends up.
-        dtype: dtype of the non-quantized weights; default float32 on CPU (no fast fp16 there), else the
-            config's dtype (fp16 if unset). Packed buffers keep their stored dtypes (int32, fp16 scales).
-        backend: kernel backend for every QuantLinear (``"auto"``, ``"torch"``, ...).
-        trust_remote_code: passed to transformers for models with custom code.
-        fp16_head: keep the LM head (and its tied embedding) in fp16 storage, computed in fp32
-            (:func:`awqkit.nn.fp16_storage.store_head_fp16`; only when its weights are exactly fp16, so
-            outputs do not change). None: on for CPU + float32 + backend ``auto``/``cpu-avx2`` when the
-            ``cpu-avx2`` kernels are available (it halves the head's read per decoded token).
-    Returns:
-        the model in eval mode, with ``model.awqkit_quant_config`` = :func:`read_quant_config`'s dict.
-    """
-    from awqkit.eval.detect import read_config_json
-
-    path = Path(path)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json; pass a checkpoint folder written by save_quantized or "
-                              "AutoAWQ")
-    raw_cfg = read_config_json(path) or {}
-    qc = read_quant_config(path)
-    if backend != "auto":
-        try:
-            kernels.get_backend(backend)  # fail early on unknown / unavailable backends
-        except (ValueError, RuntimeError) as exc:
-            raise InputError(str(exc)) from None
-    device = torch.device(device)
-    validate.check_config_fields(path, raw_cfg)
-    sd, where = validate.read_tensors(path)
-    validate.check_config_against_tensors(path, raw_cfg, sd)
-    config, model, dtype = _build_model(path, raw_cfg, device, dtype, trust_remote_code)
-
-    for key in [k for k in sd if _BENIGN_EXTRA.search(k)]:
-        del sd[key]
-    qnames = set(_install_quant_linears(model, sd, qc, path))
-    validate.check_tensors(model, sd, where, path, qc)
-    for name in qnames:
-        if qc["format"] != "gemm":
-            _repack_legacy_ct(sd, name, get_module(model, name))  # type: ignore[arg-type]
-    for key, t in sd.items():
-        if t.is_floating_point() and key.rpartition(".")[0] not in qnames:
-            sd[key] = t.to(dtype)
-
+def _assign_state(model: nn.Module, config: Any, sd: dict[str, Tensor], path: Path, qc: dict[str, Any]) -> None:
+    """Load ``sd`` into ``model`` (assigning its tensors), re-tie the parameters the checkpoint stores once
+    (aliases and a tied embedding), and refuse a state that leaves keys missing, unexpected or on meta."""
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
@@ -272,9 +234,69 @@ def load_quantized(
         setattr(get_module(model, parent_name), leaf, model.get_parameter(source))
     still_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if still_meta:
-        raise CheckpointError(f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
-                              f"tensors left uninitialized after loading: {_listing(still_meta)}")
+        raise CheckpointError(
+            f"checkpoint {path} does not match the {type(model).__name__} built from its config: "
+            f"tensors left uninitialized after loading: {_listing(still_meta)}"
+        )
 
+
+def load_quantized(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    trust_remote_code: bool = False,
+    fp16_head: bool | None = None,
+) -> nn.Module:
+    """Load a quantized causal LM from ``path`` onto ``device``.
+
+    Args:
+        path: checkpoint folder (config.json + safetensors).
+        device: where the model ends up.
+        dtype: dtype of the non-quantized weights; default float32 on CPU (no fast fp16 there), else the
+            config's dtype (fp16 if unset). Packed buffers keep their stored dtypes (int32, fp16 scales).
+        backend: kernel backend for every QuantLinear (``"auto"``, ``"torch"``, ...).
+        trust_remote_code: passed to transformers for models with custom code.
+        fp16_head: keep the LM head (and its tied embedding) in fp16 storage, computed in fp32
+            (:func:`awqkit.nn.fp16_storage.store_head_fp16`; only when its weights are exactly fp16, so
+            outputs do not change). None: on for CPU + float32 + backend ``auto``/``cpu-avx2`` when the
+            ``cpu-avx2`` kernels are available (it halves the head's read per decoded token).
+    Returns:
+        the model in eval mode, with ``model.awqkit_quant_config`` = :func:`read_quant_config`'s dict.
+    """
+    from awqkit.io.detect import read_config_json
+
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path} has no config.json; pass a checkpoint folder written by save_quantized or AutoAWQ"
+        )
+    raw_cfg = read_config_json(path) or {}
+    qc = read_quant_config(path)
+    if backend != "auto":
+        try:
+            kernels.get_backend(backend)  # fail early on unknown / unavailable backends
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(str(exc)) from None
+    device = torch.device(device)
+    validate.check_config_fields(path, raw_cfg)
+    sd, where = validate.read_tensors(path)
+    validate.check_config_against_tensors(path, raw_cfg, sd)
+    config, model, dtype = _build_model(path, raw_cfg, device, dtype, trust_remote_code)
+
+    for key in [k for k in sd if _BENIGN_EXTRA.search(k)]:
+        del sd[key]
+    qnames = set(_install_quant_linears(model, sd, qc, path))
+    validate.check_tensors(model, sd, where, path, qc)
+    for name in qnames:
+        if qc["format"] != "gemm":
+            _repack_legacy_ct(sd, name, get_module(model, name))  # type: ignore[arg-type]
+    for key, t in sd.items():
+        if t.is_floating_point() and key.rpartition(".")[0] not in qnames:
+            sd[key] = t.to(dtype)
+
+    _assign_state(model, config, sd, path, qc)
     model.to(device)
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -287,13 +309,21 @@ def load_quantized(
         raise InputError(f"{path}: {' '.join(str(exc).split())}") from None
     model.eval()
     model.awqkit_quant_config = qc
-    logger.info("loaded %s: %d quantized linears (%s, %d-bit, g=%d) on %s",
-                path, len(qnames), qc["format"], qc["bits"], qc["group_size"], device)
+    logger.info(
+        "loaded %s: %d quantized linears (%s, %d-bit, g=%d) on %s",
+        path,
+        len(qnames),
+        qc["format"],
+        qc["bits"],
+        qc["group_size"],
+        device,
+    )
     return model
 
 
-def _prepare_cpu(model: nn.Module, device: torch.device, dtype: torch.dtype, backend: str,
-                 fp16_head: bool | None) -> None:
+def _prepare_cpu(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, backend: str, fp16_head: bool | None
+) -> None:
     """Convert the quantized layers for the CPU backend ``backend`` resolves to, once, now (unsupported
     layers are logged under ``auto`` and refused under a named backend), and apply ``fp16_head``."""
     from awqkit.kernels import cpu_avx2, cpu_int4

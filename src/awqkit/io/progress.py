@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from awqkit.algo.results import AWQResults
+from awqkit.files import write_json_atomic
 
 FOLDER = "awqkit_progress"
 FILE = "progress.json"
@@ -48,15 +48,6 @@ def has_progress(staged: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("format") == FORMAT and int(data.get("layers_done") or 0) > 0
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class RunProgress:
@@ -89,8 +80,12 @@ class RunProgress:
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
-        _write_json(self.folder / FILE, {"format": FORMAT, "key": self.key, "layers_done": 0, "inputs": None,
-                                         "extra": extra})
+        write_json_atomic(
+            self.folder / FILE,
+            {"format": FORMAT, "key": self.key, "layers_done": 0, "inputs": None, "extra": extra},
+            indent=None,
+            durable=True,
+        )
 
     def record_layer(self, index: int, results: AWQResults | None, inputs: list[Tensor] | None) -> None:
         """Layer ``index`` is written: keep its results and the next layer's inputs, then commit the record."""
@@ -102,8 +97,14 @@ class RunProgress:
             name = f"inputs-{index + 1:05d}.safetensors"
             save_file({f"batch.{b}": t.contiguous() for b, t in enumerate(inputs)}, str(self.folder / name))
         previous = state.get("inputs")
-        _write_json(self.folder / FILE, {"format": FORMAT, "key": self.key, "layers_done": index + 1,
-                                         "inputs": name, "extra": state.get("extra", {})})
+        record = {
+            "format": FORMAT,
+            "key": self.key,
+            "layers_done": index + 1,
+            "inputs": name,
+            "extra": state.get("extra", {}),
+        }
+        write_json_atomic(self.folder / FILE, record, indent=None, durable=True)
         if previous and previous != name:
             (self.folder / previous).unlink(missing_ok=True)
 
@@ -134,8 +135,12 @@ class RunProgress:
 
 def _layer_results(results: AWQResults, index: int) -> AWQResults:
     seconds = results.layer_seconds[-1:] if results.layer_seconds else []
-    return AWQResults(results.norm_offset, [e for e in results.scales if e.layer == index],
-                      [c for c in results.clips if c.layer == index], seconds)
+    return AWQResults(
+        results.norm_offset,
+        [e for e in results.scales if e.layer == index],
+        [c for c in results.clips if c.layer == index],
+        seconds,
+    )
 
 
 __all__ = ["FOLDER", "RunProgress", "has_progress", "run_key"]

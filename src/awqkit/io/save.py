@@ -25,7 +25,6 @@ sha256 under ``"files"`` (:data:`FILES_KEY`), so a reader can tell a complete ou
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from awqkit.arch.names import name_matches
 from awqkit.config import QuantConfig
 from awqkit.errors import DestinationError, InputError
+from awqkit.files import sha256_file
 from awqkit.io import destination
 from awqkit.io.shards import INDEX, ShardLayout, ShardWriter, TensorSpec
 from awqkit.nn.qlinear import QuantLinear
@@ -66,8 +66,17 @@ SRC_FILE_PATTERNS = (
     "training_metadata.json",
 )
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -113,8 +122,12 @@ def build_quantization_config(
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                        "output_activations": None}
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+            }
         },
         "ignore": list(ignore),
         "kv_cache_scheme": None,
@@ -137,7 +150,8 @@ def _ignore_list(model: nn.Module, given: list[str], quantized: set[str]) -> lis
                 logger.warning(
                     "modules_to_not_convert entry %r is a substring of quantized module %r; loaders that "
                     "match by substring (transformers, vLLM) would skip it. Use a more specific name.",
-                    entry, clash,
+                    entry,
+                    clash,
                 )
     return out
 
@@ -186,8 +200,10 @@ def convert_for_storage(key: str, t: Tensor, dtype: torch.dtype) -> Tensor:
     if t.is_floating_point() and t.numel() and dtype == torch.float16 and t.dtype != torch.float16:
         peak = float(t.abs().max())
         if math.isfinite(peak) and peak > FP16_MAX:
-            raise InputError(f"tensor {key} has |value| {peak:g} > {FP16_MAX} and would overflow in fp16; awqkit "
-                             "stores non-quantized tensors in fp16, so this model cannot be saved as is")
+            raise InputError(
+                f"tensor {key} has |value| {peak:g} > {FP16_MAX} and would overflow in fp16; awqkit "
+                "stores non-quantized tensors in fp16, so this model cannot be saved as is"
+            )
     out = t.to(device="cpu", dtype=dtype).contiguous()
     if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
         out = out.clone()  # own storage: safetensors refuses tensors that share memory (e.g. untied aliases)
@@ -200,21 +216,18 @@ def _write_shards(plan: dict[str, tuple[Tensor, torch.dtype]], folder: Path, max
     specs = [TensorSpec(k, tuple(t.shape), dtype) for k, (t, dtype) in plan.items()]
     for spec in specs:
         if spec.nbytes > max_bytes:
-            logger.warning("tensor %s (%d bytes) exceeds max_shard_size; it gets a shard of its own", spec.name,
-                           spec.nbytes)
+            logger.warning(
+                "tensor %s (%d bytes) exceeds max_shard_size; it gets a shard of its own", spec.name, spec.nbytes
+            )
     with ShardWriter(folder, ShardLayout.plan(specs, max_bytes)) as writer:
         for key, (t, dtype) in plan.items():
             writer.write(key, convert_for_storage(key, t, dtype))
     return writer.layout.files() + ([INDEX] if len(writer.layout.files()) > 1 else [])
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
+def file_digest(path: Path) -> dict[str, Any]:
     """``{"bytes": size, "sha256": hex digest}`` of ``path``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def verify_files(folder: str | Path, metadata: dict[str, Any], *, hashes: bool = True) -> str | None:
@@ -285,8 +298,15 @@ def quantized_config(model: nn.Module, quant_config: QuantConfig, modules_to_not
     return _config_dict(model, build_quantization_config(quant_config, ignore, formats.pop()))
 
 
-def write_side_files(model: nn.Module, folder: Path, *, src_dir: str | Path | None, config: dict[str, Any],
-                     metadata: dict[str, Any], weight_files: list[str]) -> None:
+def write_side_files(
+    model: nn.Module,
+    folder: Path,
+    *,
+    src_dir: str | Path | None,
+    config: dict[str, Any],
+    metadata: dict[str, Any],
+    weight_files: list[str],
+) -> None:
     """Everything of an output folder but the weights: ``config.json``, the source's tokenizer / chat-template /
     generation files (or the model's generation config), and ``quantization_metadata.json`` recording each of
     ``weight_files``' size and sha256 (:data:`FILES_KEY`)."""
@@ -310,9 +330,11 @@ class _WritingErrors(contextlib.AbstractContextManager):
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
-            raise DestinationError(f"writing the output to {self.dst} failed ({exc.strerror or exc}"
-                                   f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was replaced. "
-                                   "Free disk space or fix permissions, then run again") from exc
+            raise DestinationError(
+                f"writing the output to {self.dst} failed ({exc.strerror or exc}"
+                f"{': ' + str(exc.filename) if exc.filename else ''}); nothing was replaced. "
+                "Free disk space or fix permissions, then run again"
+            ) from exc
 
 
 def save_quantized(
@@ -360,8 +382,12 @@ def save_quantized(
             extra_files(tmp)
         normal_permissions(tmp)
         destination.commit(tmp, dst)
-    logger.info("saved %d quantized linears (%d-bit) to %s", sum(isinstance(m, QuantLinear) for m in model.modules()),
-                quant_config.bits, dst)
+    logger.info(
+        "saved %d quantized linears (%d-bit) to %s",
+        sum(isinstance(m, QuantLinear) for m in model.modules()),
+        quant_config.bits,
+        dst,
+    )
     return dst
 
 

@@ -47,9 +47,18 @@ from torch import Tensor
 from awqkit.errors import CheckpointError, EnvironmentProblem, InputError
 
 #: safetensors dtype names, in the reference writer's order within a file (widest first).
-DTYPES: dict[str, torch.dtype] = {"I64": torch.int64, "F64": torch.float64, "F32": torch.float32,
-                                  "I32": torch.int32, "BF16": torch.bfloat16, "F16": torch.float16,
-                                  "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPES: dict[str, torch.dtype] = {
+    "I64": torch.int64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "I32": torch.int32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _NAMES = {v: k for k, v in DTYPES.items()}
 _RANK = {k: i for i, k in enumerate(DTYPES)}
 PT_METADATA: Mapping[str, str] = MappingProxyType({"format": "pt"})
@@ -71,8 +80,10 @@ class TensorSpec:
         if not isinstance(self.name, str) or not self.name or self.name == "__metadata__":
             raise InputError(f"tensor name {self.name!r} cannot be stored in safetensors; use a non-empty str")
         if self.dtype not in _NAMES:
-            raise InputError(f"tensor {self.name} has dtype {self.dtype}, which this writer does not store; "
-                             f"convert it to one of {', '.join(str(d) for d in DTYPES.values())}")
+            raise InputError(
+                f"tensor {self.name} has dtype {self.dtype}, which this writer does not store; "
+                f"convert it to one of {', '.join(str(d) for d in DTYPES.values())}"
+            )
         if any(d < 0 for d in self.shape):
             raise InputError(f"tensor {self.name} has a negative dimension in shape {list(self.shape)}")
 
@@ -115,8 +126,9 @@ class ShardLayout:
                 raise InputError(f"the header of {fname} exceeds {_MAX_HEADER} bytes; use smaller shards")
 
     @classmethod
-    def plan(cls, specs: Sequence[TensorSpec], max_shard_bytes: int,
-             metadata: Mapping[str, str] | None = PT_METADATA) -> ShardLayout:
+    def plan(
+        cls, specs: Sequence[TensorSpec], max_shard_bytes: int, metadata: Mapping[str, str] | None = PT_METADATA
+    ) -> ShardLayout:
         """Assign ``specs``, in order, to consecutive shards of at most ``max_shard_bytes`` bytes of data; a
         tensor larger than that gets a shard of its own (as :func:`awqkit.io.save._write_shards` does)."""
         shards: list[list[TensorSpec]] = [[]]
@@ -132,9 +144,12 @@ class ShardLayout:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready record of this layout (for a progress file); :meth:`from_json` rebuilds it."""
-        return {"format": LAYOUT_FORMAT, "max_shard_bytes": self.max_shard_bytes,
-                "metadata": None if self.metadata is None else dict(self.metadata),
-                "tensors": [[s.name, _NAMES[s.dtype], list(s.shape)] for shard in self.shards for s in shard]}
+        return {
+            "format": LAYOUT_FORMAT,
+            "max_shard_bytes": self.max_shard_bytes,
+            "metadata": None if self.metadata is None else dict(self.metadata),
+            "tensors": [[s.name, _NAMES[s.dtype], list(s.shape)] for shard in self.shards for s in shard],
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ShardLayout:
@@ -156,8 +171,9 @@ class ShardLayout:
         """The spec of tensor ``name``; InputError when the layout does not hold it."""
         place = self._places.get(name)
         if place is None:
-            raise InputError(f"tensor {name} is not in the shard layout; it holds {len(self._places)} "
-                             "tensors planned before writing")
+            raise InputError(
+                f"tensor {name} is not in the shard layout; it holds {len(self._places)} tensors planned before writing"
+            )
         return place[0]
 
     def weight_map(self) -> dict[str, str]:
@@ -177,9 +193,11 @@ class ShardLayout:
     @cached_property
     def _places(self) -> dict[str, tuple[TensorSpec, str, int]]:
         """``{name: (spec, file, absolute byte offset of its data)}``."""
-        return {s.name: (s, f, len(self._headers[f]) + begin)
-                for f, shard in zip(self.files(), self.shards, strict=True)
-                for s, begin in _offsets(shard)}
+        return {
+            s.name: (s, f, len(self._headers[f]) + begin)
+            for f, shard in zip(self.files(), self.shards, strict=True)
+            for s, begin in _offsets(shard)
+        }
 
     @cached_property
     def _headers(self) -> dict[str, bytes]:
@@ -188,8 +206,11 @@ class ShardLayout:
         for fname, shard in zip(self.files(), self.shards, strict=True):
             head: dict[str, Any] = {} if self.metadata is None else {"__metadata__": dict(self.metadata)}
             for s, begin in _offsets(shard):
-                head[s.name] = {"dtype": _NAMES[s.dtype], "shape": list(s.shape),
-                                "data_offsets": [begin, begin + s.nbytes]}
+                head[s.name] = {
+                    "dtype": _NAMES[s.dtype],
+                    "shape": list(s.shape),
+                    "data_offsets": [begin, begin + s.nbytes],
+                }
             text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
             text += b" " * (-len(text) % 8)
             out[fname] = len(text).to_bytes(8, "little") + text
@@ -254,8 +275,10 @@ class ShardWriter:
         self._fds[fname] = fd
         want = self.layout._headers[fname]
         if os.pread(fd, len(want), 0) != want or os.fstat(fd).st_size != self.layout._file_size(fname):
-            raise CheckpointError(f"cannot resume: {path} was written for another layout (its header or size "
-                                  "differs: another model, dtype or max_shard_size); start the run afresh")
+            raise CheckpointError(
+                f"cannot resume: {path} was written for another layout (its header or size "
+                "differs: another model, dtype or max_shard_size); start the run afresh"
+            )
 
     def write(self, name: str, tensor: Tensor, *, rewrite: bool = False) -> None:
         """Write ``tensor`` as ``name`` (any device, any strides; shape and dtype must equal the spec's).
@@ -302,8 +325,10 @@ class ShardWriter:
             self._release()
         missing = [s.name for s in self.missing()]
         if missing:
-            raise CheckpointError(f"{len(missing)} tensor(s) were never written to {self.folder}: "
-                                  f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}")
+            raise CheckpointError(
+                f"{len(missing)} tensor(s) were never written to {self.folder}: "
+                f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}"
+            )
         files = self.layout.files()
         if len(files) > 1:
             tmp = self.folder / (INDEX + ".part")

@@ -18,7 +18,6 @@ is damaged or whose data is cut short (``safe_open`` checks that the header cove
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from awqkit.errors import CheckpointError, InputError, NonFiniteError
+from awqkit.files import sha256_named_files
 from awqkit.io import validate
 
 logger = logging.getLogger(__name__)
@@ -50,19 +50,13 @@ class SourceInfo:
     name_or_path: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"src": self.src, "kind": self.kind, "architectures": self.architectures,
-                "weights_sha256": self.weights_sha256, "name_or_path": self.name_or_path}
-
-
-def hash_weights(paths: list[Path], chunk: int = 1 << 22) -> str:
-    """sha256 over the named weight files (sorted by name; name and content both hashed)."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda x: x.name):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
+        return {
+            "src": self.src,
+            "kind": self.kind,
+            "architectures": self.architectures,
+            "weights_sha256": self.weights_sha256,
+            "name_or_path": self.name_or_path,
+        }
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -95,8 +89,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not readable JSON ({exc}); restore the model's config.json") from None
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} holds a {type(cfg).__name__}, not a JSON object; restore the model's "
-                              "config.json")
+        raise CheckpointError(
+            f"{path} holds a {type(cfg).__name__}, not a JSON object; restore the model's config.json"
+        )
     return cfg
 
 
@@ -106,13 +101,17 @@ def _check_config(src: str, cfg: dict[str, Any]) -> None:
     qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
     if qc:
         method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-        raise InputError(f"{src} is already quantized (quant_method {method!r} in config.json); pass the float "
-                         "model it was made from")
+        raise InputError(
+            f"{src} is already quantized (quant_method {method!r} in config.json); pass the float "
+            "model it was made from"
+        )
     names = cfg.get("architectures") or []
     spec = spec_for_architectures(names)
     if spec is None and names:  # without architectures the model class decides, once it is built
-        raise InputError(f"{src}: architecture {names or cfg.get('model_type')!r} is not supported; supported: "
-                         f"{', '.join(supported_architectures())}")
+        raise InputError(
+            f"{src}: architecture {names or cfg.get('model_type')!r} is not supported; supported: "
+            f"{', '.join(supported_architectures())}"
+        )
     validate.check_config_fields(Path(src), cfg)
 
 
@@ -126,8 +125,10 @@ def _check_hub_id(src: str) -> None:
     """A hub id must be in the local hub cache or known to the hub (one quick request, no retries)."""
     local = _local_prefix_exists(src)
     if local is not None:
-        raise InputError(f"model source {src!r} does not exist (the folder {local}/ does, so this looks like a "
-                         "mistyped local path); check the path, or prefix a hub id's owner with nothing local")
+        raise InputError(
+            f"model source {src!r} does not exist (the folder {local}/ does, so this looks like a "
+            "mistyped local path); check the path, or prefix a hub id's owner with nothing local"
+        )
     try:
         from huggingface_hub import HfApi, try_to_load_from_cache
         from huggingface_hub.errors import RepositoryNotFoundError
@@ -136,20 +137,25 @@ def _check_hub_id(src: str) -> None:
     if isinstance(try_to_load_from_cache(src, "config.json"), str):
         return
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise InputError(f"model source {src!r} is not a local path, and HF_HUB_OFFLINE is set with no cached copy; "
-                         "pass a local folder or a .gguf file")
+        raise InputError(
+            f"model source {src!r} is not a local path, and HF_HUB_OFFLINE is set with no cached copy; "
+            "pass a local folder or a .gguf file"
+        )
     try:
         HfApi().model_info(src, timeout=10)
     except RepositoryNotFoundError:
-        raise InputError(f"model source {src!r} is neither a local path nor a model on the Hugging Face hub; "
-                         "check the spelling") from None
+        raise InputError(
+            f"model source {src!r} is neither a local path nor a model on the Hugging Face hub; check the spelling"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - the hub client's transport errors (httpx, httpx2, requests) share no
         # base class below Exception; any failure here means the hub could not be asked
         if getattr(getattr(exc, "response", None), "status_code", None) in (401, 403):
             return  # gated or private: transformers will use the user's token
-        raise InputError(f"model source {src!r} is not a local path, and the Hugging Face hub could not be asked "
-                         f"about it ({type(exc).__name__}: {str(exc)[:120]}); pass a local folder, or check the "
-                         "network") from None
+        raise InputError(
+            f"model source {src!r} is not a local path, and the Hugging Face hub could not be asked "
+            f"about it ({type(exc).__name__}: {str(exc)[:120]}); pass a local folder, or check the "
+            "network"
+        ) from None
 
 
 def inspect_source(src: str | Path) -> SourceCheck:
@@ -186,8 +192,10 @@ def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], where: str
             continue
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(f"{where}: tensor {name} holds {bad} NaN/Inf value(s); fix or re-export the model "
-                                 "(awqkit cannot quantize or keep non-finite weights)")
+            raise NonFiniteError(
+                f"{where}: tensor {name} holds {bad} NaN/Inf value(s); fix or re-export the model "
+                "(awqkit cannot quantize or keep non-finite weights)"
+            )
 
 
 def check_finite(model: torch.nn.Module, where: str) -> None:
@@ -214,13 +222,16 @@ def load_source(
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     logger.info("loading %s model from %s", chk.kind, src)
     try:
-        model = AutoModelForCausalLM.from_pretrained(chk.load_dir, dtype=dtype, low_cpu_mem_usage=True,
-                                                     **chk.extra, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            chk.load_dir, dtype=dtype, low_cpu_mem_usage=True, **chk.extra, **common
+        )
         tokenizer = AutoTokenizer.from_pretrained(chk.load_dir, **chk.extra, **common)
     except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         # transformers', safetensors' and torch.load's errors for files that are not what they claim
-        raise CheckpointError(f"loading {src} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
-                              "check that it is a complete Hugging Face causal LM") from exc
+        raise CheckpointError(
+            f"loading {src} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+            "check that it is a complete Hugging Face causal LM"
+        ) from exc
     if chk.kind == "gguf":  # the GGUF reader returns a plain float model tagged as "gguf-quantized"
         model.hf_quantizer = None
         model.is_quantized = False
@@ -230,9 +241,11 @@ def load_source(
         raise InputError(f"{src} is already quantized ({model.config.quantization_config}); pass a float model")
     model.eval()
     info = SourceInfo(
-        src=str(src), kind=chk.kind, folder=chk.folder,
+        src=str(src),
+        kind=chk.kind,
+        folder=chk.folder,
         architectures=list(getattr(model.config, "architectures", None) or [type(model).__name__]),
-        weights_sha256=hash_weights(chk.files) if (hash_files and chk.files) else None,
+        weights_sha256=sha256_named_files(chk.files) if (hash_files and chk.files) else None,
         name_or_path=str(getattr(model.config, "_name_or_path", "") or src),
     )
     return model, tokenizer, info

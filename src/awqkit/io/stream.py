@@ -44,8 +44,14 @@ def output_specs(model: nn.Module, targets: Iterable[str], quant: QuantConfig) -
         if isinstance(lin, QuantLinear):
             continue
         with torch.device("meta"):
-            q = QuantLinear(lin.in_features, lin.out_features, quant.bits, quant.group_size,
-                            bias=lin.bias is not None, zero_point=quant.zero_point)
+            q = QuantLinear(
+                lin.in_features,
+                lin.out_features,
+                quant.bits,
+                quant.group_size,
+                bias=lin.bias is not None,
+                zero_point=quant.zero_point,
+            )
         shapes[name] = {k: (tuple(t.shape), t.dtype) for k, t in q.state_dict().items()}
     tied = tied_output_key(model)
     specs: list[TensorSpec] = []
@@ -64,8 +70,9 @@ def output_specs(model: nn.Module, targets: Iterable[str], quant: QuantConfig) -
 class OutputWriter:
     """The shards of one quantized checkpoint, written part by part (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, targets: Iterable[str], quant: QuantConfig, layers_prefix: str,
-                 max_shard_bytes: int) -> None:
+    def __init__(
+        self, model: nn.Module, targets: Iterable[str], quant: QuantConfig, layers_prefix: str, max_shard_bytes: int
+    ) -> None:
         self.targets = set(targets)
         self.quant = quant
         self.layers_prefix = layers_prefix
@@ -101,18 +108,19 @@ class OutputWriter:
         names -> tensors in the model's stored dtype), one at a time."""
         for name in self.outside_layers():
             t = read([name])[name]
-            self._w.write(name, convert_for_storage(name, t, torch.float16 if t.is_floating_point() else t.dtype),
-                              rewrite=True)
+            self._w.write(
+                name, convert_for_storage(name, t, torch.float16 if t.is_floating_point() else t.dtype), rewrite=True
+            )
 
     def write_layer(self, index: int, layer: nn.Module) -> None:
         """Pack decoder layer ``index``'s target linears (from its folded and clipped float weights), write all
         its tensors, then put the layer on the meta device (its memory is freed)."""
         prefix = f"{self.layers_prefix}.{index}."
-        names = [n[len(prefix):] for n in self.targets if n.startswith(prefix)]
+        names = [n[len(prefix) :] for n in self.targets if n.startswith(prefix)]
         replace_linears(layer, sorted(names), self.quant.bits, self.quant.group_size, self.quant.zero_point)
         state = layer.state_dict()
         for name in self.layer_names(index):
-            t = state[name[len(prefix):]]
+            t = state[name[len(prefix) :]]
             dtype = self.layout_dtype(name)
             self._w.write(name, convert_for_storage(name, t, dtype), rewrite=True)
         layer.to("meta")

@@ -108,8 +108,10 @@ def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if files is None and (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif files is None:
-        raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json; pass the "
-                              "folder that holds the weights, or save the checkpoint again")
+        raise CheckpointError(
+            f"{path} has neither model.safetensors nor model.safetensors.index.json; pass the "
+            "folder that holds the weights, or save the checkpoint again"
+        )
     tensors: dict[str, Tensor] = {}
     where: dict[str, str] = {}
     for fname in files:
@@ -134,9 +136,11 @@ def check_float_weights(folder: Path, suggested: str | None = None) -> None:
         packed = next((k for k in keys if k.endswith(_PACKED_SUFFIXES)), None)
         if packed is not None:
             hint = f" (its metadata or name suggests {suggested!r})" if suggested else ""
-            raise CheckpointError(f"{folder} holds packed quantized tensors ({packed} in {file.name}) but no "
-                                  f"quantization config{hint}; restore the quantization_config in its config.json "
-                                  "(or its quantize_config.json) from the original checkpoint")
+            raise CheckpointError(
+                f"{folder} holds packed quantized tensors ({packed} in {file.name}) but no "
+                f"quantization config{hint}; restore the quantization_config in its config.json "
+                "(or its quantize_config.json) from the original checkpoint"
+            )
 
 
 def _text_config(raw: dict[str, Any]) -> dict[str, Any]:
@@ -159,8 +163,9 @@ def check_config_fields(path: Path, raw: dict[str, Any], config: Any = None) -> 
 
     file = path / "config.json"
     if not isinstance(raw.get("model_type"), str) or not raw.get("model_type"):
-        raise CheckpointError(f"{file} lacks model_type (or it is not a string); restore the config.json the "
-                              "checkpoint was saved with")
+        raise CheckpointError(
+            f"{file} lacks model_type (or it is not a string); restore the config.json the checkpoint was saved with"
+        )
     text = _text_config(raw)
     archs = raw.get("architectures")
     names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
@@ -174,9 +179,11 @@ def check_config_fields(path: Path, raw: dict[str, Any], config: Any = None) -> 
             fields += [f for f in _DEFAULT_FIELDS if f not in text and hasattr(text_cfg, f)]
     bad = [f for f in fields if not _positive_int(text.get(f))]
     if bad:
-        raise CheckpointError(f"{file} lacks the size fields {bad} (or they are not positive integers); "
-                              "transformers would fill defaults and build a model of another size than the "
-                              "weights: restore the config.json the checkpoint was saved with")
+        raise CheckpointError(
+            f"{file} lacks the size fields {bad} (or they are not positive integers); "
+            "transformers would fill defaults and build a model of another size than the "
+            "weights: restore the config.json the checkpoint was saved with"
+        )
 
 
 def check_config_against_tensors(path: Path, raw: dict[str, Any], tensors: dict[str, Tensor]) -> None:
@@ -187,14 +194,18 @@ def check_config_against_tensors(path: Path, raw: dict[str, Any], tensors: dict[
     layers = {int(m.group(1)) for k in tensors if (m := _LAYER_RE.search(k))}
     n_layers = text.get("num_hidden_layers")
     if layers and _positive_int(n_layers) and n_layers != max(layers) + 1:
-        raise CheckpointError(f"{file} says num_hidden_layers={n_layers} but the weights hold {max(layers) + 1} "
-                              "decoder layers; restore the config.json the checkpoint was saved with")
+        raise CheckpointError(
+            f"{file} says num_hidden_layers={n_layers} but the weights hold {max(layers) + 1} "
+            "decoder layers; restore the config.json the checkpoint was saved with"
+        )
     for key, t in tensors.items():
         if _EMBED_RE.search(key) and t.dim() == 2:
             want = (text.get("vocab_size"), text.get("hidden_size"))
             if all(_positive_int(v) for v in want) and tuple(t.shape) != want:
-                raise CheckpointError(f"{file} says vocab_size={want[0]}, hidden_size={want[1]} but {key} is "
-                                      f"{list(t.shape)}; restore the config.json the checkpoint was saved with")
+                raise CheckpointError(
+                    f"{file} says vocab_size={want[0]}, hidden_size={want[1]} but {key} is "
+                    f"{list(t.shape)}; restore the config.json the checkpoint was saved with"
+                )
 
 
 def int_setting(path: Path, raw: dict[str, Any], names: tuple[str, ...], default: int | None) -> int:
@@ -204,11 +215,14 @@ def int_setting(path: Path, raw: dict[str, Any], names: tuple[str, ...], default
             value = raw[name]
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
-            raise CheckpointError(f"{path}: quantization_config {name}={value!r} must be an integer; restore the "
-                                  "config the checkpoint was saved with")
+            raise CheckpointError(
+                f"{path}: quantization_config {name}={value!r} must be an integer; restore the "
+                "config the checkpoint was saved with"
+            )
     if default is None:
-        raise CheckpointError(f"{path}: quantization_config lacks {names[0]}; restore the config the checkpoint "
-                              "was saved with")
+        raise CheckpointError(
+            f"{path}: quantization_config lacks {names[0]}; restore the config the checkpoint was saved with"
+        )
     return default
 
 
@@ -233,8 +247,10 @@ def read_ct_config(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     groups = raw.get("config_groups") or {}
     if not isinstance(groups, dict) or len(groups) != 1 or not isinstance(next(iter(groups.values())), dict):
         n = len(groups) if isinstance(groups, dict) else type(groups).__name__
-        raise CheckpointError(f"{path}: quantization_config is not supported: expected exactly one "
-                              f"compressed-tensors config group, found {n}")
+        raise CheckpointError(
+            f"{path}: quantization_config is not supported: expected exactly one "
+            f"compressed-tensors config group, found {n}"
+        )
     group = next(iter(groups.values()))
     fmt = group.get("format") or raw.get("format")
     if fmt != "pack-quantized" or raw.get("quantization_status", "compressed") != "compressed":
@@ -244,14 +260,21 @@ def read_ct_config(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
             "weight-only checkpoints"
         )
     w = group.get("weights") or {}
-    if not isinstance(w, dict) or group.get("input_activations") or w.get("type", "int") != "int" \
-            or w.get("actorder") == "group":
-        raise CheckpointError(f"{path}: quantization_config is not supported: only weight-only int quantization "
-                              "without group act-order is")
+    if (
+        not isinstance(w, dict)
+        or group.get("input_activations")
+        or w.get("type", "int") != "int"
+        or w.get("actorder") == "group"
+    ):
+        raise CheckpointError(
+            f"{path}: quantization_config is not supported: only weight-only int quantization "
+            "without group act-order is"
+        )
     strategy = w.get("strategy", "group")
     if strategy not in ("group", "channel"):
-        raise CheckpointError(f"{path}: quantization_config weight strategy {strategy!r} is not supported "
-                              "(use 'group' or 'channel')")
+        raise CheckpointError(
+            f"{path}: quantization_config weight strategy {strategy!r} is not supported (use 'group' or 'channel')"
+        )
     bits = int_setting(path, w, ("num_bits",), None)
     group_size = -1 if strategy == "channel" else int_setting(path, w, ("group_size",), None)
     check_bits_group(path, bits, group_size)
@@ -275,14 +298,18 @@ def _expected_quant(module: Any, leaf: str) -> tuple[tuple[torch.dtype, ...] | N
     shape = tuple(getattr(module, leaf).shape) if getattr(module, leaf, None) is not None else None
     i32 = (torch.int32,)
     if module.format == "gemm":
-        table = {"qweight": (i32, "int32 [in, out/8] (AutoAWQ GEMM)"),
-                 "qzeros": (i32, "int32 [in/group, out/8] (AutoAWQ GEMM)"),
-                 "scales": (SCALE_DTYPES, "fp16/bf16/fp32 [in/group, out]")}
+        table = {
+            "qweight": (i32, "int32 [in, out/8] (AutoAWQ GEMM)"),
+            "qzeros": (i32, "int32 [in/group, out/8] (AutoAWQ GEMM)"),
+            "scales": (SCALE_DTYPES, "fp16/bf16/fp32 [in/group, out]"),
+        }
     else:
-        table = {"weight_packed": (i32, "int32 [out, ceil(in*bits/32)] (compressed-tensors)"),
-                 "weight_zero_point": (i32, "int32 [ceil(out*bits/32), in/group] (compressed-tensors)"),
-                 "weight_scale": (SCALE_DTYPES, "fp16/bf16/fp32 [out, in/group]"),
-                 "weight_shape": (None, "an integer [2] tensor equal to [out, in]")}
+        table = {
+            "weight_packed": (i32, "int32 [out, ceil(in*bits/32)] (compressed-tensors)"),
+            "weight_zero_point": (i32, "int32 [ceil(out*bits/32), in/group] (compressed-tensors)"),
+            "weight_scale": (SCALE_DTYPES, "fp16/bf16/fp32 [out, in/group]"),
+            "weight_shape": (None, "an integer [2] tensor equal to [out, in]"),
+        }
     table["bias"] = (FLOAT_DTYPES[:3], "fp16/bf16/fp32 [out]")
     dtypes, what = table.get(leaf, (None, "?"))
     shapes = [shape] if shape is not None else []
@@ -303,8 +330,9 @@ def _count_nonfinite(t: Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
-def check_tensors(model: nn.Module, tensors: dict[str, Tensor], where: dict[str, str], path: Path,
-                  qc: dict[str, Any]) -> None:
+def check_tensors(
+    model: nn.Module, tensors: dict[str, Tensor], where: dict[str, str], path: Path, qc: dict[str, Any]
+) -> None:
     """Every tensor of ``tensors`` against ``model`` (built from the config, QuantLinears installed, still on
     the meta device): dtype, shape, and finiteness of float tensors. Keys the model lacks are left to the
     missing / unexpected keys check.
@@ -328,32 +356,54 @@ def check_tensors(model: nn.Module, tensors: dict[str, Tensor], where: dict[str,
         at = f"checkpoint {path}: tensor {key} ({where.get(key, '?')})"
         if isinstance(module, QuantLinear):
             dtypes, shapes, what = _expected_quant(module, leaf)
-            ok_dtype = (dtypes is None and not t.is_floating_point() and not t.is_complex()
-                        and t.dtype != torch.bool) or (dtypes is not None and t.dtype in dtypes)
+            ok_dtype = (
+                dtypes is None and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+            ) or (dtypes is not None and t.dtype in dtypes)
             if not ok_dtype:
-                raise CheckpointError(f"{at} is {str(t.dtype).removeprefix('torch.')}, expected {what}; {_FIX} "
-                                      "with awqkit or the tool that wrote it")
+                raise CheckpointError(
+                    f"{at} is {str(t.dtype).removeprefix('torch.')}, expected {what}; {_FIX} "
+                    "with awqkit or the tool that wrote it"
+                )
             if tuple(t.shape) not in shapes:
-                raise CheckpointError(f"{at} has shape {list(t.shape)}, but the {module.in_features}->"
-                                      f"{module.out_features} linear built from config.json expects "
-                                      f"{list(shapes[0])}{group_hint}")
+                raise CheckpointError(
+                    f"{at} has shape {list(t.shape)}, but the {module.in_features}->"
+                    f"{module.out_features} linear built from config.json expects "
+                    f"{list(shapes[0])}{group_hint}"
+                )
             if leaf == "weight_shape" and t.tolist() != [module.out_features, module.in_features]:
-                raise CheckpointError(f"{at} holds {t.tolist()}, but the linear built from config.json is "
-                                      f"[{module.out_features}, {module.in_features}]{group_hint}")
+                raise CheckpointError(
+                    f"{at} holds {t.tolist()}, but the linear built from config.json is "
+                    f"[{module.out_features}, {module.in_features}]{group_hint}"
+                )
         else:
             want_float = exp.is_floating_point()
             if (t.dtype not in FLOAT_DTYPES) if want_float else (t.is_floating_point() or t.is_complex()):
                 kind = "a float dtype (fp16, bf16, fp32)" if want_float else f"an integer dtype like {exp.dtype}"
                 raise CheckpointError(f"{at} is {str(t.dtype).removeprefix('torch.')}, expected {kind}; {_FIX}")
             if t.shape != exp.shape:
-                raise CheckpointError(f"{at} has shape {list(t.shape)}, but the {type(model).__name__} built from "
-                                      f"config.json expects {list(exp.shape)}; does config.json belong to these "
-                                      "weights?")
+                raise CheckpointError(
+                    f"{at} has shape {list(t.shape)}, but the {type(model).__name__} built from "
+                    f"config.json expects {list(exp.shape)}; does config.json belong to these "
+                    "weights?"
+                )
         bad = _count_nonfinite(t)
         if bad:
-            raise NonFiniteError(f"{at} holds {bad} NaN/Inf value(s); the checkpoint is damaged: re-save it from "
-                                 "a finite model (or download it again)")
+            raise NonFiniteError(
+                f"{at} holds {bad} NaN/Inf value(s); the checkpoint is damaged: re-save it from "
+                "a finite model (or download it again)"
+            )
 
 
-__all__ = ["FLOAT_DTYPES", "SCALE_DTYPES", "check_bits_group", "check_config_against_tensors", "check_config_fields",
-           "check_float_weights", "check_tensors", "int_setting", "name_list", "read_ct_config", "read_tensors"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "SCALE_DTYPES",
+    "check_bits_group",
+    "check_config_against_tensors",
+    "check_config_fields",
+    "check_float_weights",
+    "check_tensors",
+    "int_setting",
+    "name_list",
+    "read_ct_config",
+    "read_tensors",
+]

@@ -135,17 +135,35 @@ def _register_builtin() -> None:
     from awqkit.kernels import cpu_avx2, cpu_int4, torch_ref
 
     register_backend("torch", torch_ref.forward, lambda: True, priority=0, replace=True)
-    register_backend(cpu_int4.NAME, cpu_int4.forward, cpu_int4.is_available, priority=cpu_int4.PRIORITY,
-                     supports=cpu_int4.supports, replace=True)
-    register_backend(cpu_avx2.NAME, cpu_avx2.forward, cpu_avx2.is_available, priority=cpu_avx2.PRIORITY,
-                     supports=cpu_avx2.supports, replace=True)
+    register_backend(
+        cpu_int4.NAME,
+        cpu_int4.forward,
+        cpu_int4.is_available,
+        priority=cpu_int4.PRIORITY,
+        supports=cpu_int4.supports,
+        replace=True,
+    )
+    register_backend(
+        cpu_avx2.NAME,
+        cpu_avx2.forward,
+        cpu_avx2.is_available,
+        priority=cpu_avx2.PRIORITY,
+        supports=cpu_avx2.supports,
+        replace=True,
+    )
     try:  # optional: the module imports without triton (is_available() is then False), but never fail here
         from awqkit.kernels import triton_w4a16
     except Exception as exc:  # pragma: no cover - a broken triton install must not break `import awqkit`
         logger.debug("triton backend not registered: %s", exc)
     else:
-        register_backend(triton_w4a16.NAME, triton_w4a16.forward, triton_w4a16.is_available,
-                         priority=triton_w4a16.PRIORITY, supports=triton_w4a16.supports, replace=True)
+        register_backend(
+            triton_w4a16.NAME,
+            triton_w4a16.forward,
+            triton_w4a16.is_available,
+            priority=triton_w4a16.PRIORITY,
+            supports=triton_w4a16.supports,
+            replace=True,
+        )
 
 
 _register_builtin()

@@ -103,6 +103,12 @@ class PrepareReport:
         return {"converted": self.converted, "fallback": self.fallback}
 
 
+def is_quant_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an :class:`awqkit.nn.qlinear.QuantLinear` (by its class marker: nn/ imports the
+    kernels, so the kernels cannot import nn/)."""
+    return bool(getattr(type(module), "awqkit_quant_linear", False))
+
+
 def prepare_layers(
     model: nn.Module,
     name: str,
@@ -117,11 +123,9 @@ def prepare_layers(
     (nothing is converted then). ``unsupported(module)`` gives the reason a layer cannot run (None if it
     can); ``prepare(module)`` converts one layer.
     """
-    from awqkit.nn.qlinear import QuantLinear
-
     if backend not in ("auto", name):
         raise ValueError(f"prepare_model prepares for backend 'auto' or {name!r}, got {backend!r}")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    layers = [(n, m) for n, m in model.named_modules() if is_quant_linear(m)]
     reasons = {n: r for n, m in layers if (r := unsupported(m)) is not None}
     if backend == name and reasons:
         listing = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:10])

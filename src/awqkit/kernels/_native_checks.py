@@ -52,16 +52,30 @@ def _shape_fits(found: tuple[int, ...], want: Shape) -> bool:
     return len(found) == len(want) and all(w is None or f == w for f, w in zip(found, want, strict=True))
 
 
-def check_tensor(fn: str, name: str, t: Tensor, *, dtype: torch.dtype = F32, shape: Shape | None = None,
-                 numel: int | None = None, what: str = "") -> None:
+def check_tensor(
+    fn: str,
+    name: str,
+    t: Tensor,
+    *,
+    dtype: torch.dtype = F32,
+    shape: Shape | None = None,
+    numel: int | None = None,
+    what: str = "",
+) -> None:
     """``t`` is a dense (strided), contiguous CPU tensor of ``dtype`` (the kernels read host memory with
     the row-major layout of its shape), of shape ``shape`` (None entries: any size) and ``numel`` elements
     when given. ``what`` says in words what the kernel expects (e.g. ``"[B, KV, maxlen, D]"``); it follows
     the expected shape in the message. Raises :class:`KernelInputError` naming ``fn`` and ``name`` (also
     for a ``t`` that is not a tensor at all)."""
     try:  # the success path: attribute comparisons only (no try cost in CPython 3.11+ unless it raises)
-        if t.dtype is dtype and t.is_cpu and t.layout is _STRIDED and t.is_contiguous() \
-                and (shape is None or t.shape == shape) and (numel is None or t.numel() == numel):
+        if (
+            t.dtype is dtype
+            and t.is_cpu
+            and t.layout is _STRIDED
+            and t.is_contiguous()
+            and (shape is None or t.shape == shape)
+            and (numel is None or t.numel() == numel)
+        ):
             return
     except AttributeError:  # not a tensor: said below
         pass
@@ -79,12 +93,17 @@ def check_tensor(fn: str, name: str, t: Tensor, *, dtype: torch.dtype = F32, sha
     if numel is not None and t.numel() != numel:
         fail(fn, name, f"has shape {_shape_str(tuple(t.shape))} ({t.numel()} elements)", f"{numel} elements{note}")
     if not t.is_contiguous():
-        fail(fn, name, f"is not contiguous (shape {_shape_str(tuple(t.shape))}, stride {tuple(t.stride())})",
-             "a contiguous tensor (call .contiguous())")
+        fail(
+            fn,
+            name,
+            f"is not contiguous (shape {_shape_str(tuple(t.shape))}, stride {tuple(t.stride())})",
+            "a contiguous tensor (call .contiguous())",
+        )
 
 
-def check_optional(fn: str, name: str, t: Tensor | None, *, dtype: torch.dtype = F32,
-                   shape: Shape | None = None, what: str = "") -> None:
+def check_optional(
+    fn: str, name: str, t: Tensor | None, *, dtype: torch.dtype = F32, shape: Shape | None = None, what: str = ""
+) -> None:
     """:func:`check_tensor` for an argument the kernel takes as NULL when it is None (bias, q/k norms)."""
     if t is not None:
         check_tensor(fn, name, t, dtype=dtype, shape=shape, what=what)
@@ -116,12 +135,23 @@ def check_position(fn: str, pos: int, count: int, maxlen: int) -> None:
     """Positions ``pos .. pos + count - 1`` lie in a KV cache of ``maxlen`` positions."""
     if 0 <= pos and pos + count <= maxlen:
         return
-    raise KernelInputError(f"{fn}: positions {pos}..{pos + count - 1} do not fit the KV cache of {maxlen} "
-                           f"positions, expected 0 <= pos and pos + {count} <= maxlen")
+    raise KernelInputError(
+        f"{fn}: positions {pos}..{pos + count - 1} do not fit the KV cache of {maxlen} "
+        f"positions, expected 0 <= pos and pos + {count} <= maxlen"
+    )
 
 
-def check_kv_caches(fn: str, k_cache: Tensor, v_cache: Tensor, *, batch: int | None, kv_heads: int, head_dim: int,
-                    maxlen: int | None = None, names: tuple[str, str] = ("k_cache", "v_cache")) -> int:
+def check_kv_caches(
+    fn: str,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    *,
+    batch: int | None,
+    kv_heads: int,
+    head_dim: int,
+    maxlen: int | None = None,
+    names: tuple[str, str] = ("k_cache", "v_cache"),
+) -> int:
     """Both caches float32 contiguous CPU ``[batch, kv_heads, maxlen, head_dim]`` of the same shape (``batch``
     and ``maxlen`` None: ``k_cache``'s own); returns ``maxlen``."""
     check_tensor(fn, names[0], k_cache)
@@ -135,7 +165,8 @@ def check_kv_caches(fn: str, k_cache: Tensor, v_cache: Tensor, *, batch: int | N
         want_n = "maxlen" if maxlen is None else f"maxlen={maxlen}"
         raise KernelInputError(
             f"{fn}: KV caches {names[0]} {_shape_str(tuple(kshape))} / {names[1]} {_shape_str(tuple(v_cache.shape))} "
-            f"do not match [{want_b}, KV={kv_heads}, {want_n}, D={head_dim}], expected two caches of that shape")
+            f"do not match [{want_b}, KV={kv_heads}, {want_n}, D={head_dim}], expected two caches of that shape"
+        )
     return n
 
 
@@ -146,8 +177,12 @@ def check_rope(fn: str, cos: Tensor, sin: Tensor, *, batch: int, head_dim: int) 
     check_tensor(fn, "sin", sin)
     shape = cos.shape
     if shape != (batch, 1, head_dim) and shape != (batch, head_dim):
-        fail(fn, "cos", f"has shape {_shape_str(tuple(shape))}",
-             f"({batch}, 1, {head_dim}) or ({batch}, {head_dim}) ([B, 1, D] or [B, D])")
+        fail(
+            fn,
+            "cos",
+            f"has shape {_shape_str(tuple(shape))}",
+            f"({batch}, 1, {head_dim}) or ({batch}, {head_dim}) ([B, 1, D] or [B, D])",
+        )
     if sin.shape != shape:
         fail(fn, "sin", f"has shape {_shape_str(tuple(sin.shape))}", f"{_shape_str(tuple(shape))} (cos's shape)")
 
@@ -156,9 +191,21 @@ def _dense_f32(t: Tensor) -> bool:
     return t.dtype is F32 and t.is_cpu and t.layout is _STRIDED and t.is_contiguous()
 
 
-def check_decode_attention(fn: str, qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos: Tensor,
-                           sin: Tensor, q_norm: Tensor | None, k_norm: Tensor | None, *, heads: int, kv_heads: int,
-                           head_dim: int) -> int:
+def check_decode_attention(
+    fn: str,
+    qkv: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: int,
+    cos: Tensor,
+    sin: Tensor,
+    q_norm: Tensor | None,
+    k_norm: Tensor | None,
+    *,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+) -> int:
     """Everything ``awqkit_decode_attention`` reads and writes for one decode step of ``B`` rows: ``qkv [B,
     (H + 2 KV) * D]`` (rows of exactly that width), caches ``[B, KV, maxlen, D]``, ``cos``/``sin [B, 1, D]`` or
     ``[B, D]``, ``q_norm``/``k_norm [D]`` or None, all float32 contiguous CPU; ``D % 8 == 0`` (8-float
@@ -168,12 +215,25 @@ def check_decode_attention(fn: str, qkv: Tensor, k_cache: Tensor, v_cache: Tenso
     h, kv, d = heads, kv_heads, head_dim
     try:  # the success path in one expression (~1.5 us: this runs once per layer and token)
         b, ks, cs = qkv.shape[0], k_cache.shape, cos.shape
-        if (d >= 8 and d % 8 == 0 and h >= kv >= 1 and h % kv == 0 and qkv.shape == (b, (h + 2 * kv) * d)
-                and ks == (b, kv, ks[2], d) and v_cache.shape == ks and 0 <= pos < ks[2]
-                and (cs == (b, 1, d) or cs == (b, d)) and sin.shape == cs and _dense_f32(qkv)
-                and _dense_f32(k_cache) and _dense_f32(v_cache) and _dense_f32(cos) and _dense_f32(sin)
-                and (q_norm is None or (q_norm.shape == (d,) and _dense_f32(q_norm)))
-                and (k_norm is None or (k_norm.shape == (d,) and _dense_f32(k_norm)))):
+        if (
+            d >= 8
+            and d % 8 == 0
+            and h >= kv >= 1
+            and h % kv == 0
+            and qkv.shape == (b, (h + 2 * kv) * d)
+            and ks == (b, kv, ks[2], d)
+            and v_cache.shape == ks
+            and 0 <= pos < ks[2]
+            and (cs == (b, 1, d) or cs == (b, d))
+            and sin.shape == cs
+            and _dense_f32(qkv)
+            and _dense_f32(k_cache)
+            and _dense_f32(v_cache)
+            and _dense_f32(cos)
+            and _dense_f32(sin)
+            and (q_norm is None or (q_norm.shape == (d,) and _dense_f32(q_norm)))
+            and (k_norm is None or (k_norm.shape == (d,) and _dense_f32(k_norm)))
+        ):
             return int(ks[2])
     except (AttributeError, IndexError, TypeError):  # not tensors, too few dims: the checks below say which
         pass
@@ -193,5 +253,16 @@ def check_decode_attention(fn: str, qkv: Tensor, k_cache: Tensor, v_cache: Tenso
     return maxlen
 
 
-__all__ = ["F32", "check_decode_attention", "check_kv_caches", "check_last_dim", "check_optional", "check_position",
-           "check_rope", "check_rows", "check_size", "check_tensor", "fail"]
+__all__ = [
+    "F32",
+    "check_decode_attention",
+    "check_kv_caches",
+    "check_last_dim",
+    "check_optional",
+    "check_position",
+    "check_rope",
+    "check_rows",
+    "check_size",
+    "check_tensor",
+    "fail",
+]

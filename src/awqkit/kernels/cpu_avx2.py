@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from awqkit.kernels import _cache, native, torch_ref
 from awqkit.kernels._cache import PrepareReport
 from awqkit.kernels._native_checks import check_last_dim, check_optional, check_size, check_tensor, fail
+from awqkit.quant.packing import AWQ_ORDER
 
 if TYPE_CHECKING:
     from awqkit.nn.qlinear import QuantLinear
@@ -51,7 +52,6 @@ NAME = "cpu-avx2"
 PRIORITY = 7  # above cpu-int4 (5): fp32-exact and faster at decode; below 10 for GPU plugins
 BLOCK_N = 64
 MAX_ROWS = 16  # rows up to which the GEMV beats dequantize + GEMM (decode, small batches)
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _CACHE_ATTR = "_cpu_avx2_cache"
 _LIB: Any = None  # the native library once is_available() has loaded it
 _F32 = torch.float32
@@ -69,8 +69,9 @@ def is_available() -> bool:
     wq, sp, zq = _layout(q, zeros, scales, g)
     x = torch.linspace(-1, 1, k).unsqueeze(0)
     y = torch.empty(1, n)
-    lib.awqkit_int4_gemv(wq.data_ptr(), sp.data_ptr(), zq.data_ptr(), None, k, n, g, x.data_ptr(), y.data_ptr(),
-                         1, 1, 0)
+    lib.awqkit_int4_gemv(
+        wq.data_ptr(), sp.data_ptr(), zq.data_ptr(), None, k, n, g, x.data_ptr(), y.data_ptr(), 1, 1, 0
+    )
     expected = x @ ((q - 3).float() * 0.5).t()
     global _LIB
     _LIB = lib
@@ -148,8 +149,15 @@ class _Cache:
     def __post_init__(self) -> None:
         self.k, self.n = _check_layout(self.wq, self.sp, self.zq, self.bias, self.group_size)
         self.gemv = functools.partial(
-            _LIB.awqkit_int4_gemv, self.wq.data_ptr(), self.sp.data_ptr(), self.zq.data_ptr(),
-            self.bias.data_ptr() if self.bias is not None else None, self.k, self.n, self.group_size)
+            _LIB.awqkit_int4_gemv,
+            self.wq.data_ptr(),
+            self.sp.data_ptr(),
+            self.zq.data_ptr(),
+            self.bias.data_ptr() if self.bias is not None else None,
+            self.k,
+            self.n,
+            self.group_size,
+        )
 
     def __reduce__(self) -> tuple:
         return (_cache.dropped, ())
@@ -203,8 +211,10 @@ def fuse(modules: list[QuantLinear]) -> _Cache:
     """
     caches = [prepare_module(m) for m in modules]
     if len({(c.wq.shape[1], c.group_size) for c in caches}) != 1:
-        raise ValueError("cannot fuse layers with different in_features or group sizes: "
-                         f"{[(c.wq.shape[1], c.group_size) for c in caches]}")
+        raise ValueError(
+            "cannot fuse layers with different in_features or group sizes: "
+            f"{[(c.wq.shape[1], c.group_size) for c in caches]}"
+        )
     wq, sp, zq = (torch.cat([getattr(c, f) for c in caches]) for f in ("wq", "sp", "zq"))
     bias = None
     if any(c.bias is not None for c in caches):
@@ -249,8 +259,12 @@ def forward(x: Tensor, module: QuantLinear) -> Tensor:
     if cache is None or not _cache.matches(cache.sources, module):
         cache = prepare_module(module)
     if cache.k != k or cache.n != module.out_features:  # the kernel writes cache.n columns of y
-        fail(_FORWARD, "module", f"has shape (N, K) = ({module.out_features}, {k})",
-             f"({cache.n}, {cache.k}) as converted (clear_cache() after changing a layer's shape)")
+        fail(
+            _FORWARD,
+            "module",
+            f"has shape (N, K) = ({module.out_features}, {k})",
+            f"({cache.n}, {cache.k}) as converted (clear_cache() after changing a layer's shape)",
+        )
     fp32 = x.dtype is _F32
     x2 = x if fp32 and x.is_contiguous() else x.to(_F32).contiguous()
     check_tensor(_FORWARD, "x", x2)  # CPU, dense (the conversion above made it float32, contiguous)
@@ -261,10 +275,17 @@ def forward(x: Tensor, module: QuantLinear) -> Tensor:
 
 def f16_linear_supported(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`f16_linear` runs the native kernel for this call (else it uses ``F.linear``)."""
-    return (is_available() and x.is_cpu and weight.is_cpu and weight.dtype == torch.float16
-            and weight.dim() == 2 and weight.is_contiguous() and weight.shape[1] % 8 == 0
-            and x.numel() // max(weight.shape[1], 1) <= MAX_ROWS
-            and not (x.requires_grad and torch.is_grad_enabled()))
+    return (
+        is_available()
+        and x.is_cpu
+        and weight.is_cpu
+        and weight.dtype == torch.float16
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and weight.shape[1] % 8 == 0
+        and x.numel() // max(weight.shape[1], 1) <= MAX_ROWS
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
 
 
 def f16_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -287,8 +308,15 @@ def f16_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     b = bias.detach().float().contiguous() if bias is not None else None
     check_optional(fn, "bias", b, shape=(n,), what="[N] = the weight's out_features")
     _LIB.awqkit_f16_gemv(
-        x2.data_ptr(), weight.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
-        x2.shape[0], k, n, torch.get_num_threads())
+        x2.data_ptr(),
+        weight.data_ptr(),
+        b.data_ptr() if b is not None else None,
+        y.data_ptr(),
+        x2.shape[0],
+        k,
+        n,
+        torch.get_num_threads(),
+    )
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

@@ -207,9 +207,7 @@ def prepare_module(module: QuantLinear, compute_dtype: torch.dtype | None = None
     """
     if compute_dtype is not None:
         if compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"compute_dtype={compute_dtype} is not supported by cpu-int4; use one of {COMPUTE_DTYPES}"
-            )
+            raise ValueError(f"compute_dtype={compute_dtype} is not supported by cpu-int4; use one of {COMPUTE_DTYPES}")
         module.__dict__[_DTYPE_ATTR] = compute_dtype
     dt = module.__dict__.get(_DTYPE_ATTR, DEFAULT_COMPUTE_DTYPE)
     cache = _fresh_cache(module)
@@ -263,8 +261,9 @@ def prepare_model(
     """
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype={compute_dtype} is not supported by cpu-int4; use one of {COMPUTE_DTYPES}")
-    return _cache.prepare_layers(model, NAME, backend, layer_unsupported_reason,
-                                 lambda m: prepare_module(m, compute_dtype))
+    return _cache.prepare_layers(
+        model, NAME, backend, layer_unsupported_reason, lambda m: prepare_module(m, compute_dtype)
+    )
 
 
 __all__ = [

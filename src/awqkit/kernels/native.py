@@ -53,8 +53,28 @@ _SIGNATURES = {
     "awqkit_silu_mul": [_P, _P, _I64, _I64],
     # qkv, row_stride, kc, vc, cos, sin, qn, kn, norm_eps, out, scratch, B, H, KV, D, pos, maxlen, window,
     # scale, n_threads
-    "awqkit_decode_attention": [_P, _I64, _P, _P, _P, _P, _P, _P, _F, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
-                                _I64, _F, _INT],
+    "awqkit_decode_attention": [
+        _P,
+        _I64,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _F,
+        _P,
+        _P,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _F,
+        _INT,
+    ],
     # layers (awqkit_layer array, see awqkit.runtime.stack), n_layers, h, B, hidden, pos, cos, sin, scratch, n_threads
     "awqkit_decode_layers": [_P, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _INT],
 }
@@ -81,8 +101,9 @@ def _build(cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False,
-                              timeout=300)
+        proc = subprocess.run(
+            [cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False, timeout=300
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}")
         os.replace(tmp, target)
@@ -100,12 +121,14 @@ def _load() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc: apt-get install gcc)")
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False,
-                                 timeout=60).stdout.splitlines()[:1]
+        version = subprocess.run(
+            [cc, "--version"], capture_output=True, text=True, check=False, timeout=60
+        ).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"cannot run the C compiler {cc}: {exc}") from exc
-    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes()
-                            + repr((version, FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + repr((version, FLAGS)).encode()).hexdigest()[
+        :16
+    ]
     target = cache_dir() / f"awqkit_cpu-{digest}.so"
     if not target.is_file():
         logger.info("building awqkit's native CPU kernels with %s into %s", cc, target)

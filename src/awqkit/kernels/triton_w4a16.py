@@ -210,8 +210,11 @@ def call_unsupported_reason(x: Tensor, module: QuantLinear, *, explicit: bool | 
     if reason is not None:
         return reason
     devices = {t.device for t in (module.qweight, module.qzeros, module.scales, module.bias) if t is not None}
-    if devices != {x.device} and not (x.device.type == "cuda" and {d.type for d in devices} == {"cuda"}
-                                      and all(d.index in (None, x.device.index) for d in devices)):
+    if devices != {x.device} and not (
+        x.device.type == "cuda"
+        and {d.type for d in devices} == {"cuda"}
+        and all(d.index in (None, x.device.index) for d in devices)
+    ):
         return f"buffers on {sorted(str(d) for d in devices)} but x on {x.device}"
     if x.numel() > _MAX_NUMEL or (x.numel() // max(1, module.in_features)) * module.out_features > _MAX_NUMEL:
         return "x or y has more than 2^31 elements"
@@ -233,9 +236,24 @@ UNPACK_MODES = {"shift3d": UNPACK_SHIFT3D, "join": UNPACK_JOIN, "gather": UNPACK
 
 
 def _w4a16_kernel_body(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr,
-    M, N, K, group_size, iters_per_split,
-    stride_xm, stride_xk, stride_qw, stride_qz, stride_s, stride_ym, stride_ys,
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    iters_per_split,
+    stride_xm,
+    stride_xk,
+    stride_qw,
+    stride_qz,
+    stride_s,
+    stride_ym,
+    stride_ys,
     HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
     UNPACK: tl.constexpr,
@@ -309,8 +327,9 @@ def _w4a16_kernel_body(
             q = (qw >> shifts_n) & 0xF
             z = (qz >> shifts_n) & 0xF
         if USE_DOT:
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=mask_m[:, None], other=0.0)
+            xt = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_m[:, None], other=0.0
+            )
             if sc.dtype == xt.dtype:  # (q - z) is exact in fp16/bf16: one rounding, as in fp32
                 if MAGIC:  # 0x6400 | q is the fp16 1024 + q (bf16: 0x4300 | q = 128 + q): no int->float cvt
                     if xt.dtype == tl.float16:
@@ -366,8 +385,9 @@ def _kernels() -> tuple[object, object]:
         kernels = (triton.jit(_w4a16_kernel_body), triton.jit(_splitk_reduce_body))
         got = type(kernels[0]).__name__ == "InterpretedFunction"
         if got != mode:  # e.g. triton.knobs set programmatically in a way we did not read
-            raise RuntimeError(f"triton built a {'interpreted' if got else 'compiled'} kernel but "
-                               f"TRITON_INTERPRET reads as {mode}")
+            raise RuntimeError(
+                f"triton built a {'interpreted' if got else 'compiled'} kernel but TRITON_INTERPRET reads as {mode}"
+            )
         _KERNELS[mode] = kernels
     return kernels
 
@@ -437,30 +457,41 @@ def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132, *, wide
         shapes = [(128, 64), (256, 32), (128, 32), (64, 128), (256, 64)]
         if wide:
             shapes += [(128, 128), (512, 32), (64, 64)]
-        base = [Config(1, bn, bk, num_warps=4 if bn * bk <= 8192 else 8, num_stages=3, group_m=1)
-                for bn, bk in shapes if group_size % bk == 0]
+        base = [
+            Config(1, bn, bk, num_warps=4 if bn * bk <= 8192 else 8, num_stages=3, group_m=1)
+            for bn, bk in shapes
+            if group_size % bk == 0
+        ]
         if not base:
             base = [Config(1, 128, 16, group_m=1)]
         base += [Config(16, 128, _block_ks(group_size, (64, 32, 16))[0], num_warps=4, num_stages=3, group_m=1)]
         if wide:
-            base += [Config(16, bn, bk, num_warps=4, num_stages=st, group_m=1) for bn, bk, st in
-                     ((256, 64, 3), (128, 128, 3), (256, 128, 2), (64, 128, 4)) if group_size % bk == 0]
+            base += [
+                Config(16, bn, bk, num_warps=4, num_stages=st, group_m=1)
+                for bn, bk, st in ((256, 64, 3), (128, 128, 3), (256, 128, 2), (64, 128, 4))
+                if group_size % bk == 0
+            ]
     elif M <= 16:
         bks = _block_ks(group_size, (128, 64, 32, 16))[:2]
         base = [Config(16, bn, bk, num_warps=4, num_stages=3) for bk in bks for bn in (128, 64, 256)]
         if wide:
-            base += [Config(16, bn, bk, num_warps=nw, num_stages=st) for bk in bks
-                     for bn, nw, st in ((256, 8, 3), (128, 4, 4), (64, 4, 5))]
+            base += [
+                Config(16, bn, bk, num_warps=nw, num_stages=st)
+                for bk in bks
+                for bn, nw, st in ((256, 8, 3), (128, 4, 4), (64, 4, 5))
+            ]
     elif M <= 64:
         bks = _block_ks(group_size, (64, 128, 32, 16))[:2]
         base = [Config(bm, 128, bk, num_warps=4, num_stages=3) for bk in bks for bm in (32, 64)]
         base += [Config(32, 64, bks[0], num_warps=4, num_stages=4)]
     else:
         bks = _block_ks(group_size, (64, 32, 128, 16))[:2]
-        base = [Config(128, 128, bks[0], num_warps=8, num_stages=3),
-                Config(64, 128, bks[0], num_warps=4, num_stages=4),
-                Config(128, 256, bks[-1], num_warps=8, num_stages=3),
-                Config(64, 64, bks[-1], num_warps=4, num_stages=4)]
+        base = [
+            Config(128, 128, bks[0], num_warps=8, num_stages=3),
+            Config(64, 128, bks[0], num_warps=4, num_stages=4),
+            Config(128, 256, bks[-1], num_warps=8, num_stages=3),
+            Config(64, 64, bks[-1], num_warps=4, num_stages=4),
+        ]
     out: list[Config] = []
 
     def add(c: Config) -> None:
@@ -500,8 +531,9 @@ def _autotune_enabled() -> bool:
     return os.environ.get("AWQKIT_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
 
 
-def _pick_config(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int,
-                 bias: Tensor | None) -> Config:
+def _pick_config(
+    x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int, bias: Tensor | None
+) -> Config:
     M, K = x.shape
     N = scales.shape[1]
     if x.device.type != "cuda":
@@ -520,6 +552,7 @@ def _pick_config(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, gro
     best, best_t = None, float("inf")
     for cand in cands:
         try:
+
             def run(c: Config = cand) -> None:
                 _launch(x, qweight, qzeros, scales, group_size, bias, y, c)
 
@@ -532,8 +565,7 @@ def _pick_config(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, gro
     del flush
     if best is None:
         raise RuntimeError(f"no triton w4a16 config ran for M={M}, N={N}, K={K}, group_size={group_size}")
-    logger.info("triton w4a16: M~%d N=%d K=%d g=%d -> %s (%.1f us)", _m_bucket(M), N, K, group_size, best,
-                best_t * 1e3)
+    logger.info("triton w4a16: M~%d N=%d K=%d g=%d -> %s (%.1f us)", _m_bucket(M), N, K, group_size, best, best_t * 1e3)
     _TUNED[key] = best
     return best
 
@@ -579,8 +611,16 @@ def tuned_configs() -> dict[tuple, Config]:
 
 
 # --------------------------------------------------------------------------- launch
-def _launch(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int,
-            bias: Tensor | None, y: Tensor, cfg: Config) -> Tensor:
+def _launch(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    group_size: int,
+    bias: Tensor | None,
+    y: Tensor,
+    cfg: Config,
+) -> Tensor:
     gemm, reduce = _kernels()
     M, K = x.shape
     N = scales.shape[1]
@@ -589,26 +629,80 @@ def _launch(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, group_si
     split = -(-k_iters // iters)  # no empty slices
     tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
     common = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    consts = dict(USE_DOT=cfg.use_dot, UNPACK=UNPACK_MODES[cfg.unpack], MAGIC=cfg.magic, BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+    consts = dict(
+        USE_DOT=cfg.use_dot,
+        UNPACK=UNPACK_MODES[cfg.unpack],
+        MAGIC=cfg.magic,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+    )
     dummy = bias if bias is not None else scales  # never read when HAS_BIAS is False
     if split == 1:
-        gemm[(tiles, 1)](x, qweight, qzeros, scales, dummy, y, M, N, K, group_size, iters,
-                         x.stride(0), x.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0),
-                         y.stride(0), 0, HAS_BIAS=bias is not None, **consts, **common)
+        gemm[(tiles, 1)](
+            x,
+            qweight,
+            qzeros,
+            scales,
+            dummy,
+            y,
+            M,
+            N,
+            K,
+            group_size,
+            iters,
+            x.stride(0),
+            x.stride(1),
+            qweight.stride(0),
+            qzeros.stride(0),
+            scales.stride(0),
+            y.stride(0),
+            0,
+            HAS_BIAS=bias is not None,
+            **consts,
+            **common,
+        )
         return y
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    gemm[(tiles, split)](x, qweight, qzeros, scales, dummy, ws, M, N, K, group_size, iters,
-                         x.stride(0), x.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0),
-                         N, M * N, HAS_BIAS=False, **consts, **common)
+    gemm[(tiles, split)](
+        x,
+        qweight,
+        qzeros,
+        scales,
+        dummy,
+        ws,
+        M,
+        N,
+        K,
+        group_size,
+        iters,
+        x.stride(0),
+        x.stride(1),
+        qweight.stride(0),
+        qzeros.stride(0),
+        scales.stride(0),
+        N,
+        M * N,
+        HAS_BIAS=False,
+        **consts,
+        **common,
+    )
     block = 1024
-    reduce[(-(-(M * N) // block),)](ws, dummy, y, M * N, N, split, HAS_BIAS=bias is not None, BLOCK=block,
-                                    num_warps=4)
+    reduce[(-(-(M * N) // block),)](ws, dummy, y, M * N, N, split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return y
 
 
-def w4a16_matmul(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int,
-                 bias: Tensor | None = None, *, config: Config | None = None) -> Tensor:
+def w4a16_matmul(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    group_size: int,
+    bias: Tensor | None = None,
+    *,
+    config: Config | None = None,
+) -> Tensor:
     """``y [M, N] = x [M, K] @ W + bias`` with ``W`` read from AutoAWQ GEMM tensors (module docstring).
 
     Args:
@@ -629,8 +723,10 @@ def w4a16_matmul(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, gro
     if g <= 0 or K % g != 0:
         raise ValueError(f"group_size={group_size} does not divide K={K}")
     if scales.shape != (K // g, N) or qzeros.shape != (K // g, N // 8):
-        raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} must be "
-                         f"[{K // g}, {N}] / [{K // g}, {N // 8}] for group_size={g}")
+        raise ValueError(
+            f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} must be "
+            f"[{K // g}, {N}] / [{K // g}, {N // 8}] for group_size={g}"
+        )
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias {tuple(bias.shape)} must be [{N}]")
     qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()

@@ -101,8 +101,12 @@ def store_head_fp16(model: nn.Module) -> bool:
     name = _set(model, head, Fp16Linear(weight, bias))
     if tied:
         _set(model, emb, Fp16Embedding(weight, emb.padding_idx, dtype))
-    logger.info("fp16 head storage: %s keeps its %s weight in float16%s", name, tuple(weight.shape),
-                " (shared with the tied input embedding)" if tied else "")
+    logger.info(
+        "fp16 head storage: %s keeps its %s weight in float16%s",
+        name,
+        tuple(weight.shape),
+        " (shared with the tied input embedding)" if tied else "",
+    )
     return True
 
 

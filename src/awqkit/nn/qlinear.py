@@ -50,6 +50,10 @@ class QuantLinear(nn.Module):
         format: ``"gemm"`` (4 bits only) or ``"pack-quantized"``; None picks ``"gemm"`` for 4 bits.
     """
 
+    # how awqkit.kernels recognises these layers when it walks a model (the kernels sit below nn/ and do not
+    # import it: :func:`awqkit.kernels._cache.is_quant_linear`)
+    awqkit_quant_linear = True
+
     def __init__(
         self,
         in_features: int,
@@ -91,9 +95,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("qzeros", torch.zeros(n_groups, out_features // 8, **i32))
             self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=dtype, device=device))
         else:
-            self.register_buffer(
-                "weight_packed", torch.zeros(out_features, math.ceil(in_features * bits / 32), **i32)
-            )
+            self.register_buffer("weight_packed", torch.zeros(out_features, math.ceil(in_features * bits / 32), **i32))
             self.register_buffer("weight_scale", torch.zeros(out_features, n_groups, dtype=dtype, device=device))
             if zero_point:
                 self.register_buffer(
@@ -138,7 +140,13 @@ class QuantLinear(nn.Module):
             raise ValueError("cannot quantize a linear whose weight is on the meta device; load its weights first")
         out_f, in_f = w.shape
         module = cls(
-            in_f, out_f, bits, group_size, bias=linear.bias is not None, zero_point=zero_point, device=w.device,
+            in_f,
+            out_f,
+            bits,
+            group_size,
+            bias=linear.bias is not None,
+            zero_point=zero_point,
+            device=w.device,
             format=format,
         )
         q, scales, zeros = quantize_weight(w, bits, group_size, zero_point, scale_dtype=torch.float16)

@@ -1,16 +1,22 @@
-"""The platform's vocabulary: quantization specs and methods, run names, calibration sets built from
-training data, and folder descriptions (``awqkit calib build``, ``awqkit info``).
+"""The platform: run names, calibration sets built from training data, plans, batch quantization and
+orchestration (``awqkit calib build``, ``awqkit batch``, ``awqkit orchestrate``), on top of :mod:`awqkit.api`.
 
-* :mod:`awqkit.platform.spec`: :class:`QuantMethod`, :class:`QuantizationSpec`, :func:`resolve_quantization_spec`;
-* :mod:`awqkit.platform.naming`: :func:`make_run_name`, :func:`parse_run_name`, :func:`quant_tag`;
-* :mod:`awqkit.platform.calib_build`: :func:`build_calibration_set` and the calibration file format;
-* :mod:`awqkit.platform.info`: :func:`describe_folder`, :func:`training_link`.
-
-Every module here imports only the standard library and awqkit's config at import time.
+Re-exported here for the platform's scripts: the spec vocabulary (:mod:`awqkit.spec`: :class:`QuantMethod`,
+:class:`QuantizationSpec`, :func:`resolve_quantization_spec`), run names (:mod:`awqkit.naming`),
+calibration sets (:mod:`awqkit.platform.calib_build`) and folder descriptions (:mod:`awqkit.platform.info`).
 """
 
 from __future__ import annotations
 
+from awqkit.naming import (
+    ParsedRunName,
+    RunNameError,
+    make_run_name,
+    parse_quant_tag,
+    parse_run_name,
+    quant_tag,
+    quantized_folder_name,
+)
 from awqkit.platform.calib_build import (
     CalibrationSet,
     MissingDependencyError,
@@ -20,16 +26,7 @@ from awqkit.platform.calib_build import (
     write_calibration_file,
 )
 from awqkit.platform.info import FolderInfo, describe_folder, format_info, training_link
-from awqkit.platform.naming import (
-    ParsedRunName,
-    RunNameError,
-    make_run_name,
-    parse_quant_tag,
-    parse_run_name,
-    quant_tag,
-    quantized_folder_name,
-)
-from awqkit.platform.spec import (
+from awqkit.spec import (
     QuantizationSpec,
     QuantMethod,
     resolve_quantization_spec,

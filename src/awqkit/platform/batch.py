@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,10 +47,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from awqkit.files import sha256_file, write_json_atomic
 from awqkit.io.destination import pid_alive
-from awqkit.platform.naming import quant_tag
-from awqkit.platform.plan import Cell, Plan, PlanModel, is_quantized_folder, load_plan
-from awqkit.platform.spec import QuantizationSpec
+from awqkit.io.detect import is_quantized_folder
+from awqkit.naming import quant_tag
+from awqkit.platform.plan import Cell, Plan, PlanModel, load_plan
+from awqkit.spec import QuantizationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -64,27 +65,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ------------------------------------------------------------------------------------------- folders
 def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> dict[str, Any]:
     """What the ``quantization_metadata.json`` of ``model`` quantized under ``spec`` must record for the cell to
     be current (see :func:`settings_mismatch`): the spec, and for methods that calibrate the calibration and
     search settings (``calib_config`` without the source path, the source file's sha256, ``search_config``)."""
-    from awqkit.calib import text_file_hash
     from awqkit.config import to_dict
 
     out: dict[str, Any] = {"spec": spec.to_dict()}
@@ -92,8 +76,9 @@ def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> d
         calib = to_dict(model.calib)
         source = calib.pop("source")
         out["calib_config"] = calib
-        out["calibration_sha256"] = None if source == "self" else (
-            text_file_hash(source) if Path(source).is_file() else f"missing file {source}")
+        out["calibration_sha256"] = (
+            None if source == "self" else (sha256_file(source) if Path(source).is_file() else f"missing file {source}")
+        )
         out["search_config"] = to_dict(plan.search)
     return out
 
@@ -104,8 +89,9 @@ def settings_mismatch(meta: dict[str, Any], expected: dict[str, Any]) -> str | N
     recorded: dict[str, Any] = {"spec": meta.get("spec")}
     if "calib_config" in expected:
         calib = meta.get("calib_config")
-        recorded["calib_config"] = {k: v for k, v in calib.items() if k != "source"} if isinstance(calib, dict) \
-            else None
+        recorded["calib_config"] = (
+            {k: v for k, v in calib.items() if k != "source"} if isinstance(calib, dict) else None
+        )
         calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
         recorded["calibration_sha256"] = calibration.get("sha256")
         recorded["search_config"] = meta.get("search_config")
@@ -119,8 +105,9 @@ def settings_mismatch(meta: dict[str, Any], expected: dict[str, Any]) -> str | N
     return None
 
 
-def folder_state(folder: Path, expected: dict[str, Any] | None = None, *,
-                 hashes: bool = True) -> tuple[str, str | None]:
+def folder_state(
+    folder: Path, expected: dict[str, Any] | None = None, *, hashes: bool = True
+) -> tuple[str, str | None]:
     """``(status, why)`` of an output folder: ``missing``, ``complete``, ``stale`` (awqkit's, but damaged or
     made under other settings than ``expected``: redo it) or ``foreign`` (not awqkit's: never touched).
 
@@ -168,8 +155,13 @@ class RunState:
 
     def __init__(self, path: Path, plan_source: Path | None = None) -> None:
         self.path = path
-        self.data: dict[str, Any] = {"format_version": STATE_VERSION, "plan": None, "updated": None,
-                                     "quantize": {}, "evaluate": {}}
+        self.data: dict[str, Any] = {
+            "format_version": STATE_VERSION,
+            "plan": None,
+            "updated": None,
+            "quantize": {},
+            "evaluate": {},
+        }
         if path.is_file():
             try:
                 loaded = json.loads(path.read_text(encoding="utf-8"))
@@ -181,8 +173,13 @@ class RunState:
                 self.data.update(loaded)
             except (OSError, ValueError) as exc:
                 aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-                logger.warning("state file %s is unreadable (%s); moved it to %s and starting a new one "
-                               "(finished folders are still found on disk)", path, exc, aside)
+                logger.warning(
+                    "state file %s is unreadable (%s); moved it to %s and starting a new one "
+                    "(finished folders are still found on disk)",
+                    path,
+                    exc,
+                    aside,
+                )
                 path.replace(aside)
         if plan_source is not None:
             self.data["plan"] = str(plan_source)
@@ -220,8 +217,10 @@ def run_lock(output_dir: Path) -> Iterator[Path]:
                 logger.warning("removing stale lock %s (process %s is not running)", path, pid)
                 path.unlink(missing_ok=True)
                 continue
-            raise FileExistsError(f"{output_dir} is in use by process {pid} on {lock_host} (lock file {path}); "
-                                  "wait for that run to finish, or delete the lock if it is gone") from None
+            raise FileExistsError(
+                f"{output_dir} is in use by process {pid} on {lock_host} (lock file {path}); "
+                "wait for that run to finish, or delete the lock if it is gone"
+            ) from None
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump({"pid": os.getpid(), "host": host, "started": _now()}, fh)
         break
@@ -283,15 +282,19 @@ class BatchReport:
         return not self.failed
 
     def summary(self) -> str:
-        head = (f"batch: {len(self.done)} quantized, {len(self.skipped)} already complete, {len(self.failed)} "
-                f"failed ({len(self.outcomes)} cells; output {self.plan.output_dir})")
+        head = (
+            f"batch: {len(self.done)} quantized, {len(self.skipped)} already complete, {len(self.failed)} "
+            f"failed ({len(self.outcomes)} cells; output {self.plan.output_dir})"
+        )
         planned = self._with("planned")
         if planned:
             head += f"; dry run: {len(planned)} to quantize"
         lines = [head, *(o.line() for o in self.outcomes)]
         if self.failed:
-            lines.append(f"{len(self.failed)} failed; fix the cause and run the same plan again to make them "
-                         "(complete outputs are not redone)")
+            lines.append(
+                f"{len(self.failed)} failed; fix the cause and run the same plan again to make them "
+                "(complete outputs are not redone)"
+            )
         return "\n".join(lines)
 
 
@@ -299,16 +302,16 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def quantize_cells(plan: Plan, state: RunState | None, *, progress: bool = True,
-                   dry_run: bool = False) -> list[CellOutcome]:
+def quantize_cells(
+    plan: Plan, state: RunState | None, *, progress: bool = True, dry_run: bool = False
+) -> list[CellOutcome]:
     """Quantize every cell of ``plan`` that is not complete (caller holds the lock); see the module docstring."""
     from awqkit import api
 
     cells = plan.cells()
     for spec in plan.specs:
         if not spec.method.quantizes:
-            logger.info("spec %s is the float model: nothing to quantize (the source folder is used)",
-                        quant_tag(spec))
+            logger.info("spec %s is the float model: nothing to quantize (the source folder is used)", quant_tag(spec))
     outcomes: list[CellOutcome] = []
     for i, cell in enumerate(cells, 1):
         where = f"[{i}/{len(cells)}] {cell.folder.name}"
@@ -336,27 +339,44 @@ def quantize_cells(plan: Plan, state: RunState | None, *, progress: bool = True,
         logger.info("%s: quantizing %s with %s", where, cell.model.path, cell.spec.describe())
         t0 = time.perf_counter()
         try:
-            api.quantize(cell.model.path, cell.folder, spec=cell.spec, calib=cell.model.calib, search=plan.search,
-                         device=plan.device, trust_remote_code=plan.trust_remote_code, progress=progress,
-                         overwrite=status == "stale")
+            api.quantize(
+                cell.model.path,
+                cell.folder,
+                spec=cell.spec,
+                calib=cell.model.calib,
+                search=plan.search,
+                device=plan.device,
+                trust_remote_code=plan.trust_remote_code,
+                progress=progress,
+                overwrite=status == "stale",
+            )
         except Exception as exc:  # noqa: BLE001 - one failed model must not stop the batch
             secs = time.perf_counter() - t0
             logger.error("%s: failed after %.1f s: %s", where, secs, _error_text(exc), exc_info=True)
             outcomes.append(CellOutcome(cell.name, cell.folder, "failed", secs, _error_text(exc)))
             if state is not None:
-                state.record("quantize", cell.name, status="failed", error=_error_text(exc), seconds=round(secs, 3),
-                             reused=False, **common)
+                state.record(
+                    "quantize",
+                    cell.name,
+                    status="failed",
+                    error=_error_text(exc),
+                    seconds=round(secs, 3),
+                    reused=False,
+                    **common,
+                )
             continue
         secs = time.perf_counter() - t0
         outcomes.append(CellOutcome(cell.name, cell.folder, "done", secs))
         if state is not None:
-            state.record("quantize", cell.name, status="done", error=None, seconds=round(secs, 3), reused=False,
-                         **common)
+            state.record(
+                "quantize", cell.name, status="done", error=None, seconds=round(secs, 3), reused=False, **common
+            )
     return outcomes
 
 
-def run_batch(plan: Plan | str | Path, *, output_dir: str | Path | None = None, progress: bool = True,
-              dry_run: bool = False) -> BatchReport:
+def run_batch(
+    plan: Plan | str | Path, *, output_dir: str | Path | None = None, progress: bool = True, dry_run: bool = False
+) -> BatchReport:
     """Quantize what ``plan`` (a :class:`~awqkit.platform.plan.Plan` or a plan file) asks for; see the module docstring.
 
     ``output_dir`` overrides the plan's (only with a plan file). ``dry_run``: report what would be done,
@@ -381,5 +401,17 @@ def run_batch(plan: Plan | str | Path, *, output_dir: str | Path | None = None, 
     return report
 
 
-__all__ = ["BatchReport", "CellOutcome", "LOCK_FILE", "RunState", "STATE_FILE", "expected_settings", "folder_state",
-           "quantize_cells", "recover_destinations", "run_batch", "run_lock", "settings_mismatch", "write_json_atomic"]
+__all__ = [
+    "BatchReport",
+    "CellOutcome",
+    "LOCK_FILE",
+    "RunState",
+    "STATE_FILE",
+    "expected_settings",
+    "folder_state",
+    "quantize_cells",
+    "recover_destinations",
+    "run_batch",
+    "run_lock",
+    "settings_mismatch",
+]

@@ -31,16 +31,15 @@ import importlib
 import json
 import logging
 import math
-import os
 import random
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from awqkit.errors import DestinationError, InputError
+from awqkit.files import sha256_tree, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ TEXT_KEY = "text"
 CSV_SUFFIXES = (".csv", ".tsv")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-ACCEPTED = ("a CSV/TSV, JSONL/JSON or Parquet file, or a folder written by datasets' save_to_disk")
+ACCEPTED = "a CSV/TSV, JSONL/JSON or Parquet file, or a folder written by datasets' save_to_disk"
 # str.splitlines() also breaks at these; json.dumps(ensure_ascii=False) leaves them raw.
 _LINE_BREAKS_JSON_KEEPS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
@@ -67,8 +66,13 @@ class MissingDependencyError(ImportError, InputError):
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def calibration_sample_size(n_rows: int, *, fraction: float = DEFAULT_FRACTION,
-                            min_samples: int = DEFAULT_MIN_SAMPLES, max_samples: int = DEFAULT_MAX_SAMPLES) -> int:
+def calibration_sample_size(
+    n_rows: int,
+    *,
+    fraction: float = DEFAULT_FRACTION,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+) -> int:
     """``min(max_samples, max(min_samples, int(fraction × n_rows)))``, capped at ``n_rows``.
 
     ``fraction × n_rows`` is computed exactly on the decimal value of ``fraction`` (0.15 × 100 is 15).
@@ -96,8 +100,10 @@ def _optional(module: str, purpose: str, install: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingDependencyError(f"{purpose} needs the '{module.split('.')[0]}' package, which is not installed "
-                                     f"({exc}); install it with: {install}") from None
+        raise MissingDependencyError(
+            f"{purpose} needs the '{module.split('.')[0]}' package, which is not installed "
+            f"({exc}); install it with: {install}"
+        ) from None
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -110,14 +116,17 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
         pd = importlib.import_module("pandas")
     except ImportError:
-        raise MissingDependencyError(f"reading the Parquet file {path} needs 'pyarrow' (or 'pandas' with a "
-                                     "Parquet engine), and neither is installed; install it with: "
-                                     "pip install pyarrow") from None
+        raise MissingDependencyError(
+            f"reading the Parquet file {path} needs 'pyarrow' (or 'pandas' with a "
+            "Parquet engine), and neither is installed; install it with: "
+            "pip install pyarrow"
+        ) from None
     try:
         frame = pd.read_parquet(path)
     except ImportError as exc:
-        raise MissingDependencyError(f"pandas cannot read Parquet without an engine ({exc}); install it with: "
-                                     "pip install pyarrow") from None
+        raise MissingDependencyError(
+            f"pandas cannot read Parquet without an engine ({exc}); install it with: pip install pyarrow"
+        ) from None
     return list(frame.to_dict("records"))
 
 
@@ -132,8 +141,7 @@ def _read_hf_dir(path: Path, split: str | None) -> list[dict[str, Any]]:
         splits = list(ds.keys())
         chosen = split or ("train" if "train" in splits else (splits[0] if len(splits) == 1 else None))
         if chosen not in splits:
-            raise ValueError(f"{path} is a DatasetDict with splits {splits}; choose one with --split "
-                             f"(split={split!r})")
+            raise ValueError(f"{path} is a DatasetDict with splits {splits}; choose one with --split (split={split!r})")
         ds = ds[chosen]
     elif split is not None:
         logger.warning("%s holds a single dataset; ignoring split=%r", path, split)
@@ -153,8 +161,10 @@ def read_dataset(path: str | Path, *, split: str | None = None) -> list[dict[str
     suffix = path.suffix.lower()
     if path.is_dir():
         if not _is_hf_dataset_dir(path):
-            raise ValueError(f"{path} is a folder but not a Hugging Face dataset saved with save_to_disk (no "
-                             f"dataset_dict.json / state.json); expected {ACCEPTED}")
+            raise ValueError(
+                f"{path} is a folder but not a Hugging Face dataset saved with save_to_disk (no "
+                f"dataset_dict.json / state.json); expected {ACCEPTED}"
+            )
         rows: list[Any] = _read_hf_dir(path, split)
     elif not path.is_file():
         raise ValueError(f"dataset {str(path)!r} does not exist; expected {ACCEPTED}")
@@ -165,8 +175,9 @@ def read_dataset(path: str | Path, *, split: str | None = None) -> list[dict[str
     elif suffix in PARQUET_SUFFIXES:
         rows = _read_parquet(path)
     else:
-        raise ValueError(f"dataset {str(path)!r} has an unsupported extension {suffix or '(none)'!r}; "
-                         f"expected {ACCEPTED}")
+        raise ValueError(
+            f"dataset {str(path)!r} has an unsupported extension {suffix or '(none)'!r}; expected {ACCEPTED}"
+        )
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
         raise ValueError(f"{path}: row {bad} is a {type(rows[bad]).__name__}; expected rows with named columns")
@@ -185,8 +196,10 @@ def _column(rows: list[dict[str, Any]], column: str, path: Path | str) -> str:
     folded = {k.lower(): k for k in names}
     if column.lower() in folded:
         return folded[column.lower()]
-    raise ValueError(f"{path}: column {column!r} (the user turn) is not in the dataset; columns found: "
-                     f"{sorted(names)}. Choose it with --column")
+    raise ValueError(
+        f"{path}: column {column!r} (the user turn) is not in the dataset; columns found: "
+        f"{sorted(names)}. Choose it with --column"
+    )
 
 
 def _cell_text(value: Any, column: str, index: int, path: Path | str) -> str | None:
@@ -206,28 +219,35 @@ def load_tokenizer(model: Any, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     local = Path(str(model)).expanduser()
-    return AutoTokenizer.from_pretrained(str(local) if local.exists() else str(model),
-                                         trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(
+        str(local) if local.exists() else str(model), trust_remote_code=trust_remote_code
+    )
 
 
-def render_prompt(tokenizer: Any, user: str, system_prompt: str | None = None,
-                  chat_template_kwargs: dict[str, Any] | None = None) -> str:
+def render_prompt(
+    tokenizer: Any, user: str, system_prompt: str | None = None, chat_template_kwargs: dict[str, Any] | None = None
+) -> str:
     """``[system?, user]`` through the tokenizer's chat template with the generation prompt added.
 
     Raises:
         ValueError: the tokenizer has no chat template, or the template fails on this conversation.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template, so prompts cannot be rendered as training rendered "
-                         "them; pass the fine-tuned model's folder (with its chat template) as --model")
+        raise ValueError(
+            "the tokenizer has no chat template, so prompts cannot be rendered as training rendered "
+            "them; pass the fine-tuned model's folder (with its chat template) as --model"
+        )
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": user}]
+        {"role": "user", "content": user}
+    ]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             **(chat_template_kwargs or {}))
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+        )
     except Exception as exc:  # jinja raises its own exception types
-        raise ValueError(f"the chat template failed ({exc}); if it rejects a system turn, "
-                         "drop --system-prompt") from exc
+        raise ValueError(
+            f"the chat template failed ({exc}); if it rejects a system turn, drop --system-prompt"
+        ) from exc
     if not isinstance(text, str):
         raise ValueError(f"apply_chat_template returned {type(text).__name__}, expected a str")
     return text
@@ -267,12 +287,14 @@ def write_calibration_file(prompts: list[str], path: str | Path) -> Path:
         raise ValueError("no prompts to write")
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt {i} is {'empty' if isinstance(p, str) else type(p).__name__}; every "
-                             "prompt must be non-empty text")
+            raise ValueError(
+                f"prompt {i} is {'empty' if isinstance(p, str) else type(p).__name__}; every "
+                "prompt must be non-empty text"
+            )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(_record(p) + "\n" for p in prompts)
-    _atomic_write(path, body)
+    write_atomic(path, body)
     return path
 
 
@@ -282,37 +304,6 @@ def read_calibration_file(path: str | Path) -> list[str]:
     from awqkit.config import CalibConfig
 
     return read_samples(path, None, CalibConfig())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _hash_path(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative path and content, sorted)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        if p is not path:
-            h.update(p.relative_to(path).as_posix().encode() + b"\0")
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -362,6 +353,45 @@ class CalibrationSet:
         return out
 
 
+def _count_blocks(
+    prompts: list[str], tokenizer: Any, src: Path, n_blocks: int, seq_len: int, warnings: list[str]
+) -> tuple[list[int], int, int]:
+    """Tokens per prompt, tokens in the joined stream (with separators) and the ``seq_len`` blocks it holds;
+    an error when it holds none, a warning (appended) when fewer than ``n_blocks``."""
+    from awqkit.calib.blocks import separator_ids, tokenize_samples
+
+    counts = [len(ids) for ids in tokenize_samples(prompts, tokenizer)]
+    stream = sum(counts) + max(0, len(counts) - 1) * len(separator_ids(tokenizer))
+    available = stream // seq_len
+    if available == 0:
+        raise InputError(
+            f"{src}: the {len(prompts)} sampled prompts hold {stream} tokens, not enough for one "
+            f"calibration block of {seq_len} tokens; use more rows (--min-samples, --fraction), longer "
+            "prompts, or a smaller --seq-len"
+        )
+    if available < n_blocks:
+        warnings.append(
+            f"the set holds {stream} tokens (with separators), enough for {available} calibration blocks of "
+            f"{seq_len} tokens, fewer than the {n_blocks} requested ({n_blocks * seq_len} tokens); quantization "
+            f"will use {available} blocks: lower --n-samples/--seq-len, or raise --max-samples/--fraction"
+        )
+    return counts, stream, available
+
+
+def _tokenizer_record(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """What rendered the prompts: the tokenizer's source and the sha256 of its chat template."""
+    template = getattr(tokenizer, "chat_template", None)
+    source = (
+        str(model)
+        if not hasattr(model, "apply_chat_template")
+        else str(getattr(model, "name_or_path", "") or type(model).__name__)
+    )
+    return {
+        "tokenizer": source,
+        "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if template else None,
+    }
+
+
 def build_calibration_set(
     dataset: str | Path,
     model: Any,
@@ -402,8 +432,6 @@ def build_calibration_set(
         DestinationError: the output file exists and ``overwrite`` is False (checked before any work).
         MissingDependencyError: Parquet / saved datasets without the package that reads them.
     """
-    from awqkit.calib.blocks import separator_ids, tokenize_samples
-
     if n_blocks < 1 or seq_len < 1:
         raise ValueError(f"n_blocks={n_blocks} and seq_len={seq_len} must be >= 1")
     src = Path(dataset).expanduser()
@@ -425,54 +453,73 @@ def build_calibration_set(
     if not overwrite:
         for existing in (target, target.with_suffix(".meta.json")):
             if existing.exists():
-                raise DestinationError(f"{existing} already exists; pass --overwrite (overwrite=True) to replace it, "
-                                       "or choose another --out or --dataset-name")
+                raise DestinationError(
+                    f"{existing} already exists; pass --overwrite (overwrite=True) to replace it, "
+                    "or choose another --out or --dataset-name"
+                )
 
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     prompts = [render_prompt(tokenizer, usable[j][1], system_prompt, chat_template_kwargs) for j in picked]
-    counts = [len(ids) for ids in tokenize_samples(prompts, tokenizer)]
-    stream = sum(counts) + max(0, len(counts) - 1) * len(separator_ids(tokenizer))
-    available = stream // seq_len
-    if available == 0:
-        raise InputError(f"{src}: the {k} sampled prompts hold {stream} tokens, not enough for one calibration block "
-                         f"of {seq_len} tokens; use more rows (--min-samples, --fraction), longer prompts, or a "
-                         "smaller --seq-len")
-    if available < n_blocks:
-        warnings.append(
-            f"the set holds {stream} tokens (with separators), enough for {available} calibration blocks of "
-            f"{seq_len} tokens, fewer than the {n_blocks} requested ({n_blocks * seq_len} tokens); quantization "
-            f"will use {available} blocks: lower --n-samples/--seq-len, or raise --max-samples/--fraction")
+    counts, stream, available = _count_blocks(prompts, tokenizer, src, n_blocks, seq_len, warnings)
     if dataset_name is not None and name != dataset_name:
         logger.info("dataset name %r written as %r in the file name", dataset_name, name)
     path = write_calibration_file(prompts, target)
     meta_path = path.with_suffix(".meta.json")
-    template = getattr(tokenizer, "chat_template", None)
+    sampling = {
+        "rule": "min(max_samples, max(min_samples, int(fraction * rows)))",
+        "fraction": fraction,
+        "min_samples": min_samples,
+        "max_samples": max_samples,
+        "seed": seed,
+        "rows": len(rows),
+        "usable_rows": len(usable),
+        "n_samples": k,
+        "row_indices": indices,
+    }
+    tokens = {
+        "total": sum(counts),
+        "per_prompt": counts,
+        "stream_with_separators": stream,
+        "seq_len": seq_len,
+        "blocks_available": available,
+        "blocks_requested": n_blocks,
+    }
     meta = {
         "format": FORMAT,
         "file": path.name,
         "dataset": str(src.resolve()),
-        "dataset_sha256": _hash_path(src),
+        "dataset_sha256": sha256_tree(src),
         "dataset_name": name,
         "split": split,
         "column": col,
         "system_prompt": system_prompt,
         "chat_template_kwargs": chat_template_kwargs or {},
-        "tokenizer": str(model) if not hasattr(model, "apply_chat_template") else
-        str(getattr(model, "name_or_path", "") or type(model).__name__),
-        "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest() if template else None,
-        "sampling": {"rule": "min(max_samples, max(min_samples, int(fraction * rows)))", "fraction": fraction,
-                     "min_samples": min_samples, "max_samples": max_samples, "seed": seed,
-                     "rows": len(rows), "usable_rows": len(usable), "n_samples": k, "row_indices": indices},
-        "tokens": {"total": sum(counts), "per_prompt": counts, "stream_with_separators": stream,
-                   "seq_len": seq_len, "blocks_available": available, "blocks_requested": n_blocks},
+        **_tokenizer_record(model, tokenizer),
+        "sampling": sampling,
+        "tokens": tokens,
         "warnings": warnings,
     }
-    _atomic_write(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     for w in warnings:
         logger.warning("%s", w)
     logger.info("calibration set: %d prompts, %d tokens -> %s", k, sum(counts), path)
-    return CalibrationSet(path, meta_path, str(src), name, len(rows), len(usable), k, seed, indices, counts,
-                          stream, n_blocks, seq_len, available, warnings)
+    return CalibrationSet(
+        path,
+        meta_path,
+        str(src),
+        name,
+        len(rows),
+        len(usable),
+        k,
+        seed,
+        indices,
+        counts,
+        stream,
+        n_blocks,
+        seq_len,
+        available,
+        warnings,
+    )
 
 
 __all__ = [

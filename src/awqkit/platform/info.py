@@ -2,9 +2,9 @@
 
 Sources, files first and the folder name last:
 
-* :func:`awqkit.eval.detect.detect_quantization_method`: method, bits, group size (the storage config:
+* :func:`awqkit.io.detect.detect_quantization_method`: method, bits, group size (the storage config:
   ``config.json``'s ``quantization_config`` or a side file; ``quantization_metadata.json``; then the folder
-  name), and :func:`~awqkit.eval.detect.describe_loader`: whether awqkit's loader reads the folder. The
+  name), and :func:`~awqkit.io.detect.describe_loader`: whether awqkit's loader reads the folder. The
   method shown, the spec and the loader's verdict all come from that one detection, so ``info``,
   ``load_quantized`` and ``awqkit eval`` agree on every folder;
 * ``quantization_metadata.json`` (awqkit): the spec and what of it was not applied, calibration, the
@@ -12,92 +12,39 @@ Sources, files first and the folder name last:
 * ``training_metadata.json``: written by training; carried verbatim into the quantized folder, and linked
   from ``quantization_metadata.json["training"]`` (:func:`training_link`): the file's sha256, the source
   folder's absolute path and the sha256 of its weights (the same hash as ``source_model.weights_sha256``,
-  :func:`awqkit.io.source.hash_weights`);
-* the folder name, parsed as a run name (:func:`awqkit.platform.naming.parse_run_name`), for the parts
+  :func:`awqkit.files.sha256_named_files`);
+* the folder name, parsed as a run name (:func:`awqkit.naming.parse_run_name`), for the parts
   no file gives (base model, dataset, ...); the method a name suggests is the detection's (the same parse).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from awqkit.platform.naming import RunNameError, parse_run_name
-from awqkit.platform.spec import QuantizationSpec, QuantMethod, spec_from_metadata
+from awqkit.files import sha256_file, sha256_named_files
+from awqkit.io.training import TRAINING_METADATA, read_json_dict, training_link
+from awqkit.naming import RunNameError, parse_run_name
+from awqkit.spec import QuantizationSpec, QuantMethod, spec_from_metadata
 
 logger = logging.getLogger(__name__)
 
-TRAINING_METADATA = "training_metadata.json"
 QUANTIZATION_METADATA = "quantization_metadata.json"
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_json_dict(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, None when absent; a warning (and None) when it is not a JSON object."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        logger.warning("%s is not valid JSON (%s); ignoring it", path, exc)
-        return None
-    if not isinstance(data, dict):
-        logger.warning("%s holds a %s, not a JSON object; ignoring it", path, type(data).__name__)
-        return None
-    return data
-
-
-def training_link(source: Any) -> dict[str, Any] | None:
-    """The ``"training"`` entry of ``quantization_metadata.json`` for a source with ``training_metadata.json``.
-
-    ``source``: a :class:`~awqkit.io.source.SourceInfo` (``folder``, ``weights_sha256``) or a folder path
-    (its weights are then hashed here). Returns None when the source folder has no training metadata::
-
-        {"file": "training_metadata.json", "sha256": <of the file>, "source_path": <absolute folder>,
-         "source_weights_sha256": <sha256 of the source weights>, "run_name": <its run name or null>}
-    """
-    from awqkit.io.source import _weight_files, hash_weights
-
-    if isinstance(source, (str, Path)):
-        folder: Path | None = Path(source).expanduser()
-        weights = None
-    else:
-        folder = getattr(source, "folder", None)
-        weights = getattr(source, "weights_sha256", None)
-    if folder is None or not (Path(folder) / TRAINING_METADATA).is_file():
-        return None
-    folder = Path(folder).resolve()
-    if weights is None:
-        files = _weight_files(folder)
-        weights = hash_weights(files) if files else None
-    tmeta = _read_json_dict(folder / TRAINING_METADATA) or {}
-    run_name = tmeta.get("run_name") if isinstance(tmeta.get("run_name"), str) else None
-    if run_name is None:
-        try:
-            run_name = parse_run_name(folder.name).run_name
-        except RunNameError:
-            run_name = None
-    return {"file": TRAINING_METADATA, "sha256": _sha256(folder / TRAINING_METADATA), "source_path": str(folder),
-            "source_weights_sha256": weights, "run_name": run_name}
 
 
 def _sizes(folder: Path) -> dict[str, Any]:
     weights = sorted({p for pat in WEIGHT_GLOBS for p in folder.glob(pat) if p.is_file()})
     files = [p for p in folder.rglob("*") if p.is_file()]
-    return {"weights_bytes": sum(p.stat().st_size for p in weights), "weight_files": len(weights),
-            "folder_bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+    return {
+        "weights_bytes": sum(p.stat().st_size for p in weights),
+        "weight_files": len(weights),
+        "folder_bytes": sum(p.stat().st_size for p in files),
+        "files": len(files),
+    }
 
 
 @dataclass
@@ -122,12 +69,20 @@ class FolderInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": str(self.path), "detected": self.detected,
-            "spec": self.spec.to_dict() if self.spec is not None else None, "spec_source": self.spec_source,
-            "not_applied": self.not_applied, "calibration": self.calibration, "sizes": self.sizes,
-            "source_model": self.source_model, "training_link": self.training_link,
-            "training_metadata": self.training_metadata, "run_name": self.run_name,
-            "run_name_error": self.run_name_error, "checks": self.checks, "loading": self.loading,
+            "path": str(self.path),
+            "detected": self.detected,
+            "spec": self.spec.to_dict() if self.spec is not None else None,
+            "spec_source": self.spec_source,
+            "not_applied": self.not_applied,
+            "calibration": self.calibration,
+            "sizes": self.sizes,
+            "source_model": self.source_model,
+            "training_link": self.training_link,
+            "training_metadata": self.training_metadata,
+            "run_name": self.run_name,
+            "run_name_error": self.run_name_error,
+            "checks": self.checks,
+            "loading": self.loading,
         }
 
     def format(self) -> str:
@@ -162,21 +117,24 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
     Raises:
         FileNotFoundError / NotADirectoryError: ``path`` is not a folder.
     """
-    from awqkit.eval.detect import describe_loader, detect_quantization_method
+    from awqkit.io.detect import describe_loader, detect_quantization_method
 
     folder = Path(path).expanduser()
     detected = detect_quantization_method(folder)
     loading = describe_loader(detected, folder)
     folder = folder.resolve()
-    qmeta = _read_json_dict(folder / QUANTIZATION_METADATA)
-    tmeta = _read_json_dict(folder / TRAINING_METADATA)
+    qmeta = read_json_dict(folder / QUANTIZATION_METADATA)
+    tmeta = read_json_dict(folder / TRAINING_METADATA)
     try:
         run_name, run_error = parse_run_name(folder.name).to_dict(), None
     except RunNameError as exc:
         run_name, run_error = None, str(exc)
     spec, spec_source = _spec_and_source(detected, qmeta)
-    not_applied = list(qmeta["not_applied"]) if qmeta and isinstance(qmeta.get("not_applied"), list) else (
-        spec.unapplied() if spec is not None else [])
+    not_applied = (
+        list(qmeta["not_applied"])
+        if qmeta and isinstance(qmeta.get("not_applied"), list)
+        else (spec.unapplied() if spec is not None else [])
+    )
     link = qmeta.get("training") if qmeta and isinstance(qmeta.get("training"), dict) else None
     source_model = qmeta.get("source_model") if qmeta and isinstance(qmeta.get("source_model"), dict) else None
     sizes = _sizes(folder)
@@ -191,17 +149,31 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
         if tmeta is None:
             checks["training_metadata_file"] = "missing (the link names it but the folder has no copy)"
         else:
-            same = _sha256(folder / TRAINING_METADATA) == link.get("sha256")
+            same = sha256_file(folder / TRAINING_METADATA) == link.get("sha256")
             checks["training_metadata_file"] = "matches the link" if same else "differs from the linked sha256"
         if verify:
             checks["source_weights"] = _verify_source(link)
-    return FolderInfo(folder, detected.to_dict(), spec, spec_source, not_applied,
-                      qmeta.get("calibration") if qmeta else None, sizes, source_model, link, tmeta, run_name,
-                      run_error, qmeta, checks, loading)
+    return FolderInfo(
+        folder,
+        detected.to_dict(),
+        spec,
+        spec_source,
+        not_applied,
+        qmeta.get("calibration") if qmeta else None,
+        sizes,
+        source_model,
+        link,
+        tmeta,
+        run_name,
+        run_error,
+        qmeta,
+        checks,
+        loading,
+    )
 
 
 def _verify_source(link: dict[str, Any]) -> str:
-    from awqkit.io.source import _weight_files, hash_weights
+    from awqkit.io.source import _weight_files
 
     src = Path(str(link.get("source_path", "")))
     if not src.is_dir():
@@ -209,8 +181,11 @@ def _verify_source(link: dict[str, Any]) -> str:
     files = _weight_files(src)
     if not files:
         return f"source folder {src} holds no weights"
-    return ("matches the link" if hash_weights(files) == link.get("source_weights_sha256")
-            else "differs from the linked sha256 (the source changed since quantization)")
+    return (
+        "matches the link"
+        if sha256_named_files(files) == link.get("source_weights_sha256")
+        else "differs from the linked sha256 (the source changed since quantization)"
+    )
 
 
 def _mb(n: int | None) -> str:
@@ -247,13 +222,17 @@ def format_info(info: FolderInfo) -> str:
     cal = info.calibration
     if cal:
         sha = str(cal.get("sha256") or "")[:12]
-        lines.append(f"calibration:  {cal.get('source')} ({cal.get('n_samples')} blocks x {cal.get('seq_len')} tokens, "
-                     f"seed {cal.get('seed')}{', sha256 ' + sha if sha else ''})")
+        lines.append(
+            f"calibration:  {cal.get('source')} ({cal.get('n_samples')} blocks x {cal.get('seq_len')} tokens, "
+            f"seed {cal.get('seed')}{', sha256 ' + sha if sha else ''})"
+        )
     elif info.quantization_metadata is not None:
         lines.append("calibration:  none (data-free method)")
     s = info.sizes
-    size = (f"weights {_mb(s['weights_bytes'])} in {s['weight_files']} file(s); folder {_mb(s['folder_bytes'])} "
-            f"in {s['files']} file(s)")
+    size = (
+        f"weights {_mb(s['weights_bytes'])} in {s['weight_files']} file(s); folder {_mb(s['folder_bytes'])} "
+        f"in {s['files']} file(s)"
+    )
     if "source_weights_bytes" in s:
         size += f"; source weights {_mb(s['source_weights_bytes'])}"
         if "ratio_to_source" in s:
@@ -261,13 +240,17 @@ def format_info(info: FolderInfo) -> str:
     lines.append(f"sizes:        {size}")
     if info.source_model:
         sm = info.source_model
-        lines.append(f"source:       {sm.get('src')} ({sm.get('kind')}, {', '.join(sm.get('architectures') or [])}, "
-                     f"weights sha256 {str(sm.get('weights_sha256') or '?')[:12]})")
+        lines.append(
+            f"source:       {sm.get('src')} ({sm.get('kind')}, {', '.join(sm.get('architectures') or [])}, "
+            f"weights sha256 {str(sm.get('weights_sha256') or '?')[:12]})"
+        )
     if info.training_link:
         tl = info.training_link
-        lines.append(f"training:     linked to {tl.get('source_path')} (weights sha256 "
-                     f"{str(tl.get('source_weights_sha256') or '?')[:12]}, {tl.get('file')} sha256 "
-                     f"{str(tl.get('sha256') or '?')[:12]}; run {tl.get('run_name')})")
+        lines.append(
+            f"training:     linked to {tl.get('source_path')} (weights sha256 "
+            f"{str(tl.get('source_weights_sha256') or '?')[:12]}, {tl.get('file')} sha256 "
+            f"{str(tl.get('sha256') or '?')[:12]}; run {tl.get('run_name')})"
+        )
     for key, value in info.checks.items():
         lines.append(f"check:        {key}: {value}")
     if info.training_metadata is not None:
@@ -278,17 +261,21 @@ def format_info(info: FolderInfo) -> str:
             lines.append(f"  ... {len(info.training_metadata) - 20} more")
     if info.run_name is not None:
         r = info.run_name
-        parts = ", ".join(f"{k}={r[k] if r[k] is not None else '(none)'}"
-                          for k in ("base_model", "dataset", "method", "peft", "quant_tag"))
+        parts = ", ".join(
+            f"{k}={r[k] if r[k] is not None else '(none)'}"
+            for k in ("base_model", "dataset", "method", "peft", "quant_tag")
+        )
         lines.append(f"run name:     {parts}{' (quantized folder)' if r['quantized'] else ''}")
     else:
         lines.append("run name:     the folder name is not a run name")
     q = info.quantization_metadata
     if q:
         v = q.get("versions") or {}
-        lines.append(f"awqkit:       {q.get('quantized_modules')} quantized linears, {len(q.get('kept_float') or {})} "
-                     f"kept float; awqkit {v.get('awqkit', '?')}, torch {v.get('torch', '?')}, "
-                     f"transformers {v.get('transformers', '?')}")
+        lines.append(
+            f"awqkit:       {q.get('quantized_modules')} quantized linears, {len(q.get('kept_float') or {})} "
+            f"kept float; awqkit {v.get('awqkit', '?')}, torch {v.get('torch', '?')}, "
+            f"transformers {v.get('transformers', '?')}"
+        )
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ Rules:
   already quantized) or ``scan`` (every such folder below it, recursively; hidden folders, quantized folders
   and ``output_dir`` are skipped, a model folder is not searched further). Naming keys are not allowed with
   ``scan``. A folder found twice is used once; two folders with the same run name are an error.
-* Naming (:mod:`awqkit.platform.naming`): each of ``base_model``, ``dataset``, ``method``, ``peft`` comes from,
+* Naming (:mod:`awqkit.naming`): each of ``base_model``, ``dataset``, ``method``, ``peft`` comes from,
   in this order, the plan entry, the keys of the folder's ``training_metadata.json`` (``base_model`` loses
   its organisation: ``Qwen/Qwen3-0.6B`` → ``Qwen3-0.6B``), that file's ``run_name``, then the folder name
   parsed as a run name. A part found nowhere is an error naming the entry.
@@ -60,11 +60,11 @@ Rules:
   uses AWQ, every model's calibration file must exist (checked up front).
 * ``[[specs]]`` keys: ``method``, ``bits`` (or ``weights_bits``), ``group_size``, ``zero_point``,
   ``modules_to_not_convert``, ``keep_unaligned_fp16``, ``activations_bits``, ``kv_cache_bits``,
-  ``lm_head_dtype``, ``backend``, ``extras`` (see :func:`awqkit.platform.spec.resolve_quantization_spec`).
+  ``lm_head_dtype``, ``backend``, ``extras`` (see :func:`awqkit.spec.resolve_quantization_spec`).
   Two specs giving the same quant tag (the same output name) are an error. A ``fp`` spec is the float
   source model: batch skips it; orchestrate always evaluates it as the baseline of each model anyway.
 * Output names: ``<output_dir>/<run name>_quantized`` with the run name
-  ``{base_model}-{dataset}_{method}_{peft}_{quant_tag}`` (:func:`~awqkit.platform.naming.make_run_name`).
+  ``{base_model}-{dataset}_{method}_{peft}_{quant_tag}`` (:func:`~awqkit.naming.make_run_name`).
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from awqkit.config import CalibConfig, SearchConfig, to_dict
+from awqkit.config import CalibConfig, EvalConfig, SearchConfig, to_dict
 from awqkit.errors import InputError
-from awqkit.platform.naming import (
+from awqkit.io.detect import is_quantized_folder
+from awqkit.naming import (
     RunNameError,
     base_model_name,
     make_run_name,
@@ -92,7 +93,7 @@ from awqkit.platform.naming import (
     quant_tag,
     quantized_folder_name,
 )
-from awqkit.platform.spec import APPLIED_EXTRAS, QuantizationSpec, resolve_quantization_spec
+from awqkit.spec import APPLIED_EXTRAS, QuantizationSpec, resolve_quantization_spec
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,18 @@ _SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 _CALIB_KEYS = ("calib", *_CALIB_FIELDS)  # "calib" is the plan's name for CalibConfig.source
 DEFAULTS_KEYS = _CALIB_KEYS + _SEARCH_FIELDS
 MODEL_KEYS = ("path", "scan", "exclude", *NAME_PARTS, *_CALIB_KEYS)
-SPEC_KEYS = ("method", "bits", "weights_bits", "group_size", "activations_bits", "kv_cache_bits", "lm_head_dtype",
-             "backend", "extras", *APPLIED_EXTRAS)
+SPEC_KEYS = (
+    "method",
+    "bits",
+    "weights_bits",
+    "group_size",
+    "activations_bits",
+    "kv_cache_bits",
+    "lm_head_dtype",
+    "backend",
+    "extras",
+    *APPLIED_EXTRAS,
+)
 _SPEC_LIST_KEYS = ("method", "bits", "weights_bits", "group_size")
 EVAL_KEYS = ("tasks", "limit", "windows", "seq_len", "batch_size", "text", "data_dir", "backend", "task_options")
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -136,8 +147,12 @@ class PlanModel:
         return make_run_name(self.base_model, self.dataset, self.method, self.peft, quant_tag(spec))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "run_name": self.run_name, **{k: getattr(self, k) for k in NAME_PARTS},
-                "calib": to_dict(self.calib)}
+        return {
+            "path": str(self.path),
+            "run_name": self.run_name,
+            **{k: getattr(self, k) for k in NAME_PARTS},
+            "calib": to_dict(self.calib),
+        }
 
 
 @dataclass(frozen=True)
@@ -154,14 +169,14 @@ class Cell:
 class PlanEval:
     """The ``[eval]`` table (used by orchestrate): arguments of :func:`awqkit.eval.runner.evaluate_model`."""
 
-    tasks: tuple[str, ...] = ("ppl", "kl")
-    limit: int | None = None
-    windows: int | None = 16
-    seq_len: int = 2048
-    batch_size: int = 1
+    tasks: tuple[str, ...] = ("ppl", "kl")  # a campaign compares each output with its float source
+    limit: int | None = EvalConfig.limit
+    windows: int | None = EvalConfig.windows
+    seq_len: int = EvalConfig.seq_len
+    batch_size: int = EvalConfig.batch_size
     text: Path | None = None
     data_dir: Path | None = None
-    backend: str = "auto"
+    backend: str = EvalConfig.backend
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,14 +207,23 @@ class Plan:
 
     def cells(self) -> list[Cell]:
         """Every (model, quantizing spec) pair, model by model, specs in plan order."""
-        return [Cell(m, s, m.cell_name(s), self.output_dir / quantized_folder_name(m.cell_name(s)))
-                for m in self.models for s in self.quantize_specs]
+        return [
+            Cell(m, s, m.cell_name(s), self.output_dir / quantized_folder_name(m.cell_name(s)))
+            for m in self.models
+            for s in self.quantize_specs
+        ]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": str(self.source) if self.source else None, "output_dir": str(self.output_dir),
-                "device": self.device, "trust_remote_code": self.trust_remote_code,
-                "models": [m.to_dict() for m in self.models], "specs": [s.to_dict() for s in self.specs],
-                "search": to_dict(self.search), "eval": self.eval.to_dict()}
+        return {
+            "source": str(self.source) if self.source else None,
+            "output_dir": str(self.output_dir),
+            "device": self.device,
+            "trust_remote_code": self.trust_remote_code,
+            "models": [m.to_dict() for m in self.models],
+            "specs": [s.to_dict() for s in self.specs],
+            "search": to_dict(self.search),
+            "eval": self.eval.to_dict(),
+        }
 
 
 # ------------------------------------------------------------------------------------------- validation helpers
@@ -215,8 +239,9 @@ class _Errors:
         if len(self.items) == 1:
             raise PlanError(f"plan {self.file}: {self.items[0]}")
         if self.items:
-            raise PlanError(f"plan {self.file} has {len(self.items)} problems:\n" +
-                            "\n".join(f"  - {m}" for m in self.items))
+            raise PlanError(
+                f"plan {self.file} has {len(self.items)} problems:\n" + "\n".join(f"  - {m}" for m in self.items)
+            )
 
 
 def _unknown_keys(table: dict[str, Any], valid: tuple[str, ...], where: str, errors: _Errors) -> None:
@@ -257,8 +282,9 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(hint)[0])}s"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            type(None): "null"}.get(hint, str(hint))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
+        hint, str(hint)
+    )
 
 
 def _build_config(cls: type, values: dict[str, Any], where: str, errors: _Errors) -> Any:
@@ -300,13 +326,6 @@ def _read_json_dict(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def is_quantized_folder(folder: Path) -> bool:
-    """``config.json`` (or its ``text_config``) holds a ``quantization_config``."""
-    cfg = _read_json_dict(folder / "config.json")
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    return isinstance(cfg.get("quantization_config"), dict) or isinstance(text.get("quantization_config"), dict)
 
 
 def _has_weights(folder: Path) -> bool:
@@ -388,8 +407,11 @@ def _parse_specs(raw: Any, errors: _Errors) -> list[QuantizationSpec]:
                 continue
             tag = quant_tag(spec)
             if tag in seen:
-                errors.add(where, f"gives the output tag {tag} again (already from {seen[tag]}); each spec must "
-                                  "produce a different output")
+                errors.add(
+                    where,
+                    f"gives the output tag {tag} again (already from {seen[tag]}); each spec must "
+                    "produce a different output",
+                )
                 continue
             seen[tag] = where
             specs.append(spec)
@@ -456,8 +478,14 @@ def _parse_eval(raw: Any, base: Path, errors: _Errors) -> PlanEval:
     return PlanEval(**kw)
 
 
-def _parse_models(raw: Any, defaults_calib: dict[str, Any], base: Path, output_dir: Path | None,
-                  needs_calib_file: bool, errors: _Errors) -> list[PlanModel]:
+def _parse_models(
+    raw: Any,
+    defaults_calib: dict[str, Any],
+    base: Path,
+    output_dir: Path | None,
+    needs_calib_file: bool,
+    errors: _Errors,
+) -> list[PlanModel]:
     """The models; a bad [defaults] calibration value (already reported) is not reported again per model."""
     defaults_ok = _build_config(CalibConfig, defaults_calib, "defaults", errors) is not None
     if not isinstance(raw, list) or not raw or not all(isinstance(e, dict) for e in raw):
@@ -485,8 +513,11 @@ def _parse_models(raw: Any, defaults_calib: dict[str, Any], base: Path, output_d
         if "scan" in entry:
             named = [k for k in NAME_PARTS if k in entry]
             if named:
-                errors.add(where, f"{named} cannot be set for a scan (each folder found is named from its "
-                                  "training_metadata.json or its folder name); list such models with 'path'")
+                errors.add(
+                    where,
+                    f"{named} cannot be set for a scan (each folder found is named from its "
+                    "training_metadata.json or its folder name); list such models with 'path'",
+                )
             root = _path(entry["scan"], base)
             if not root.is_dir():
                 errors.add(f"{where}.scan", f"{root} is not a folder")
@@ -521,21 +552,35 @@ def _parse_models(raw: Any, defaults_calib: dict[str, Any], base: Path, output_d
                 continue
             if model.run_name in by_name:
                 other, other_path = by_name[model.run_name]
-                errors.add(label, f"run name {model.run_name} is also that of {other} ({other_path}); set "
-                                  "base_model/dataset/method/peft so that each model has its own")
+                errors.add(
+                    label,
+                    f"run name {model.run_name} is also that of {other} ({other_path}); set "
+                    "base_model/dataset/method/peft so that each model has its own",
+                )
                 continue
             by_name[model.run_name] = (label, folder)
             models.append(model)
     return models
 
 
-def _make_model(folder: Path, entry: dict[str, Any], calib_values: dict[str, Any], where: str,
-                needs_calib_file: bool, base: Path, errors: _Errors, defaults_ok: bool = True) -> PlanModel | None:
+def _make_model(
+    folder: Path,
+    entry: dict[str, Any],
+    calib_values: dict[str, Any],
+    where: str,
+    needs_calib_file: bool,
+    base: Path,
+    errors: _Errors,
+    defaults_ok: bool = True,
+) -> PlanModel | None:
     given = {k: entry[k] for k in NAME_PARTS if isinstance(entry.get(k), str)}
     parts, missing = name_parts(folder, given)
     if missing:
-        errors.add(where, f"cannot name {folder}: {', '.join(missing)} not found (set them in the [[models]] entry, "
-                          "in training_metadata.json, or name the folder {base_model}-{dataset}_{method}_{peft})")
+        errors.add(
+            where,
+            f"cannot name {folder}: {', '.join(missing)} not found (set them in the [[models]] entry, "
+            "in training_metadata.json, or name the folder {base_model}-{dataset}_{method}_{peft})",
+        )
         return None
     try:
         make_run_name(parts["base_model"], parts["dataset"], parts["method"], parts["peft"])
@@ -548,13 +593,18 @@ def _make_model(folder: Path, entry: dict[str, Any], calib_values: dict[str, Any
         try:
             source = source.format(**parts)
         except (KeyError, IndexError, ValueError) as exc:
-            errors.add(f"{where}.calib", f"{source!r}: bad placeholder {exc}; use {{base_model}}, {{dataset}}, "
-                                         "{method} or {peft}")
+            errors.add(
+                f"{where}.calib",
+                f"{source!r}: bad placeholder {exc}; use {{base_model}}, {{dataset}}, {{method}} or {{peft}}",
+            )
             return None
         path = _path(source, base)
         if needs_calib_file and not path.is_file():
-            errors.add(f"{where}.calib", f"calibration file {path} does not exist (AWQ specs need it; 'self' "
-                                         "samples calibration text from the model)")
+            errors.add(
+                f"{where}.calib",
+                f"calibration file {path} does not exist (AWQ specs need it; 'self' "
+                "samples calibration text from the model)",
+            )
         values["source"] = str(path)
     # a bad [defaults] value was reported once already; do not repeat it for every model
     calib = _build_config(CalibConfig, values, where, errors if defaults_ok else _Errors(errors.file))
@@ -591,8 +641,9 @@ def read_plan_file(path: str | Path) -> dict[str, Any]:
         try:
             import yaml
         except ModuleNotFoundError:
-            raise PlanError(f"plan {p} is YAML but PyYAML is not installed: pip install pyyaml, or write the "
-                            "plan as TOML (.toml)") from None
+            raise PlanError(
+                f"plan {p} is YAML but PyYAML is not installed: pip install pyyaml, or write the plan as TOML (.toml)"
+            ) from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -602,13 +653,19 @@ def read_plan_file(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise PlanError(f"plan {p} must hold a table of keys (output_dir, models, specs, ...), not a "
-                        f"{type(data).__name__}")
+        raise PlanError(
+            f"plan {p} must hold a table of keys (output_dir, models, specs, ...), not a {type(data).__name__}"
+        )
     return data
 
 
-def plan_from_dict(data: dict[str, Any], *, base_dir: str | Path = ".", source: str | Path | None = None,
-                   output_dir: str | Path | None = None) -> Plan:
+def plan_from_dict(
+    data: dict[str, Any],
+    *,
+    base_dir: str | Path = ".",
+    source: str | Path | None = None,
+    output_dir: str | Path | None = None,
+) -> Plan:
     """Validate a plan given as a dict (relative paths against ``base_dir``).
 
     ``output_dir`` overrides the plan's ``output_dir`` (then the plan need not set one).
@@ -651,17 +708,28 @@ def plan_from_dict(data: dict[str, Any], *, base_dir: str | Path = ".", source: 
         errors.add("defaults", "must be a table ([defaults])")
         defaults = {}
     _unknown_keys(defaults, DEFAULTS_KEYS, "defaults", errors)
-    search = _build_config(SearchConfig, {k: defaults[k] for k in _SEARCH_FIELDS if k in defaults}, "defaults",
-                           errors) or SearchConfig()
+    search = (
+        _build_config(SearchConfig, {k: defaults[k] for k in _SEARCH_FIELDS if k in defaults}, "defaults", errors)
+        or SearchConfig()
+    )
     specs = _parse_specs(data.get("specs"), errors)
     needs_calib_file = any(s.method.value == "awq" for s in specs)
-    models = _parse_models(data.get("models"), _calib_values(defaults, "defaults", errors), base, out,
-                           needs_calib_file, errors)
+    models = _parse_models(
+        data.get("models"), _calib_values(defaults, "defaults", errors), base, out, needs_calib_file, errors
+    )
     ev = _parse_eval(data.get("eval"), base, errors)
     errors.check()
     assert out is not None
-    return Plan(Path(source).absolute() if source is not None else None, out.absolute(), tuple(models), tuple(specs),
-                search, ev, device, trust)
+    return Plan(
+        Path(source).absolute() if source is not None else None,
+        out.absolute(),
+        tuple(models),
+        tuple(specs),
+        search,
+        ev,
+        device,
+        trust,
+    )
 
 
 def load_plan(path: str | Path, *, output_dir: str | Path | None = None) -> Plan:
@@ -675,5 +743,14 @@ def load_plan(path: str | Path, *, output_dir: str | Path | None = None) -> Plan
     return plan_from_dict(data, base_dir=p.absolute().parent, source=p, output_dir=output_dir)
 
 
-__all__ = ["Cell", "Plan", "PlanError", "PlanEval", "PlanModel", "is_quantized_folder", "load_plan", "name_parts",
-           "plan_from_dict", "read_plan_file"]
+__all__ = [
+    "Cell",
+    "Plan",
+    "PlanError",
+    "PlanEval",
+    "PlanModel",
+    "load_plan",
+    "name_parts",
+    "plan_from_dict",
+    "read_plan_file",
+]

@@ -95,8 +95,7 @@ def quantize(w: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: in
     wg = group_view(w, group_size)
     if scales.shape != wg.shape[:2] or zeros.shape != wg.shape[:2]:
         raise ValueError(
-            f"scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} must be [out, n_groups] = "
-            f"{tuple(wg.shape[:2])}"
+            f"scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} must be [out, n_groups] = {tuple(wg.shape[:2])}"
         )
     q = torch.round(wg / scales.float().unsqueeze(-1)) + zeros.float().unsqueeze(-1)
     q = torch.clamp(q, 0, 2**bits - 1)
@@ -132,8 +131,10 @@ def fake_quantize(
     scales, zeros = compute_qparams(w, bits, group_size, zero_point, scale_dtype)
     wg = group_view(w, group_size)
     if inplace and (w.dtype != torch.float32 or not w.is_contiguous()):
-        raise ValueError(f"fake_quantize(inplace=True) needs a contiguous float32 weight, got {w.dtype}"
-                         f"{'' if w.is_contiguous() else ' (not contiguous)'}")
+        raise ValueError(
+            f"fake_quantize(inplace=True) needs a contiguous float32 weight, got {w.dtype}"
+            f"{'' if w.is_contiguous() else ' (not contiguous)'}"
+        )
     s, z = scales.unsqueeze(-1), zeros.float().unsqueeze(-1)
     # the same float operations as quantize() then dequantize(): round(w / s) + z, clamped, minus z, times s
     t = wg.div_(s) if inplace else torch.div(wg, s)

@@ -43,8 +43,9 @@ def _by_series(rows: list[dict[str, Any]], col: str, quantized_only: bool) -> di
     return {k: sorted(v) for k, v in series.items()}
 
 
-def _line_plot(plt: Any, rows: list[dict[str, Any]], col: str, ylabel: str, title: str, path: Path,
-               quantized_only: bool) -> Path | None:
+def _line_plot(
+    plt: Any, rows: list[dict[str, Any]], col: str, ylabel: str, title: str, path: Path, quantized_only: bool
+) -> Path | None:
     series = _by_series(rows, col, quantized_only)
     if not series:
         return None
@@ -58,8 +59,14 @@ def _line_plot(plt: Any, rows: list[dict[str, Any]], col: str, ylabel: str, titl
         if method == "fp":
             ax.scatter(xs, ys, marker="*", s=160, color=color, label=label, zorder=3)
         else:
-            ax.plot(xs, ys, marker=_MODEL_MARKERS[k % len(_MODEL_MARKERS)], color=color,
-                    linestyle=_MODEL_LINES[k % len(_MODEL_LINES)], label=label)
+            ax.plot(
+                xs,
+                ys,
+                marker=_MODEL_MARKERS[k % len(_MODEL_MARKERS)],
+                color=color,
+                linestyle=_MODEL_LINES[k % len(_MODEL_LINES)],
+                label=label,
+            )
             for x, y, tag in pts:
                 ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     values = [p[1] for pts in series.values() for p in pts]
@@ -83,8 +90,11 @@ def _save_figure(plt: Any, fig: Any, path: Path) -> Path:
 
 
 def _retention_plot(plt: Any, rows: list[dict[str, Any]], path: Path) -> Path | None:
-    cols = [c for c in dict.fromkeys(k for r in rows for k in r if k.endswith("_retention"))
-            if any(isinstance(r.get(c), (int, float)) for r in rows if r["method"] != "fp")]
+    cols = [
+        c
+        for c in dict.fromkeys(k for r in rows for k in r if k.endswith("_retention"))
+        if any(isinstance(r.get(c), (int, float)) for r in rows if r["method"] != "fp")
+    ]
     cells = [r for r in rows if r["method"] != "fp" and any(isinstance(r.get(c), (int, float)) for c in cols)]
     if not cols or not cells:
         return None
@@ -115,9 +125,19 @@ def plot_results(rows: list[dict[str, Any]], tasks: tuple[str, ...], out_dir: st
     done = [r for r in rows if r.get("status") == "done"]
     made = [
         _line_plot(plt, done, "ppl", "perplexity", "perplexity vs bits per weight", out / "ppl_vs_bpw.png", False)
-        if "ppl" in tasks else None,
-        _line_plot(plt, done, "kl", "KL(P_fp || P_quantized) per token", "KL divergence vs bits per weight",
-                   out / "kl_vs_bpw.png", True) if "kl" in tasks else None,
+        if "ppl" in tasks
+        else None,
+        _line_plot(
+            plt,
+            done,
+            "kl",
+            "KL(P_fp || P_quantized) per token",
+            "KL divergence vs bits per weight",
+            out / "kl_vs_bpw.png",
+            True,
+        )
+        if "kl" in tasks
+        else None,
         _retention_plot(plt, done, out / "retention.png"),
     ]
     return [p for p in made if p is not None]

@@ -36,9 +36,7 @@ def _format_cell(value: Any, spec: str | None, column: str) -> str:
         try:
             text = spec.format(value) if "{" in spec else format(value, spec)
         except (ValueError, IndexError, KeyError) as err:
-            raise ValueError(
-                f"floatfmt {spec!r} of column {column!r} cannot format {value!r}: {err}"
-            ) from err
+            raise ValueError(f"floatfmt {spec!r} of column {column!r} cannot format {value!r}: {err}") from err
     elif isinstance(value, float):
         text = _default_float(value)
     else:
@@ -86,28 +84,23 @@ def markdown_table(
     if unknown:
         raise ValueError(f"floatfmt names columns {unknown} that are not in {columns}")
 
-    body = [
-        [_format_cell(row.get(c), floatfmt.get(c), c) for c in columns] for row in rows
-    ]
+    body = [[_format_cell(row.get(c), floatfmt.get(c), c) for c in columns] for row in rows]
     header = [str(c).replace("|", "\\|") for c in columns]
     numeric = [
         bool(vals) and all(_is_number(v) for v in vals)
         for vals in ([row.get(c) for row in rows if row.get(c) is not None] for c in columns)
     ]
-    widths = [
-        max(3, len(header[i]), *(len(r[i]) for r in body)) for i in range(len(columns))
-    ]
+    widths = [max(3, len(header[i]), *(len(r[i]) for r in body)) for i in range(len(columns))]
 
     def line(cells: list[str]) -> str:
-        padded = [
-            cell.rjust(w) if num else cell.ljust(w)
-            for cell, w, num in zip(cells, widths, numeric, strict=True)
-        ]
+        padded = [cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(cells, widths, numeric, strict=True)]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "| " + " | ".join(
-        "-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric, strict=True)
-    ) + " |"
+    rule = (
+        "| "
+        + " | ".join("-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric, strict=True))
+        + " |"
+    )
     return "\n".join([line(header), rule, *(line(r) for r in body)])
 
 
@@ -138,6 +131,37 @@ def _section_spans(lines: list[str]) -> list[tuple[int, int, str]]:
         end = headings[k + 1][0] if k + 1 < len(headings) else len(lines)
         spans.append((i, end, title))
     return spans
+
+
+def metrics_table(rows: list[dict[str, Any]], baseline: bool) -> str:
+    """Markdown table of metric rows (``task, metric, higher_is_better, model, baseline, ratio, retention, n``, as
+    :func:`awqkit.eval.runner.metric_rows` makes them); with ``baseline``, ratio and retention columns; then a
+    legend."""
+    table_rows = [
+        {
+            "task": r["task"],
+            "metric": f"{r['metric']} {'↑' if r['higher_is_better'] else '↓'}",
+            "model": r["model"],
+            "baseline": r["baseline"],
+            "model / baseline": r["ratio"],
+            "retention (1.0 = baseline, ↑)": r["retention"],
+            "n": r["n"],
+        }
+        for r in rows
+    ]
+    cols = ["task", "metric", "model"]
+    if baseline:
+        cols += ["baseline", "model / baseline", "retention (1.0 = baseline, ↑)"]
+    cols.append("n")
+    fmt = {"model / baseline": ".4f", "retention (1.0 = baseline, ↑)": ".4f"} if baseline else {}
+    table = markdown_table(table_rows, cols, fmt)  # other floats: 4 significant digits
+    legend = "↑ higher is better, ↓ lower is better. n: predicted tokens (ppl, kl) or items (tasks)."
+    if baseline:
+        legend += (
+            " retention = model / baseline for ↑ metrics and baseline / model for ↓ metrics (ppl), "
+            "so below 1.0 is worse in every row; kl has none (the baseline's own KL is 0)."
+        )
+    return f"{table}\n\n{legend}"
 
 
 def write_benchmarks_section(path: Path | str, section_title: str, body: str) -> None:

@@ -62,8 +62,10 @@ def decode_spec(model: nn.Module) -> DecodeSpec:
     spec = resolve_arch(model)
     if spec.decode is None:
         runs = [s.name for s in REGISTRY if s.decode is not None]
-        raise ValueError(f"awqkit's decode loop does not run {spec.name} models (it runs {', '.join(runs)}); "
-                         "use the transformers loop (loop='transformers')")
+        raise ValueError(
+            f"awqkit's decode loop does not run {spec.name} models (it runs {', '.join(runs)}); "
+            "use the transformers loop (loop='transformers')"
+        )
     return spec.decode
 
 
@@ -119,16 +121,25 @@ class Decoder:
         self.rotary = get_submodule(model, spec.rotary)
         self.final_norm, self.final_eps = _norm_weight(get_submodule(model, spec.final_norm), spec.final_norm)
         self.head = get_submodule(model, spec.head)
-        heads, kv_heads = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None)
-                                                             or cfg.num_attention_heads)
-        self.layers = [self._bind_layer(layer, i, heads, kv_heads) for i, layer in
-                       enumerate(get_layers(model, resolve_arch(model)))]
+        heads, kv_heads = (
+            int(cfg.num_attention_heads),
+            int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+        )
+        self.layers = [
+            self._bind_layer(layer, i, heads, kv_heads)
+            for i, layer in enumerate(get_layers(model, resolve_arch(model)))
+        ]
         kinds = sorted({op.kind for lay in self.layers for op in (lay.qkv, lay.o, lay.gate_up, lay.down)})
         hidden = int(cfg.hidden_size)
         why = stack.unsupported_reason(self.layers, hidden) if self.native else "native ops are off"
         self.stack = stack.NativeStack(self.layers, hidden) if native_stack and why is None else None
-        logger.info("decode loop: %d layers, linears %s, native ops %s, one-call stack %s", len(self.layers), kinds,
-                    self.native, "on" if self.stack else f"off ({why or 'not asked for'})")
+        logger.info(
+            "decode loop: %d layers, linears %s, native ops %s, one-call stack %s",
+            len(self.layers),
+            kinds,
+            self.native,
+            "on" if self.stack else f"off ({why or 'not asked for'})",
+        )
         self.k_cache: list[Tensor] = []
         self.v_cache: list[Tensor] = []
         self.pos = 0
@@ -147,15 +158,26 @@ class Decoder:
         if s.q_norm and s.k_norm:
             q_norm, norm_eps = _norm_weight(get_submodule(layer, s.q_norm), f"layer {i} {s.q_norm}")
             k_norm, _ = _norm_weight(get_submodule(layer, s.k_norm), f"layer {i} {s.k_norm}")
-        shape = AttentionShape(heads, kv_heads, head_dim, float(getattr(attn, "scaling", head_dim ** -0.5)),
-                               int(window), norm_eps)
+        shape = AttentionShape(
+            heads, kv_heads, head_dim, float(getattr(attn, "scaling", head_dim**-0.5)), int(window), norm_eps
+        )
         qkv = linear.bind([get_submodule(layer, n) for n in s.qkv])
         if qkv.out_features != (heads + 2 * kv_heads) * head_dim:
-            raise ValueError(f"layer {i}: q/k/v give {qkv.out_features} outputs, expected "
-                             f"({heads} + 2 x {kv_heads}) x {head_dim}")
-        return _Layer(in_norm, post_norm, eps, qkv, linear.bind([get_submodule(layer, s.o)]),
-                      linear.bind([get_submodule(layer, n) for n in s.gate_up]),
-                      linear.bind([get_submodule(layer, s.down)]), shape, q_norm, k_norm)
+            raise ValueError(
+                f"layer {i}: q/k/v give {qkv.out_features} outputs, expected ({heads} + 2 x {kv_heads}) x {head_dim}"
+            )
+        return _Layer(
+            in_norm,
+            post_norm,
+            eps,
+            qkv,
+            linear.bind([get_submodule(layer, s.o)]),
+            linear.bind([get_submodule(layer, n) for n in s.gate_up]),
+            linear.bind([get_submodule(layer, s.down)]),
+            shape,
+            q_norm,
+            k_norm,
+        )
 
     # ------------------------------------------------------------------ cache
     def start(self, batch: int, max_len: int) -> None:
@@ -177,8 +199,10 @@ class Decoder:
         cos, sin = self.rotary(h, position_ids)
         d = self.layers[0].shape.head_dim
         if cos.shape[-1] != d:
-            raise ValueError(f"rotary tables have {cos.shape[-1]} dims but head_dim is {d} (partial rotary is not "
-                             "supported by awqkit's decode loop)")
+            raise ValueError(
+                f"rotary tables have {cos.shape[-1]} dims but head_dim is {d} (partial rotary is not "
+                "supported by awqkit's decode loop)"
+            )
         return cos.to(_F32).contiguous(), sin.to(_F32).contiguous()
 
     def _forward(self, ids: Tensor) -> Tensor:
@@ -186,11 +210,15 @@ class Decoder:
             raise ValueError(f"input ids must be [batch, tokens], got shape {tuple(ids.shape)}")
         b, t = ids.shape
         if not self.k_cache or self.k_cache[0].shape[0] != b:
-            raise ValueError(f"call start(batch={b}, max_len) before prefill/step (caches are for "
-                             f"{self.k_cache[0].shape[0] if self.k_cache else 0} sequences)")
+            raise ValueError(
+                f"call start(batch={b}, max_len) before prefill/step (caches are for "
+                f"{self.k_cache[0].shape[0] if self.k_cache else 0} sequences)"
+            )
         if self.pos + t > self.k_cache[0].shape[2]:
-            raise ValueError(f"positions {self.pos}..{self.pos + t - 1} exceed the cache's {self.k_cache[0].shape[2]}"
-                             "; start() with a larger max_len")
+            raise ValueError(
+                f"positions {self.pos}..{self.pos + t - 1} exceed the cache's {self.k_cache[0].shape[2]}"
+                "; start() with a larger max_len"
+            )
         h = self.embed(ids).to(_F32).contiguous()  # [B, T, D]; fresh, updated in place below
         cos, sin = self._rope(h, t)
         if t == 1 and self.stack is not None and b <= MAX_ROWS:
@@ -210,13 +238,27 @@ class Decoder:
             qkv = lay.qkv(x)
             sh = lay.shape
             if nat and t == 1 and sh.head_dim % 8 == 0:
-                a = decode_ops.attention_fused(qkv.view(b, -1), self.k_cache[i], self.v_cache[i], self.pos,
-                                               cos, sin, sh, lay.q_norm, lay.k_norm)
+                a = decode_ops.attention_fused(
+                    qkv.view(b, -1), self.k_cache[i], self.v_cache[i], self.pos, cos, sin, sh, lay.q_norm, lay.k_norm
+                )
             else:
-                q, k, v = qkv.split([sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim,
-                                     sh.kv_heads * sh.head_dim], dim=-1)
-                a = decode_ops.attention(q, k, v, self.k_cache[i], self.v_cache[i], self.pos, cos, sin, sh,
-                                         lay.q_norm, lay.k_norm, native_flag=nat)
+                q, k, v = qkv.split(
+                    [sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim, sh.kv_heads * sh.head_dim], dim=-1
+                )
+                a = decode_ops.attention(
+                    q,
+                    k,
+                    v,
+                    self.k_cache[i],
+                    self.v_cache[i],
+                    self.pos,
+                    cos,
+                    sin,
+                    sh,
+                    lay.q_norm,
+                    lay.k_norm,
+                    native_flag=nat,
+                )
             h = lay.o(a, h)
             x = decode_ops.rms_norm(h, lay.post_norm, lay.eps, native_flag=nat)
             h = lay.down(decode_ops.silu_mul(lay.gate_up(x), native_flag=nat), h)

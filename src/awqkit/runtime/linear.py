@@ -60,8 +60,12 @@ class FusedInt4:
         self.out_features = sum(int(m.out_features) for m in modules)
         self.in_features = int(modules[0].in_features)
         if (self.cache.k, self.cache.n) != (self.in_features, self.out_features):
-            fail(_FN, "modules", f"have shape (N, K) = ({self.out_features}, {self.in_features})",
-                 f"({self.cache.n}, {self.cache.k}) as the fused kernel was built")
+            fail(
+                _FN,
+                "modules",
+                f"have shape (N, K) = ({self.out_features}, {self.in_features})",
+                f"({self.cache.n}, {self.cache.k}) as the fused kernel was built",
+            )
         self._fallback = ModuleCalls(modules)
 
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:

@@ -46,10 +46,26 @@ class _Linear(ctypes.Structure):
 
 
 class _LayerStruct(ctypes.Structure):
-    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gu", _Linear), ("down", _Linear),
-                ("in_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P), ("kc", _P), ("vc", _P),
-                ("eps", _F), ("norm_eps", _F), ("scale", _F),
-                ("H", _I64), ("KV", _I64), ("D", _I64), ("maxlen", _I64), ("window", _I64)]
+    _fields_ = [
+        ("qkv", _Linear),
+        ("o", _Linear),
+        ("gu", _Linear),
+        ("down", _Linear),
+        ("in_norm", _P),
+        ("post_norm", _P),
+        ("q_norm", _P),
+        ("k_norm", _P),
+        ("kc", _P),
+        ("vc", _P),
+        ("eps", _F),
+        ("norm_eps", _F),
+        ("scale", _F),
+        ("H", _I64),
+        ("KV", _I64),
+        ("D", _I64),
+        ("maxlen", _I64),
+        ("window", _I64),
+    ]
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -58,8 +74,15 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def _linear(op: FusedInt4) -> _Linear:
     c = op.cache
-    return _Linear(c.wq.data_ptr(), c.sp.data_ptr(), c.zq.data_ptr(), _ptr(c.bias), c.wq.shape[1],
-                   c.wq.shape[0] * cpu_avx2.BLOCK_N, c.group_size)
+    return _Linear(
+        c.wq.data_ptr(),
+        c.sp.data_ptr(),
+        c.zq.data_ptr(),
+        _ptr(c.bias),
+        c.wq.shape[1],
+        c.wq.shape[0] * cpu_avx2.BLOCK_N,
+        c.group_size,
+    )
 
 
 def unsupported_reason(layers: list[_Layer], hidden: int) -> str | None:
@@ -70,10 +93,17 @@ def unsupported_reason(layers: list[_Layer], hidden: int) -> str | None:
     for i, lay in enumerate(layers):
         ops = (lay.qkv, lay.o, lay.gate_up, lay.down)
         s0, s1 = first.shape, lay.shape
-        if ((s1.heads, s1.kv_heads, s1.head_dim, lay.qkv.out_features, lay.gate_up.out_features)
-                != (s0.heads, s0.kv_heads, s0.head_dim, first.qkv.out_features, first.gate_up.out_features)):
-            return (f"layer {i} differs in heads, head_dim or projection widths from layer 0 (the scratch layout "
-                    "and the rotary tables assume one shape)")
+        if (s1.heads, s1.kv_heads, s1.head_dim, lay.qkv.out_features, lay.gate_up.out_features) != (
+            s0.heads,
+            s0.kv_heads,
+            s0.head_dim,
+            first.qkv.out_features,
+            first.gate_up.out_features,
+        ):
+            return (
+                f"layer {i} differs in heads, head_dim or projection widths from layer 0 (the scratch layout "
+                "and the rotary tables assume one shape)"
+            )
         if not all(isinstance(op, FusedInt4) for op in ops):
             return f"layer {i} has linears that are not cpu-avx2 int4"
         sh = lay.shape
@@ -83,8 +113,10 @@ def unsupported_reason(layers: list[_Layer], hidden: int) -> str | None:
             return f"layer {i}: projections do not map hidden size {hidden} to itself"
         if lay.o.in_features != sh.heads * sh.head_dim or lay.down.in_features * 2 != lay.gate_up.out_features:
             return f"layer {i}: o/down input sizes do not match attention heads / the gate-up width"
-        if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
-               for t in (lay.in_norm, lay.post_norm, lay.q_norm, lay.k_norm)):
+        if any(
+            t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
+            for t in (lay.in_norm, lay.post_norm, lay.q_norm, lay.k_norm)
+        ):
             return f"layer {i}: norm weights are not contiguous float32"
     return None
 
@@ -108,8 +140,13 @@ class NativeStack:
             check_optional(fn, f"layers[{i}].q_norm", lay.q_norm, shape=d, what="[head_dim]")
             check_optional(fn, f"layers[{i}].k_norm", lay.k_norm, shape=d, what="[head_dim]")
         lay = layers[0]
-        self._width = (hidden + lay.qkv.out_features + lay.shape.heads * lay.shape.head_dim
-                       + lay.gate_up.out_features + lay.gate_up.out_features // 2)
+        self._width = (
+            hidden
+            + lay.qkv.out_features
+            + lay.shape.heads * lay.shape.head_dim
+            + lay.gate_up.out_features
+            + lay.gate_up.out_features // 2
+        )
 
     def bind_caches(self, k_cache: list[Tensor], v_cache: list[Tensor]) -> None:
         """(Re)build the C structs for these KV caches: one ``[B, KV, maxlen, D]`` float32 contiguous CPU tensor
@@ -117,14 +154,24 @@ class NativeStack:
         :class:`awqkit.errors.KernelInputError` for anything else (the structs would point past the buffers)."""
         fn, n = "NativeStack.bind_caches", len(self.layers)
         if len(k_cache) != n or len(v_cache) != n:
-            raise KernelInputError(f"{fn}: KV caches k_cache ({len(k_cache)} tensors) / v_cache ({len(v_cache)} "
-                                   f"tensors) do not match the {n} layers, expected one cache of each per layer")
+            raise KernelInputError(
+                f"{fn}: KV caches k_cache ({len(k_cache)} tensors) / v_cache ({len(v_cache)} "
+                f"tensors) do not match the {n} layers, expected one cache of each per layer"
+            )
         batch: int | None = None
         maxlen: int | None = None
         for i, (lay, kc, vc) in enumerate(zip(self.layers, k_cache, v_cache, strict=True)):
             sh = lay.shape
-            maxlen = check_kv_caches(fn, kc, vc, batch=batch, kv_heads=sh.kv_heads, head_dim=sh.head_dim,
-                                     maxlen=maxlen, names=(f"k_cache[{i}]", f"v_cache[{i}]"))
+            maxlen = check_kv_caches(
+                fn,
+                kc,
+                vc,
+                batch=batch,
+                kv_heads=sh.kv_heads,
+                head_dim=sh.head_dim,
+                maxlen=maxlen,
+                names=(f"k_cache[{i}]", f"v_cache[{i}]"),
+            )
             batch = kc.shape[0]  # every later layer: layer 0's batch and length
         arr = (_LayerStruct * n)()
         for s, lay, kc, vc in zip(arr, self.layers, k_cache, v_cache, strict=True):
@@ -137,8 +184,9 @@ class NativeStack:
             s.H, s.KV, s.D, s.maxlen, s.window = sh.heads, sh.kv_heads, sh.head_dim, kc.shape[2], sh.window
         self.structs, self.maxlen, self.batch = arr, int(maxlen or 0), int(batch or 0)
         # the pointed-to tensors (kept alive here) and what the structs hold of them, re-checked every step
-        self._bound = [(kc, vc, kc.data_ptr(), vc.data_ptr(), tuple(kc.shape))
-                       for kc, vc in zip(k_cache, v_cache, strict=True)]
+        self._bound = [
+            (kc, vc, kc.data_ptr(), vc.data_ptr(), tuple(kc.shape)) for kc, vc in zip(k_cache, v_cache, strict=True)
+        ]
 
     def __call__(self, h: Tensor, pos: int, cos: Tensor, sin: Tensor) -> Tensor:
         """One decode step on the residual stream ``h [B, 1, hidden]`` (float32, contiguous, CPU), in place, at
@@ -154,16 +202,31 @@ class NativeStack:
         check_position(fn, pos, 1, self.maxlen)
         check_rope(fn, cos, sin, batch=b, head_dim=lay.shape.head_dim)
         for i, (kc, vc, kp, vp, shape) in enumerate(self._bound):  # ~0.3 us a layer
-            if kc.data_ptr() != kp or vc.data_ptr() != vp or kc.shape != shape or vc.shape != shape \
-                    or not (kc.is_contiguous() and vc.is_contiguous()):
+            if (
+                kc.data_ptr() != kp
+                or vc.data_ptr() != vp
+                or kc.shape != shape
+                or vc.shape != shape
+                or not (kc.is_contiguous() and vc.is_contiguous())
+            ):
                 raise KernelInputError(
                     f"{fn}: KV caches k_cache[{i}] {tuple(kc.shape)} / v_cache[{i}] {tuple(vc.shape)} do not match "
                     f"the {shape} contiguous buffers bind_caches() bound (changed in place since), expected "
-                    "bind_caches() again after reallocating the caches")
+                    "bind_caches() again after reallocating the caches"
+                )
         scratch = torch.empty(b * (self._width + lay.shape.heads * self.maxlen), dtype=torch.float32)
         native.library().awqkit_decode_layers(
-            ctypes.addressof(self.structs), len(self.layers), h.data_ptr(), b, self.hidden, pos, cos.data_ptr(),
-            sin.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+            ctypes.addressof(self.structs),
+            len(self.layers),
+            h.data_ptr(),
+            b,
+            self.hidden,
+            pos,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            scratch.data_ptr(),
+            torch.get_num_threads(),
+        )
         return h
 
 

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from awqkit.errors import InputError
 from awqkit.eval.perplexity import DATA_ENV_VAR, default_data_dir
-from awqkit.zoo import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +53,6 @@ def resolve_data_file(path: str | Path | None, relpath: str, what: str) -> Path:
     return p
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of the data file (reported with every result so numbers can be tied to their data)."""
-    return sha256_file(path)
-
-
 def read_jsonl(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file (blank lines skipped), each checked to hold the ``required`` keys."""
     rows: list[dict[str, Any]] = []
@@ -74,9 +68,7 @@ def read_jsonl(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{lineno} holds a {type(row).__name__}, expected a JSON object")
             missing = [k for k in required if k not in row]
             if missing:
-                raise ValueError(
-                    f"{path}:{lineno} lacks the key(s) {missing}; each row needs {list(required)}"
-                )
+                raise ValueError(f"{path}:{lineno} lacks the key(s) {missing}; each row needs {list(required)}")
             rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no rows")
@@ -109,9 +101,7 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     ``enable_thinking=False`` is passed to the template (Qwen3-style templates then skip the reasoning
     block; other templates ignore unknown variables).
     """
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
-    )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
 def strip_thinking(text: str) -> str:
@@ -206,8 +196,10 @@ def generate(
                     ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
                     mask[row, width - n :] = 1
                 gen = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device),
-                    generation_config=gen_cfg, **extra,
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=gen_cfg,
+                    **extra,
                 )
                 for row, i in enumerate(idx):
                     text = tokenizer.decode(gen[row, width:].tolist(), skip_special_tokens=True)

@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from awqkit.eval.tasks._common import (
     check_positive,
-    file_sha256,
     model_device,
     read_jsonl,
     resolve_data_file,
 )
+from awqkit.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -212,5 +212,5 @@ def evaluate_arc(
         "n": n,
         "n_options": len(pairs),
         "path": str(file),
-        "sha256": file_sha256(file),
+        "sha256": sha256_file(file),
     }

@@ -37,13 +37,13 @@ from torch import nn
 from awqkit.eval.tasks._common import (
     chat_prompt,
     check_positive,
-    file_sha256,
     generate,
     has_chat_template,
     read_jsonl,
     resolve_data_file,
     strip_thinking,
 )
+from awqkit.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,7 @@ def _plain_block(question: str, answer: str | None = None) -> str:
     return f"Question: {question}\nAnswer:" + (f" {answer}\n\n" if answer is not None else "")
 
 
-def gsm8k_prompt(
-    tokenizer: Any, question: str, exemplars: list[dict[str, Any]], use_chat_template: bool
-) -> str:
+def gsm8k_prompt(tokenizer: Any, question: str, exemplars: list[dict[str, Any]], use_chat_template: bool) -> str:
     """The prompt text for one question (formats in the module docstring)."""
     if use_chat_template:
         if exemplars:
@@ -165,8 +163,15 @@ def evaluate_gsm8k(
     prompts = [gsm8k_prompt(tokenizer, str(row["question"]), exemplars, chat) for row in items]
     logger.info("GSM8K: %d items, %d-shot from %s (chat template: %s)", len(items), num_fewshot, file, chat)
     raw = generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        add_special_tokens=not chat, stop=() if chat else _STOP, progress=progress, desc="gsm8k",
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        add_special_tokens=not chat,
+        stop=() if chat else _STOP,
+        progress=progress,
+        desc="gsm8k",
     )
     preds = [extract_answer(r) for r in raw]
     correct = sum(p is not None and p == g for p, g in zip(preds, golds, strict=True))
@@ -179,7 +184,7 @@ def evaluate_gsm8k(
         "chat_template": chat,
         "max_new_tokens": max_new_tokens,
         "path": str(file),
-        "sha256": file_sha256(file),
+        "sha256": sha256_file(file),
     }
     if return_predictions:
         result["predictions"] = [

@@ -43,12 +43,12 @@ from torch import nn
 from awqkit.eval.tasks._common import (
     chat_prompt,
     check_positive,
-    file_sha256,
     generate,
     has_chat_template,
     resolve_data_file,
     strip_thinking,
 )
+from awqkit.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,23 @@ INSTRUCTION = (
     'If the context does not contain the answer, reply with the single word "unanswerable".'
 )
 #: Normalized predictions that mean "no answer" (mapped to the empty string).
-NO_ANSWER_FORMS = frozenset({
-    "", "unanswerable", "no answer", "not answerable", "cannot be answered", "cannot answer",
-    "unknown", "none", "na", "not mentioned", "not given", "not stated", "no answer found",
-})
+NO_ANSWER_FORMS = frozenset(
+    {
+        "",
+        "unanswerable",
+        "no answer",
+        "not answerable",
+        "cannot be answered",
+        "cannot answer",
+        "unknown",
+        "none",
+        "na",
+        "not mentioned",
+        "not given",
+        "not stated",
+        "no answer found",
+    }
+)
 _ANSWER_PREFIX = re.compile(
     r"^(?:the\s+)?(?:final\s+)?answer(?:\s+to\s+(?:this|the)\s+question)?(?:\s+is\s*:?|\s*:)\s*", re.IGNORECASE
 )
@@ -164,9 +177,15 @@ def load_squad(
     try:
         data = json.loads(file.read_text(encoding="utf-8-sig"))
         items = [
-            {"id": qa.get("id"), "context": para["context"], "question": qa["question"],
-             "answers": [a["text"] for a in qa.get("answers") or []]}
-            for article in data["data"] for para in article["paragraphs"] for qa in para["qas"]
+            {
+                "id": qa.get("id"),
+                "context": para["context"],
+                "question": qa["question"],
+                "answers": [a["text"] for a in qa.get("answers") or []],
+            }
+            for article in data["data"]
+            for para in article["paragraphs"]
+            for qa in para["qas"]
         ]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(
@@ -224,13 +243,27 @@ def evaluate_squad(
     prompts = [squad_prompt(tokenizer, it["context"], it["question"], chat) for it in items]
     logger.info("SQuAD 2.0: %d questions from %s (chat template: %s)", len(items), file, chat)
     raw = generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        add_special_tokens=not chat, stop=() if chat else ("\n",), progress=progress, desc="squad_v2",
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        add_special_tokens=not chat,
+        stop=() if chat else ("\n",),
+        progress=progress,
+        desc="squad_v2",
     )
     preds = [clean_prediction(r) for r in raw]
     result: dict[str, Any] = {"task": "squad_v2", **squad_scores(preds, [it["answers"] for it in items])}
-    result.update({"seed": seed, "max_new_tokens": max_new_tokens, "chat_template": chat,
-                   "path": str(file), "sha256": file_sha256(file)})
+    result.update(
+        {
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "chat_template": chat,
+            "path": str(file),
+            "sha256": sha256_file(file),
+        }
+    )
     if return_predictions:
         result["predictions"] = [
             {"id": it["id"], "prediction": p, "raw": r, "answers": it["answers"]}

@@ -27,17 +27,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from awqkit.platform.batch import write_json_atomic
-from awqkit.platform.naming import quant_tag
-from awqkit.platform.spec import QuantizationSpec
+from awqkit.files import write_atomic, write_json_atomic
+from awqkit.naming import quant_tag
+from awqkit.spec import QuantizationSpec
 
 logger = logging.getLogger(__name__)
 
 BASE_COLUMNS = ("model", "cell", "quantization", "method", "bits", "group_size", "bits_per_weight", "status")
 TAIL_COLUMNS = ("error", "path")
-BPW_FORMULA = ("bits + (16 + z) / group_size: an fp16 scale per group and a z = bits zero point per group when "
-               "stored (asymmetric, or the 4-bit GEMM layout), else z = 0; per-channel counts as bits; the float "
-               "baseline is 16; embeddings and LM head not counted")
+BPW_FORMULA = (
+    "bits + (16 + z) / group_size: an fp16 scale per group and a z = bits zero point per group when "
+    "stored (asymmetric, or the 4-bit GEMM layout), else z = 0; per-channel counts as bits; the float "
+    "baseline is 16; embeddings and LM head not counted"
+)
 
 
 def bits_per_weight(spec: QuantizationSpec) -> float:
@@ -55,8 +57,11 @@ def metric_columns(tasks: tuple[str, ...]) -> list[tuple[str, str, str, bool]]:
     """``(column, task, metric, higher_is_better)`` for the plan's tasks."""
     from awqkit.eval.runner import METRICS
 
-    return [(metric if metric == task else f"{task}_{metric}", task, metric, higher)
-            for task in tasks for metric, higher in METRICS[task]]
+    return [
+        (metric if metric == task else f"{task}_{metric}", task, metric, higher)
+        for task in tasks
+        for metric, higher in METRICS[task]
+    ]
 
 
 def _retention(value: Any, base: Any, higher: bool) -> float | None:
@@ -67,8 +72,8 @@ def _retention(value: Any, base: Any, higher: bool) -> float | None:
 
 
 def build_rows(plan: Any, state: dict[str, Any], cells: list[Any]) -> list[dict[str, Any]]:
-    """One row per evaluation cell (``cells`` from :func:`awqkit.eval.orchestrate.eval_cells`)."""
-    from awqkit.eval.orchestrate import _load_cell
+    """One row per evaluation cell (``cells`` from :func:`awqkit.platform.orchestrate.eval_cells`)."""
+    from awqkit.platform.orchestrate import load_cell
 
     cols = metric_columns(plan.eval.tasks)
     rows: list[dict[str, Any]] = []
@@ -76,16 +81,21 @@ def build_rows(plan: Any, state: dict[str, Any], cells: list[Any]) -> list[dict[
     for cell in cells:
         spec = cell.spec
         row: dict[str, Any] = {
-            "model": cell.model.run_name, "cell": cell.name, "quantization": quant_tag(spec, head=False),
-            "method": spec.method.value if spec.method.quantizes else "fp", "bits": spec.weights_bits,
-            "group_size": spec.group_size, "bits_per_weight": round(bits_per_weight(spec), 4), "status": "pending",
+            "model": cell.model.run_name,
+            "cell": cell.name,
+            "quantization": quant_tag(spec, head=False),
+            "method": spec.method.value if spec.method.quantizes else "fp",
+            "bits": spec.weights_bits,
+            "group_size": spec.group_size,
+            "bits_per_weight": round(bits_per_weight(spec), 4),
+            "status": "pending",
         }
         entry = (state.get("evaluate") or {}).get(cell.name)
         values: dict[str, Any] = {}
         if entry is not None:
             row["status"] = entry.get("status", "pending")
             row["error"] = entry.get("error")
-            stored = _load_cell(cell.result_file(plan.output_dir)) if row["status"] == "done" else None
+            stored = load_cell(cell.result_file(plan.output_dir)) if row["status"] == "done" else None
             results = (stored or {}).get("results") or {}
             for col, task, metric, _ in cols:
                 values[col] = ((results.get("tasks") or {}).get(task) or {}).get("model", {}).get(metric)
@@ -148,18 +158,24 @@ def results_markdown(plan: Any, rows: list[dict[str, Any]], cols: list[str]) -> 
         else:
             settings.append("items: " + ", ".join(f"{t} {lim or 'all'}" for t, lim in limits.items()))
     settings += [f"backend {ev.backend}", f"device {plan.device}"]
-    lines = ["## awqkit orchestrate", "",
-             f"- plan: `{plan.source}`; output: `{plan.output_dir}`",
-             f"- {'; '.join(settings)}", "",
-             markdown_table(table_rows, shown, fmt), "",
-             "retention: model / baseline for higher-is-better metrics, baseline / model for ppl, against the "
-             "model's FP16 row (1.0 = baseline; below is worse). kl: KL(P_fp || P_quantized) per token. "
-             f"bits_per_weight: {BPW_FORMULA}."]
+    lines = [
+        "## awqkit orchestrate",
+        "",
+        f"- plan: `{plan.source}`; output: `{plan.output_dir}`",
+        f"- {'; '.join(settings)}",
+        "",
+        markdown_table(table_rows, shown, fmt),
+        "",
+        "retention: model / baseline for higher-is-better metrics, baseline / model for ppl, against the "
+        "model's FP16 row (1.0 = baseline; below is worse). kl: KL(P_fp || P_quantized) per token. "
+        f"bits_per_weight: {BPW_FORMULA}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def write_results(plan: Any, state: dict[str, Any], cells: list[Any], *,
-                  plots: bool = True) -> tuple[list[dict[str, Any]], list[Path]]:
+def write_results(
+    plan: Any, state: dict[str, Any], cells: list[Any], *, plots: bool = True
+) -> tuple[list[dict[str, Any]], list[Path]]:
     """Write ``results.csv``, ``results.md``, ``results.json`` (and the plots) into ``plan.output_dir``."""
     from awqkit.report.plots import plot_results
 
@@ -168,16 +184,22 @@ def write_results(plan: Any, state: dict[str, Any], cells: list[Any], *,
     out = plan.output_dir
     write_csv(out / "results.csv", rows, cols)
     md = out / "results.md"
-    tmp = md.with_name(".results.md.part")
-    tmp.write_text(results_markdown(plan, rows, cols), encoding="utf-8")
-    tmp.replace(md)
-    write_json_atomic(out / "results.json", {"plan": plan.to_dict(), "bits_per_weight": BPW_FORMULA,
-                                             "columns": cols, "rows": rows})
+    write_atomic(md, results_markdown(plan, rows, cols))
+    write_json_atomic(
+        out / "results.json", {"plan": plan.to_dict(), "bits_per_weight": BPW_FORMULA, "columns": cols, "rows": rows}
+    )
     files = [out / "results.csv", md, out / "results.json"]
     if plots:
         files += plot_results(rows, plan.eval.tasks, out / "plots")
     return rows, files
 
 
-__all__ = ["BPW_FORMULA", "bits_per_weight", "build_rows", "columns", "metric_columns", "results_markdown",
-           "write_results"]
+__all__ = [
+    "BPW_FORMULA",
+    "bits_per_weight",
+    "build_rows",
+    "columns",
+    "metric_columns",
+    "results_markdown",
+    "write_results",
+]

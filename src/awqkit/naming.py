@@ -20,7 +20,7 @@ Characters each part may hold (checked by :func:`make_run_name`, so every name i
 Every part starts and ends with a letter or digit. :func:`parse_run_name` splits at the first ``_``
 (``{base_model}-{dataset}`` / the rest), the base model from the dataset at the last ``-`` of that
 part, then ``method``, ``peft`` and the remaining ``quant_tag``. It agrees with the folder-name fallback of
-:func:`awqkit.eval.detect.detect_quantization_method` (``<METHOD>_w<bits>_g<group>``).
+:func:`awqkit.io.detect.detect_quantization_method` (``<METHOD>_w<bits>_g<group>``).
 
 Metadata always comes from files first (``quantization_metadata.json``, ``training_metadata.json``,
 ``config.json``); a name is only a fallback.
@@ -31,12 +31,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from awqkit.errors import InputError
-
-if TYPE_CHECKING:
-    from awqkit.platform.spec import QuantizationSpec
+from awqkit.spec import APPLIED_LM_HEAD_DTYPE, QuantizationSpec
 
 QUANTIZED_SUFFIX = "_quantized"
 PATTERN = "{base_model}-{dataset}_{method}_{peft}_{quant_tag}"
@@ -76,9 +74,16 @@ class QuantTag:
     other: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "weights_bits": self.weights_bits, "activations_bits": self.activations_bits,
-                "group_size": self.group_size, "lm_head_dtype": self.lm_head_dtype,
-                "kv_cache_bits": self.kv_cache_bits, "symmetric": self.symmetric, "other": list(self.other)}
+        return {
+            "method": self.method,
+            "weights_bits": self.weights_bits,
+            "activations_bits": self.activations_bits,
+            "group_size": self.group_size,
+            "lm_head_dtype": self.lm_head_dtype,
+            "kv_cache_bits": self.kv_cache_bits,
+            "symmetric": self.symmetric,
+            "other": list(self.other),
+        }
 
 
 @dataclass(frozen=True)
@@ -104,9 +109,15 @@ class ParsedRunName:
         return self.run_name + (QUANTIZED_SUFFIX if self.quantized else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base_model": self.base_model, "dataset": self.dataset, "method": self.method, "peft": self.peft,
-                "quant_tag": self.quant_tag, "quantized": self.quantized,
-                "tag": self.tag.to_dict() if self.tag is not None else None}
+        return {
+            "base_model": self.base_model,
+            "dataset": self.dataset,
+            "method": self.method,
+            "peft": self.peft,
+            "quant_tag": self.quant_tag,
+            "quantized": self.quantized,
+            "tag": self.tag.to_dict() if self.tag is not None else None,
+        }
 
 
 def _check(part: str, value: Any) -> str:
@@ -117,8 +128,10 @@ def _check(part: str, value: Any) -> str:
             hint = f"; pass the name without its organisation or folder ({base_model_name(value)!r})"
         elif part == "dataset" and isinstance(value, str) and "-" in value:
             hint = f"; e.g. {value.replace('-', '')!r} ('-' separates the base model from the dataset)"
-        raise RunNameError(f"{part}={value!r} is not valid in a run name ({PATTERN}): it may hold {allowed}, "
-                           f"starting and ending with a letter or digit{hint}")
+        raise RunNameError(
+            f"{part}={value!r} is not valid in a run name ({PATTERN}): it may hold {allowed}, "
+            f"starting and ending with a letter or digit{hint}"
+        )
     return value
 
 
@@ -127,12 +140,16 @@ def _check_tag(tag: Any) -> str:
         raise RunNameError(f"quant_tag={tag!r} must be a non-empty string (or None for no tag)")
     tokens = tag.split("_")
     if not _TAG_METHOD_RE.fullmatch(tokens[0]) or not all(_TOKEN_RE.fullmatch(t) for t in tokens):
-        raise RunNameError(f"quant_tag={tag!r} is not valid in a run name: it must be '_'-joined tokens of letters, "
-                           "digits, '.' and '-', the first a method (a letter, then letters/digits), "
-                           "e.g. 'AWQ_w4_g128_headfp16'")
+        raise RunNameError(
+            f"quant_tag={tag!r} is not valid in a run name: it must be '_'-joined tokens of letters, "
+            "digits, '.' and '-', the first a method (a letter, then letters/digits), "
+            "e.g. 'AWQ_w4_g128_headfp16'"
+        )
     if _W_RE.fullmatch(tokens[0]) or _G_RE.fullmatch(tokens[0]):
-        raise RunNameError(f"quant_tag={tag!r} must start with the quantization method (e.g. 'AWQ_{tag}'), not "
-                           f"with {tokens[0]!r}; otherwise the peft part would be read as the method")
+        raise RunNameError(
+            f"quant_tag={tag!r} must start with the quantization method (e.g. 'AWQ_{tag}'), not "
+            f"with {tokens[0]!r}; otherwise the peft part would be read as the method"
+        )
     if tokens[-1].lower() == QUANTIZED_SUFFIX[1:]:
         raise RunNameError(f"quant_tag={tag!r} must not end with 'quantized' (reserved for the folder suffix)")
     return tag
@@ -169,8 +186,6 @@ def quant_tag(spec: QuantizationSpec, *, head: bool = True) -> str:
     the LM-head dtype unless ``head=False``); parts awqkit does not apply (8-bit activations, a quantized
     KV cache, see ``spec.unapplied()``) are not, since the checkpoint does not have them.
     """
-    from awqkit.platform.spec import APPLIED_LM_HEAD_DTYPE
-
     if not spec.method.quantizes:
         return f"FP{spec.weights_bits}"
     parts = [spec.method.value.upper(), f"w{spec.weights_bits}", f"g{spec.group_size}"]
@@ -184,11 +199,12 @@ def quant_tag(spec: QuantizationSpec, *, head: bool = True) -> str:
 _tag_of = quant_tag  # make_run_name's parameter shadows the function
 
 
-def make_run_name(base_model: str, dataset: str, method: str, peft: str,
-                  quant_tag: str | QuantizationSpec | None = None) -> str:
+def make_run_name(
+    base_model: str, dataset: str, method: str, peft: str, quant_tag: str | QuantizationSpec | None = None
+) -> str:
     """``{base_model}-{dataset}_{method}_{peft}_{quant_tag}`` (without ``_{quant_tag}`` when it is None).
 
-    ``quant_tag`` may be a :class:`~awqkit.platform.spec.QuantizationSpec` (its :func:`quant_tag`).
+    ``quant_tag`` may be a :class:`~awqkit.spec.QuantizationSpec` (its :func:`quant_tag`).
 
     Raises:
         RunNameError: a part holds characters it may not (see the module docstring for each part).
@@ -225,16 +241,20 @@ def parse_run_name(name: str | PurePath) -> ParsedRunName:
         text = text[: -len(QUANTIZED_SUFFIX)]
     parts = text.split("_", 3)
     if len(parts) < 3:
-        raise RunNameError(f"{original!r} is not a run name: expected {PATTERN} (quant_tag optional), e.g. "
-                           "'Qwen3-0.6B-openmath_SFT_NoPeft_AWQ_w4_g128_headfp16'; found "
-                           f"{len(parts)} '_'-separated part(s) where at least 3 are needed")
+        raise RunNameError(
+            f"{original!r} is not a run name: expected {PATTERN} (quant_tag optional), e.g. "
+            "'Qwen3-0.6B-openmath_SFT_NoPeft_AWQ_w4_g128_headfp16'; found "
+            f"{len(parts)} '_'-separated part(s) where at least 3 are needed"
+        )
     head, method, peft = parts[:3]
     tag = parts[3] if len(parts) == 4 else None
     base_model, dash, dataset = head.rpartition("-")
     if not dash:
-        raise RunNameError(f"{original!r} is not a run name: its first part {head!r} must be "
-                           "'{base_model}-{dataset}' (the dataset follows the last '-'; no part but the quant tag may "
-                           "hold '_')")
+        raise RunNameError(
+            f"{original!r} is not a run name: its first part {head!r} must be "
+            "'{base_model}-{dataset}' (the dataset follows the last '-'; no part but the quant tag may "
+            "hold '_')"
+        )
     try:
         _check("base_model", base_model)
         _check("dataset", dataset)

@@ -45,9 +45,7 @@ from awqkit.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(
-    r"(?:^|[_.\-])([a-z][a-z0-9]*)[_\-]w(\d+)(?:a\d+)?[_\-]g(-?\d+)(?=$|[_.\-])", re.IGNORECASE
-)
+_NAME_RE = re.compile(r"(?:^|[_.\-])([a-z][a-z0-9]*)[_\-]w(\d+)(?:a\d+)?[_\-]g(-?\d+)(?=$|[_.\-])", re.IGNORECASE)
 _SIDE_FILES = ("quantization_config.json", "quant_config.json", "quantize_config.json")
 #: Storage formats (a quantization config's ``quant_method``) that :func:`awqkit.io.load.load_quantized` reads.
 LOADABLE_FORMATS = ("awq", "compressed-tensors")
@@ -82,8 +80,10 @@ def _read_json(file: Path) -> Any:
     except OSError as exc:
         raise CheckpointError(f"{file} cannot be read ({exc.strerror or exc}); check its permissions") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({' '.join(str(exc).split())}); fix or remove the file, "
-                              "or restore it from the original checkpoint") from None
+        raise CheckpointError(
+            f"{file} is not valid JSON ({' '.join(str(exc).split())}); fix or remove the file, "
+            "or restore it from the original checkpoint"
+        ) from None
 
 
 def read_config_json(folder: str | Path) -> dict[str, Any] | None:
@@ -97,8 +97,10 @@ def read_config_json(folder: str | Path) -> dict[str, Any] | None:
         return None
     data = _read_json(file)
     if not isinstance(data, dict):
-        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a JSON object; restore the config.json "
-                              "the checkpoint was saved with")
+        raise CheckpointError(
+            f"{file} holds a {type(data).__name__}, not a JSON object; restore the config.json "
+            "the checkpoint was saved with"
+        )
     return data
 
 
@@ -116,8 +118,9 @@ def _ct_settings(qc: dict[str, Any]) -> tuple[int | None, int | None]:
     groups = {k: g for k, g in groups.items() if isinstance(g, dict)}
     if not groups:
         return None, None
-    chosen = next((g for g in groups.values() if isinstance(g.get("targets"), (list, str))
-                   and "Linear" in g["targets"]), None)
+    chosen = next(
+        (g for g in groups.values() if isinstance(g.get("targets"), (list, str)) and "Linear" in g["targets"]), None
+    )
     chosen = chosen or next(iter(groups.values()))
     if len(groups) > 1:
         logger.info("compressed-tensors config has %d groups; reporting the one targeting Linear", len(groups))
@@ -183,8 +186,10 @@ def find_quant_config(folder: str | Path, config: dict[str, Any] | None = None) 
             continue
         qc = holder["quantization_config"]
         if not isinstance(qc, dict):
-            raise CheckpointError(f"{folder / 'config.json'}: quantization_config is a {type(qc).__name__}, not an "
-                                  "object; restore the config.json the checkpoint was saved with")
+            raise CheckpointError(
+                f"{folder / 'config.json'}: quantization_config is a {type(qc).__name__}, not an "
+                "object; restore the config.json the checkpoint was saved with"
+            )
         return QuantConfigFile(qc, "config.json", config_method(qc))
     for name in _SIDE_FILES:
         if (folder / name).is_file():
@@ -193,6 +198,16 @@ def find_quant_config(folder: str | Path, config: dict[str, Any] | None = None) 
                 return QuantConfigFile(side, name, config_method(side))
             logger.warning("%s holds a %s, not a JSON object; ignoring it", folder / name, type(side).__name__)
     return None
+
+
+def is_quantized_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a storage quantization config (:func:`find_quant_config`: ``config.json``'s or its
+    ``text_config``'s ``quantization_config``, else a side file). A malformed ``config.json`` counts as not
+    quantized here; loading the folder reports what is wrong with it."""
+    try:
+        return find_quant_config(folder) is not None
+    except CheckpointError:
+        return False
 
 
 def _from_quant_config(found: QuantConfigFile) -> QuantizationInfo:
@@ -221,8 +236,9 @@ def _merge_metadata(meta: dict[str, Any], base: QuantizationInfo | None) -> Quan
         return QuantizationInfo(method.lower(), bits, group_size, "quantization_metadata.json")
     for name, meta_v, cfg_v in (("bits", bits, base.bits), ("group_size", group_size, base.group_size)):
         if meta_v is not None and cfg_v is not None and meta_v != cfg_v:
-            logger.warning("quantization_metadata.json says %s=%s but config.json says %s; using config.json",
-                           name, meta_v, cfg_v)
+            logger.warning(
+                "quantization_metadata.json says %s=%s but config.json says %s; using config.json", name, meta_v, cfg_v
+            )
     return QuantizationInfo(
         method.lower(),
         base.bits if base.bits is not None else bits,
@@ -261,8 +277,13 @@ def inspect_folder(path: str | Path) -> tuple[QuantizationInfo, QuantConfigFile 
     if meta_file.is_file():
         meta = _read_json(meta_file)
         if info is not None and info.format not in LOADABLE_FORMATS:
-            logger.warning("%s: %s stores the weights as %r, which awqkit never writes; ignoring the stale %s",
-                           folder, info.source, info.format, meta_file.name)
+            logger.warning(
+                "%s: %s stores the weights as %r, which awqkit never writes; ignoring the stale %s",
+                folder,
+                info.source,
+                info.format,
+                meta_file.name,
+            )
         else:
             merged = _merge_metadata(meta, info) if isinstance(meta, dict) else None
             if merged is None:
@@ -294,18 +315,28 @@ def load_refusal(info: QuantizationInfo, folder: str | Path) -> str | None:
     """Why :func:`awqkit.io.load.load_quantized` refuses a folder detected as ``info`` (one line naming the
     method, where it was found and what to do), or None when the loader reads its storage format."""
     if info.format is None:
-        hint = "" if info.method == "fp" else (
-            f" (its {info.source} suggests {info.method!r}, but no file says how the weights are stored)")
-        return (f"{folder} has no quantization config (config.json quantization_config, quantization_config.json, "
-                f"quant_config.json or quantize_config.json){hint}; it is not a quantized checkpoint: load it as a "
-                "float model (transformers, or `awqkit eval`, which loads float folders)")
+        hint = (
+            ""
+            if info.method == "fp"
+            else (f" (its {info.source} suggests {info.method!r}, but no file says how the weights are stored)")
+        )
+        return (
+            f"{folder} has no quantization config (config.json quantization_config, quantization_config.json, "
+            f"quant_config.json or quantize_config.json){hint}; it is not a quantized checkpoint: load it as a "
+            "float model (transformers, or `awqkit eval`, which loads float folders)"
+        )
     if info.format not in LOADABLE_FORMATS:
         unknown = info.format == "unknown"
-        fix = ("restore the quant_method the checkpoint was written with" if unknown else
-               f"load this one with the library that reads {info.format!r}, or quantize the float model with awqkit")
-        return (f"{folder}: quant_method={info.format!r} is not supported (found in {info.source}"
-                f"{', which names no quant_method' if unknown else ''}); awqkit loads 'awq' (GEMM) and "
-                f"'compressed-tensors' (pack-quantized) checkpoints: {fix}")
+        fix = (
+            "restore the quant_method the checkpoint was written with"
+            if unknown
+            else f"load this one with the library that reads {info.format!r}, or quantize the float model with awqkit"
+        )
+        return (
+            f"{folder}: quant_method={info.format!r} is not supported (found in {info.source}"
+            f"{', which names no quant_method' if unknown else ''}); awqkit loads 'awq' (GEMM) and "
+            f"'compressed-tensors' (pack-quantized) checkpoints: {fix}"
+        )
     return None
 
 
@@ -319,6 +350,16 @@ def describe_loader(info: QuantizationInfo, folder: str | Path) -> str:
     return f"refused by load_quantized and `awqkit eval`: quant_method {info.format!r} is not supported"
 
 
-__all__ = ["LOADABLE_FORMATS", "QuantConfigFile", "QuantizationInfo", "config_method", "describe_loader",
-           "detect_quantization_method", "find_quant_config", "inspect_folder", "load_refusal",
-           "read_config_json", "side_config_method"]
+__all__ = [
+    "LOADABLE_FORMATS",
+    "QuantConfigFile",
+    "QuantizationInfo",
+    "config_method",
+    "describe_loader",
+    "detect_quantization_method",
+    "find_quant_config",
+    "inspect_folder",
+    "load_refusal",
+    "read_config_json",
+    "side_config_method",
+]

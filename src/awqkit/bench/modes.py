@@ -3,7 +3,7 @@
 A *mode* (:class:`ModeSpec`) is a checkpoint plus how it is run: a dense Hugging Face folder in fp32 or
 bf16, or a quantized folder (:func:`awqkit.io.load.load_quantized`) with a kernel backend (``torch``,
 ``cpu-avx2``, ``cpu-int4``, ``auto``) and a dtype for its non-quantized weights. :func:`run_modes` measures each mode in
-its own subprocess (``python -m awqkit.eval.bench SPEC OUT``), so each peak RSS belongs to that mode alone.
+its own subprocess (``python -m awqkit.bench.modes SPEC OUT``), so each peak RSS belongs to that mode alone.
 
 What is timed (:func:`measure_model`), for each batch size ``B``, ``repeats`` times after ``warmup``
 untimed runs, reporting the median of the samples:
@@ -46,36 +46,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from awqkit.eval.bench_specs import DTYPES, LOOPS, ModeSpec, build_specs, is_quantized_folder
-from awqkit.eval.resources import current_rss_bytes, peak_rss_bytes
+from awqkit.bench.resources import current_rss_bytes, peak_rss_bytes
+from awqkit.bench.specs import DTYPES, LOOPS, ModeSpec, build_specs, is_quantized_folder
+from awqkit.config import BenchConfig
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    prompt_tokens: int = 128
-    new_tokens: int = 64
-    batch_sizes: tuple[int, ...] = (1, 8)
-    repeats: int = 3
-    warmup: int = 1
-    threads: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.prompt_tokens < 1 or self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ValueError(f"prompt_tokens, new_tokens, repeats must be >= 1 and warmup >= 0, got {self}")
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
 
 
 def disk_weight_bytes(path: str | Path) -> int:
@@ -134,9 +117,13 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
             total += sum(t.nbytes for t in _quant_read_tensors(m))
     emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = emb_out is not None and emb_out.weight.data_ptr() == emb_in.weight.data_ptr()
-    dense_buffers = [b for m in model.modules() if not isinstance(m, QuantLinear)  # e.g. fp16-storage heads
-                     for n, b in m.named_buffers(recurse=False)
-                     if b.is_floating_point() and n not in m._non_persistent_buffers_set]  # not rotary tables
+    dense_buffers = [
+        b
+        for m in model.modules()
+        if not isinstance(m, QuantLinear)  # e.g. fp16-storage heads
+        for n, b in m.named_buffers(recurse=False)
+        if b.is_floating_point() and n not in m._non_persistent_buffers_set
+    ]  # not rotary tables
     for p in (*model.parameters(), *dense_buffers):
         if _key(p) in seen:
             continue
@@ -150,7 +137,7 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
 
 def process_peak_rss_bytes() -> int:
     """Peak RSS of this process image: ``VmHWM`` of ``/proc/self/status`` where it exists, else
-    :func:`~awqkit.eval.resources.peak_rss_bytes`. Not ``ru_maxrss`` alone: Linux carries a child's
+    :func:`~awqkit.bench.resources.peak_rss_bytes`. Not ``ru_maxrss`` alone: Linux carries a child's
     ``ru_maxrss`` over from its parent's RSS at ``fork`` (and across ``exec``), so a subprocess started by a
     parent holding a model would report the parent's memory; ``VmHWM`` starts afresh with the new image."""
     try:
@@ -216,8 +203,9 @@ def summarize(samples: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
-def measure_model(model: nn.Module, settings: BenchSettings, device: str | torch.device = "cpu",
-                  loop: str = "transformers") -> dict[str, Any]:
+def measure_model(
+    model: nn.Module, settings: BenchConfig, device: str | torch.device = "cpu", loop: str = "transformers"
+) -> dict[str, Any]:
     """Prefill/decode timings (medians of ``repeats``) per batch size, bytes per step and bandwidth."""
     device = torch.device(device)
     run = time_generation
@@ -228,6 +216,7 @@ def measure_model(model: nn.Module, settings: BenchSettings, device: str | torch
 
         def run(_model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
             return time_decoder(decoder, ids, new_tokens)
+
     vocab = model.get_input_embeddings().weight.shape[0]
     out: dict[str, Any] = {}
     for batch in settings.batch_sizes:
@@ -262,7 +251,7 @@ def load_mode(spec: ModeSpec) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype).to(spec.device).eval()
 
 
-def measure_mode(spec: ModeSpec, settings: BenchSettings) -> dict[str, Any]:
+def measure_mode(spec: ModeSpec, settings: BenchConfig) -> dict[str, Any]:
     """Load ``spec`` in this process and measure it; peak RSS is this process's (run it in a fresh one)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -289,16 +278,20 @@ def measure_mode(spec: ModeSpec, settings: BenchSettings) -> dict[str, Any]:
     }
 
 
-def run_in_subprocess(spec: ModeSpec | dict[str, Any], settings: BenchSettings, timeout: float | None = None,
-                      kind: str = "mode") -> dict[str, Any]:
+def run_in_subprocess(
+    spec: ModeSpec | dict[str, Any], settings: BenchConfig, timeout: float | None = None, kind: str = "mode"
+) -> dict[str, Any]:
     """Run :func:`measure_mode` (``kind="mode"``) or the llama.cpp measurement (``kind="llama-cpp"``) in a
     fresh Python process and return its result dict."""
-    payload = {"kind": kind, "spec": spec if isinstance(spec, dict) else dataclasses.asdict(spec),
-               "settings": dataclasses.asdict(settings)}
+    payload = {
+        "kind": kind,
+        "spec": spec if isinstance(spec, dict) else dataclasses.asdict(spec),
+        "settings": dataclasses.asdict(settings),
+    }
     with tempfile.TemporaryDirectory(prefix="awqkit-bench-") as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_file.write_text(json.dumps(payload))
-        cmd = [sys.executable, "-m", "awqkit.eval.bench", str(spec_file), str(out_file)]
+        cmd = [sys.executable, "-m", "awqkit.bench.modes", str(spec_file), str(out_file)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode != 0 or not out_file.is_file():
             label = payload["spec"].get("label", "?")
@@ -306,8 +299,9 @@ def run_in_subprocess(spec: ModeSpec | dict[str, Any], settings: BenchSettings, 
         return json.loads(out_file.read_text())
 
 
-def run_modes(specs: list[ModeSpec], settings: BenchSettings, *, subprocesses: bool = True,
-              llama_cpp: str | Path | None = None) -> list[dict[str, Any]]:
+def run_modes(
+    specs: list[ModeSpec], settings: BenchConfig, *, subprocesses: bool = True, llama_cpp: str | Path | None = None
+) -> list[dict[str, Any]]:
     """Measure every mode (each in its own subprocess unless ``subprocesses=False``), then llama.cpp on
     the GGUF file ``llama_cpp`` if given and installed (else a ``{"skipped": reason}`` row)."""
     results = []
@@ -315,7 +309,7 @@ def run_modes(specs: list[ModeSpec], settings: BenchSettings, *, subprocesses: b
         logger.info("benchmarking %s (%s)", spec.label, spec.path)
         results.append(run_in_subprocess(spec, settings) if subprocesses else measure_mode(spec, settings))
     if llama_cpp is not None:
-        from awqkit.eval import bench_llamacpp
+        from awqkit.bench import llamacpp as bench_llamacpp
 
         reason = bench_llamacpp.unavailable_reason()
         gguf = {"label": "llama.cpp Q4_1", "path": str(llama_cpp)}
@@ -324,17 +318,20 @@ def run_modes(specs: list[ModeSpec], settings: BenchSettings, *, subprocesses: b
             results.append({**gguf, "engine": "llama.cpp", "skipped": reason})
         else:
             logger.info("benchmarking llama.cpp on %s", llama_cpp)
-            results.append(run_in_subprocess(gguf, settings, kind="llama-cpp") if subprocesses
-                           else bench_llamacpp.measure_gguf(llama_cpp, settings, label=gguf["label"]))
+            results.append(
+                run_in_subprocess(gguf, settings, kind="llama-cpp")
+                if subprocesses
+                else bench_llamacpp.measure_gguf(llama_cpp, settings, label=gguf["label"])
+            )
     return results
 
 
 def _worker(spec_file: str, out_file: str) -> None:
     payload = json.loads(Path(spec_file).read_text())
     s = payload["settings"]
-    settings = BenchSettings(**{**s, "batch_sizes": tuple(s["batch_sizes"])})
+    settings = BenchConfig(**{**s, "batch_sizes": tuple(s["batch_sizes"])})
     if payload["kind"] == "llama-cpp":
-        from awqkit.eval import bench_llamacpp
+        from awqkit.bench import llamacpp as bench_llamacpp
 
         result = bench_llamacpp.measure_gguf(payload["spec"]["path"], settings, label=payload["spec"]["label"])
     else:
@@ -353,8 +350,19 @@ def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
     return [(prefix.rstrip("."), float(obj))] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
 
 
-__all__ = ["DTYPES", "LOOPS", "BenchSettings", "ModeSpec", "build_specs", "is_quantized_folder", "measure_mode",
-           "measure_model", "run_modes", "time_decoder", "time_generation"]
+__all__ = [
+    "DTYPES",
+    "LOOPS",
+    "BenchConfig",
+    "ModeSpec",
+    "build_specs",
+    "is_quantized_folder",
+    "measure_mode",
+    "measure_model",
+    "run_modes",
+    "time_decoder",
+    "time_generation",
+]
 
 
 if __name__ == "__main__":  # the subprocess entry of run_in_subprocess

@@ -1,4 +1,4 @@
-"""Presenting :mod:`awqkit.eval.bench` results: markdown table, JSON file, PNG bar chart, speed ratios."""
+"""Presenting :mod:`awqkit.bench.modes` results: markdown table, JSON file, PNG bar chart, speed ratios."""
 
 from __future__ import annotations
 
@@ -24,9 +24,17 @@ def table_rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     """``(rows, columns)`` for :func:`awqkit.report.table.markdown_table`: one row per result."""
     batches = _batches(results)
     vram = any(r.get("peak_vram_bytes") for r in results)
-    columns = ["mode", *[f"prefill ms B={b}" for b in batches], *[f"decode tok/s B={b}" for b in batches],
-               "weights disk MB", "weights mem MB", "peak RSS MB", *(["peak VRAM MB"] if vram else []),
-               "MB read/token", "GB/s B=1"]
+    columns = [
+        "mode",
+        *[f"prefill ms B={b}" for b in batches],
+        *[f"decode tok/s B={b}" for b in batches],
+        "weights disk MB",
+        "weights mem MB",
+        "peak RSS MB",
+        *(["peak VRAM MB"] if vram else []),
+        "MB read/token",
+        "GB/s B=1",
+    ]
     rows = []
     for r in results:
         row: dict[str, Any] = {"mode": r["label"]}
@@ -73,14 +81,20 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "machine": platform.machine(),
-            "processor": platform.processor() or None, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
-def write_json(path: str | Path, results: list[dict[str, Any]], settings: Any,
-               extra: dict[str, Any] | None = None) -> None:
+def write_json(
+    path: str | Path, results: list[dict[str, Any]], settings: Any, extra: dict[str, Any] | None = None
+) -> None:
     import dataclasses
 
     doc = {"settings": dataclasses.asdict(settings), "environment": environment(), "results": results, **(extra or {})}

@@ -1,4 +1,4 @@
-"""What :mod:`awqkit.eval.bench` measures: one :class:`ModeSpec` per checkpoint x dtype x backend x decode loop,
+"""What :mod:`awqkit.bench.modes` measures: one :class:`ModeSpec` per checkpoint x dtype x backend x decode loop,
 and :func:`build_specs`, which lists them for ``awqkit bench`` (baseline modes first, per loop)."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from awqkit.io.detect import is_quantized_folder
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +36,6 @@ class ModeSpec:
             raise ValueError(f"decode loop {self.loop!r} is not one of {LOOPS}")
 
 
-def is_quantized_folder(path: str | Path) -> bool:
-    """True when ``path/config.json`` has a ``quantization_config`` (or an AutoAWQ quant_config.json)."""
-    path = Path(path)
-    cfg = path / "config.json"
-    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
-        return True
-    return any((path / n).is_file() for n in ("quant_config.json", "quantize_config.json"))
-
-
 _DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -59,10 +52,16 @@ def _awqkit_loop_reason(path: str, dtype: str, device: str) -> str | None:
     return None
 
 
-def build_specs(model: str, baseline: str | None, backends: list[str], dtype: str,
-                baseline_dtypes: list[str], device: str = "cpu",
-                loops: tuple[str, ...] | list[str] = ("transformers",)) -> list[ModeSpec]:
-    """The :class:`~awqkit.eval.bench.ModeSpec` list: for each loop, baseline modes first, then MODEL's.
+def build_specs(
+    model: str,
+    baseline: str | None,
+    backends: list[str],
+    dtype: str,
+    baseline_dtypes: list[str],
+    device: str = "cpu",
+    loops: tuple[str, ...] | list[str] = ("transformers",),
+) -> list[ModeSpec]:
+    """The :class:`~awqkit.bench.modes.ModeSpec` list: for each loop, baseline modes first, then MODEL's.
     Modes the ``awqkit`` loop cannot run (not float32 on CPU, an architecture it does not know) are left
     out with a log line."""
     for d in (dtype, *baseline_dtypes):
@@ -73,13 +72,21 @@ def build_specs(model: str, baseline: str | None, backends: list[str], dtype: st
         raise ValueError(f"decode loops {list(loops)}: choose from {LOOPS}")
     specs = [s for lp in loops for s in _loop_specs(model, baseline, backends, dtype, baseline_dtypes, device, lp)]
     if not specs:
-        raise ValueError(f"no mode to measure: awqkit's decode loop cannot run {model} as asked; add the "
-                         "transformers loop")
+        raise ValueError(
+            f"no mode to measure: awqkit's decode loop cannot run {model} as asked; add the transformers loop"
+        )
     return specs
 
 
-def _loop_specs(model: str, baseline: str | None, backends: list[str], dtype: str,
-                baseline_dtypes: list[str], device: str, loop: str) -> list[ModeSpec]:
+def _loop_specs(
+    model: str,
+    baseline: str | None,
+    backends: list[str],
+    dtype: str,
+    baseline_dtypes: list[str],
+    device: str,
+    loop: str,
+) -> list[ModeSpec]:
     specs = []
     tag = " [awqkit loop]" if loop == "awqkit" else ""
     if baseline is not None:
@@ -88,18 +95,18 @@ def _loop_specs(model: str, baseline: str | None, backends: list[str], dtype: st
         if is_quantized_folder(baseline):
             raise ValueError(f"--baseline {baseline} is a quantized checkpoint; pass the dense (float) model")
         name = Path(baseline).name
-        specs += [ModeSpec(f"{name} {_DTYPE_SHORT[d]} dense{tag}", str(baseline), False, d, None, device, loop)
-                  for d in baseline_dtypes]
+        specs += [
+            ModeSpec(f"{name} {_DTYPE_SHORT[d]} dense{tag}", str(baseline), False, d, None, device, loop)
+            for d in baseline_dtypes
+        ]
     if not Path(model).is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
     name = Path(model).name
     if is_quantized_folder(model):
         rest = "" if dtype == "float32" else f", {_DTYPE_SHORT[dtype]} rest"
-        specs += [ModeSpec(f"{name} int4 ({b}{rest}){tag}", str(model), True, dtype, b, device, loop)
-                  for b in backends]
+        specs += [ModeSpec(f"{name} int4 ({b}{rest}){tag}", str(model), True, dtype, b, device, loop) for b in backends]
     else:
-        specs.append(ModeSpec(f"{name} {_DTYPE_SHORT[dtype]} dense{tag}", str(model), False, dtype, None, device,
-                              loop))
+        specs.append(ModeSpec(f"{name} {_DTYPE_SHORT[dtype]} dense{tag}", str(model), False, dtype, None, device, loop))
     if loop == "awqkit":
         kept = []
         for spec in specs:

@@ -16,7 +16,7 @@ The plan is the one of ``awqkit batch`` (:mod:`awqkit.platform.plan`); its ``[ev
    and re-evaluates it when any of those changed. A quantized folder gets its model card's results table
    updated (:func:`awqkit.report.model_card.update_model_card_results`, baseline values from the float
    cell). A cell that fails (or whose quantization failed) is recorded and the rest go on.
-3. **Report** (:mod:`awqkit.report.orchestrate_results`, derived from the state file and the cell files):
+3. **Report** (:mod:`awqkit.platform.campaign_results`, derived from the state file and the cell files):
    ``results.csv``, ``results.md``, ``results.json`` in ``output_dir``, and PNG plots in
    ``output_dir/plots`` (:mod:`awqkit.report.plots`; skipped with a warning when matplotlib is missing,
    ``pip install 'awqkit[plot]'``).
@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from awqkit.files import write_json_atomic
+from awqkit.naming import quantized_folder_name
 from awqkit.platform.batch import (
     STATE_FILE,
     CellOutcome,
@@ -45,11 +47,9 @@ from awqkit.platform.batch import (
     quantize_cells,
     recover_destinations,
     run_lock,
-    write_json_atomic,
 )
-from awqkit.platform.naming import quantized_folder_name
 from awqkit.platform.plan import Plan, PlanModel, load_plan
-from awqkit.platform.spec import QuantizationSpec, resolve_quantization_spec
+from awqkit.spec import QuantizationSpec, resolve_quantization_spec
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +106,13 @@ def eval_key(plan: Plan, cell: EvalCell, text_sha: str | None) -> dict[str, Any]
     settings = plan.eval.to_dict()
     if not cell.quantized:
         settings.pop("backend", None)
-    return {"model": str(cell.path), "baseline": str(cell.model.path) if cell.quantized else None,
-            "eval": settings, "text_sha256": text_sha,
-            "quantization_metadata_sha256": _sha256(cell.path / "quantization_metadata.json") if cell.quantized
-            else None}
+    return {
+        "model": str(cell.path),
+        "baseline": str(cell.model.path) if cell.quantized else None,
+        "eval": settings,
+        "text_sha256": text_sha,
+        "quantization_metadata_sha256": _sha256(cell.path / "quantization_metadata.json") if cell.quantized else None,
+    }
 
 
 def _same_key(stored: Any, key: dict[str, Any], cell: EvalCell) -> bool:
@@ -122,7 +125,7 @@ def _same_key(stored: Any, key: dict[str, Any], cell: EvalCell) -> bool:
     return old == key
 
 
-def _load_cell(file: Path) -> dict[str, Any] | None:
+def load_cell(file: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -170,10 +173,19 @@ def evaluate_cell(plan: Plan, cell: EvalCell, *, progress: bool = True) -> dict[
     from awqkit.eval import runner
 
     ev = plan.eval
-    common = {"limit": ev.limit, "text": ev.text, "data_dir": ev.data_dir, "seq_len": ev.seq_len,
-              "windows": ev.windows, "batch_size": ev.batch_size, "backend": ev.backend, "device": plan.device,
-              "trust_remote_code": plan.trust_remote_code, "task_options": ev.task_options or None,
-              "progress": progress}
+    common = {
+        "limit": ev.limit,
+        "text": ev.text,
+        "data_dir": ev.data_dir,
+        "seq_len": ev.seq_len,
+        "windows": ev.windows,
+        "batch_size": ev.batch_size,
+        "backend": ev.backend,
+        "device": plan.device,
+        "trust_remote_code": plan.trust_remote_code,
+        "task_options": ev.task_options or None,
+        "progress": progress,
+    }
     if cell.quantized and "kl" in ev.tasks:
         with_base = [t for t in ev.tasks if t in _WINDOW_TASKS]
     else:
@@ -209,14 +221,17 @@ class OrchestrateReport:
         def count(outs: list[CellOutcome], status: str) -> int:
             return sum(o.status == status for o in outs)
 
-        lines = [f"quantize: {count(self.quantize, 'done')} made, {count(self.quantize, 'skipped')} already "
-                 f"complete, {count(self.quantize, 'failed')} failed",
-                 f"evaluate: {count(self.evaluate, 'done')} evaluated, {count(self.evaluate, 'skipped')} already "
-                 f"evaluated, {count(self.evaluate, 'failed')} failed"]
+        lines = [
+            f"quantize: {count(self.quantize, 'done')} made, {count(self.quantize, 'skipped')} already "
+            f"complete, {count(self.quantize, 'failed')} failed",
+            f"evaluate: {count(self.evaluate, 'done')} evaluated, {count(self.evaluate, 'skipped')} already "
+            f"evaluated, {count(self.evaluate, 'failed')} failed",
+        ]
         planned = count(self.quantize, "planned") + count(self.evaluate, "planned")
         if planned:
-            lines.append(f"dry run: {count(self.quantize, 'planned')} to quantize, "
-                         f"{count(self.evaluate, 'planned')} to evaluate")
+            lines.append(
+                f"dry run: {count(self.quantize, 'planned')} to quantize, {count(self.evaluate, 'planned')} to evaluate"
+            )
         lines += [f"  FAILED   {o.name}: {o.error}" for o in self.failed]
         lines += [f"wrote {p}" for p in self.files]
         if self.failed:
@@ -224,8 +239,9 @@ class OrchestrateReport:
         return "\n".join(lines)
 
 
-def _evaluate_all(plan: Plan, state: RunState | None, text_sha: str | None, *, progress: bool,
-                  dry_run: bool) -> list[CellOutcome]:
+def _evaluate_all(
+    plan: Plan, state: RunState | None, text_sha: str | None, *, progress: bool, dry_run: bool
+) -> list[CellOutcome]:
     from awqkit.report.model_card import update_model_card_results
 
     outcomes: list[CellOutcome] = []
@@ -235,14 +251,27 @@ def _evaluate_all(plan: Plan, state: RunState | None, text_sha: str | None, *, p
         where = f"[eval {i}/{len(cells)}] {cell.name}"
         file = cell.result_file(plan.output_dir)
         key = eval_key(plan, cell, text_sha)
-        stored = _load_cell(file)
+        stored = load_cell(file)
 
-        def record(status: str, error: str | None = None, seconds: float | None = None, *,
-                   cell: EvalCell = cell, file: Path = file) -> None:
+        def record(
+            status: str,
+            error: str | None = None,
+            seconds: float | None = None,
+            *,
+            cell: EvalCell = cell,
+            file: Path = file,
+        ) -> None:
             outcomes.append(CellOutcome(cell.name, cell.path, status, seconds, error))
             if state is not None and status in ("done", "failed"):
-                state.record("evaluate", cell.name, status=status, error=error, seconds=seconds,
-                             path=str(file) if status == "done" else None, model=str(cell.path))
+                state.record(
+                    "evaluate",
+                    cell.name,
+                    status=status,
+                    error=error,
+                    seconds=seconds,
+                    path=str(file) if status == "done" else None,
+                    model=str(cell.path),
+                )
 
         if cell.quantized:
             # quantize_cells has just checked the files' hashes: their sizes suffice here
@@ -263,8 +292,9 @@ def _evaluate_all(plan: Plan, state: RunState | None, text_sha: str | None, *, p
             prev = state.get("evaluate", cell.name) if state is not None else None
             outcomes.append(CellOutcome(cell.name, cell.path, "skipped"))
             if state is not None and (prev is None or prev.get("status") != "done"):
-                state.record("evaluate", cell.name, status="done", error=None, seconds=None, path=str(file),
-                             model=str(cell.path))
+                state.record(
+                    "evaluate", cell.name, status="done", error=None, seconds=None, path=str(file), model=str(cell.path)
+                )
             continue
         if dry_run:
             record("planned")
@@ -284,8 +314,9 @@ def _evaluate_all(plan: Plan, state: RunState | None, text_sha: str | None, *, p
             record("failed", err, round(secs, 3))
             continue
         secs = time.perf_counter() - t0
-        write_json_atomic(file, {"cell": cell.name, "key": key, "evaluated_seconds": round(secs, 3),
-                                 "results": results})
+        write_json_atomic(
+            file, {"cell": cell.name, "key": key, "evaluated_seconds": round(secs, 3), "results": results}
+        )
         if not cell.quantized:
             fp_results[cell.model.run_name] = results
         elif results is not None:
@@ -297,8 +328,14 @@ def _evaluate_all(plan: Plan, state: RunState | None, text_sha: str | None, *, p
     return outcomes
 
 
-def orchestrate(plan: Plan | str | Path, *, output_dir: str | Path | None = None, progress: bool = True,
-                plots: bool = True, dry_run: bool = False) -> OrchestrateReport:
+def orchestrate(
+    plan: Plan | str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    plots: bool = True,
+    dry_run: bool = False,
+) -> OrchestrateReport:
     """Quantize, evaluate and report everything ``plan`` asks for; see the module docstring.
 
     ``output_dir`` overrides a plan file's. ``plots=False`` skips the PNGs. ``dry_run``: report what
@@ -308,7 +345,7 @@ def orchestrate(plan: Plan | str | Path, *, output_dir: str | Path | None = None
         PlanError / FileNotFoundError: the plan, or the ppl/kl text is missing (checked before anything runs).
         FileExistsError: another run holds the output folder.
     """
-    from awqkit.report.orchestrate_results import write_results
+    from awqkit.platform.campaign_results import write_results
 
     if not isinstance(plan, Plan):
         plan = load_plan(plan, output_dir=output_dir)
@@ -330,5 +367,12 @@ def orchestrate(plan: Plan | str | Path, *, output_dir: str | Path | None = None
     return report
 
 
-__all__ = ["EvalCell", "OrchestrateReport", "eval_cells", "eval_key", "evaluate_cell", "orchestrate",
-           "with_fp_baseline"]
+__all__ = [
+    "EvalCell",
+    "OrchestrateReport",
+    "eval_cells",
+    "eval_key",
+    "evaluate_cell",
+    "orchestrate",
+    "with_fp_baseline",
+]

@@ -1,4 +1,4 @@
-"""The llama.cpp reference for :mod:`awqkit.eval.bench`: a GGUF file run through ``llama-cpp-python``.
+"""The llama.cpp reference for :mod:`awqkit.bench.modes`: a GGUF file run through ``llama-cpp-python``.
 
 Optional: ``llama-cpp-python`` has no prebuilt Linux wheel on PyPI, so ``pip install llama-cpp-python``
 compiles llama.cpp (cmake and a C++ compiler needed). Without it :func:`unavailable_reason` says why
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from awqkit.eval.resources import current_rss_bytes
+from awqkit.bench.resources import current_rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,10 @@ def unavailable_reason() -> str | None:
     try:
         import llama_cpp  # noqa: F401
     except Exception as exc:  # ImportError, or a broken native library (OSError)
-        return (f"llama-cpp-python is not installed or does not load ({type(exc).__name__}: {exc}); "
-                "`pip install llama-cpp-python` builds it from source (needs cmake and a C++ compiler)")
+        return (
+            f"llama-cpp-python is not installed or does not load ({type(exc).__name__}: {exc}); "
+            "`pip install llama-cpp-python` builds it from source (needs cmake and a C++ compiler)"
+        )
     return None
 
 
@@ -63,16 +65,22 @@ def _greedy(llm: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]
 
 
 def measure_gguf(path: str | Path, settings: Any, label: str = "llama.cpp") -> dict[str, Any]:
-    """Load ``path`` with llama-cpp-python and time it at batch 1 (``settings``: a ``BenchSettings``)."""
+    """Load ``path`` with llama-cpp-python and time it at batch 1 (``settings``: a ``BenchConfig``)."""
     import llama_cpp
 
-    from awqkit.eval.bench import make_prompt, process_peak_rss_bytes, summarize
+    from awqkit.bench.modes import make_prompt, process_peak_rss_bytes, summarize
 
     threads = settings.threads or 2
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=settings.prompt_tokens + settings.new_tokens + 16,
-                          n_batch=max(512, settings.prompt_tokens), n_threads=threads, n_threads_batch=threads,
-                          logits_all=False, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=settings.prompt_tokens + settings.new_tokens + 16,
+        n_batch=max(512, settings.prompt_tokens),
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=False,
+        verbose=False,
+    )
     load_s = time.perf_counter() - t0
     rss_loaded = current_rss_bytes()
     prompt = make_prompt(llm.n_vocab(), 1, settings.prompt_tokens, settings.seed)[0].tolist()
@@ -86,11 +94,27 @@ def measure_gguf(path: str | Path, settings: Any, label: str = "llama.cpp") -> d
     total, per_step = gguf_tensor_bytes(path, 1)
     tok_s = statistics.median(decode)
     return {
-        "label": label, "path": str(path), "quantized": True, "dtype": "gguf", "backend": "llama.cpp",
-        "device": "cpu", "engine": f"llama.cpp (llama-cpp-python {getattr(llama_cpp, '__version__', '?')})",
-        "threads": threads, "load_s": load_s,
-        "disk_bytes": Path(path).stat().st_size, "memory_bytes": total, "bytes_per_token": per_step,
-        "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": process_peak_rss_bytes(), "peak_vram_bytes": None,
-        "batches": {"1": {"prefill_s": summarize(prefill), "decode_tok_s": summarize(decode),
-                          "weight_bytes_per_step": per_step, "bandwidth_gb_s": per_step * tok_s / 1e9}},
+        "label": label,
+        "path": str(path),
+        "quantized": True,
+        "dtype": "gguf",
+        "backend": "llama.cpp",
+        "device": "cpu",
+        "engine": f"llama.cpp (llama-cpp-python {getattr(llama_cpp, '__version__', '?')})",
+        "threads": threads,
+        "load_s": load_s,
+        "disk_bytes": Path(path).stat().st_size,
+        "memory_bytes": total,
+        "bytes_per_token": per_step,
+        "rss_after_load_bytes": rss_loaded,
+        "peak_rss_bytes": process_peak_rss_bytes(),
+        "peak_vram_bytes": None,
+        "batches": {
+            "1": {
+                "prefill_s": summarize(prefill),
+                "decode_tok_s": summarize(decode),
+                "weight_bytes_per_step": per_step,
+                "bandwidth_gb_s": per_step * tok_s / 1e9,
+            }
+        },
     }

@@ -72,8 +72,10 @@ class QuantMethod(str, enum.Enum):  # noqa: UP042 - str() of a member stays 'Qua
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"quantization method {value!r} is not known; choose one of "
-                             f"{[m.value for m in cls]} (or fp16 for the float model)") from None
+            raise ValueError(
+                f"quantization method {value!r} is not known; choose one of "
+                f"{[m.value for m in cls]} (or fp16 for the float model)"
+            ) from None
 
     @property
     def quantizes(self) -> bool:
@@ -95,8 +97,9 @@ class QuantizationSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", QuantMethod.parse(self.method))
-        object.__setattr__(self, "extras", {str(k): list(v) if isinstance(v, tuple) else v
-                                            for k, v in dict(self.extras or {}).items()})
+        object.__setattr__(
+            self, "extras", {str(k): list(v) if isinstance(v, tuple) else v for k, v in dict(self.extras or {}).items()}
+        )
         object.__setattr__(self, "lm_head_dtype", str(self.lm_head_dtype).lower())
         object.__setattr__(self, "backend", str(self.backend).lower())
         for name in ("weights_bits", "activations_bits", "kv_cache_bits", "group_size"):
@@ -111,8 +114,10 @@ class QuantizationSpec:
             raise ValueError(f"backend={self.backend!r} is not a format awqkit writes; choose one of {BACKENDS}")
         if not self.method.quantizes:
             if self.weights_bits not in FLOAT_WEIGHT_BITS:
-                raise ValueError(f"method none (float) keeps float weights ({FLOAT_WEIGHT_BITS} bits); got "
-                                 f"weights_bits={self.weights_bits}. Choose rtn or awq to quantize")
+                raise ValueError(
+                    f"method none (float) keeps float weights ({FLOAT_WEIGHT_BITS} bits); got "
+                    f"weights_bits={self.weights_bits}. Choose rtn or awq to quantize"
+                )
             if self.group_size is not None:
                 raise ValueError("method none (float) has no group_size; leave it None")
             return
@@ -121,8 +126,10 @@ class QuantizationSpec:
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}")
         if self.backend == "gemm" and self.weights_bits != 4:
-            raise ValueError(f"backend 'gemm' holds 4-bit weights only; weights_bits={self.weights_bits} is "
-                             "written as 'pack-quantized' (use backend 'auto')")
+            raise ValueError(
+                f"backend 'gemm' holds 4-bit weights only; weights_bits={self.weights_bits} is "
+                "written as 'pack-quantized' (use backend 'auto')"
+            )
         bad = [k for k in APPLIED_EXTRAS if k in self.extras]
         if bad:  # validated through QuantConfig so a bad value fails now, not at quantize time
             self.to_quant_config()
@@ -157,8 +164,9 @@ class QuantizationSpec:
             text = f"none (float, {self.weights_bits}-bit weights)"
         else:
             g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-            text = (f"{self.method.value} w{self.weights_bits} {g}, lm_head {APPLIED_LM_HEAD_DTYPE}, "
-                    f"format {self.format}")
+            text = (
+                f"{self.method.value} w{self.weights_bits} {g}, lm_head {APPLIED_LM_HEAD_DTYPE}, format {self.format}"
+            )
             zp = self.extras.get("zero_point", True)
             text += "" if zp else ", symmetric"
         missing = self.unapplied()
@@ -178,8 +186,12 @@ class QuantizationSpec:
         if "modules_to_not_convert" in kwargs:
             mods = kwargs["modules_to_not_convert"]
             kwargs["modules_to_not_convert"] = (mods,) if isinstance(mods, str) else tuple(mods)
-        return QuantConfig(bits=self.weights_bits, group_size=int(self.group_size),  # type: ignore[arg-type]
-                           keep_lm_head_fp16=True, **kwargs)
+        return QuantConfig(
+            bits=self.weights_bits,
+            group_size=int(self.group_size),  # type: ignore[arg-type]
+            keep_lm_head_fp16=True,
+            **kwargs,
+        )
 
     @classmethod
     def from_quant_config(cls, method: str | QuantMethod, quant: QuantConfig) -> QuantizationSpec:
@@ -190,8 +202,9 @@ class QuantizationSpec:
             value = getattr(quant, key)
             if value != getattr(base, key):
                 extras[key] = list(value) if isinstance(value, tuple) else value
-        return cls(method=QuantMethod.parse(method), weights_bits=quant.bits, group_size=quant.group_size,
-                   extras=extras)
+        return cls(
+            method=QuantMethod.parse(method), weights_bits=quant.bits, group_size=quant.group_size, extras=extras
+        )
 
     # ------------------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:
@@ -210,8 +223,9 @@ class QuantizationSpec:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def resolve_quantization_spec(method: str | QuantMethod | QuantizationSpec = "awq",
-                              **overrides: Any) -> QuantizationSpec:
+def resolve_quantization_spec(
+    method: str | QuantMethod | QuantizationSpec = "awq", **overrides: Any
+) -> QuantizationSpec:
     """A spec for ``method`` with its defaults, then ``overrides``.
 
     Defaults: ``awq`` / ``rtn``: 4-bit weights, group size 128, fp16 LM head, float activations and KV
@@ -228,8 +242,7 @@ def resolve_quantization_spec(method: str | QuantMethod | QuantizationSpec = "aw
         base = method
     else:
         m = QuantMethod.parse(method)
-        base = (QuantizationSpec(m) if m.quantizes else
-                QuantizationSpec(m, weights_bits=FLOAT_BITS, group_size=None))
+        base = QuantizationSpec(m) if m.quantizes else QuantizationSpec(m, weights_bits=FLOAT_BITS, group_size=None)
     overrides = dict(overrides)
     if "bits" in overrides:
         if "weights_bits" in overrides:
@@ -245,8 +258,10 @@ def resolve_quantization_spec(method: str | QuantMethod | QuantizationSpec = "aw
     fields = {f.name for f in dataclasses.fields(QuantizationSpec)} - {"method", "extras"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown quantization setting(s) {unknown}; valid: {sorted(fields | {'bits', 'extras'})} "
-                         f"and {list(APPLIED_EXTRAS)}")
+        raise ValueError(
+            f"unknown quantization setting(s) {unknown}; valid: {sorted(fields | {'bits', 'extras'})} "
+            f"and {list(APPLIED_EXTRAS)}"
+        )
     return dataclasses.replace(base, extras=extras, **overrides)
 
 
@@ -257,7 +272,9 @@ def warn_unapplied(spec: QuantizationSpec, log: logging.Logger | None = None) ->
         (log or logger).warning(
             "awqkit quantizes weights only: %s %s planned but NOT applied (recorded as not_applied in "
             "quantization_metadata.json); activations, KV cache and LM head stay in fp16",
-            ", ".join(missing), "is" if len(missing) == 1 else "are")
+            ", ".join(missing),
+            "is" if len(missing) == 1 else "are",
+        )
     return missing
 
 
@@ -285,11 +302,13 @@ def spec_from_metadata(meta: dict[str, Any]) -> QuantizationSpec | None:
         return QuantizationSpec(m, weights_bits=FLOAT_BITS, group_size=None)
     qc = meta.get("quant_config") if isinstance(meta.get("quant_config"), dict) else {}
     try:
-        quant = QuantConfig(bits=int(meta.get("bits", qc.get("bits", 4))),
-                            group_size=int(meta.get("group_size", qc.get("group_size", 128))),
-                            zero_point=bool(meta.get("zero_point", qc.get("zero_point", True))),
-                            modules_to_not_convert=tuple(qc.get("modules_to_not_convert", ())),
-                            keep_unaligned_fp16=bool(qc.get("keep_unaligned_fp16", False)))
+        quant = QuantConfig(
+            bits=int(meta.get("bits", qc.get("bits", 4))),
+            group_size=int(meta.get("group_size", qc.get("group_size", 128))),
+            zero_point=bool(meta.get("zero_point", qc.get("zero_point", True))),
+            modules_to_not_convert=tuple(qc.get("modules_to_not_convert", ())),
+            keep_unaligned_fp16=bool(qc.get("keep_unaligned_fp16", False)),
+        )
     except (TypeError, ValueError):
         return None
     return QuantizationSpec.from_quant_config(m, quant)
