@@ -23,6 +23,7 @@ baseline is plotted at 16 (32 when the plan lists ``method = "fp"`` with ``bits 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -125,14 +126,12 @@ def columns(tasks: tuple[str, ...]) -> list[str]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in cols})
-    tmp.replace(path)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in cols})
+    write_atomic(path, buf.getvalue())
 
 
 def results_markdown(plan: Any, rows: list[dict[str, Any]], cols: list[str]) -> str:
