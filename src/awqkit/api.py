@@ -257,7 +257,7 @@ def quantize(
                 training=training_link(info),
             )
             if par.active:
-                metadata["data_parallel"] = {"world_size": par.world, "backend": par.backend}
+                metadata["data_parallel"] = {"world_size": par.world, "transport": par.transport}
             config = quantized_config(model, quant, sorted(targets.kept))
             write_side_files(model, staged, src_dir=info.folder, config=config, metadata=metadata, weight_files=files)
             if results is not None:
@@ -409,7 +409,8 @@ def quantize_with_awq(
     group_size: int = 128,
     seed: int = 13,
     skip_lm_head: bool = True,
-    backend: str = "awq",
+    backend: str | None = None,
+    method: str = "awq",
 ) -> tuple[Path, dict[str, str]]:
     """The platform's call: quantize ``src`` into ``dst``; returns (folder, string metadata).
 
@@ -417,14 +418,19 @@ def quantize_with_awq(
         calib_path: calibration file (text, JSONL, CSV) or None / "self" for data-free calibration.
         skip_lm_head: keep the LM head (and embeddings) in fp16 — awqkit never quantizes them, so
             False is refused rather than silently ignored.
-        backend: the quantization method, "awq" or "rtn".
+        method: the quantization method, "awq" or "rtn".
+        backend: the platform's older name for ``method``, still accepted (in awqkit "backend" is the kernel).
     """
+    if backend is not None:
+        if method != "awq" and method != backend:
+            raise InputError(f"backend={backend!r} is the old name of method={method!r}; pass only method=")
+        method = backend
     if not skip_lm_head:
         raise InputError("awqkit never quantizes the LM head; call with skip_lm_head=True")
     report = quantize(
         src,
         dst,
-        method=backend,
+        method=method,
         quant=QuantConfig(bits=bits, group_size=group_size),
         calib=CalibConfig(source=str(calib_path) if calib_path is not None else "self", seed=seed),
     )

@@ -37,7 +37,9 @@ class DataParallel:
 
     rank: int = 0
     world: int = 1
-    backend: str = "none"  # "gloo" (CPU tensors) or "nccl" (CUDA tensors) when world > 1
+    # torch.distributed's collective library ("backend" in torch's words; awqkit keeps that word for kernels):
+    # "gloo" (CPU tensors) or "nccl" (CUDA tensors) when world > 1
+    transport: str = "none"
 
     @property
     def active(self) -> bool:
@@ -57,7 +59,7 @@ class DataParallel:
         return [b for b in range(n_batches) if self.owns(b)]
 
     def _comm_device(self) -> torch.device:
-        if self.backend == "nccl":
+        if self.transport == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 

@@ -37,14 +37,16 @@ def check_device(device: str | torch.device) -> torch.device:
         raise InputError(f"--device {device!r} is not a device name ({exc}); use cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cpu":
         return dev
-    backend = getattr(torch, dev.type, None)
-    available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+    device_module = getattr(torch, dev.type, None)
+    available = bool(
+        device_module is not None and hasattr(device_module, "is_available") and device_module.is_available()
+    )
     if not available:
         raise EnvironmentProblem(
             f"--device {device}: this torch ({torch.__version__}) has no usable {dev.type} "
             f"device; use --device cpu, or install a torch build with {dev.type} support"
         )
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    count = device_module.device_count() if hasattr(device_module, "device_count") else 1
     if dev.index is not None and dev.index >= count:
         raise EnvironmentProblem(
             f"--device {device}: only {count} {dev.type} device(s) are visible (indices 0.."

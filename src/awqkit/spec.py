@@ -12,12 +12,13 @@ logged as a warning when quantizing (:func:`warn_unapplied`) and written as ``"n
 On disk (``quantization_metadata.json``)::
 
     "spec": {"method": "awq", "weights_bits": 4, "activations_bits": null, "kv_cache_bits": null,
-             "group_size": 128, "lm_head_dtype": "fp16", "backend": "auto", "extras": {}},
+             "group_size": 128, "lm_head_dtype": "fp16", "format": "auto", "extras": {}},
     "not_applied": []
 
 ``activations_bits`` / ``kv_cache_bits``: None (or 16) means float (fp16/bf16 at run time).
-``backend``: the checkpoint format: ``auto`` (``gemm`` at 4 bits, ``pack-quantized`` otherwise),
-``gemm`` or ``pack-quantized``. ``extras``: further :class:`~awqkit.config.QuantConfig` settings
+``format``: the checkpoint's storage format: ``auto`` (``gemm`` at 4 bits, ``pack-quantized`` otherwise),
+``gemm`` or ``pack-quantized`` (older specs call it ``backend``; that key is still read: in awqkit
+"backend" means only the kernel that runs a quantized layer). ``extras``: further :class:`~awqkit.config.QuantConfig` settings
 (``zero_point``, ``modules_to_not_convert``, ``keep_unaligned_fp16``); any other key is recorded and
 listed as not applied.
 """
@@ -37,7 +38,9 @@ logger = logging.getLogger(__name__)
 FLOAT_BITS = 16
 FLOAT_WEIGHT_BITS = (16, 32)
 #: Storage formats awqkit writes; "auto" picks gemm at 4 bits, pack-quantized otherwise.
-BACKENDS = ("auto", "gemm", "pack-quantized")
+FORMATS = ("auto", "gemm", "pack-quantized")
+#: Old spec keys still read, and the key each now is.
+SPEC_KEY_ALIASES = {"backend": "format"}
 #: The only LM-head dtype awqkit applies (the head and the embeddings are never quantized).
 APPLIED_LM_HEAD_DTYPE = "fp16"
 #: ``extras`` keys applied through :class:`QuantConfig`.
@@ -92,7 +95,7 @@ class QuantizationSpec:
     kv_cache_bits: int | None = None
     group_size: int | None = 128
     lm_head_dtype: str = APPLIED_LM_HEAD_DTYPE
-    backend: str = "auto"
+    format: str = "auto"
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,7 +104,7 @@ class QuantizationSpec:
             self, "extras", {str(k): list(v) if isinstance(v, tuple) else v for k, v in dict(self.extras or {}).items()}
         )
         object.__setattr__(self, "lm_head_dtype", str(self.lm_head_dtype).lower())
-        object.__setattr__(self, "backend", str(self.backend).lower())
+        object.__setattr__(self, "format", str(self.format).lower())
         for name in ("weights_bits", "activations_bits", "kv_cache_bits", "group_size"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
@@ -110,8 +113,8 @@ class QuantizationSpec:
             v = getattr(self, name)
             if v is not None and not 1 <= v <= 32:
                 raise ValueError(f"{name}={v} is not a bit width; use None (float) or e.g. 8")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is not a format awqkit writes; choose one of {BACKENDS}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r} is not a format awqkit writes; choose one of {FORMATS}")
         if not self.method.quantizes:
             if self.weights_bits not in FLOAT_WEIGHT_BITS:
                 raise ValueError(
@@ -125,10 +128,10 @@ class QuantizationSpec:
             raise ValueError(f"weights_bits={self.weights_bits} is not supported; choose one of {SUPPORTED_BITS}")
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}")
-        if self.backend == "gemm" and self.weights_bits != 4:
+        if self.format == "gemm" and self.weights_bits != 4:
             raise ValueError(
-                f"backend 'gemm' holds 4-bit weights only; weights_bits={self.weights_bits} is "
-                "written as 'pack-quantized' (use backend 'auto')"
+                f"format 'gemm' holds 4-bit weights only; weights_bits={self.weights_bits} is "
+                "written as 'pack-quantized' (use format 'auto')"
             )
         bad = [k for k in APPLIED_EXTRAS if k in self.extras]
         if bad:  # validated through QuantConfig so a bad value fails now, not at quantize time
@@ -136,8 +139,8 @@ class QuantizationSpec:
 
     # ------------------------------------------------------------------------------ derived views
     @property
-    def format(self) -> str | None:
-        """The checkpoint format awqkit writes for this spec (None for the float model)."""
+    def written_format(self) -> str | None:
+        """The checkpoint format awqkit writes for this spec (None for the float model): ``format`` resolved."""
         if not self.method.quantizes:
             return None
         return "gemm" if self.weights_bits == 4 else "pack-quantized"
@@ -151,8 +154,8 @@ class QuantizationSpec:
             out.append(f"kv_cache_bits={self.kv_cache_bits}")
         if self.lm_head_dtype != APPLIED_LM_HEAD_DTYPE:
             out.append(f"lm_head_dtype={self.lm_head_dtype}")
-        if self.method.quantizes and self.backend not in ("auto", self.format):
-            out.append(f"backend={self.backend}")
+        if self.method.quantizes and self.format not in ("auto", self.written_format):
+            out.append(f"format={self.format}")
         for key in sorted(self.extras):
             if key not in APPLIED_EXTRAS or not self.method.quantizes:
                 out.append(f"extras.{key}={self.extras[key]!r}")
@@ -165,7 +168,7 @@ class QuantizationSpec:
         else:
             g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
             text = (
-                f"{self.method.value} w{self.weights_bits} {g}, lm_head {APPLIED_LM_HEAD_DTYPE}, format {self.format}"
+                f"{self.method.value} w{self.weights_bits} {g}, lm_head {APPLIED_LM_HEAD_DTYPE}, format {self.written_format}"
             )
             zp = self.extras.get("zero_point", True)
             text += "" if zp else ", symmetric"
@@ -220,7 +223,18 @@ class QuantizationSpec:
         if not isinstance(data, dict) or "method" not in data:
             raise ValueError(f"a quantization spec needs at least a 'method'; got {data!r:.200}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in unalias_spec_keys(data).items() if k in names})
+
+
+def unalias_spec_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with old spec keys (:data:`SPEC_KEY_ALIASES`) renamed; both spellings at once is an error."""
+    out = dict(data)
+    for old, new in SPEC_KEY_ALIASES.items():
+        if old in out:
+            if new in out and out[new] != out[old]:
+                raise ValueError(f"{old!r} is the old name of {new!r}; pass only {new}={out[new]!r}")
+            out[new] = out.pop(old)
+    return out
 
 
 def resolve_quantization_spec(
@@ -231,7 +245,7 @@ def resolve_quantization_spec(
     Defaults: ``awq`` / ``rtn``: 4-bit weights, group size 128, fp16 LM head, float activations and KV
     cache, format ``auto``; ``none`` (alias ``fp16``): 16-bit weights, no group size. Overrides are spec
     fields (``weights_bits``, ``activations_bits``, ``kv_cache_bits``, ``group_size``, ``lm_head_dtype``,
-    ``backend``, ``extras``); ``bits`` is accepted for ``weights_bits``, and :class:`QuantConfig`
+    ``format``, ``extras``); ``bits`` is accepted for ``weights_bits``, ``backend`` for ``format``, and :class:`QuantConfig`
     settings (``zero_point``, ``modules_to_not_convert``, ``keep_unaligned_fp16``) go to ``extras``.
     ``method`` may also be a spec, which the overrides then modify.
 
@@ -243,7 +257,7 @@ def resolve_quantization_spec(
     else:
         m = QuantMethod.parse(method)
         base = QuantizationSpec(m) if m.quantizes else QuantizationSpec(m, weights_bits=FLOAT_BITS, group_size=None)
-    overrides = dict(overrides)
+    overrides = unalias_spec_keys(overrides)
     if "bits" in overrides:
         if "weights_bits" in overrides:
             raise ValueError("pass either bits or weights_bits, not both")
@@ -315,7 +329,9 @@ def spec_from_metadata(meta: dict[str, Any]) -> QuantizationSpec | None:
 
 
 __all__ = [
-    "BACKENDS",
+    "FORMATS",
+    "SPEC_KEY_ALIASES",
+    "unalias_spec_keys",
     "QuantMethod",
     "QuantizationSpec",
     "resolve_quantization_spec",

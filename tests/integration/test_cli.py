@@ -118,10 +118,13 @@ def test_quantize_with_awq_platform_call(tiny_src: Path) -> None:
         group_size=32,
         seed=13,
         skip_lm_head=True,
-        backend="rtn",
+        backend="rtn",  # the platform's older keyword for method=
     )
     assert path == tiny_src / "platform" and (path / "config.json").is_file()
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     assert meta["method"] == "rtn" and meta["bits"] == "4" and meta["group_size"] == "32" and meta["seed"] == "13"
     with pytest.raises(ValueError, match="skip_lm_head"):
         quantize_with_awq(tiny_src / "src", tiny_src / "p2", None, skip_lm_head=False)
+    with pytest.raises(ValueError, match="old name of method"):
+        quantize_with_awq(tiny_src / "src", tiny_src / "p3", None, backend="awq", method="rtn")
+    assert not (tiny_src / "p2").exists() and not (tiny_src / "p3").exists()

@@ -112,7 +112,7 @@ def test_two_ranks_write_the_single_process_checkpoint(
     assert want and all(r["modes"] == want for r in ranks)  # every rank chose what the single process chose
     clips = [e.mean_ratio for e in single.results.clips]
     assert all(r["clips"] == pytest.approx(clips, abs=1e-12) for r in ranks)
-    assert ranks[0]["meta"] == {"world_size": 2, "backend": "gloo"}
+    assert ranks[0]["meta"] == {"world_size": 2, "transport": "gloo"}
     _same_weights(single.path, tmp_path / "dp")
     assert not list(tmp_path.glob(".dp*")), "a staged folder was left behind"
 
@@ -151,7 +151,7 @@ def test_torchrun_cli_gram_clip_equals_single_process(root: Path, tmp_path: Path
 
 def test_single_process_parallel_is_a_no_op() -> None:
     assert not SINGLE.active and SINGLE.batches(3) == [0, 1, 2] and SINGLE.sum_floats([1.5]) == [1.5]
-    dp = DataParallel(rank=1, world=2, backend="gloo")
+    dp = DataParallel(rank=1, world=2, transport="gloo")
     assert dp.batches(5) == [1, 3] and dp.owns(3) and not dp.owns(4) and not dp.is_writer
 
 

@@ -30,7 +30,7 @@ def test_method_aliases_and_unknown() -> None:
 
 def test_defaults_per_method() -> None:
     awq = resolve_quantization_spec("awq")
-    assert (awq.method, awq.weights_bits, awq.group_size, awq.lm_head_dtype, awq.backend) == (
+    assert (awq.method, awq.weights_bits, awq.group_size, awq.lm_head_dtype, awq.format) == (
         QuantMethod.AWQ,
         4,
         128,
@@ -38,11 +38,11 @@ def test_defaults_per_method() -> None:
         "auto",
     )
     assert awq.activations_bits is None and awq.kv_cache_bits is None and awq.extras == {}
-    assert awq.format == "gemm" and awq.unapplied() == []
+    assert awq.written_format == "gemm" and awq.unapplied() == []
     rtn = resolve_quantization_spec(QuantMethod.RTN, bits=3, group_size=64)
-    assert (rtn.method, rtn.weights_bits, rtn.group_size, rtn.format) == (QuantMethod.RTN, 3, 64, "pack-quantized")
+    assert (rtn.method, rtn.weights_bits, rtn.group_size, rtn.written_format) == (QuantMethod.RTN, 3, 64, "pack-quantized")
     none = resolve_quantization_spec("fp16")
-    assert (none.method, none.weights_bits, none.group_size, none.format) == (QuantMethod.NONE, 16, None, None)
+    assert (none.method, none.weights_bits, none.group_size, none.written_format) == (QuantMethod.NONE, 16, None, None)
 
 
 def test_to_quant_config() -> None:
@@ -72,14 +72,14 @@ def test_unapplied_parts_are_listed_and_warned(caplog: pytest.LogCaptureFixture)
         activations_bits=8,
         kv_cache_bits=8,
         lm_head_dtype="int8",
-        backend="pack-quantized",
+        format="pack-quantized",
         extras={"smoothquant_alpha": 0.5},
     )
     assert spec.unapplied() == [
         "activations_bits=8",
         "kv_cache_bits=8",
         "lm_head_dtype=int8",
-        "backend=pack-quantized",
+        "format=pack-quantized",
         "extras.smoothquant_alpha=0.5",
     ]
     # the weights part still converts: what awqkit does is unchanged by the unapplied parts
@@ -90,7 +90,7 @@ def test_unapplied_parts_are_listed_and_warned(caplog: pytest.LogCaptureFixture)
     assert "NOT applied" in caplog.text and "kv_cache_bits=8" in caplog.text
     # 16-bit activations / KV cache are float: nothing unapplied, no warning
     caplog.clear()
-    plain = resolve_quantization_spec("awq", activations_bits=16, kv_cache_bits=16, backend="gemm")
+    plain = resolve_quantization_spec("awq", activations_bits=16, kv_cache_bits=16, format="gemm")
     assert plain.unapplied() == [] and warn_unapplied(plain) == [] and caplog.text == ""
 
 
@@ -100,9 +100,11 @@ def test_invalid_specs_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="group_size=100 is not supported"):
         resolve_quantization_spec("awq", group_size=100)
     with pytest.raises(ValueError, match="'gemm' holds 4-bit weights only"):
-        resolve_quantization_spec("rtn", bits=3, backend="gemm")
-    with pytest.raises(ValueError, match="backend='marlin'"):
-        resolve_quantization_spec("awq", backend="marlin")
+        resolve_quantization_spec("rtn", bits=3, format="gemm")
+    with pytest.raises(ValueError, match="format='marlin'"):
+        resolve_quantization_spec("awq", format="marlin")
+    with pytest.raises(ValueError, match="'backend' is the old name of 'format'"):
+        resolve_quantization_spec("awq", format="gemm", backend="pack-quantized")
     with pytest.raises(ValueError, match="unknown quantization setting.*'wbits'"):
         resolve_quantization_spec("awq", wbits=4)
     with pytest.raises(ValueError, match="float weights"):
@@ -153,3 +155,13 @@ def test_spec_on_top_of_spec() -> None:
     spec = resolve_quantization_spec(base, group_size=64)
     assert (spec.group_size, spec.extras) == (64, {"zero_point": False})
     assert base.group_size == 128  # frozen: the base is unchanged
+
+
+def test_old_backend_key_reads_as_format() -> None:
+    """Specs written before the rename (metadata files, plans) said ``backend`` for the storage format."""
+    old = {"method": "rtn", "weights_bits": 3, "group_size": 64, "backend": "pack-quantized", "extras": {}}
+    spec = QuantizationSpec.from_dict(old)
+    assert spec.format == "pack-quantized" and spec.written_format == "pack-quantized"
+    assert "backend" not in spec.to_dict() and spec.to_dict()["format"] == "pack-quantized"
+    assert resolve_quantization_spec("awq", backend="gemm") == resolve_quantization_spec("awq", format="gemm")
+    assert QuantizationSpec.from_dict(spec.to_dict()) == spec

@@ -52,7 +52,7 @@ from awqkit.io.destination import pid_alive
 from awqkit.io.detect import is_quantized_folder
 from awqkit.naming import quant_tag
 from awqkit.platform.plan import Cell, Plan, PlanModel, load_plan
-from awqkit.spec import QuantizationSpec
+from awqkit.spec import QuantizationSpec, unalias_spec_keys
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> d
 def settings_mismatch(meta: dict[str, Any], expected: dict[str, Any]) -> str | None:
     """The first recorded setting of ``meta`` that differs from ``expected`` (:func:`expected_settings`), or
     None when all agree."""
-    recorded: dict[str, Any] = {"spec": meta.get("spec")}
+    spec = meta.get("spec")  # a folder written before a spec key's rename records the old name
+    recorded: dict[str, Any] = {"spec": unalias_spec_keys(spec) if isinstance(spec, dict) else spec}
     if "calib_config" in expected:
         calib = meta.get("calib_config")
         recorded["calib_config"] = (

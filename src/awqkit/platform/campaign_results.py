@@ -50,7 +50,7 @@ def bits_per_weight(spec: QuantizationSpec) -> float:
     bits, group = spec.weights_bits, spec.group_size
     if group is None or group == -1:
         return float(bits)
-    zero = bits if (spec.extras.get("zero_point", True) or spec.format == "gemm") else 0
+    zero = bits if (spec.extras.get("zero_point", True) or spec.written_format == "gemm") else 0
     return bits + (16 + zero) / group
 
 

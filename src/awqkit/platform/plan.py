@@ -60,7 +60,8 @@ Rules:
   uses AWQ, every model's calibration file must exist (checked up front).
 * ``[[specs]]`` keys: ``method``, ``bits`` (or ``weights_bits``), ``group_size``, ``zero_point``,
   ``modules_to_not_convert``, ``keep_unaligned_fp16``, ``activations_bits``, ``kv_cache_bits``,
-  ``lm_head_dtype``, ``backend``, ``extras`` (see :func:`awqkit.spec.resolve_quantization_spec`).
+  ``lm_head_dtype``, ``format`` (the storage format; the old key ``backend`` is read too), ``extras`` (see
+  :func:`awqkit.spec.resolve_quantization_spec`). ``[eval] backend`` is the kernel that runs quantized layers.
   Two specs giving the same quant tag (the same output name) are an error. A ``fp`` spec is the float
   source model: batch skips it; orchestrate always evaluates it as the baseline of each model anyway.
 * Output names: ``<output_dir>/<run name>_quantized`` with the run name
@@ -112,7 +113,8 @@ SPEC_KEYS = (
     "activations_bits",
     "kv_cache_bits",
     "lm_head_dtype",
-    "backend",
+    "format",
+    "backend",  # the old name of "format" (awqkit.spec.SPEC_KEY_ALIASES)
     "extras",
     *APPLIED_EXTRAS,
 )
