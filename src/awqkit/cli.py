@@ -53,7 +53,8 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib",
         default=C["source"],
-        help="calibration: a text file (one prompt per line), JSONL/CSV training rows, or 'self' "
+        help="calibration: a text file (one prompt per line), training rows (JSONL/JSON/CSV/TSV/Parquet or a "
+        "datasets save_to_disk folder), or 'self' "
         "(data-free, sampled from the model) (default %(default)s)",
     )
     p.add_argument("--n-samples", type=int, default=C["n_samples"], help="calibration blocks (default %(default)s)")

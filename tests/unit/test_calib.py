@@ -263,3 +263,18 @@ def test_load_calibration_self(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     cfg = CalibConfig(source="self", n_samples=2, seq_len=8, seed=9)
     blocks = load_calibration("self", tiny_tokenizer, cfg, model=tiny_llama)
     assert torch.equal(blocks, self_generate(tiny_llama, tiny_tokenizer, 2, 8, 9))
+
+
+def test_calib_reads_parquet_and_saved_datasets_like_calib_build(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """--calib reads what `awqkit calib build` reads: the same rows give the same samples whatever the container."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question": f"What is {i} + {i}?\nShow work.", "answer": str(2 * i)} for i in range(5)]
+    want = read_samples(_jsonl(tmp_path / "qa.jsonl", rows), tiny_tokenizer, CFG)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa.parquet")
+    assert read_samples(tmp_path / "qa.parquet", tiny_tokenizer, CFG) == want
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    assert read_samples(tmp_path / "saved", tiny_tokenizer, CFG) == want
+    with pytest.raises(ValueError, match="does not exist or is not a file"):
+        read_samples(tmp_path / "nowhere.parquet", tiny_tokenizer, CFG)

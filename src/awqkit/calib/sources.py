@@ -6,8 +6,10 @@ Accepted files:
   non-empty line is a JSON object, the file is read as JSONL instead (so ``{"text": ...}`` lines may
   carry prompts with newlines whatever the extension). ``awqkit calib build`` writes this format
   (:mod:`awqkit.platform.calib_build`); each ``{"text": ...}`` is one sample, read back exactly.
-* ``.jsonl`` / ``.json`` (JSON lines, a JSON array of rows, or an object holding one array of rows)
-  and ``.csv`` / ``.tsv``: training rows rendered through the tokenizer's chat template.
+* a training data set, read by :func:`awqkit.calib.rows.read_rows` exactly as ``awqkit calib build`` reads
+  it: ``.jsonl`` / ``.json`` (JSON lines, a JSON array of rows, or an object holding one array of rows),
+  ``.csv`` / ``.tsv``, ``.parquet`` / ``.pq``, or a folder written by ``datasets``' ``save_to_disk``
+  (its ``train`` split): rows rendered through the tokenizer's chat template.
 
 Row columns are chosen by :class:`~awqkit.config.CalibConfig` (``prompt_column``/``response_column``,
 ``messages_column``, ``text_column``) or detected, in this order: ``messages`` (a list of
@@ -17,24 +19,29 @@ optional ``input`` column), ``text`` (used raw), and lastly a prompt column alon
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from awqkit.calib.rows import (
+    MESSAGES_COLUMN,
+    ROW_SUFFIXES,
+    is_hf_dataset_dir,
+    jsonl_rows_or_none,
+    read_rows,
+    read_text,
+)
 from awqkit.config import CalibConfig
 
 logger = logging.getLogger(__name__)
 
-JSON_SUFFIXES = (".jsonl", ".json")
-CSV_SUFFIXES = (".csv", ".tsv")
 ACCEPTED_KINDS = (
     'a text file with one prompt per line, a JSONL/JSON file of rows ({"text": ...}, '
     '{"messages": [...]}, question/answer, instruction/output, prompt/response, ...), '
-    'a CSV/TSV file with such columns, or "self" for data-free calibration'
+    "a CSV/TSV or Parquet file with such columns, a datasets save_to_disk folder, "
+    'or "self" for data-free calibration'
 )
 #: (prompt, response) column names tried, in order, when no column is configured.
 PAIR_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -44,7 +51,6 @@ PAIR_COLUMNS: tuple[tuple[str, str], ...] = (
     ("prompt", "completion"),
     ("input", "output"),
 )
-MESSAGES_COLUMN = "messages"
 TEXT_COLUMN = "text"
 INSTRUCTION_INPUT_COLUMN = "input"
 _COLUMN_FLAGS = "--prompt-column/--response-column, --messages-column or --text-column"
@@ -59,16 +65,13 @@ def read_samples(path: str | Path, tokenizer: Any, cfg: CalibConfig) -> list[str
             columns cannot be matched (the message lists the columns found and the flags to pick them).
     """
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or is_hf_dataset_dir(path)):
         raise ValueError(f"calibration file {str(path)!r} does not exist or is not a file; expected {ACCEPTED_KINDS}")
-    suffix = path.suffix.lower()
-    if suffix in CSV_SUFFIXES:
-        rows: list[Any] = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
-    elif suffix in JSON_SUFFIXES:
-        rows = _read_json(path)
+    if path.suffix.lower() in ROW_SUFFIXES or path.is_dir():
+        rows: list[Any] = read_rows(path)
     else:
-        text = _read_text(path)
-        json_rows = _try_jsonl_rows(text)
+        text = read_text(path)
+        json_rows = jsonl_rows_or_none(text)
         if json_rows is None:
             samples = [line for line in text.splitlines() if line.strip()]
             if not samples:
@@ -85,78 +88,6 @@ def read_samples(path: str | Path, tokenizer: Any, cfg: CalibConfig) -> list[str
     if not samples:
         raise ValueError(f"calibration file {str(path)!r} has no usable sample (every row is empty)")
     return samples
-
-
-# ----------------------------------------------------------------------------------------- readers
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"calibration file {str(path)!r} is not valid UTF-8 ({e}); re-save it as UTF-8") from e
-
-
-def _try_jsonl_rows(text: str) -> list[dict[str, Any]] | None:
-    """Rows if every non-empty line is a JSON object, else None (the file is plain text)."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines or not lines[0].lstrip().startswith("{"):
-        return None
-    rows = []
-    for line in lines:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(obj, dict):
-            return None
-        rows.append(obj)
-    return rows
-
-
-def _read_json(path: Path) -> list[Any]:
-    """A JSON array / object-with-one-array / JSON-lines file as a list of rows."""
-    text = _read_text(path)
-    if not text.strip():
-        raise ValueError(f"calibration file {str(path)!r} is empty")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None  # most likely JSON lines
-    else:
-        if isinstance(data, list):
-            return data
-        if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
-            if len(lists) == 1 and MESSAGES_COLUMN not in data:
-                return lists[0]
-            return [data]
-        raise ValueError(f"{path}: expected JSON rows (objects), got a top-level {type(data).__name__}")
-    rows: list[Any] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line "
-                "(JSONL) or a single JSON array"
-            ) from e
-    return rows
-
-
-def _read_csv(path: Path, delimiter: str) -> list[dict[str, Any]]:
-    text = _read_text(path)
-    old_limit = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts in one cell
-    try:
-        reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
-        if not reader.fieldnames:
-            raise ValueError(f"CSV file {str(path)!r} has no header row; the first row must name the columns")
-        rows = [{k: v for k, v in row.items() if k is not None} for row in reader]
-    except csv.Error as e:
-        raise ValueError(f"{path}: malformed CSV ({e})") from e
-    finally:
-        csv.field_size_limit(old_limit)
-    return rows
 
 
 # ------------------------------------------------------------------------------------ column layout

@@ -27,7 +27,6 @@ records whatever its extension; any other text file is still read as one prompt 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -38,6 +37,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from awqkit.calib.rows import MissingDependencyError, read_rows
+from awqkit.config import CalibConfig
 from awqkit.errors import DestinationError, InputError
 from awqkit.files import sha256_tree, write_atomic
 
@@ -49,20 +50,12 @@ DEFAULT_FRACTION = 0.15
 DEFAULT_MIN_SAMPLES = 8
 DEFAULT_MAX_SAMPLES = 128
 #: Calibration blocks × tokens the default ``awqkit quantize`` asks for (CalibConfig defaults).
-DEFAULT_N_BLOCKS = 128
-DEFAULT_SEQ_LEN = 512
+DEFAULT_N_BLOCKS = CalibConfig.n_samples
+DEFAULT_SEQ_LEN = CalibConfig.seq_len
 FORMAT = "awqkit-calibration-jsonl/1"
 TEXT_KEY = "text"
-CSV_SUFFIXES = (".csv", ".tsv")
-JSON_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet", ".pq")
-ACCEPTED = "a CSV/TSV, JSONL/JSON or Parquet file, or a folder written by datasets' save_to_disk"
 # str.splitlines() also breaks at these; json.dumps(ensure_ascii=False) leaves them raw.
 _LINE_BREAKS_JSON_KEEPS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-
-
-class MissingDependencyError(ImportError, InputError):
-    """An optional package is needed for this input (the message says which and how to install it)."""
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -96,93 +89,21 @@ def sample_rows(n_rows: int, k: int, seed: int = DEFAULT_SEED) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _optional(module: str, purpose: str, install: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"{purpose} needs the '{module.split('.')[0]}' package, which is not installed "
-            f"({exc}); install it with: {install}"
-        ) from None
-
-
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    try:
-        pq = importlib.import_module("pyarrow.parquet")
-    except ImportError:
-        pq = None
-    if pq is not None:
-        return list(pq.read_table(str(path)).to_pylist())
-    try:
-        pd = importlib.import_module("pandas")
-    except ImportError:
-        raise MissingDependencyError(
-            f"reading the Parquet file {path} needs 'pyarrow' (or 'pandas' with a "
-            "Parquet engine), and neither is installed; install it with: "
-            "pip install pyarrow"
-        ) from None
-    try:
-        frame = pd.read_parquet(path)
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"pandas cannot read Parquet without an engine ({exc}); install it with: pip install pyarrow"
-        ) from None
-    return list(frame.to_dict("records"))
-
-
-def _is_hf_dataset_dir(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
-
-
-def _read_hf_dir(path: Path, split: str | None) -> list[dict[str, Any]]:
-    datasets = _optional("datasets", f"reading the Hugging Face dataset folder {path}", "pip install datasets")
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, dict):  # a DatasetDict (a dict of split -> Dataset)
-        splits = list(ds.keys())
-        chosen = split or ("train" if "train" in splits else (splits[0] if len(splits) == 1 else None))
-        if chosen not in splits:
-            raise ValueError(f"{path} is a DatasetDict with splits {splits}; choose one with --split (split={split!r})")
-        ds = ds[chosen]
-    elif split is not None:
-        logger.warning("%s holds a single dataset; ignoring split=%r", path, split)
-    return [dict(r) for r in ds]
-
-
 def read_dataset(path: str | Path, *, split: str | None = None) -> list[dict[str, Any]]:
-    """The rows of a training dataset (see the module docstring for the accepted inputs).
+    """The rows of a training dataset (:func:`awqkit.calib.rows.read_rows`, the reader ``--calib`` uses too),
+    each an object with named columns.
 
     Raises:
         MissingDependencyError: Parquet without pyarrow/pandas, a saved dataset without ``datasets``.
         ValueError: a missing or unsupported path, or rows that are not objects with named columns.
     """
-    from awqkit.calib.sources import _read_csv, _read_json
-
     path = Path(path).expanduser()
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        if not _is_hf_dataset_dir(path):
-            raise ValueError(
-                f"{path} is a folder but not a Hugging Face dataset saved with save_to_disk (no "
-                f"dataset_dict.json / state.json); expected {ACCEPTED}"
-            )
-        rows: list[Any] = _read_hf_dir(path, split)
-    elif not path.is_file():
-        raise ValueError(f"dataset {str(path)!r} does not exist; expected {ACCEPTED}")
-    elif suffix in CSV_SUFFIXES:
-        rows = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
-    elif suffix in JSON_SUFFIXES:
-        rows = _read_json(path)
-    elif suffix in PARQUET_SUFFIXES:
-        rows = _read_parquet(path)
-    else:
-        raise ValueError(
-            f"dataset {str(path)!r} has an unsupported extension {suffix or '(none)'!r}; expected {ACCEPTED}"
-        )
+    rows = read_rows(path, split=split)
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise ValueError(f"{path}: row {bad} is a {type(rows[bad]).__name__}; expected rows with named columns")
+        raise InputError(f"{path}: row {bad} is a {type(rows[bad]).__name__}; expected rows with named columns")
     if not rows:
-        raise ValueError(f"dataset {path} has no rows")
+        raise InputError(f"dataset {path} has no rows")
     return rows
 
 
