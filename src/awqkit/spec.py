@@ -18,9 +18,9 @@ On disk (``quantization_metadata.json``)::
 ``activations_bits`` / ``kv_cache_bits``: None (or 16) means float (fp16/bf16 at run time).
 ``format``: the checkpoint's storage format: ``auto`` (``gemm`` at 4 bits, ``pack-quantized`` otherwise),
 ``gemm`` or ``pack-quantized`` (older specs call it ``backend``; that key is still read: in awqkit
-"backend" means only the kernel that runs a quantized layer). ``extras``: further :class:`~awqkit.config.QuantConfig` settings
-(``zero_point``, ``modules_to_not_convert``, ``keep_unaligned_fp16``); any other key is recorded and
-listed as not applied.
+"backend" means only the kernel that runs a quantized layer). ``extras``: further
+:class:`~awqkit.config.QuantConfig` settings (``zero_point``, ``modules_to_not_convert``,
+``keep_unaligned_fp16``); any other key is recorded and listed as not applied.
 """
 
 from __future__ import annotations
@@ -168,7 +168,8 @@ class QuantizationSpec:
         else:
             g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
             text = (
-                f"{self.method.value} w{self.weights_bits} {g}, lm_head {APPLIED_LM_HEAD_DTYPE}, format {self.written_format}"
+                f"{self.method.value} w{self.weights_bits} {g}, lm_head {APPLIED_LM_HEAD_DTYPE}, "
+                f"format {self.written_format}"
             )
             zp = self.extras.get("zero_point", True)
             text += "" if zp else ", symmetric"
@@ -245,9 +246,9 @@ def resolve_quantization_spec(
     Defaults: ``awq`` / ``rtn``: 4-bit weights, group size 128, fp16 LM head, float activations and KV
     cache, format ``auto``; ``none`` (alias ``fp16``): 16-bit weights, no group size. Overrides are spec
     fields (``weights_bits``, ``activations_bits``, ``kv_cache_bits``, ``group_size``, ``lm_head_dtype``,
-    ``format``, ``extras``); ``bits`` is accepted for ``weights_bits``, ``backend`` for ``format``, and :class:`QuantConfig`
-    settings (``zero_point``, ``modules_to_not_convert``, ``keep_unaligned_fp16``) go to ``extras``.
-    ``method`` may also be a spec, which the overrides then modify.
+    ``format``, ``extras``); ``bits`` is accepted for ``weights_bits``, ``backend`` for ``format``, and
+    :class:`QuantConfig` settings (``zero_point``, ``modules_to_not_convert``, ``keep_unaligned_fp16``) go to
+    ``extras``. ``method`` may also be a spec, which the overrides then modify.
 
     Raises:
         ValueError: unknown method, unknown override, or an invalid value.

@@ -40,7 +40,8 @@ def test_defaults_per_method() -> None:
     assert awq.activations_bits is None and awq.kv_cache_bits is None and awq.extras == {}
     assert awq.written_format == "gemm" and awq.unapplied() == []
     rtn = resolve_quantization_spec(QuantMethod.RTN, bits=3, group_size=64)
-    assert (rtn.method, rtn.weights_bits, rtn.group_size, rtn.written_format) == (QuantMethod.RTN, 3, 64, "pack-quantized")
+    rtn_fields = (rtn.method, rtn.weights_bits, rtn.group_size, rtn.written_format)
+    assert rtn_fields == (QuantMethod.RTN, 3, 64, "pack-quantized")
     none = resolve_quantization_spec("fp16")
     assert (none.method, none.weights_bits, none.group_size, none.written_format) == (QuantMethod.NONE, 16, None, None)
 
