@@ -90,6 +90,7 @@ def _same_weights(a: Path, b: Path) -> None:
     assert not differ, f"tensors differ between the single-process and the 2-rank output: {differ}"
 
 
+@pytest.mark.slow  # subprocesses; CI runs it once with `pytest -m slow`
 def test_two_ranks_write_the_single_process_checkpoint(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -117,6 +118,7 @@ def test_two_ranks_write_the_single_process_checkpoint(
     assert not list(tmp_path.glob(".dp*")), "a staged folder was left behind"
 
 
+@pytest.mark.slow  # subprocesses; CI runs it once with `pytest -m slow`
 def test_torchrun_cli_gram_clip_equals_single_process(root: Path, tmp_path: Path) -> None:
     """The CLI under torchrun, with the clip search on every token's Gram blocks (all-reduced)."""
     args = [

@@ -127,6 +127,7 @@ def _cli(root: Path, dst: Path, extra: list[str] | None = None) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # subprocesses; CI runs it once with `pytest -m slow`
 def test_killed_run_resumes_to_the_same_bytes(root: Path, tmp_path: Path) -> None:
     hook = tmp_path / "hook"
     hook.mkdir()

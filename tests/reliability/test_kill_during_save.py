@@ -162,6 +162,7 @@ def _cli(*args: Any) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # subprocesses; CI runs it once with `pytest -m slow`
 def test_real_kill_and_sigterm(outputs: dict[str, Path], tmp_path: Path) -> None:
     """A real ``awqkit quantize --overwrite`` SIGKILLed while it writes, then SIGTERMed: the old output survives
     both; the same command afterwards replaces it and leaves nothing else."""

@@ -268,6 +268,7 @@ def test_report_table_ratio_and_skipped_rows(tmp_path: Path) -> None:
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # subprocesses; CI runs it once with `pytest -m slow`
 def test_cli_bench_writes_json(
     folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

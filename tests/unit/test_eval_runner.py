@@ -345,6 +345,7 @@ def test_cli_errors(env: dict[str, Path]) -> None:
     assert p.parse_args(["eval", "m", "--windows", "all"]).windows is None
 
 
+@pytest.mark.slow  # subprocesses; CI runs it once with `pytest -m slow`
 def test_bench_rows_with_retention(env: dict[str, Path], rtn_folder: Path) -> None:
     from awqkit.bench.modes import BenchConfig, disk_weight_bytes
 
