@@ -82,7 +82,7 @@ def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise InputError(f"file {str(path)!r} is not valid UTF-8 ({e}); re-save it as UTF-8") from e
+        raise InputError(f"calibration file {str(path)!r} is not valid UTF-8 ({e}); re-save it as UTF-8") from e
 
 
 def jsonl_rows_or_none(text: str) -> list[dict[str, Any]] | None:
@@ -106,7 +106,7 @@ def read_json_rows(path: Path) -> list[Any]:
     """A JSON array / object-with-one-array / JSON-lines file as a list of rows."""
     text = read_text(path)
     if not text.strip():
-        raise InputError(f"file {str(path)!r} is empty")
+        raise InputError(f"calibration file {str(path)!r} is empty")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

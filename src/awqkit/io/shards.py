@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from awqkit.errors import CheckpointError, EnvironmentProblem, InputError
+from awqkit.files import write_atomic
 
 #: safetensors dtype names, in the reference writer's order within a file (widest first).
 DTYPES: dict[str, torch.dtype] = {
@@ -331,12 +332,7 @@ class ShardWriter:
             )
         files = self.layout.files()
         if len(files) > 1:
-            tmp = self.folder / (INDEX + ".part")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(self.layout.index_text())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.folder / INDEX)
+            write_atomic(self.folder / INDEX, self.layout.index_text(), durable=True)
             files.append(INDEX)
         return files
 

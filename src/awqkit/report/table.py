@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
 from typing import Any
+
+from awqkit.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -195,15 +195,5 @@ def write_benchmarks_section(path: Path | str, section_title: str, body: str) ->
     else:
         head = text.rstrip("\n")
         new = (head + "\n\n" if head else "") + block
-    p.parent.mkdir(parents=True, exist_ok=True)
-    mode = p.stat().st_mode & 0o777 if p.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(new)
-        os.chmod(tmp, mode)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(p, new)
     logger.info("wrote section %r of %s", title, p)
