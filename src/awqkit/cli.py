@@ -216,6 +216,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from awqkit.io.load import load_quantized
+    from awqkit.nn import hf
 
     model = load_quantized(a.path, backend=a.backend)
     tok = AutoTokenizer.from_pretrained(a.path)
@@ -226,7 +227,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         )
     ids = tok(text, return_tensors="pt", add_special_tokens=not a.chat)
     with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=a.max_new_tokens, do_sample=False)
+        out = hf.generate(model, **ids, max_new_tokens=a.max_new_tokens, do_sample=False)
     print(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0
 

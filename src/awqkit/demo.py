@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from awqkit.api import quantize
 from awqkit.bench.resources import folder_size_bytes, fp16_size_bytes
@@ -26,7 +28,7 @@ from awqkit.zoo import cache_root, fetch_smollm2
 logger = logging.getLogger(__name__)
 
 
-def _eval_windows(tokenizer, model, n_windows: int, seq_len: int) -> tuple[torch.Tensor, str]:
+def _eval_windows(tokenizer: Any, model: nn.Module, n_windows: int, seq_len: int) -> tuple[torch.Tensor, str]:
     wiki = default_data_dir() / "wikitext-2-raw" / "wiki.test.raw"
     if wiki.is_file():
         return make_windows(tokenizer, load_wikitext_test(wiki), seq_len, n_windows), "WikiText-2 test"

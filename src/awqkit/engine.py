@@ -129,6 +129,8 @@ def _meta_quant_linears(model: nn.Module, arch: ArchSpec, targets: set[str], qua
             continue
         parent_name, _, leaf = name.rpartition(".")
         lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"{name} is a quantization target but a {type(lin).__name__}, not nn.Linear")
         with torch.device("meta"):
             q = QuantLinear(
                 lin.in_features,

@@ -324,7 +324,7 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
             score = _module_scorer(m.inspect, mine, device, par)
         # the linears share one input; only quantized ones are hooked, so read its statistics there
         x_name = _shared_input(m, prefix, targets)
-        rank = None
+        rank: Callable[[], float] | None = None
         if x_name in cache.proxy_gram:
             rank = GroupGramProxy(
                 [lin for lin, q in zip(m.linears, mask, strict=True) if q],
@@ -413,7 +413,7 @@ def _clip(
             if n in applied:
                 sg = applied[n].double().reshape(gram.shape[0], -1)
                 gram = gram / (sg.unsqueeze(2) * sg.unsqueeze(1))
-            clip_in = {"gram": gram.to(device), "n_tokens": cache.count[n]}
+            clip_in: dict[str, Any] = {"gram": gram.to(device), "n_tokens": cache.count[n]}
         else:
             x = torch.cat(cache.clip_x[n]).to(device)
             clip_in = {"x": x / applied[n].to(device) if n in applied else x}

@@ -41,7 +41,7 @@ def check_device(device: str | torch.device) -> torch.device:
     available = bool(
         device_module is not None and hasattr(device_module, "is_available") and device_module.is_available()
     )
-    if not available:
+    if device_module is None or not available:
         raise EnvironmentProblem(
             f"--device {device}: this torch ({torch.__version__}) has no usable {dev.type} "
             f"device; use --device cpu, or install a torch build with {dev.type} support"
@@ -74,7 +74,8 @@ def check_calibration_source(source: str) -> None:
 def max_positions(config: Any) -> int | None:
     """``max_position_embeddings`` of a config object or dict (its text part), None when it states none."""
     if isinstance(config, dict):
-        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        text_config = config.get("text_config")
+        text = text_config if isinstance(text_config, dict) else config
         value = text.get("max_position_embeddings")
     else:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config

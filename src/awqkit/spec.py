@@ -315,7 +315,8 @@ def spec_from_metadata(meta: dict[str, Any]) -> QuantizationSpec | None:
         return None
     if not m.quantizes:
         return QuantizationSpec(m, weights_bits=FLOAT_BITS, group_size=None)
-    qc = meta.get("quant_config") if isinstance(meta.get("quant_config"), dict) else {}
+    raw_qc = meta.get("quant_config")
+    qc: dict[str, Any] = raw_qc if isinstance(raw_qc, dict) else {}
     try:
         quant = QuantConfig(
             bits=int(meta.get("bits", qc.get("bits", 4))),

@@ -59,14 +59,18 @@ def search_clip(
     The input is given either as tokens ``x`` ``[n, in]`` or as their diagonal Gram blocks ``gram``
     ``[G, g, g]`` (:func:`group_gram`) with the number of tokens ``n_tokens``; both give the same errors.
     """
-    if (x is None) == (gram is None):
-        raise ValueError("search_clip: pass the input as tokens x or as gram (+ n_tokens), not both or neither")
-    if w.dim() != 2 or (x is not None and (x.dim() != 2 or x.shape[1] != w.shape[1])):
-        got = f"x {tuple(x.shape)}" if x is not None else f"gram {tuple(gram.shape)}"
-        raise ValueError(f"search_clip: w {tuple(w.shape)} and {got} do not fit ([out,in], [n,in])")
-    out_f, in_f = w.shape
+    both_or_neither = "search_clip: pass the input as tokens x or as gram (+ n_tokens), not both or neither"
     if x is not None:
+        if gram is not None:
+            raise ValueError(both_or_neither)
+        if w.dim() != 2 or x.dim() != 2 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"search_clip: w {tuple(w.shape)} and x {tuple(x.shape)} do not fit ([out,in], [n,in])")
         gram, n_tokens = group_gram(x, group_size), x.shape[0]
+    elif gram is None:
+        raise ValueError(both_or_neither)
+    elif w.dim() != 2:
+        raise ValueError(f"search_clip: w {tuple(w.shape)} and gram {tuple(gram.shape)} do not fit ([out,in], [n,in])")
+    out_f, in_f = w.shape
     g = resolve_group_size(in_f, group_size)
     n_groups = in_f // g
     if gram.shape != (n_groups, g, g) or not n_tokens:

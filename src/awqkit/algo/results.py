@@ -148,16 +148,24 @@ def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> No
         if e.layer == layer:
             fold_scales(
                 model.get_submodule(e.prev),
-                [model.get_submodule(n) for n in e.linears],
+                [_linear(model, n) for n in e.linears],
                 e.scales,
                 results.norm_offset,
-                tuple(e.heads) if e.heads else None,
+                (e.heads[0], e.heads[1]) if e.heads else None,
             )
     for c in results.clips:
         if c.layer == layer:
-            apply_clip(model.get_submodule(c.name), c.min_val, c.max_val)
+            apply_clip(_linear(model, c.name), c.min_val, c.max_val)
     for n, dt in dtypes.items():
         model.get_submodule(n).to(dt)
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    """The linear ``name`` of ``model``; a result naming anything else does not belong to this model."""
+    mod = model.get_submodule(name)
+    if not isinstance(mod, nn.Linear):
+        raise TypeError(f"the result names {name!r} as a linear, but the model holds a {type(mod).__name__} there")
+    return mod
 
 
 @torch.no_grad()

@@ -267,15 +267,16 @@ def search_scales(
         to_score = [0, *sorted(order[:top_k])]
     else:
         to_score = list(range(len(grid)))
-    losses: list[float | None] = [None] * len(grid)
+    scored: dict[int, float] = {}
     for i in to_score:
         _set_candidate(linears, originals, mask, grid[i], bits, group_size, zero_point)
-        losses[i] = score()
+        scored[i] = score()
     for lin, orig in zip(linears, originals, strict=True):
         lin.weight.copy_(orig)
+    losses: list[float | None] = [scored.get(i) for i in range(len(grid))]  # None: not scored
 
-    loss_identity = losses[0]
-    finite = [i for i in to_score if math.isfinite(losses[i])]  # type: ignore[arg-type]
+    loss_identity = scored[0]  # the identity (index 0) is always scored
+    finite = [i for i in to_score if math.isfinite(scored[i])]
     if not finite:
         logger.warning("scale search: no candidate gave a finite loss; using identity scales")
         return ScaleSearchResult(
@@ -289,14 +290,14 @@ def search_scales(
             losses=losses,
             proxy_losses=proxy,
         )
-    best = min(finite, key=lambda i: (losses[i], i))
+    best = min(finite, key=lambda i: (scored[i], i))
     cand = candidates[best]
     return ScaleSearchResult(
         cand.scales.detach().cpu().clone(),
         cand.mode,
         cand.alpha,
         loss_identity,
-        losses[best],
+        scored[best],
         len(candidates),
         losses=losses,
         proxy_losses=proxy,

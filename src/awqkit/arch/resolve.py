@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from awqkit.arch.names import name_matches
 from awqkit.arch.specs import REGISTRY, ArchSpec, Mapping
@@ -70,6 +70,8 @@ class ResolvedMapping:
 
 def _tied_heads(layer: nn.Module, m: Mapping, prev_out: int, in_features: int, layer_index: int) -> tuple[int, int]:
     """(head_dim, n_rep) for a grouped-query v → o mapping, with checks that the repeat is what it seems."""
+    if m.tie_heads is None:
+        raise ValueError(f"layer {layer_index}: mapping {m.prev} names no tie_heads module; cannot tie its scales")
     attn = get_submodule(layer, m.tie_heads)
     head_dim = getattr(attn, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim < 1:
@@ -93,13 +95,18 @@ def resolve_mappings(
     out: list[ResolvedMapping] = []
     for m in spec.mappings:
         prev = get_submodule(layer, m.prev)
-        linears = [get_submodule(layer, n) for n in m.linears]
-        for name, lin in zip(m.linears, linears, strict=True):
+        modules = [get_submodule(layer, n) for n in m.linears]
+        linears: list[nn.Linear] = []
+        for name, lin in zip(m.linears, modules, strict=True):
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"layer {layer_index}: {name} is {type(lin).__name__}, expected nn.Linear")
+            linears.append(lin)
         heads = None
         if m.require_shapes_match:
-            prev_out = prev.weight.shape[0]
+            prev_weight = prev.weight
+            if not isinstance(prev_weight, Tensor):
+                raise ValueError(f"layer {layer_index}: {m.prev} is {type(prev).__name__} and has no weight tensor")
+            prev_out = prev_weight.shape[0]
             if any(lin.in_features != prev_out for lin in linears):
                 if tie_heads and m.tie_heads and len({lin.in_features for lin in linears}) == 1:
                     heads = _tied_heads(layer, m, prev_out, linears[0].in_features, layer_index)

@@ -46,8 +46,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,10 @@ from torch import Tensor, nn
 from awqkit.bench.resources import current_rss_bytes, peak_rss_bytes
 from awqkit.bench.specs import DTYPES, LOOPS, ModeSpec, build_specs, is_quantized_folder
 from awqkit.config import BenchConfig
+from awqkit.nn import hf
+
+if TYPE_CHECKING:
+    from awqkit.nn.qlinear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ def disk_weight_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def _kernel_cache_tensors(module: nn.Module) -> list[Tensor] | None:
+def _kernel_cache_tensors(module: QuantLinear) -> list[Tensor] | None:
     """The converted tensors a fast CPU backend reads for this QuantLinear (cpu-avx2 first, as ``auto``
     prefers it), or None when the module runs from its packed buffers."""
     from awqkit.kernels import cpu_avx2, cpu_int4
@@ -79,12 +84,12 @@ def _kernel_cache_tensors(module: nn.Module) -> list[Tensor] | None:
     backend = getattr(module, "backend", None)
     if backend in ("auto", cpu_avx2.NAME) and (c := cpu_avx2._fresh_cache(module)) is not None:
         return [t for t in (c.wq, c.sp, c.zq, c.bias) if t is not None]
-    if backend in ("auto", cpu_int4.NAME) and (c := cpu_int4._fresh_cache(module)) is not None:
-        return [t for t in (c.packed, c.scales_and_zeros, c.bias) if t is not None]
+    if backend in ("auto", cpu_int4.NAME) and (c4 := cpu_int4._fresh_cache(module)) is not None:
+        return [t for t in (c4.packed, c4.scales_and_zeros, c4.bias) if t is not None]
     return None
 
 
-def _quant_read_tensors(module: nn.Module) -> list[Tensor]:
+def _quant_read_tensors(module: QuantLinear) -> list[Tensor]:
     """The tensors a QuantLinear's backend reads per call (see the module docstring)."""
     cached = _kernel_cache_tensors(module)
     if cached is not None:
@@ -115,8 +120,8 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += sum(t.nbytes for t in _quant_read_tensors(m))
-    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = emb_out is not None and emb_out.weight.data_ptr() == emb_in.weight.data_ptr()
+    emb_in, emb_out = hf.input_embeddings(model), hf.output_embeddings(model)
+    tied = emb_out is not None and hf.weight(emb_out).data_ptr() == hf.weight(emb_in).data_ptr()
     dense_buffers = [
         b
         for m in model.modules()
@@ -208,16 +213,18 @@ def measure_model(
 ) -> dict[str, Any]:
     """Prefill/decode timings (medians of ``repeats``) per batch size, bytes per step and bandwidth."""
     device = torch.device(device)
-    run = time_generation
+    run: Callable[[nn.Module, Tensor, int], tuple[float, float, Tensor]] = time_generation
     if loop == "awqkit":
         from awqkit.runtime.decoder import Decoder
 
         decoder = Decoder(model)
 
-        def run(_model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
+        def run_decoder(_model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
             return time_decoder(decoder, ids, new_tokens)
 
-    vocab = model.get_input_embeddings().weight.shape[0]
+        run = run_decoder
+
+    vocab = hf.weight(hf.input_embeddings(model)).shape[0]
     out: dict[str, Any] = {}
     for batch in settings.batch_sizes:
         ids = make_prompt(vocab, batch, settings.prompt_tokens, settings.seed).to(device)
@@ -248,7 +255,8 @@ def load_mode(spec: ModeSpec) -> nn.Module:
         return load_quantized(spec.path, device=spec.device, dtype=dtype, backend=spec.backend or "auto")
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype).to(spec.device).eval()
+    model: nn.Module = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype)
+    return model.to(spec.device).eval()
 
 
 def measure_mode(spec: ModeSpec, settings: BenchConfig) -> dict[str, Any]:
@@ -283,7 +291,7 @@ def run_in_subprocess(
 ) -> dict[str, Any]:
     """Run :func:`measure_mode` (``kind="mode"``) or the llama.cpp measurement (``kind="llama-cpp"``) in a
     fresh Python process and return its result dict."""
-    payload = {
+    payload: dict[str, Any] = {
         "kind": kind,
         "spec": spec if isinstance(spec, dict) else dataclasses.asdict(spec),
         "settings": dataclasses.asdict(settings),

@@ -46,9 +46,8 @@ def load_calibration(
                 "given; pass model=... or use a calibration file"
             )
         if device is None:
-            device = model.get_input_embeddings().weight.device
-            if device.type == "meta":
-                device = torch.device("cpu")
+            emb_device: torch.device = model.get_input_embeddings().weight.device
+            device = torch.device("cpu") if emb_device.type == "meta" else emb_device
         logger.info(
             "Calibration source: self-generated (%d x %d tokens, seed %d)", cfg.n_samples, cfg.seq_len, cfg.seed
         )

@@ -73,8 +73,9 @@ def capture_layer_inputs(
 ) -> LayerInputs:
     """Record layer-0 inputs and per-layer kwargs for ``input_ids`` ``[N, L]`` cut in batches of ``batch_size``
     blocks; only the batches whose indices are in ``select`` (default all), in that order."""
-    backbone = model.base_model
-    device = model.get_input_embeddings().weight.device
+    lm: Any = model  # a transformers causal LM; nn.Module types base_model and the like as Tensor | Module
+    backbone = lm.base_model
+    device = lm.get_input_embeddings().weight.device
     batches = [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
     if select is not None:
         batches = [batches[b] for b in select]

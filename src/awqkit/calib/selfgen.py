@@ -120,6 +120,8 @@ def self_generate(
             for start in range(0, n_samples, batch_size):
                 b = min(batch_size, n_samples - start)
                 if start_pool is None:
+                    if bos is None:  # cannot happen: start_pool is built whenever there is no BOS token
+                        raise RuntimeError("self_generate: no BOS token and no start-token pool")
                     first = torch.full((b, 1), int(bos), dtype=torch.long)
                 else:
                     first = start_pool[torch.randint(len(start_pool), (b, 1), generator=cpu_gen)]

@@ -48,7 +48,7 @@ def _adapter_class() -> type:
 
     from awqkit.eval.runner_load import load_for_eval
 
-    class AwqkitLM(HFLM):  # type: ignore[misc, valid-type]
+    class AwqkitLM(HFLM):
         """lm-eval ``HFLM`` over a folder loaded by awqkit (float or quantized).
 
         Args:

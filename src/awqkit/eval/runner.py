@@ -33,7 +33,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,13 @@ def _run_task(
 ) -> dict[str, Any]:
     from awqkit.eval.tasks import evaluate_arc, evaluate_gsm8k, evaluate_squad
 
-    fn = {"arc": evaluate_arc, "squad": evaluate_squad, "gsm8k": evaluate_gsm8k}[name]
+    # the three take (model, tokenizer, *, path, limit, progress, **their own options)
+    tasks: dict[str, Callable[..., dict[str, Any]]] = {
+        "arc": evaluate_arc,
+        "squad": evaluate_squad,
+        "gsm8k": evaluate_gsm8k,
+    }
+    fn = tasks[name]
     options = dict(options)
     limit = options.pop("limit", limit)  # a task's own limit wins over the shared one
     return fn(lm.model, lm.tokenizer, path=data_dir, limit=limit, progress=progress, **options)

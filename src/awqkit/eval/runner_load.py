@@ -149,7 +149,9 @@ def _load_float(folder: Path, info: QuantizationInfo, device: str | torch.device
 
     check_float_weights(folder, None if info.method == "fp" else info.method)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
     except AwqkitError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:

@@ -316,7 +316,8 @@ def recover(dst: str | Path, *, keep: Callable[[Path], bool] | None = None) -> l
     Raises DestinationError when another live process is replacing ``dst`` or a journal is unreadable.
     """
     dst = _absolute(dst)
-    parent, done = dst.parent, []
+    parent = dst.parent
+    done: list[str] = []
     if not parent.is_dir():
         return done
     journal = journal_path(dst)

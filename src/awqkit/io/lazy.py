@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from awqkit.errors import CheckpointError
 from awqkit.io import validate
 from awqkit.io.skeleton import empty_model
+from awqkit.nn import hf
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +143,11 @@ class LazyModel:
             )
 
     def _tied_output_key(self) -> str | None:
-        text = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
-        if not getattr(text or self.model.config, "tie_word_embeddings", False):
+        config = hf.config(self.model)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else None
+        if not getattr(text or config, "tie_word_embeddings", False):
             return None
-        out = self.model.get_output_embeddings()
+        out = hf.output_embeddings(self.model)
         return next((f"{n}.weight" for n, m in self.model.named_modules() if m is out), None)
 
     def names_under(self, prefix: str) -> list[str]:
@@ -171,7 +173,7 @@ class LazyModel:
         )
 
     def _output_head_prefix(self) -> str | None:
-        out = self.model.get_output_embeddings()
+        out = hf.output_embeddings(self.model)
         return next((n for n, m in self.model.named_modules() if m is out), None)
 
     def read(self, names: list[str]) -> dict[str, Tensor]:
@@ -190,7 +192,7 @@ class LazyModel:
         return out
 
     def _input_embedding_key(self) -> str:
-        inp = self.model.get_input_embeddings()
+        inp = hf.input_embeddings(self.model)
         return next(f"{n}.weight" for n, m in self.model.named_modules() if m is inp)
 
     def release_outside_layers(self) -> None:

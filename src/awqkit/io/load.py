@@ -28,6 +28,7 @@ from awqkit import kernels
 from awqkit.errors import AwqkitError, CheckpointError, InputError
 from awqkit.io import validate
 from awqkit.io.skeleton import empty_model
+from awqkit.nn import hf
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module
 from awqkit.quant.packing import pack_ct, unpack_ct
@@ -308,7 +309,7 @@ def load_quantized(
     except ValueError as exc:  # a named backend that cannot run these layers (e.g. cpu-avx2, non-fp16 scales)
         raise InputError(f"{path}: {' '.join(str(exc).split())}") from None
     model.eval()
-    model.awqkit_quant_config = qc
+    model.awqkit_quant_config = qc  # type: ignore[assignment]  # a plain attribute (Module.__setattr__'s type)
     logger.info(
         "loaded %s: %d quantized linears (%s, %d-bit, g=%d) on %s",
         path,
@@ -346,7 +347,7 @@ def _tied_embedding(model: nn.Module, config: Any, sd: dict[str, Tensor], missin
     """``{output embedding key: input embedding key}`` when the config ties them and only the input is stored."""
     if not getattr(config.get_text_config(), "tie_word_embeddings", False):
         return {}
-    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    out_emb, in_emb = hf.output_embeddings(model), hf.input_embeddings(model)
     if out_emb is None or in_emb is None:
         return {}
     names = {id(m): n for n, m in model.named_modules()}

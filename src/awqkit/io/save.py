@@ -44,6 +44,7 @@ from awqkit.errors import DestinationError, InputError
 from awqkit.files import sha256_file
 from awqkit.io import destination
 from awqkit.io.shards import INDEX, ShardLayout, ShardWriter, TensorSpec
+from awqkit.nn import hf
 from awqkit.nn.qlinear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -159,11 +160,12 @@ def _ignore_list(model: nn.Module, given: list[str], quantized: set[str]) -> lis
 def _state_plan(model: nn.Module) -> dict[str, tuple[Tensor, torch.dtype]]:
     """``{key: (tensor, storage dtype)}`` with tied duplicates removed (see the module docstring)."""
     sd = model.state_dict()
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = hf.config(model)
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     tied_flag = bool(getattr(text_cfg, "tie_word_embeddings", False))
     droppable = set(getattr(model, "all_tied_weights_keys", None) or {})
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out_emb = hf.output_embeddings(model) if hasattr(model, "get_output_embeddings") else None
+    in_emb = hf.input_embeddings(model) if hasattr(model, "get_input_embeddings") else None
     out_key = next((f"{n}.weight" for n, m in model.named_modules() if m is out_emb and out_emb is not None), None)
     in_key = next((f"{n}.weight" for n, m in model.named_modules() if m is in_emb and in_emb is not None), None)
     if tied_flag and out_key:
@@ -252,7 +254,7 @@ def verify_files(folder: str | Path, metadata: dict[str, Any], *, hashes: bool =
 
 
 def _config_dict(model: nn.Module, qcfg: dict[str, Any]) -> dict[str, Any]:
-    cfg = json.loads(model.config.to_json_string(use_diff=True))
+    cfg = json.loads(hf.config(model).to_json_string(use_diff=True))
     for sub in cfg.values():
         if isinstance(sub, dict):
             sub.pop("quantization_config", None)

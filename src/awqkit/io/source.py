@@ -233,8 +233,9 @@ def load_source(
             "check that it is a complete Hugging Face causal LM"
         ) from exc
     if chk.kind == "gguf":  # the GGUF reader returns a plain float model tagged as "gguf-quantized"
-        model.hf_quantizer = None
-        model.is_quantized = False
+        # plain attributes: nn.Module.__setattr__ is typed for tensors and modules only
+        model.hf_quantizer = None  # type: ignore[assignment]
+        model.is_quantized = False  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     if getattr(model.config, "quantization_config", None) is not None:

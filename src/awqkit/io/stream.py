@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from awqkit.config import QuantConfig
 from awqkit.io.save import convert_for_storage
 from awqkit.io.shards import ShardLayout, ShardWriter, TensorSpec
+from awqkit.nn import hf
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import replace_linears
 
@@ -27,8 +28,9 @@ from awqkit.nn.replace import replace_linears
 def tied_output_key(model: nn.Module) -> str | None:
     """The output head's weight name when the config ties it to the input embedding (it is stored once, under
     the embedding's name), else None."""
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    config = hf.config(model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    out, inp = hf.output_embeddings(model), hf.input_embeddings(model)
     if not getattr(text, "tie_word_embeddings", False) or out is None or out is inp:
         return None
     return next((f"{n}.weight" for n, m in model.named_modules() if m is out), None)
@@ -43,6 +45,8 @@ def output_specs(model: nn.Module, targets: Iterable[str], quant: QuantConfig) -
         lin = model.get_submodule(name)
         if isinstance(lin, QuantLinear):
             continue
+        if not isinstance(lin, nn.Linear):  # targets are the decoder layers' nn.Linear modules
+            raise TypeError(f"{name} is {type(lin).__name__}, not an nn.Linear to quantize")
         with torch.device("meta"):
             q = QuantLinear(
                 lin.in_features,

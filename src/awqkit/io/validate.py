@@ -297,6 +297,7 @@ def _expected_quant(module: Any, leaf: str) -> tuple[tuple[torch.dtype, ...] | N
     n, k, bits = module.out_features, module.in_features, module.bits
     shape = tuple(getattr(module, leaf).shape) if getattr(module, leaf, None) is not None else None
     i32 = (torch.int32,)
+    table: dict[str, tuple[tuple[torch.dtype, ...] | None, str]]
     if module.format == "gemm":
         table = {
             "qweight": (i32, "int32 [in, out/8] (AutoAWQ GEMM)"),

@@ -80,7 +80,7 @@ def matches(sources: Signature, module: QuantLinear) -> bool:
         if t is None:
             if ref is not None:
                 return False
-        elif ref is None or ref() is not t or _version(t) != version:
+        elif ref is None or _version(t) != version or ref() is not t:
             return False
     return True
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,7 +80,7 @@ _CACHE_ATTR = "_cpu_int4_cache"
 _DTYPE_ATTR = "_cpu_int4_compute_dtype"
 
 
-def _ops() -> tuple[object, object] | None:
+def _ops() -> tuple[Callable[..., Tensor], Callable[..., Tensor]] | None:
     aten = torch.ops.aten
     if not (hasattr(aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(aten, "_weight_int4pack_mm_for_cpu")):
         return None
@@ -190,7 +191,9 @@ def convert(module: QuantLinear, compute_dtype: torch.dtype = DEFAULT_COMPUTE_DT
         raise ValueError(f"cannot convert this QuantLinear for cpu-int4: {reason}")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype={compute_dtype} is not supported by cpu-int4; use one of {COMPUTE_DTYPES}")
-    convert_op = _OPS[0]  # type: ignore[index]
+    if _OPS is None:  # layer_unsupported_reason() already said so
+        raise ValueError("cannot convert this QuantLinear for cpu-int4: this torch lacks the aten int4 CPU ops")
+    convert_op = _OPS[0]
     # q int32 [N, K] (AWQ nibble order undone by unpack_gemm), zeros int32 [N, G], scales fp32 [N, G]
     q, zeros, scales = torch_ref.unpack_module(module)
     packed = convert_op(q.contiguous(), INNER_K_TILES)
@@ -237,6 +240,8 @@ def forward(x: Tensor, module: QuantLinear) -> Tensor:
             f"input last dim {x.shape[-1]} does not match in_features={module.in_features} of this QuantLinear"
         )
     cache = _fresh_cache(module) or prepare_module(module)
+    if _MM is None:  # prepare_module() refuses a torch without the ops; a fresh cache needs them too
+        raise ValueError("cpu-int4: this torch lacks the aten int4 CPU ops")
     x2 = x.reshape(-1, module.in_features).to(cache.compute_dtype).contiguous()
     y = _MM(x2, cache.packed, cache.group_size, cache.scales_and_zeros)
     if cache.bias is not None:  # in fp32: a bf16 y + an fp32 bias promotes to fp32 in one op

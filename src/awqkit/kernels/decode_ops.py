@@ -62,7 +62,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0, native_
     n = x.shape[-1]
     if n and _native_ok(native_flag, fn, (("x", x), ("weight", weight))):  # n == 0: nothing to normalize
         y = torch.empty_like(x)
-        native.library().awqkit_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps, offset)
+        native.loaded().awqkit_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps, offset)
         return y
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -81,7 +81,7 @@ def silu_mul(gu: Tensor, native_flag: bool | None = None) -> Tensor:
     n = gu.shape[-1] // 2
     if n and _native_ok(native_flag, "decode_ops.silu_mul", (("gu", gu),)):  # n == 0: an empty result
         y = torch.empty(gu.shape[:-1] + (n,), dtype=_F32)
-        native.library().awqkit_silu_mul(gu.data_ptr(), y.data_ptr(), gu.numel() // (2 * n), n)
+        native.loaded().awqkit_silu_mul(gu.data_ptr(), y.data_ptr(), gu.numel() // (2 * n), n)
         return y
     gate, up = gu.split(n, dim=-1)
     return torch.nn.functional.silu(gate) * up
@@ -236,7 +236,7 @@ def _native_attention(
     b = qkv.shape[0]
     out = torch.empty(b, h * d, dtype=_F32)  # [B, H * D] and B * H * maxlen floats, from the checked sizes
     scratch = torch.empty(b * h * maxlen, dtype=_F32)
-    native.library().awqkit_decode_attention(
+    native.loaded().awqkit_decode_attention(
         qkv.data_ptr(),
         qkv.shape[1],
         k_cache.data_ptr(),

@@ -98,6 +98,7 @@ def _compiler() -> str | None:
 def _build(cc: str, target: Path) -> None:
     """Compile :data:`SOURCE` into ``target`` (atomically). Raises RuntimeError with the compiler's output."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    # not files.write_atomic: the compiler writes the temporary itself (-o tmp); only the rename is ours
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     try:
@@ -162,4 +163,12 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-__all__ = ["library", "unavailable_reason", "cache_dir", "SOURCE", "HEADER", "FLAGS"]
+def loaded() -> ctypes.CDLL:
+    """:func:`library` for callers that already checked it is available; RuntimeError (with the reason) if not."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"awqkit native CPU kernels unavailable: {unavailable_reason()}")
+    return lib
+
+
+__all__ = ["library", "loaded", "unavailable_reason", "cache_dir", "SOURCE", "HEADER", "FLAGS"]

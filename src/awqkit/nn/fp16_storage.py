@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 class Fp16Linear(nn.Module):
     """``y = x @ W^T + b`` with ``W`` stored in float16 ``[out, in]``; computed in fp32 on CPU, ``y`` in ``x.dtype``."""
 
+    weight: Tensor  # buffers (registered in __init__), declared for type checkers
+    bias: Tensor | None
+
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         if weight.dtype != torch.float16 or weight.dim() != 2:
@@ -48,6 +51,8 @@ class Fp16Linear(nn.Module):
 
 class Fp16Embedding(nn.Module):
     """Embedding lookup from a float16 table, widened to ``dtype`` (the model's compute dtype)."""
+
+    weight: Tensor  # a buffer (registered in __init__), declared for type checkers
 
     def __init__(self, weight: Tensor, padding_idx: int | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -99,7 +104,7 @@ def store_head_fp16(model: nn.Module) -> bool:
     emb = get_in() if callable(get_in) else None
     tied = type(emb) is nn.Embedding and emb.weight is head.weight and emb.max_norm is None
     name = _set(model, head, Fp16Linear(weight, bias))
-    if tied:
+    if tied and emb is not None:  # tied: emb is the nn.Embedding sharing the head's weight
         _set(model, emb, Fp16Embedding(weight, emb.padding_idx, dtype))
     logger.info(
         "fp16 head storage: %s keeps its %s weight in float16%s",

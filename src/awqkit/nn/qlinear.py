@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +54,17 @@ class QuantLinear(nn.Module):
     # how awqkit.kernels recognises these layers when it walks a model (the kernels sit below nn/ and do not
     # import it: :func:`awqkit.kernels._cache.is_quant_linear`)
     awqkit_quant_linear = True
+
+    # The buffers __init__ registers (which ones depends on the format; see the module docstring), declared for
+    # type checkers: nn.Module.__getattr__ types unknown attributes as ``Tensor | Module``.
+    qweight: Tensor
+    qzeros: Tensor
+    scales: Tensor
+    weight_packed: Tensor
+    weight_scale: Tensor
+    weight_zero_point: Tensor  # asymmetric pack-quantized only: read it with getattr(module, ..., None)
+    weight_shape: Tensor
+    bias: Tensor | None
 
     def __init__(
         self,
@@ -89,17 +101,20 @@ class QuantLinear(nn.Module):
         self._format = format
         self.backend = "auto"
         n_groups = in_features // g
-        i32 = dict(dtype=torch.int32, device=device)
+        i32 = torch.int32
         if format == "gemm":
-            self.register_buffer("qweight", torch.zeros(in_features, out_features // 8, **i32))
-            self.register_buffer("qzeros", torch.zeros(n_groups, out_features // 8, **i32))
+            self.register_buffer("qweight", torch.zeros(in_features, out_features // 8, dtype=i32, device=device))
+            self.register_buffer("qzeros", torch.zeros(n_groups, out_features // 8, dtype=i32, device=device))
             self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=dtype, device=device))
         else:
-            self.register_buffer("weight_packed", torch.zeros(out_features, math.ceil(in_features * bits / 32), **i32))
+            self.register_buffer(
+                "weight_packed", torch.zeros(out_features, math.ceil(in_features * bits / 32), dtype=i32, device=device)
+            )
             self.register_buffer("weight_scale", torch.zeros(out_features, n_groups, dtype=dtype, device=device))
             if zero_point:
                 self.register_buffer(
-                    "weight_zero_point", torch.zeros(math.ceil(out_features * bits / 32), n_groups, **i32)
+                    "weight_zero_point",
+                    torch.zeros(math.ceil(out_features * bits / 32), n_groups, dtype=i32, device=device),
                 )
             self.register_buffer(
                 "weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
@@ -107,9 +122,9 @@ class QuantLinear(nn.Module):
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
-            self.bias: Tensor | None = None
+            self.bias = None
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> QuantLinear:
         """Move buffers like ``nn.Module`` does, but undo dtype casts of the float buffers (scales, bias)."""
         before = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
         super()._apply(fn, recurse)
@@ -159,7 +174,7 @@ class QuantLinear(nn.Module):
             packed = pack_ct(q, zeros, scales, bits, include_zero_point=zero_point)
             for name, tensor in packed.items():
                 getattr(module, name).copy_(tensor)
-        if linear.bias is not None:
+        if linear.bias is not None and module.bias is not None:  # the buffer exists exactly when linear has a bias
             module.bias.copy_(linear.bias.detach().to(torch.float16))
         return module
 

@@ -93,7 +93,8 @@ def settings_mismatch(meta: dict[str, Any], expected: dict[str, Any]) -> str | N
         recorded["calib_config"] = (
             {k: v for k, v in calib.items() if k != "source"} if isinstance(calib, dict) else None
         )
-        calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
+        raw_calibration = meta.get("calibration")
+        calibration: dict[str, Any] = raw_calibration if isinstance(raw_calibration, dict) else {}
         recorded["calibration_sha256"] = calibration.get("sha256")
         recorded["search_config"] = meta.get("search_config")
     for key, want in expected.items():

@@ -173,7 +173,7 @@ def evaluate_cell(plan: Plan, cell: EvalCell, *, progress: bool = True) -> dict[
     from awqkit.eval import runner
 
     ev = plan.eval
-    common = {
+    common: dict[str, Any] = {
         "limit": ev.limit,
         "text": ev.text,
         "data_dir": ev.data_dir,

@@ -544,11 +544,11 @@ def _parse_models(
                 continue
             located = [(folder, where)]
         for folder, label in located:
-            key = folder.resolve()
-            if key in by_path:
-                logger.info("%s is listed by %s and %s; using it once", folder, by_path[key], label)
+            resolved = folder.resolve()
+            if resolved in by_path:
+                logger.info("%s is listed by %s and %s; using it once", folder, by_path[resolved], label)
                 continue
-            by_path[key] = label
+            by_path[resolved] = label
             model = _make_model(folder, entry, calib_values, label, needs_calib_file, base, errors, defaults_ok)
             if model is None:
                 continue

@@ -35,6 +35,7 @@ from awqkit.arch.resolve import get_layers, get_submodule
 from awqkit.kernels import decode_ops, native
 from awqkit.kernels.cpu_avx2 import MAX_ROWS
 from awqkit.kernels.decode_ops import AttentionShape
+from awqkit.nn import hf
 from awqkit.runtime import linear, stack
 from awqkit.runtime.linear import FusedInt4, ModuleCalls
 
@@ -107,7 +108,7 @@ class Decoder:
     def __init__(self, model: nn.Module, native_ops: bool | None = None, native_stack: bool = True) -> None:
         spec = decode_spec(model)
         _check_float32_cpu(model)
-        cfg = model.config
+        cfg = hf.config(model)
         act = str(getattr(cfg, "hidden_act", "silu"))
         if act not in ("silu", "swish"):
             raise ValueError(f"awqkit's decode loop supports SiLU MLPs; this model uses {act!r}")

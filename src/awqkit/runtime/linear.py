@@ -13,13 +13,16 @@ given, adds it in place (``residual += y``, the decoder's skip connection) and r
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from awqkit.kernels import cpu_avx2
 from awqkit.kernels._native_checks import check_last_dim, check_tensor, fail
+
+if TYPE_CHECKING:
+    from awqkit.nn.qlinear import QuantLinear
 
 _F32 = torch.float32
 _FN = "FusedInt4"
@@ -31,6 +34,12 @@ class LinearOp(Protocol):
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor: ...
 
 
+def _size(module: nn.Module, name: str) -> int:
+    """``int(module.<name>)``: ``in_features`` / ``out_features`` of an ``nn.Linear`` or ``QuantLinear`` (plain
+    attributes, which ``nn.Module.__getattr__`` types as ``Tensor | Module``)."""
+    return int(getattr(module, name))
+
+
 class ModuleCalls:
     """``cat([m(x) for m in modules], -1)`` (+ residual in place) through the modules' own forward."""
 
@@ -38,7 +47,7 @@ class ModuleCalls:
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.modules = modules
-        self.out_features = sum(int(m.out_features) for m in modules)
+        self.out_features = sum(_size(m, "out_features") for m in modules)
 
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         ys = [m(x) for m in self.modules]
@@ -56,9 +65,9 @@ class FusedInt4:
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.modules = modules
-        self.cache: Any = cpu_avx2.fuse(modules)  # type: ignore[arg-type]
-        self.out_features = sum(int(m.out_features) for m in modules)
-        self.in_features = int(modules[0].in_features)
+        self.cache: Any = cpu_avx2.fuse(cast("list[QuantLinear]", modules))  # bind() checked: fusable_reason()
+        self.out_features = sum(_size(m, "out_features") for m in modules)
+        self.in_features = _size(modules[0], "in_features")
         if (self.cache.k, self.cache.n) != (self.in_features, self.out_features):
             fail(
                 _FN,
@@ -99,7 +108,7 @@ def fusable_reason(modules: list[nn.Module]) -> str | None:
         reason = cpu_avx2.layer_unsupported_reason(m)
         if reason is not None:
             return reason
-    if len({(m.in_features, m.group_size) for m in modules}) != 1:  # type: ignore[union-attr]
+    if len({(m.in_features, m.group_size) for m in modules}) != 1:
         return "different in_features or group sizes"
     return None
 

@@ -33,7 +33,7 @@ from awqkit.kernels._native_checks import (
     check_rows,
     check_tensor,
 )
-from awqkit.runtime.linear import FusedInt4
+from awqkit.runtime.linear import FusedInt4, ModuleCalls
 
 if TYPE_CHECKING:
     from awqkit.runtime.decoder import _Layer
@@ -72,7 +72,9 @@ def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
 
-def _linear(op: FusedInt4) -> _Linear:
+def _linear(op: FusedInt4 | ModuleCalls) -> _Linear:
+    if not isinstance(op, FusedInt4):  # unsupported_reason() refuses such layers
+        raise TypeError(f"NativeStack: a {op.kind!r} linear is not a fused cpu-avx2 op")
     c = op.cache
     return _Linear(
         c.wq.data_ptr(),
@@ -104,14 +106,16 @@ def unsupported_reason(layers: list[_Layer], hidden: int) -> str | None:
                 f"layer {i} differs in heads, head_dim or projection widths from layer 0 (the scratch layout "
                 "and the rotary tables assume one shape)"
             )
-        if not all(isinstance(op, FusedInt4) for op in ops):
+        fused = [op for op in ops if isinstance(op, FusedInt4)]
+        if len(fused) != len(ops):
             return f"layer {i} has linears that are not cpu-avx2 int4"
+        qkv, o, gate_up, down = fused
         sh = lay.shape
         if sh.head_dim % 8:
             return f"head_dim {sh.head_dim} is not a multiple of 8"
-        if (lay.qkv.in_features, lay.o.out_features, lay.gate_up.in_features, lay.down.out_features) != (hidden,) * 4:
+        if (qkv.in_features, o.out_features, gate_up.in_features, down.out_features) != (hidden,) * 4:
             return f"layer {i}: projections do not map hidden size {hidden} to itself"
-        if lay.o.in_features != sh.heads * sh.head_dim or lay.down.in_features * 2 != lay.gate_up.out_features:
+        if o.in_features != sh.heads * sh.head_dim or down.in_features * 2 != gate_up.out_features:
             return f"layer {i}: o/down input sizes do not match attention heads / the gate-up width"
         if any(
             t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
@@ -215,7 +219,7 @@ class NativeStack:
                     "bind_caches() again after reallocating the caches"
                 )
         scratch = torch.empty(b * (self._width + lay.shape.heads * self.maxlen), dtype=torch.float32)
-        native.library().awqkit_decode_layers(
+        native.loaded().awqkit_decode_layers(
             ctypes.addressof(self.structs),
             len(self.layers),
             h.data_ptr(),

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from awqkit.errors import InputError
 from awqkit.eval.perplexity import DATA_ENV_VAR, default_data_dir
+from awqkit.nn import hf
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ def generate(
                     n = len(encoded[i])
                     ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
                     mask[row, width - n :] = 1
-                gen = model.generate(
+                gen = hf.generate(
+                    model,
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     generation_config=gen_cfg,

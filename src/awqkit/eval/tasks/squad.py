@@ -150,7 +150,7 @@ def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
         f1.append(max(compute_f1(g, pred) for g in golds))
         has.append(bool(ans))
 
-    def mean(values: list[float], keep: list[bool]) -> float | None:
+    def mean(values: Sequence[float], keep: list[bool]) -> float | None:
         sel = [v for v, k in zip(values, keep, strict=True) if k]
         return sum(sel) / len(sel) if sel else None
 
