@@ -1,7 +1,7 @@
 """``cpu-avx2`` backend: awqkit's own fp32-exact int4 GEMV for decoding on x86-64 CPUs (AVX2 + FMA + F16C).
 
 Why: PyTorch's int4 CPU kernel (``cpu-int4``) is vectorized only for bf16 activations and is bound by
-its unpacking at batch 1 (~3.9 GB/s on SmolLM2's layers); the fp32 dense model reads 4x the bytes. This
+its unpacking at batch 1 (BENCHMARKS.md "Inference speed"); the fp32 dense model reads 4x the bytes. This
 backend's kernel (``csrc/awqkit_cpu.c``, built on first use by :mod:`awqkit.kernels.native`) streams the
 4-bit weights once per call and computes in fp32:
 

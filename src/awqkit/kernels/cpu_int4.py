@@ -21,10 +21,10 @@ Probe findings (torch 2.13.0+cpu, AMD EPYC with AVX2 and no AVX-512 / bf16 / fp1
 * Shapes: ``N % 16 == 0`` (N = 8, 24, 40 raise); ``K % g == 0``, nothing else (K = 96, 160 work).
 * Speed (the reason for the default compute dtype below): on x86 only the **bfloat16** path is
   vectorized (AVX2/AVX-512 ``tinygemm_kernel`` for ``BFloat16``: bf16 inputs widened to fp32, fp32 FMA
-  accumulation, output rounded to bf16). float32 and float16 fall back to a scalar per-element loop:
-  for K=576, N=1536, one thread, batch 1 it took ~1.9 ms (fp32) / ~2.0 ms (fp16) against ~0.14 ms
-  (bf16) and ~0.11 ms for an fp32 ``nn.Linear``; at batch 64 ~126 ms (fp32) against ~3 ms (bf16). The
-  fp32 route is therefore no faster than the torch reference backend (and 3x+ slower from batch 8).
+  accumulation, output rounded to bf16). float32 and float16 fall back to a scalar per-element loop, more than
+  ten times slower than the bf16 path and than an fp32 ``nn.Linear`` at batch 1, and further behind as the
+  batch grows: the fp32 route is no faster than the torch reference backend (``awqkit bench --backend
+  torch,cpu-int4`` measures both on a folder).
 
 Compute dtype
 -------------

@@ -125,8 +125,9 @@ def fake_quantize(
     """Quantize then dequantize ``w`` (``[out, in]``); returns the same dtype as ``w``.
 
     Equal, bit for bit, to ``dequantize(quantize(w, *compute_qparams(w, ...)), ...)``, computed in one float32
-    buffer without the int32 round trip (4.5x faster on a 14336 x 4096 weight: the scale search calls this once
-    per candidate and linear). ``inplace=True`` writes the result into ``w`` (float32, contiguous) and returns it.
+    buffer without the int32 round trip (the scale search calls this once per candidate and linear; the
+    saving is measured in BENCHMARKS.md "Engine"). ``inplace=True`` writes the result into ``w`` (float32,
+    contiguous) and returns it.
     """
     scales, zeros = compute_qparams(w, bits, group_size, zero_point, scale_dtype)
     wg = group_view(w, group_size)

@@ -1,8 +1,9 @@
 """awqkit's own decode loop for Llama-style models: a static KV cache and one lean step per token.
 
-Why: at batch-1 decode on a CPU, the int4 GEMVs read a 135M model's weights in ~7 ms, but the
-transformers eager forward around them costs ~20 ms per token (module hooks, a growing ``DynamicCache``,
-attention-mask building, SDPA's set-up, ~25 small ops per layer). :class:`Decoder` runs the same
+Why: at batch-1 decode on a CPU, the int4 GEMVs that read a small model's weights take a fraction of the
+time the transformers eager forward spends around them (module hooks, a growing ``DynamicCache``,
+attention-mask building, SDPA's set-up, ~25 small ops per layer; BENCHMARKS.md "Inference speed: where the
+decode time goes" has the measured split). :class:`Decoder` runs the same
 mathematics from the model's own modules and weights with far fewer calls per layer:
 
     x = input_norm(h);  qkv = [q | k | v](x)           (one fused int4 GEMV with cpu-avx2)

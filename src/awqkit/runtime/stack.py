@@ -6,8 +6,8 @@ attention can run natively (``head_dim % 8 == 0``), :class:`NativeStack` describ
 structs (pointers to the converted weights, norms and KV caches; sizes) and a decode step of ``B <=
 MAX_ROWS`` rows becomes one ctypes call instead of ~9 per layer. The C function calls the same kernels in
 the same order as :class:`awqkit.runtime.decoder.Decoder`'s per-op path, so the results are the same to the
-bit (tested); what it saves is the Python and dispatch time between the kernels (~4 ms a token on
-SmolLM2-135M, 30 layers).
+bit (tested); what it saves is the Python and dispatch time between the kernels (measured in BENCHMARKS.md
+"Inference speed: where the decode time goes").
 
 The structs hold raw pointers: :meth:`NativeStack.bind_caches` must be called whenever the KV caches are
 (re)allocated, and the stack keeps references to every tensor it points to. Nothing the C code relies on is
