@@ -210,19 +210,7 @@ def quantize(
             ids = _calibration_ids(calib, source)
             timings["calibration_data"] = time.perf_counter() - t
         calib_meta = _calib_metadata(calib, ids) if ids is not None else {}
-        key = run_key(
-            {
-                "source": info.weights_sha256 or info.src,
-                "method": method,
-                "quant": to_dict(quant),
-                "calib": calib_meta and {**to_dict(calib), "source": calib_meta["sha256"]},
-                "search": to_dict(search) if ids is not None else None,
-                "awqkit": __version__,
-                "torch": torch.__version__,
-                "device": dev.type,
-                **({"data_parallel": par.world} if par.active else {}),
-            }
-        )
+        key = _run_key(info, method, quant, calib, calib_meta, search if ids is not None else None, dev, par)
         adopt = _resumable(dst, key, allow=not par.active)
         # [STEP 4-6] search (AWQ), pack and write layer by layer, then the rest of the folder, then commit
         with writing_errors(dst), staging(dst, adopt=adopt, keep_on_interrupt=has_progress) as staged:
@@ -258,19 +246,62 @@ def quantize(
             )
             if par.active:
                 metadata["data_parallel"] = {"world_size": par.world, "transport": par.transport}
-            config = quantized_config(model, quant, sorted(targets.kept))
-            write_side_files(model, staged, src_dir=info.folder, config=config, metadata=metadata, weight_files=files)
-            if results is not None:
-                results.save(staged)
-            base = info.name_or_path or (info.folder.name if info.folder else str(src))
-            write_model_card(staged, base_model=base, metadata=metadata, name=dst.name)
-            normal_permissions(staged)
+            _write_rest(staged, dst, src, model, info, quant, targets, results, files, metadata)
             commit(staged, dst)
     par.barrier()  # the other ranks read dst once it is in place
     seconds = time.perf_counter() - t0
     logger.info("quantized %s with %s in %.1f s (peak RSS %.2f GB)", src, method, seconds, rss.peak / 1e9)
     written = json.loads((dst / "quantization_metadata.json").read_text(encoding="utf-8"))
     return QuantizeReport(dst, written, results, seconds, rss.peak)
+
+
+def _run_key(
+    info: SourceInfo,
+    method: str,
+    quant: QuantConfig,
+    calib: CalibConfig,
+    calib_meta: dict[str, Any],
+    search: SearchConfig | None,
+    dev: torch.device,
+    par: DataParallel,
+) -> str:
+    """What a staged output's progress depends on: a resumed run must have been started with the same key."""
+    return run_key(
+        {
+            "source": info.weights_sha256 or info.src,
+            "method": method,
+            "quant": to_dict(quant),
+            "calib": calib_meta and {**to_dict(calib), "source": calib_meta["sha256"]},
+            "search": to_dict(search) if search is not None else None,
+            "awqkit": __version__,
+            "torch": torch.__version__,
+            "device": dev.type,
+            **({"data_parallel": par.world} if par.active else {}),
+        }
+    )
+
+
+def _write_rest(
+    staged: Path,
+    dst: Path,
+    src: str | Path,
+    model: nn.Module,
+    info: SourceInfo,
+    quant: QuantConfig,
+    targets: Targets,
+    results: AWQResults | None,
+    files: list[str],
+    metadata: dict[str, Any],
+) -> None:
+    """Everything but the weights into the staged folder (config, tokenizer and side files, the search result,
+    the model card), then the permissions a finished folder has."""
+    config = quantized_config(model, quant, sorted(targets.kept))
+    write_side_files(model, staged, src_dir=info.folder, config=config, metadata=metadata, weight_files=files)
+    if results is not None:
+        results.save(staged)
+    base = info.name_or_path or (info.folder.name if info.folder else str(src))
+    write_model_card(staged, base_model=base, metadata=metadata, name=dst.name)
+    normal_permissions(staged)
 
 
 def _open(src: str | Path, checked: SourceCheck, method: str, calib: CalibConfig, trust_remote_code: bool) -> Source:

@@ -313,6 +313,73 @@ def _tokenizer_record(model: Any, tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def _sample(
+    rows: list[dict[str, Any]],
+    column: str,
+    src: Path,
+    seed: int,
+    fraction: float,
+    min_samples: int,
+    max_samples: int,
+    warnings: list[str],
+) -> tuple[str, list[tuple[int, str]], list[int]]:
+    """Step 2: the column used, the usable ``(row index, prompt)`` pairs and the positions among them sampled
+    (:func:`calibration_sample_size` of them, :func:`sample_rows`); what was left out is added to ``warnings``."""
+    col = _column(rows, column, src)
+    usable = [(i, t) for i, r in enumerate(rows) if (t := _cell_text(r.get(col), col, i, src)) is not None]
+    if len(usable) < len(rows):
+        warnings.append(f"{len(rows) - len(usable)} of {len(rows)} rows have an empty {col!r} and were left out")
+    if not usable:
+        raise ValueError(f"{src}: every row has an empty {col!r}; nothing to calibrate on")
+    k = calibration_sample_size(len(usable), fraction=fraction, min_samples=min_samples, max_samples=max_samples)
+    if k < min_samples:
+        warnings.append(f"only {len(usable)} usable rows, fewer than min_samples={min_samples}; using all of them")
+    return col, usable, sample_rows(len(usable), k, seed)
+
+
+def _refuse_existing(target: Path) -> None:
+    """A calibration file (or its ``.meta.json``) already there is replaced only with ``overwrite``."""
+    for existing in (target, target.with_suffix(".meta.json")):
+        if existing.exists():
+            raise DestinationError(
+                f"{existing} already exists; pass --overwrite (overwrite=True) to replace it, "
+                "or choose another --out or --dataset-name"
+            )
+
+
+def _meta_record(
+    path: Path,
+    src: Path,
+    name: str,
+    split: str | None,
+    col: str,
+    system_prompt: str | None,
+    chat_template_kwargs: dict[str, Any] | None,
+    model: Any,
+    tokenizer: Any,
+    warnings: list[str],
+    *,
+    sampling: dict[str, Any],
+    tokens: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``.meta.json`` beside a calibration file: how it was built, enough to build it again."""
+    return {
+        "format": FORMAT,
+        "file": path.name,
+        "dataset": str(src.resolve()),
+        "dataset_sha256": sha256_tree(src),
+        "dataset_name": name,
+        "split": split,
+        "column": col,
+        "system_prompt": system_prompt,
+        "chat_template_kwargs": chat_template_kwargs or {},
+        **_tokenizer_record(model, tokenizer),
+        "sampling": sampling,
+        "tokens": tokens,
+        "warnings": warnings,
+    }
+
+
 def build_calibration_set(
     dataset: str | Path,
     model: Any,
@@ -357,27 +424,14 @@ def build_calibration_set(
         raise ValueError(f"n_blocks={n_blocks} and seq_len={seq_len} must be >= 1")
     src = Path(dataset).expanduser()
     rows = read_dataset(src, split=split)
-    col = _column(rows, column, src)
-    usable = [(i, t) for i, r in enumerate(rows) if (t := _cell_text(r.get(col), col, i, src)) is not None]
     warnings: list[str] = []
-    if len(usable) < len(rows):
-        warnings.append(f"{len(rows) - len(usable)} of {len(rows)} rows have an empty {col!r} and were left out")
-    if not usable:
-        raise ValueError(f"{src}: every row has an empty {col!r}; nothing to calibrate on")
-    k = calibration_sample_size(len(usable), fraction=fraction, min_samples=min_samples, max_samples=max_samples)
-    if k < min_samples:
-        warnings.append(f"only {len(usable)} usable rows, fewer than min_samples={min_samples}; using all of them")
-    picked = sample_rows(len(usable), k, seed)
+    col, usable, picked = _sample(rows, column, src, seed, fraction, min_samples, max_samples, warnings)
+    k = len(picked)
     indices = [usable[j][0] for j in picked]
     name = dataset_slug(dataset_name if dataset_name is not None else (src.stem if src.is_file() else src.name))
     target = Path(out_dir).expanduser() / calibration_file_name(name, k)
     if not overwrite:
-        for existing in (target, target.with_suffix(".meta.json")):
-            if existing.exists():
-                raise DestinationError(
-                    f"{existing} already exists; pass --overwrite (overwrite=True) to replace it, "
-                    "or choose another --out or --dataset-name"
-                )
+        _refuse_existing(target)
 
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     prompts = [render_prompt(tokenizer, usable[j][1], system_prompt, chat_template_kwargs) for j in picked]
@@ -386,40 +440,37 @@ def build_calibration_set(
         logger.info("dataset name %r written as %r in the file name", dataset_name, name)
     path = write_calibration_file(prompts, target)
     meta_path = path.with_suffix(".meta.json")
-    sampling = {
-        "rule": "min(max_samples, max(min_samples, int(fraction * rows)))",
-        "fraction": fraction,
-        "min_samples": min_samples,
-        "max_samples": max_samples,
-        "seed": seed,
-        "rows": len(rows),
-        "usable_rows": len(usable),
-        "n_samples": k,
-        "row_indices": indices,
-    }
-    tokens = {
-        "total": sum(counts),
-        "per_prompt": counts,
-        "stream_with_separators": stream,
-        "seq_len": seq_len,
-        "blocks_available": available,
-        "blocks_requested": n_blocks,
-    }
-    meta = {
-        "format": FORMAT,
-        "file": path.name,
-        "dataset": str(src.resolve()),
-        "dataset_sha256": sha256_tree(src),
-        "dataset_name": name,
-        "split": split,
-        "column": col,
-        "system_prompt": system_prompt,
-        "chat_template_kwargs": chat_template_kwargs or {},
-        **_tokenizer_record(model, tokenizer),
-        "sampling": sampling,
-        "tokens": tokens,
-        "warnings": warnings,
-    }
+    meta = _meta_record(
+        path,
+        src,
+        name,
+        split,
+        col,
+        system_prompt,
+        chat_template_kwargs,
+        model,
+        tokenizer,
+        warnings,
+        sampling={
+            "rule": "min(max_samples, max(min_samples, int(fraction * rows)))",
+            "fraction": fraction,
+            "min_samples": min_samples,
+            "max_samples": max_samples,
+            "seed": seed,
+            "rows": len(rows),
+            "usable_rows": len(usable),
+            "n_samples": k,
+            "row_indices": indices,
+        },
+        tokens={
+            "total": sum(counts),
+            "per_prompt": counts,
+            "stream_with_separators": stream,
+            "seq_len": seq_len,
+            "blocks_available": available,
+            "blocks_requested": n_blocks,
+        },
+    )
     write_atomic(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     for w in warnings:
         logger.warning("%s", w)
