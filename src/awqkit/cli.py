@@ -1,7 +1,9 @@
 """``awqkit`` command line: quantize, generate, demo, plus the subcommands in :mod:`awqkit.commands`.
 Defaults come from the config dataclasses.
 
-Only the command layer (this module and ``awqkit.commands``) prints; everything else logs.
+Only the command layer (this module and ``awqkit.commands``) prints; everything else logs. The command layer is
+also the one place (besides optional dependencies) that imports inside functions: each command loads its
+implementation when it runs, so ``awqkit --help`` and argument errors stay fast and do not import torch.
 """
 
 from __future__ import annotations

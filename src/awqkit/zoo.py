@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from awqkit.files import sha256_file
+from awqkit.io.source import load_source  # heavy import, only when building
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ def fetch_smollm2(dst: Path | None = None, *, force: bool = False) -> Path:
     dst = Path(dst) if dst is not None else cache_root() / SMOLLM2_NAME
     if (dst / "config.json").is_file() and (dst / "model.safetensors").is_file() and not force:
         return dst
-    from awqkit.io.source import load_source  # heavy import, only when building
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.tmp-") as tmp:

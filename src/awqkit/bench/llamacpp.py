@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from awqkit.bench.resources import current_rss_bytes
+from awqkit.bench.measure import make_prompt, summarize
+from awqkit.bench.resources import current_rss_bytes, process_peak_rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def _greedy(llm: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]
 def measure_gguf(path: str | Path, settings: Any, label: str = "llama.cpp") -> dict[str, Any]:
     """Load ``path`` with llama-cpp-python and time it at batch 1 (``settings``: a ``BenchConfig``)."""
     import llama_cpp
-
-    from awqkit.bench.modes import make_prompt, process_peak_rss_bytes, summarize
 
     threads = settings.threads or 2
     t0 = time.perf_counter()

@@ -53,10 +53,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from awqkit.bench.resources import current_rss_bytes, peak_rss_bytes
+from awqkit.bench import llamacpp as bench_llamacpp
+from awqkit.bench.measure import make_prompt, summarize
+from awqkit.bench.resources import current_rss_bytes, process_peak_rss_bytes
 from awqkit.bench.specs import DTYPES, LOOPS, ModeSpec, build_specs, is_quantized_folder
+from awqkit.calib.selfgen import _cache_kwarg, _output_cache  # `cache` (transformers >= 5.2x) or past_key_values
 from awqkit.config import BenchConfig
+from awqkit.io.load import load_quantized
+from awqkit.kernels import cpu_avx2, cpu_int4
 from awqkit.nn import hf
+from awqkit.nn.qlinear import QuantLinear
+from awqkit.runtime.decoder import Decoder
 
 if TYPE_CHECKING:
     from awqkit.nn.qlinear import QuantLinear
@@ -79,7 +86,6 @@ def disk_weight_bytes(path: str | Path) -> int:
 def _kernel_cache_tensors(module: QuantLinear) -> list[Tensor] | None:
     """The converted tensors a fast CPU backend reads for this QuantLinear (cpu-avx2 first, as ``auto``
     prefers it), or None when the module runs from its packed buffers."""
-    from awqkit.kernels import cpu_avx2, cpu_int4
 
     backend = getattr(module, "backend", None)
     if backend in ("auto", cpu_avx2.NAME) and (c := cpu_avx2._fresh_cache(module)) is not None:
@@ -103,7 +109,6 @@ def _key(t: Tensor) -> tuple[str, int]:
 
 def weight_memory_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (shared storages once) plus the fast backends' caches."""
-    from awqkit.nn.qlinear import QuantLinear
 
     seen: dict[tuple[str, int], int] = {}
     cached = [t for m in model.modules() if isinstance(m, QuantLinear) for t in (_kernel_cache_tensors(m) or [])]
@@ -114,7 +119,6 @@ def weight_memory_bytes(model: nn.Module) -> int:
 
 def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
     """Estimated weight bytes one decode step of ``batch`` sequences reads (see the module docstring)."""
-    from awqkit.nn.qlinear import QuantLinear
 
     total, seen = 0, set()
     for m in model.modules():
@@ -140,27 +144,6 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
     return total
 
 
-def process_peak_rss_bytes() -> int:
-    """Peak RSS of this process image: ``VmHWM`` of ``/proc/self/status`` where it exists, else
-    :func:`~awqkit.bench.resources.peak_rss_bytes`. Not ``ru_maxrss`` alone: Linux carries a child's
-    ``ru_maxrss`` over from its parent's RSS at ``fork`` (and across ``exec``), so a subprocess started by a
-    parent holding a model would report the parent's memory; ``VmHWM`` starts afresh with the new image."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            hwm = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")), None)
-    except OSError:
-        hwm = None
-    if hwm is None:
-        return peak_rss_bytes()
-    return max(hwm, current_rss_bytes())
-
-
-def make_prompt(vocab_size: int, batch: int, n_tokens: int, seed: int = 0) -> Tensor:
-    """Seeded random token ids ``[batch, n_tokens]`` in ``[0, vocab_size)`` (the same for every mode)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (batch, n_tokens), generator=g)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -168,7 +151,6 @@ def _sync(device: torch.device) -> None:
 
 def time_generation(model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
     """``(prefill seconds, decode seconds, generated ids [B, new_tokens + 1])``: greedy, forced length."""
-    from awqkit.calib.selfgen import _cache_kwarg, _output_cache  # `cache` (transformers >= 5.2x) or past_key_values
 
     device, kw = ids.device, _cache_kwarg(model)
     with torch.inference_mode():
@@ -203,11 +185,6 @@ def time_decoder(decoder: Any, ids: Tensor, new_tokens: int) -> tuple[float, flo
     return t1 - t0, t2 - t1, torch.cat(tokens, dim=1)
 
 
-def summarize(samples: list[float]) -> dict[str, Any]:
-    """``{"median", "min", "max", "samples"}`` of a list of floats."""
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
-
-
 def measure_model(
     model: nn.Module, settings: BenchConfig, device: str | torch.device = "cpu", loop: str = "transformers"
 ) -> dict[str, Any]:
@@ -215,8 +192,6 @@ def measure_model(
     device = torch.device(device)
     run: Callable[[nn.Module, Tensor, int], tuple[float, float, Tensor]] = time_generation
     if loop == "awqkit":
-        from awqkit.runtime.decoder import Decoder
-
         decoder = Decoder(model)
 
         def run_decoder(_model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
@@ -250,8 +225,6 @@ def load_mode(spec: ModeSpec) -> nn.Module:
     """The model of ``spec`` in eval mode on ``spec.device``."""
     dtype = DTYPES[spec.dtype]
     if spec.quantized:
-        from awqkit.io.load import load_quantized
-
         return load_quantized(spec.path, device=spec.device, dtype=dtype, backend=spec.backend or "auto")
     from transformers import AutoModelForCausalLM
 
@@ -317,8 +290,6 @@ def run_modes(
         logger.info("benchmarking %s (%s)", spec.label, spec.path)
         results.append(run_in_subprocess(spec, settings) if subprocesses else measure_mode(spec, settings))
     if llama_cpp is not None:
-        from awqkit.bench import llamacpp as bench_llamacpp
-
         reason = bench_llamacpp.unavailable_reason()
         gguf = {"label": "llama.cpp Q4_1", "path": str(llama_cpp)}
         if reason is not None:
@@ -339,8 +310,6 @@ def _worker(spec_file: str, out_file: str) -> None:
     s = payload["settings"]
     settings = BenchConfig(**{**s, "batch_sizes": tuple(s["batch_sizes"])})
     if payload["kind"] == "llama-cpp":
-        from awqkit.bench import llamacpp as bench_llamacpp
-
         result = bench_llamacpp.measure_gguf(payload["spec"]["path"], settings, label=payload["spec"]["label"])
     else:
         result = measure_mode(ModeSpec(**payload["spec"]), settings)

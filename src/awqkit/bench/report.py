@@ -8,6 +8,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from awqkit.report.table import markdown_table
+
 logger = logging.getLogger(__name__)
 
 MB = 1e6
@@ -57,7 +59,6 @@ def table_rows(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    from awqkit.report.table import markdown_table
 
     rows, columns = table_rows(results)
     fmt = {c: ".1f" for c in columns if c != "mode"}

@@ -195,3 +195,18 @@ class Timer:
         tb: TracebackType | None,
     ) -> None:
         self._end = time.perf_counter()
+
+
+def process_peak_rss_bytes() -> int:
+    """Peak RSS of this process image: ``VmHWM`` of ``/proc/self/status`` where it exists, else
+    :func:`~awqkit.bench.resources.peak_rss_bytes`. Not ``ru_maxrss`` alone: Linux carries a child's
+    ``ru_maxrss`` over from its parent's RSS at ``fork`` (and across ``exec``), so a subprocess started by a
+    parent holding a model would report the parent's memory; ``VmHWM`` starts afresh with the new image."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            hwm = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")), None)
+    except OSError:
+        hwm = None
+    if hwm is None:
+        return peak_rss_bytes()
+    return max(hwm, current_rss_bytes())

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from awqkit.io.detect import is_quantized_folder
+from awqkit.runtime.decoder import supported
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ _DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def _awqkit_loop_reason(path: str, dtype: str, device: str) -> str | None:
     """Why awqkit's decode loop cannot run this folder's model as asked (None when it can)."""
-    from awqkit.runtime.decoder import supported
 
     if dtype != "float32" or device != "cpu":
         return f"it runs float32 on CPU (asked: {dtype} on {device})"

@@ -26,6 +26,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from awqkit.eval.runner_load import load_for_eval
+
 logger = logging.getLogger(__name__)
 
 #: The model name this adapter registers with lm-eval.
@@ -45,8 +47,6 @@ def _require_lm_eval() -> ModuleType:
 def _adapter_class() -> type:
     """Build :class:`AwqkitLM` (an ``HFLM`` subclass) once lm-eval is known to be importable."""
     from lm_eval.models.huggingface import HFLM
-
-    from awqkit.eval.runner_load import load_for_eval
 
     class AwqkitLM(HFLM):
         """lm-eval ``HFLM`` over a folder loaded by awqkit (float or quantized).

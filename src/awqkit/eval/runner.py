@@ -39,11 +39,14 @@ from typing import Any
 
 import torch
 
+from awqkit import __version__, kernels
+from awqkit.bench.eval_rows import run_bench
 from awqkit.config import EvalConfig
 from awqkit.errors import InputError
 from awqkit.eval.perplexity import WIKITEXT_TEST_RELPATH, kl_divergence, load_wikitext_test, make_windows, perplexity
 from awqkit.eval.runner_load import LoadedModel, check_folder, load_for_eval, same_vocabulary
-from awqkit.eval.tasks._common import check_positive
+from awqkit.eval.tasks import evaluate_arc, evaluate_gsm8k, evaluate_squad
+from awqkit.eval.tasks._common import check_positive, resolve_data_file
 from awqkit.files import sha256_file
 from awqkit.preflight import check_device, check_seq_len
 from awqkit.report.table import metrics_table
@@ -89,8 +92,6 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 def _versions() -> dict[str, str]:
     import transformers
 
-    from awqkit import __version__
-
     return {
         "awqkit": __version__,
         "torch": torch.__version__,
@@ -100,7 +101,6 @@ def _versions() -> dict[str, str]:
 
 
 def _text_file(text: str | Path | None, data_dir: str | Path | None) -> Path:
-    from awqkit.eval.tasks._common import resolve_data_file
 
     return resolve_data_file(text if text is not None else data_dir, str(WIKITEXT_TEST_RELPATH), "perplexity text")
 
@@ -153,7 +153,6 @@ def _per_model(fn: Any, m: LoadedModel, b: LoadedModel | None) -> dict[str, Any]
 def _run_task(
     name: str, lm: LoadedModel, limit: int | None, data_dir: str | Path | None, options: dict[str, Any], progress: bool
 ) -> dict[str, Any]:
-    from awqkit.eval.tasks import evaluate_arc, evaluate_gsm8k, evaluate_squad
 
     # the three take (model, tokenizer, *, path, limit, progress, **their own options)
     tasks: dict[str, Callable[..., dict[str, Any]]] = {
@@ -266,8 +265,6 @@ def evaluate_model(
         ran[name] = entry
     results["tasks"] = {t: ran[t] for t in names}
     if bench is not None:
-        from awqkit.bench.eval_rows import run_bench
-
         del m, b  # free both models before the measuring processes start
         t0 = time.perf_counter()
         results["tasks"]["bench"] = run_bench(model_path, baseline, backend=backend, device=str(device), settings=bench)
@@ -308,8 +305,6 @@ def _check_request(
     for task, opts in (task_options or {}).items():
         check_positive(f"task_options[{task!r}]['limit']", opts.get("limit"))
     if backend != "auto":
-        from awqkit import kernels
-
         try:
             kernels.get_backend(backend)  # unknown / unavailable: the message lists the available ones
         except (ValueError, RuntimeError) as exc:

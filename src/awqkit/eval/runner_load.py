@@ -34,8 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from awqkit import kernels
 from awqkit.errors import AwqkitError, CheckpointError, InputError
 from awqkit.io.detect import QuantizationInfo, detect_quantization_method
+from awqkit.io.load import load_quantized
+from awqkit.io.validate import check_float_weights
+from awqkit.kernels import cpu_int4
+from awqkit.nn.qlinear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +88,6 @@ def kernel_summary(model: nn.Module, backend: str, device: str | torch.device) -
     Returns ``{"backend": requested, "layers": {"cpu-int4 (bfloat16)": n, "torch (float32)": m, ...}}``;
     ``layers`` is empty for a model without quantized layers (then ``backend`` is ``None``).
     """
-    from awqkit import kernels
-    from awqkit.nn.qlinear import QuantLinear
 
     counts: dict[str, int] = {}
     for module in model.modules():
@@ -94,8 +97,6 @@ def kernel_summary(model: nn.Module, backend: str, device: str | torch.device) -
         with torch.inference_mode():
             name = kernels.resolve_backend(module.backend, x, module).name
         if name == "cpu-int4":
-            from awqkit.kernels import cpu_int4
-
             dtype = module.__dict__.get("_cpu_int4_compute_dtype", cpu_int4.DEFAULT_COMPUTE_DTYPE)
             label = f"cpu-int4 ({str(dtype).removeprefix('torch.')})"
         elif name in ("torch", "cpu-avx2"):
@@ -126,8 +127,6 @@ def load_for_eval(
             "%s: method %r is only suggested by %s; loading it as a float model", folder, info.method, info.source
         )
     if quantized:
-        from awqkit.io.load import load_quantized
-
         model = load_quantized(folder, device=device, backend=backend, trust_remote_code=trust_remote_code)
     else:
         model = _load_float(folder, info, device, trust_remote_code)
@@ -144,8 +143,6 @@ def load_for_eval(
 def _load_float(folder: Path, info: QuantizationInfo, device: str | torch.device, trust_remote_code: bool) -> nn.Module:
     """The float model in ``folder`` in float32 on ``device`` (see the module docstring)."""
     from transformers import AutoModelForCausalLM
-
-    from awqkit.io.validate import check_float_weights
 
     check_float_weights(folder, None if info.method == "fp" else info.method)
     try:

@@ -27,8 +27,11 @@ from torch import Tensor, nn
 from awqkit import kernels
 from awqkit.errors import AwqkitError, CheckpointError, InputError
 from awqkit.io import validate
+from awqkit.io.detect import inspect_folder, load_refusal, read_config_json
 from awqkit.io.skeleton import empty_model
+from awqkit.kernels import cpu_avx2, cpu_int4
 from awqkit.nn import hf
+from awqkit.nn.fp16_storage import store_head_fp16
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module
 from awqkit.quant.packing import pack_ct, unpack_ct
@@ -54,7 +57,6 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
         CheckpointError: no storage config, a method awqkit does not load (gptq, bitsandbytes, ...), or
             settings it does not support (the message names them).
     """
-    from awqkit.io.detect import inspect_folder, load_refusal
 
     path = Path(path)
     info, found = inspect_folder(path)
@@ -266,7 +268,6 @@ def load_quantized(
     Returns:
         the model in eval mode, with ``model.awqkit_quant_config`` = :func:`read_quant_config`'s dict.
     """
-    from awqkit.io.detect import read_config_json
 
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").is_file():
@@ -327,7 +328,6 @@ def _prepare_cpu(
 ) -> None:
     """Convert the quantized layers for the CPU backend ``backend`` resolves to, once, now (unsupported
     layers are logged under ``auto`` and refused under a named backend), and apply ``fp16_head``."""
-    from awqkit.kernels import cpu_avx2, cpu_int4
 
     on_cpu = device.type == "cpu"
     avx2 = on_cpu and backend in ("auto", cpu_avx2.NAME) and cpu_avx2.is_available()
@@ -338,8 +338,6 @@ def _prepare_cpu(
     if fp16_head is None:
         fp16_head = avx2 and dtype == torch.float32
     if fp16_head:
-        from awqkit.nn.fp16_storage import store_head_fp16
-
         store_head_fp16(model)
 
 

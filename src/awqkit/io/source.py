@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from awqkit.arch import spec_for_architectures, supported_architectures
 from awqkit.errors import CheckpointError, InputError, NonFiniteError
 from awqkit.files import sha256_named_files
 from awqkit.io import validate
@@ -96,7 +97,6 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _check_config(src: str, cfg: dict[str, Any]) -> None:
-    from awqkit.arch import spec_for_architectures, supported_architectures
 
     qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
     if qc:

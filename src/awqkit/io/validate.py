@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from awqkit.arch import spec_for_architectures
 from awqkit.errors import CheckpointError, NonFiniteError
+from awqkit.nn.qlinear import QuantLinear
 
 #: dtypes of non-quantized float tensors (cast to the model dtype on load).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -159,7 +161,6 @@ def check_config_fields(path: Path, raw: dict[str, Any], config: Any = None) -> 
     otherwise those of :data:`_DEFAULT_FIELDS` the file states, plus (once ``config``, the built transformers
     config, is given) those the config class has but the file lacks.
     """
-    from awqkit.arch import spec_for_architectures
 
     file = path / "config.json"
     if not isinstance(raw.get("model_type"), str) or not raw.get("model_type"):
@@ -342,7 +343,6 @@ def check_tensors(
         CheckpointError: a wrong dtype or shape (the message names the tensor, its file, what was expected).
         NonFiniteError: a float tensor holding NaN or Inf.
     """
-    from awqkit.nn.qlinear import QuantLinear
 
     modules = dict(model.named_modules(remove_duplicate=False))
     expected: dict[str, Tensor] = dict(model.named_buffers(remove_duplicate=False))

@@ -47,9 +47,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from awqkit import api
+from awqkit.config import to_dict
 from awqkit.files import sha256_file, write_json_atomic
-from awqkit.io.destination import pid_alive
+from awqkit.io.destination import pid_alive, recover
 from awqkit.io.detect import is_quantized_folder
+from awqkit.io.save import verify_files
 from awqkit.naming import quant_tag
 from awqkit.platform.plan import Cell, Plan, PlanModel, load_plan
 from awqkit.spec import QuantizationSpec, unalias_spec_keys
@@ -69,7 +72,6 @@ def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> d
     """What the ``quantization_metadata.json`` of ``model`` quantized under ``spec`` must record for the cell to
     be current (see :func:`settings_mismatch`): the spec, and for methods that calibrate the calibration and
     search settings (``calib_config`` without the source path, the source file's sha256, ``search_config``)."""
-    from awqkit.config import to_dict
 
     out: dict[str, Any] = {"spec": spec.to_dict()}
     if spec.method.value == "awq":
@@ -114,7 +116,6 @@ def folder_state(
     made under other settings than ``expected``: redo it) or ``foreign`` (not awqkit's: never touched).
 
     ``hashes=False`` checks the weight files' sizes only (cheaper for large models)."""
-    from awqkit.io.save import verify_files
 
     if not folder.exists() and not folder.is_symlink():
         return "missing", None
@@ -143,7 +144,6 @@ def folder_state(
 
 def recover_destinations(cells: list[Cell]) -> list[str]:
     """:func:`awqkit.io.destination.recover` for every cell's folder; returns what was done."""
-    from awqkit.io.destination import recover
 
     done: list[str] = []
     for cell in cells:
@@ -308,7 +308,6 @@ def quantize_cells(
     plan: Plan, state: RunState | None, *, progress: bool = True, dry_run: bool = False
 ) -> list[CellOutcome]:
     """Quantize every cell of ``plan`` that is not complete (caller holds the lock); see the module docstring."""
-    from awqkit import api
 
     cells = plan.cells()
     for spec in plan.specs:

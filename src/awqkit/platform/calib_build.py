@@ -37,7 +37,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from awqkit.calib.blocks import separator_ids, tokenize_samples
 from awqkit.calib.rows import MissingDependencyError, read_rows
+from awqkit.calib.sources import read_samples
 from awqkit.config import CalibConfig
 from awqkit.errors import DestinationError, InputError
 from awqkit.files import sha256_tree, write_atomic
@@ -221,8 +223,6 @@ def write_calibration_file(prompts: list[str], path: str | Path) -> Path:
 
 def read_calibration_file(path: str | Path) -> list[str]:
     """Prompts from a calibration file exactly as ``--calib`` reads them (either format)."""
-    from awqkit.calib.sources import read_samples
-    from awqkit.config import CalibConfig
 
     return read_samples(path, None, CalibConfig())
 
@@ -279,7 +279,6 @@ def _count_blocks(
 ) -> tuple[list[int], int, int]:
     """Tokens per prompt, tokens in the joined stream (with separators) and the ``seq_len`` blocks it holds;
     an error when it holds none, a warning (appended) when fewer than ``n_blocks``."""
-    from awqkit.calib.blocks import separator_ids, tokenize_samples
 
     counts = [len(ids) for ids in tokenize_samples(prompts, tokenizer)]
     stream = sum(counts) + max(0, len(counts) - 1) * len(separator_ids(tokenizer))

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from awqkit.eval.runner import METRICS
 from awqkit.files import write_atomic, write_json_atomic
 from awqkit.naming import quant_tag
+from awqkit.report.plots import plot_results
+from awqkit.report.table import markdown_table
 from awqkit.spec import QuantizationSpec
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,14 @@ BPW_FORMULA = (
     "stored (asymmetric, or the 4-bit GEMM layout), else z = 0; per-channel counts as bits; the float "
     "baseline is 16; embeddings and LM head not counted"
 )
+
+
+def load_cell(file: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def bits_per_weight(spec: QuantizationSpec) -> float:
@@ -56,7 +68,6 @@ def bits_per_weight(spec: QuantizationSpec) -> float:
 
 def metric_columns(tasks: tuple[str, ...]) -> list[tuple[str, str, str, bool]]:
     """``(column, task, metric, higher_is_better)`` for the plan's tasks."""
-    from awqkit.eval.runner import METRICS
 
     return [
         (metric if metric == task else f"{task}_{metric}", task, metric, higher)
@@ -74,7 +85,6 @@ def _retention(value: Any, base: Any, higher: bool) -> float | None:
 
 def build_rows(plan: Any, state: dict[str, Any], cells: list[Any]) -> list[dict[str, Any]]:
     """One row per evaluation cell (``cells`` from :func:`awqkit.platform.orchestrate.eval_cells`)."""
-    from awqkit.platform.orchestrate import load_cell
 
     cols = metric_columns(plan.eval.tasks)
     rows: list[dict[str, Any]] = []
@@ -136,7 +146,6 @@ def write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
 
 def results_markdown(plan: Any, rows: list[dict[str, Any]], cols: list[str]) -> str:
     """The Markdown report: the table (no paths), the settings and the legend."""
-    from awqkit.report.table import markdown_table
 
     shown = [c for c in cols if c not in ("cell", "path", "error", "method", "bits", "group_size")]
     if any(r.get("error") for r in rows):
@@ -176,7 +185,6 @@ def write_results(
     plan: Any, state: dict[str, Any], cells: list[Any], *, plots: bool = True
 ) -> tuple[list[dict[str, Any]], list[Path]]:
     """Write ``results.csv``, ``results.md``, ``results.json`` (and the plots) into ``plan.output_dir``."""
-    from awqkit.report.plots import plot_results
 
     rows = build_rows(plan, state, cells)
     cols = columns(plan.eval.tasks)

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from awqkit.files import sha256_file, sha256_named_files
+from awqkit.io.detect import describe_loader, detect_quantization_method
+from awqkit.io.source import _weight_files
 from awqkit.io.training import TRAINING_METADATA, read_json_dict, training_link
 from awqkit.naming import RunNameError, parse_run_name
 from awqkit.spec import QuantizationSpec, QuantMethod, spec_from_metadata
@@ -117,7 +119,6 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
     Raises:
         FileNotFoundError / NotADirectoryError: ``path`` is not a folder.
     """
-    from awqkit.io.detect import describe_loader, detect_quantization_method
 
     folder = Path(path).expanduser()
     detected = detect_quantization_method(folder)
@@ -173,7 +174,6 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
 
 
 def _verify_source(link: dict[str, Any]) -> str:
-    from awqkit.io.source import _weight_files
 
     src = Path(str(link.get("source_path", "")))
     if not src.is_dir():

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from awqkit.eval import runner
+from awqkit.eval.runner import TASKS, _text_file, metric_rows
 from awqkit.files import write_json_atomic
 from awqkit.naming import quantized_folder_name
 from awqkit.platform.batch import (
@@ -48,7 +49,9 @@ from awqkit.platform.batch import (
     recover_destinations,
     run_lock,
 )
+from awqkit.platform.campaign_results import load_cell, write_results
 from awqkit.platform.plan import Plan, PlanModel, load_plan
+from awqkit.report.model_card import update_model_card_results
 from awqkit.spec import QuantizationSpec, resolve_quantization_spec
 
 logger = logging.getLogger(__name__)
@@ -93,7 +96,6 @@ def _text_sha(plan: Plan) -> str | None:
     """sha256 of the ppl/kl text (FileNotFoundError when a window task has no text to read)."""
     if not any(t in plan.eval.tasks for t in _WINDOW_TASKS):
         return None
-    from awqkit.eval.runner import _text_file
 
     return _sha256(_text_file(plan.eval.text, plan.eval.data_dir))
 
@@ -125,17 +127,8 @@ def _same_key(stored: Any, key: dict[str, Any], cell: EvalCell) -> bool:
     return old == key
 
 
-def load_cell(file: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One results dict from several :func:`evaluate_model` results of the same model."""
-    from awqkit.eval.runner import TASKS, metric_rows
 
     out = copy.deepcopy(parts[0])
     for extra in parts[1:]:
@@ -151,7 +144,6 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def with_fp_baseline(results: dict[str, Any], fp_results: dict[str, Any] | None) -> dict[str, Any]:
     """``results`` with the float cell's values as baseline of every task measured without one."""
-    from awqkit.eval.runner import metric_rows
 
     out = copy.deepcopy(results)
     if not fp_results:
@@ -170,7 +162,6 @@ def with_fp_baseline(results: dict[str, Any], fp_results: dict[str, Any] | None)
 
 def evaluate_cell(plan: Plan, cell: EvalCell, *, progress: bool = True) -> dict[str, Any] | None:
     """Run the cell's tasks (see the module docstring); None when there is nothing to run (fp with only kl)."""
-    from awqkit.eval import runner
 
     ev = plan.eval
     common: dict[str, Any] = {
@@ -242,7 +233,6 @@ class OrchestrateReport:
 def _evaluate_all(
     plan: Plan, state: RunState | None, text_sha: str | None, *, progress: bool, dry_run: bool
 ) -> list[CellOutcome]:
-    from awqkit.report.model_card import update_model_card_results
 
     outcomes: list[CellOutcome] = []
     fp_results: dict[str, dict[str, Any] | None] = {}
@@ -345,7 +335,6 @@ def orchestrate(
         PlanError / FileNotFoundError: the plan, or the ppl/kl text is missing (checked before anything runs).
         FileExistsError: another run holds the output folder.
     """
-    from awqkit.platform.campaign_results import write_results
 
     if not isinstance(plan, Plan):
         plan = load_plan(plan, output_dir=output_dir)

@@ -85,6 +85,7 @@ from typing import Any, Literal
 
 from awqkit.config import CalibConfig, EvalConfig, SearchConfig, to_dict
 from awqkit.errors import InputError
+from awqkit.eval.runner import parse_tasks
 from awqkit.io.detect import is_quantized_folder
 from awqkit.naming import (
     RunNameError,
@@ -94,6 +95,7 @@ from awqkit.naming import (
     quant_tag,
     quantized_folder_name,
 )
+from awqkit.preflight import check_device
 from awqkit.spec import APPLIED_EXTRAS, QuantizationSpec, resolve_quantization_spec
 
 logger = logging.getLogger(__name__)
@@ -421,7 +423,6 @@ def _parse_specs(raw: Any, errors: _Errors) -> list[QuantizationSpec]:
 
 
 def _parse_eval(raw: Any, base: Path, errors: _Errors) -> PlanEval:
-    from awqkit.eval.runner import parse_tasks
 
     if raw is None:
         return PlanEval()
@@ -696,8 +697,6 @@ def plan_from_dict(
     if not isinstance(device, str):
         errors.add("device", f"{device!r} is not a device name such as 'cpu' or 'cuda'")
     else:
-        from awqkit.preflight import check_device
-
         try:
             check_device(device)
         except (ValueError, RuntimeError) as exc:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from awqkit.kernels import cpu_avx2
 from awqkit.kernels._native_checks import check_last_dim, check_tensor, fail
+from awqkit.nn.qlinear import QuantLinear
 
 if TYPE_CHECKING:
     from awqkit.nn.qlinear import QuantLinear
@@ -98,7 +99,6 @@ class FusedInt4:
 
 def fusable_reason(modules: list[nn.Module]) -> str | None:
     """Why these siblings cannot run as one ``cpu-avx2`` GEMV (None when they can)."""
-    from awqkit.nn.qlinear import QuantLinear
 
     for m in modules:
         if not isinstance(m, QuantLinear):
