@@ -114,7 +114,8 @@ class _Hooks(_ReadHooks):
         self.writer, self.record = writer, record
 
     def finish(self, index: int, layer: nn.Module, results: AWQResults | None, hidden: list[Tensor] | None) -> None:
-        self.writer.write_layer(index, layer)
+        prefix = f"{self.writer.layers_prefix}.{index}."
+        self.writer.write_layer(index, layer, results.integers_for(index, prefix) if results is not None else None)
         self.writer.flush()
         self.record.record_layer(index, results, hidden)
         release_free_memory()

@@ -1,10 +1,14 @@
-"""The serializable result of a search: scales per mapping, clipping bounds per linear, and statistics.
+"""The serializable result of a search: scales per mapping, clipping bounds per linear, the integers a rounding
+method chose, and statistics.
 
 It joins the three phases (search → apply → pack): :func:`apply_results` re-applies a saved result to
-a fresh float model with no calibration, reproducing the searched model's weights bit for bit.
+a fresh float model with no calibration, reproducing the searched model's weights bit for bit, and
+:meth:`AWQResults.integers_for` gives the packer the integers of the linears a rounding method (GPTQ, AdaRound)
+quantized, which it packs as they are instead of rounding the float weight to nearest.
 
 On disk (:meth:`AWQResults.save`): ``awq_results.safetensors`` (tensors ``scale.{i}``, ``clip_min.{j}``,
-``clip_max.{j}``) and ``awq_results.json`` (everything else, in the same order).
+``clip_max.{j}``, ``round_q.{k}`` (uint8), ``round_scales.{k}``, ``round_zeros.{k}``) and ``awq_results.json``
+(everything else, in the same order).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from awqkit.algo.fold import apply_clip, fold_scales
+from awqkit.quant.primitives import dequantize
 
 RESULTS_JSON = "awq_results.json"
 RESULTS_TENSORS = "awq_results.safetensors"
@@ -55,6 +60,28 @@ class ClipEntry:
 
 
 @dataclass
+class RoundingEntry:
+    """The integers a rounding method chose for one linear, on its group grid (what the checkpoint stores)."""
+
+    layer: int
+    name: str  # full module name
+    method: str  # "gptq", "adaround", ...
+    q: Tensor  # [out, in] uint8, values in [0, 2^bits - 1]
+    scales: Tensor  # [out, n_groups] float32 (fp16-representable)
+    zeros: Tensor  # [out, n_groups] int32
+    loss_rtn: float  # the linear's output error with round-to-nearest on the same grid
+    loss: float  # with the chosen integers
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def weight(self) -> Tensor:
+        """The dequantized weight ``(q - zero) * scale``, float32 ``[out, in]``."""
+        return dequantize(self.q.to(torch.int32), self.scales, self.zeros, self.group_size)
+
+
+@dataclass
 class AWQResults:
     """Everything the search decided, enough to rebuild the quantized weights from the float model."""
 
@@ -63,6 +90,32 @@ class AWQResults:
     clips: list[ClipEntry] = field(default_factory=list)
     layer_seconds: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    roundings: list[RoundingEntry] = field(default_factory=list)
+
+    def for_layer(self, index: int, seconds: list[float]) -> AWQResults:
+        """The entries of decoder layer ``index`` alone, with ``seconds`` as its layer time (resume records)."""
+        return AWQResults(
+            self.norm_offset,
+            [e for e in self.scales if e.layer == index],
+            [c for c in self.clips if c.layer == index],
+            seconds,
+            roundings=[r for r in self.roundings if r.layer == index],
+        )
+
+    def extend(self, other: AWQResults) -> None:
+        """Append ``other``'s entries (the next layers' results, read back on resume)."""
+        self.scales += other.scales
+        self.clips += other.clips
+        self.roundings += other.roundings
+        self.layer_seconds += other.layer_seconds
+
+    def integers_for(self, layer: int, prefix: str = "") -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """``{name without prefix: (q int32, scales, zeros)}`` of layer ``layer``'s rounded linears, for the packer."""
+        return {
+            r.name[len(prefix) :]: (r.q.to(torch.int32), r.scales, r.zeros)
+            for r in self.roundings
+            if r.layer == layer and r.name.startswith(prefix)
+        }
 
     def save(self, folder: Path) -> None:
         """Write ``awq_results.json`` and ``awq_results.safetensors`` into ``folder``."""
@@ -74,6 +127,10 @@ class AWQResults:
         for j, c in enumerate(self.clips):
             tensors[f"clip_min.{j}"] = c.min_val.float().contiguous()
             tensors[f"clip_max.{j}"] = c.max_val.float().contiguous()
+        for k, r in enumerate(self.roundings):
+            tensors[f"round_q.{k}"] = r.q.to(torch.uint8).contiguous()
+            tensors[f"round_scales.{k}"] = r.scales.float().contiguous()
+            tensors[f"round_zeros.{k}"] = r.zeros.to(torch.int32).contiguous()
         save_file(tensors, str(folder / RESULTS_TENSORS), metadata={"format": "pt"})
         doc = {
             "norm_offset": self.norm_offset,
@@ -82,6 +139,10 @@ class AWQResults:
             "layer_seconds": self.layer_seconds,
             "info": self.info,
         }
+        if self.roundings:  # absent for AWQ alone, so its files stay as they were
+            doc["roundings"] = [
+                {k: v for k, v in asdict(r).items() if k not in ("q", "scales", "zeros")} for r in self.roundings
+            ]
         (folder / RESULTS_JSON).write_text(json.dumps(_json_safe(doc), indent=1))
 
     @classmethod
@@ -96,14 +157,20 @@ class AWQResults:
         clips = [
             ClipEntry(min_val=t[f"clip_min.{j}"], max_val=t[f"clip_max.{j}"], **c) for j, c in enumerate(doc["clips"])
         ]
-        return cls(doc["norm_offset"], scales, clips, doc.get("layer_seconds", []), doc.get("info", {}))
+        roundings = [
+            RoundingEntry(q=t[f"round_q.{k}"], scales=t[f"round_scales.{k}"], zeros=t[f"round_zeros.{k}"], **r)
+            for k, r in enumerate(doc.get("roundings", []))
+        ]
+        return cls(
+            doc["norm_offset"], scales, clips, doc.get("layer_seconds", []), doc.get("info", {}), roundings=roundings
+        )
 
     def summary(self) -> dict[str, Any]:
         return _json_safe(self._summary())
 
     def _summary(self) -> dict[str, Any]:
         """Per-mapping and per-layer statistics for metadata and reports (no tensors)."""
-        return {
+        out: dict[str, Any] = {
             "mappings": [
                 {
                     "layer": e.layer,
@@ -129,6 +196,12 @@ class AWQResults:
             ],
             "layer_seconds": [round(s, 3) for s in self.layer_seconds],
         }
+        if self.roundings:
+            out["roundings"] = [
+                {"layer": r.layer, "name": r.name, "method": r.method, "loss_rtn": r.loss_rtn, "loss": r.loss}
+                for r in self.roundings
+            ]
+        return out
 
 
 def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> None:
@@ -139,6 +212,7 @@ def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> No
     """
     names = [n for e in results.scales if e.layer == layer for n in [e.prev, *e.linears]]
     names += [c.name for c in results.clips if c.layer == layer]
+    names += [r.name for r in results.roundings if r.layer == layer]
     dtypes = {}
     for n in dict.fromkeys(names):
         mod = model.get_submodule(n)
@@ -156,6 +230,10 @@ def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> No
     for c in results.clips:
         if c.layer == layer:
             apply_clip(_linear(model, c.name), c.min_val, c.max_val)
+    for r in results.roundings:
+        if r.layer == layer:
+            lin = _linear(model, r.name)
+            lin.weight.data.copy_(r.weight().to(lin.weight.device))
     for n, dt in dtypes.items():
         model.get_submodule(n).to(dt)
 
@@ -171,7 +249,8 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
 @torch.no_grad()
 def apply_results(model: nn.Module, results: AWQResults) -> None:
     """Re-apply a whole search result to a fresh float ``model`` (same architecture and weights)."""
-    for layer in sorted({e.layer for e in results.scales} | {c.layer for c in results.clips}):
+    layers = {e.layer for e in results.scales} | {c.layer for c in results.clips} | {r.layer for r in results.roundings}
+    for layer in sorted(layers):
         apply_layer_results(model, results, layer)
 
 

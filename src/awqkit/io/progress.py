@@ -122,10 +122,7 @@ class RunProgress:
         for i in range(done):
             part = self.folder / f"layer-{i:05d}"
             if part.is_dir():
-                r = AWQResults.load(part)
-                results.scales += r.scales
-                results.clips += r.clips
-                results.layer_seconds += r.layer_seconds
+                results.extend(AWQResults.load(part))
         return done, inputs, results
 
     def remove(self) -> None:
@@ -134,13 +131,7 @@ class RunProgress:
 
 
 def _layer_results(results: AWQResults, index: int) -> AWQResults:
-    seconds = results.layer_seconds[-1:] if results.layer_seconds else []
-    return AWQResults(
-        results.norm_offset,
-        [e for e in results.scales if e.layer == index],
-        [c for c in results.clips if c.layer == index],
-        seconds,
-    )
+    return results.for_layer(index, results.layer_seconds[-1:] if results.layer_seconds else [])
 
 
 __all__ = ["FOLDER", "RunProgress", "has_progress", "run_key"]

@@ -11,7 +11,7 @@ each finished layer (:meth:`write_layer`: its linears packed, its tensors writte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -116,12 +116,16 @@ class OutputWriter:
                 name, convert_for_storage(name, t, torch.float16 if t.is_floating_point() else t.dtype), rewrite=True
             )
 
-    def write_layer(self, index: int, layer: nn.Module) -> None:
-        """Pack decoder layer ``index``'s target linears (from its folded and clipped float weights), write all
-        its tensors, then put the layer on the meta device (its memory is freed)."""
+    def write_layer(
+        self, index: int, layer: nn.Module, integers: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None
+    ) -> None:
+        """Pack decoder layer ``index``'s target linears (from its folded and clipped float weights, or the
+        ``integers`` a rounding method chose, keyed by layer-relative name), write all its tensors, then put the
+        layer on the meta device (its memory is freed)."""
         prefix = f"{self.layers_prefix}.{index}."
         names = [n[len(prefix) :] for n in self.targets if n.startswith(prefix)]
-        replace_linears(layer, sorted(names), self.quant.bits, self.quant.group_size, self.quant.zero_point)
+        q = self.quant
+        replace_linears(layer, sorted(names), q.bits, q.group_size, q.zero_point, integers=integers)
         state = layer.state_dict()
         for name in self.layer_names(index):
             t = state[name[len(prefix) :]]

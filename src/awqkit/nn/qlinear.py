@@ -141,12 +141,21 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, bits: int, group_size: int, zero_point: bool = True, *, format: str | None = None
+        cls,
+        linear: nn.Linear,
+        bits: int,
+        group_size: int,
+        zero_point: bool = True,
+        *,
+        format: str | None = None,
+        integers: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> QuantLinear:
         """Quantize ``linear.weight`` ``[out, in]`` (fp16-rounded scales) and pack it; bias kept in fp16.
 
         The result lives on ``linear.weight``'s device and dequantizes exactly to
-        ``primitives.fake_quantize(linear.weight, bits, group_size, zero_point)`` (in float32).
+        ``primitives.fake_quantize(linear.weight, bits, group_size, zero_point)`` (in float32). With ``integers``
+        ``(q int [out, in], scales float32 [out, n_groups], zeros int [out, n_groups])``, the integers a rounding
+        method chose (:class:`awqkit.algo.results.RoundingEntry`), those are packed as given instead.
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -164,7 +173,10 @@ class QuantLinear(nn.Module):
             device=w.device,
             format=format,
         )
-        q, scales, zeros = quantize_weight(w, bits, group_size, zero_point, scale_dtype=torch.float16)
+        if integers is None:
+            q, scales, zeros = quantize_weight(w, bits, group_size, zero_point, scale_dtype=torch.float16)
+        else:
+            q, scales, zeros = _checked_integers(integers, out_f, in_f, bits, group_size, w.device)
         if module.format == "gemm":
             qweight, qzeros, sc = pack_gemm(q, zeros, scales)
             module.qweight.copy_(qweight)
@@ -192,6 +204,23 @@ class QuantLinear(nn.Module):
             f"group_size={self.group_size}, zero_point={self.zero_point}, bias={self.bias is not None}, "
             f"format={self.format}"
         )
+
+
+def _checked_integers(
+    integers: tuple[Tensor, Tensor, Tensor], out_f: int, in_f: int, bits: int, group_size: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Given integers, checked against the linear's shape and the bit width, as int32/float32/int32 on ``device``."""
+    q, scales, zeros = integers
+    n_groups = in_f // resolve_group_size(in_f, group_size)
+    if tuple(q.shape) != (out_f, in_f) or tuple(scales.shape) != (out_f, n_groups) or scales.shape != zeros.shape:
+        raise ValueError(
+            f"integers q {tuple(q.shape)}, scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)} do not fit a "
+            f"[{out_f}, {in_f}] weight with group size {group_size} ([out, in], [out, {n_groups}] twice)"
+        )
+    top = 2**bits - 1
+    if int(q.min()) < 0 or int(q.max()) > top or int(zeros.min()) < 0 or int(zeros.max()) > top:
+        raise ValueError(f"integers outside [0, {top}] for {bits}-bit weights")
+    return q.to(device, torch.int32), scales.to(device, torch.float32), zeros.to(device, torch.int32)
 
 
 __all__ = ["QuantLinear", "FORMATS", "GEMM_BUFFERS", "CT_BUFFERS"]

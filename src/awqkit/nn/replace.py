@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from awqkit.arch.names import get_module, match_names, name_matches, set_module
 from awqkit.nn.qlinear import QuantLinear
@@ -20,11 +20,13 @@ def replace_linears(
     bits: int,
     group_size: int,
     zero_point: bool = True,
+    integers: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> dict[str, QuantLinear]:
     """Quantize and swap the ``nn.Linear`` modules at the exact full ``names`` for :class:`QuantLinear`.
 
-    Every name is validated before anything is replaced, so a bad name leaves the model untouched.
-    Returns ``{name: QuantLinear}`` in the order given.
+    ``integers`` maps some of the names to the ``(q, scales, zeros)`` a rounding method chose; those are packed as
+    given (:meth:`QuantLinear.from_linear`). Every name is validated before anything is replaced, so a bad name
+    leaves the model untouched. Returns ``{name: QuantLinear}`` in the order given.
     """
     if isinstance(names, str):
         raise ValueError(f"names must be a sequence of full module names, not the string {names!r}")
@@ -38,7 +40,8 @@ def replace_linears(
         linears[name] = module
     replaced: dict[str, QuantLinear] = {}
     for name, linear in linears.items():
-        qlinear = QuantLinear.from_linear(linear, bits, group_size, zero_point)
+        given = integers.get(name) if integers else None
+        qlinear = QuantLinear.from_linear(linear, bits, group_size, zero_point, integers=given)
         set_module(model, name, qlinear)
         replaced[name] = qlinear
     logger.debug("replaced %d linears with %d-bit QuantLinear (group_size=%d)", len(replaced), bits, group_size)
