@@ -17,7 +17,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from awqkit.config import PROPAGATE_MODES, RANK_BY, SCALE_MODES, CalibConfig, QuantConfig, SearchConfig, defaults
+from awqkit.config import (
+    PROPAGATE_MODES,
+    RANK_BY,
+    ROUNDINGS,
+    SCALE_MODES,
+    CalibConfig,
+    QuantConfig,
+    SearchConfig,
+    defaults,
+)
 from awqkit.errors import AwqkitError
 
 Q, C, S = defaults(QuantConfig), defaults(CalibConfig), defaults(SearchConfig)
@@ -142,6 +151,28 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         default=S["rank_tokens"],
         help="tokens of the ranking pass with --rank-by subset (default %(default)s)",
     )
+    p.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        default=S["rounding"],
+        help="choose each linear's integers after the scales and clips to minimise its output error: gptq or "
+        "adaround (none: round to nearest) (default %(default)s)",
+    )
+    p.add_argument(
+        "--rounding-iters",
+        type=int,
+        default=S["rounding_iters"],
+        help="AdaRound optimisation steps per linear (default %(default)s)",
+    )
+    p.add_argument(
+        "--gptq-damp", type=float, default=S["gptq_damp"], help="GPTQ dampening, x mean(diag H) (default %(default)s)"
+    )
+    p.add_argument(
+        "--gptq-act-order",
+        action=argparse.BooleanOptionalAction,
+        default=S["gptq_act_order"],
+        help="GPTQ: columns in order of decreasing input energy (default %(default)s)",
+    )
 
 
 def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchConfig]:
@@ -180,6 +211,10 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
         rank_top_k=a.rank_top_k,
         rank_by=a.rank_by,
         rank_tokens=a.rank_tokens,
+        rounding=a.rounding,
+        rounding_iters=a.rounding_iters,
+        gptq_damp=a.gptq_damp,
+        gptq_act_order=a.gptq_act_order,
     )
     return quant, calib, search
 

@@ -15,6 +15,7 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
 SCALE_MODES = ("x", "duo", "both")
 PROPAGATE_MODES = ("quantized", "float")
 RANK_BY = ("subset", "gram")
+ROUNDINGS = ("none", "gptq", "adaround")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,11 @@ class SearchConfig:
     the exhaustive search). ``rank_by="subset"``: the ranking is the same objective on ``rank_tokens`` tokens
     (whole blocks for attention, a strided token sample for the MLP); ``"gram"``: the balanced linears' own
     output error over every calibration token, from per-group Gram blocks of their input.
+    Rounding, after the scales and clips (``rounding="none"``: round to nearest when packing): each linear's
+    integers are chosen on its group grid to minimise its output error over every calibration token, from the
+    full Gram matrix of its input, true-sequentially (a linear's inputs come from the layer with the linears
+    before it already rounded): ``"gptq"`` (:func:`awqkit.algo.gptq.gptq_quantize`, dampening ``gptq_damp``,
+    ``gptq_act_order``) or ``"adaround"`` (:func:`awqkit.algo.adaround.adaround`, ``rounding_iters`` steps).
     """
 
     n_grid: int = 20
@@ -164,6 +170,10 @@ class SearchConfig:
     rank_top_k: int = 3
     rank_by: Literal["subset", "gram"] = "subset"
     rank_tokens: int = 512
+    rounding: Literal["none", "gptq", "adaround"] = "none"
+    rounding_iters: int = 1000
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
 
     def __post_init__(self) -> None:
         if self.scale_mode not in SCALE_MODES:
@@ -176,6 +186,10 @@ class SearchConfig:
             raise InputError(f"clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
         if self.rank_by not in RANK_BY:
             raise InputError(f"rank_by={self.rank_by!r}; choose one of {RANK_BY}")
+        if self.rounding not in ROUNDINGS:
+            raise InputError(f"rounding={self.rounding!r}; choose one of {ROUNDINGS}")
+        if self.rounding_iters < 0 or self.gptq_damp < 0:
+            raise InputError(f"rounding_iters={self.rounding_iters} and gptq_damp={self.gptq_damp} must be >= 0")
         if self.rank_tokens < 1:
             raise InputError(f"rank_tokens={self.rank_tokens} must be >= 1")
         if self.rank_top_k < 0:

@@ -7,7 +7,8 @@ For each decoder layer, with only that layer on the compute device, in float32:
    each mapping's scoring module and a token sample of each linear's input;
 2. per mapping, in forward order: scale search, then fold 1/s into the previous op and s into the
    linears (the float output is unchanged);
-3. per linear (except q/k): clip search on its — now scaled — inputs, then clamp;
+3. per linear (except q/k): clip search on its — now scaled — inputs, then clamp; then, with
+   ``SearchConfig.rounding``, each linear's integers chosen by GPTQ or AdaRound (:mod:`awqkit.rounding`);
 4. the next layer's inputs: outputs of this layer with its linears fake-quantized
    (``propagate="quantized"``, the default, like llm-compressor) or of the float layer
    (``"float"``, like llm-awq/AutoAWQ).
@@ -57,6 +58,7 @@ from awqkit.calib.stats import LayerStats
 from awqkit.config import QuantConfig, SearchConfig
 from awqkit.parallel import SINGLE, DataParallel
 from awqkit.quant.primitives import fake_quantize, resolve_group_size
+from awqkit.rounding import round_layer
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +124,18 @@ def _shared_input(m: Any, prefix: str, targets: set[str]) -> str:
     return next(n for n in m.mapping.linears if prefix + n in targets)
 
 
-def _fake_quantize_linears(linears: dict[str, nn.Linear], qcfg: QuantConfig) -> dict[str, Tensor]:
-    """Replace weights by their fake-quantized values; return the float originals (copies)."""
+def _fake_quantize_linears(
+    linears: dict[str, nn.Linear], qcfg: QuantConfig, rounded: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Replace weights by their fake-quantized values (for the linears in ``rounded``: the dequantized integers a
+    rounding method chose); return the float originals (copies)."""
     saved = {}
     for name, lin in linears.items():
         saved[name] = lin.weight.detach().clone()
-        lin.weight.data.copy_(fake_quantize(lin.weight.data, qcfg.bits, qcfg.group_size, qcfg.zero_point))
+        if rounded is not None and name in rounded:
+            lin.weight.data.copy_(rounded[name].to(lin.weight.device))
+        else:
+            lin.weight.data.copy_(fake_quantize(lin.weight.data, qcfg.bits, qcfg.group_size, qcfg.zero_point))
     return saved
 
 
@@ -299,8 +307,16 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
     if scfg.clip:
         _clip(run, i, linears, cache, applied, results)
     del cache
+    # [STEP 3b] rounding (GPTQ / AdaRound) on the scaled, clipped weights, true-sequentially
+    if scfg.rounding != "none":
+
+        def forward(j: int) -> None:
+            h = hidden[j]
+            layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))
+
+        results.roundings += round_layer(linears, forward, len(hidden), i, prefix, qcfg, scfg, run.parallel)
     # [STEP 4] inputs of the next layer
-    return _next_inputs(run, i, layer, linears, hidden, float_out, store_dtype)
+    return _next_inputs(run, i, layer, linears, hidden, float_out, store_dtype, results)
 
 
 def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, results: AWQResults) -> dict[str, Tensor]:
@@ -441,6 +457,7 @@ def _next_inputs(
     hidden: list[Tensor],
     float_out: list[Tensor],
     store_dtype: torch.dtype,
+    results: AWQResults,
 ) -> list[Tensor]:
     """Step 4: the next layer's inputs (the float outputs, or the outputs with the linears fake-quantized);
     the layer ends on CPU in its stored dtype."""
@@ -450,7 +467,9 @@ def _next_inputs(
     else:
         layer.to(store_dtype)  # the stored weights are what gets quantized
         layer.float()
-        saved = _fake_quantize_linears(linears, qcfg)
+        prefix = f"{run.spec.layers}.{i}."
+        rounded = {r.name[len(prefix) :]: r.weight() for r in results.roundings if r.layer == i}
+        saved = _fake_quantize_linears(linears, qcfg, rounded)
         hidden = [_first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))).float().cpu() for h in hidden]
         for n, w in saved.items():
             linears[n].weight.data.copy_(w)

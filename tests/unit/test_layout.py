@@ -25,6 +25,7 @@ LEVELS: list[set[str]] = [
     {"runtime"},
     {"io"},
     {"zoo"},
+    {"rounding"},
     {"pipeline"},
     {"engine"},
     {"report"},

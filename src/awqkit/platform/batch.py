@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from awqkit import api
-from awqkit.config import to_dict
+from awqkit.config import SearchConfig, to_dict
 from awqkit.files import sha256_file, write_json_atomic
 from awqkit.io.destination import pid_alive, recover
 from awqkit.io.detect import is_quantized_folder
@@ -98,7 +98,9 @@ def settings_mismatch(meta: dict[str, Any], expected: dict[str, Any]) -> str | N
         raw_calibration = meta.get("calibration")
         calibration: dict[str, Any] = raw_calibration if isinstance(raw_calibration, dict) else {}
         recorded["calibration_sha256"] = calibration.get("sha256")
-        recorded["search_config"] = meta.get("search_config")
+        search = meta.get("search_config")
+        # a setting added after the folder was written is recorded at its default, which it then had
+        recorded["search_config"] = {**to_dict(SearchConfig()), **search} if isinstance(search, dict) else search
     for key, want in expected.items():
         have = recorded.get(key)
         if have != want:
