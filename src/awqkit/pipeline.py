@@ -304,6 +304,7 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
     cache.gram.clear()
     cache.tokens.clear()
     # [STEP 3] clip search on the scaled inputs
+    unclipped = {n: lin.weight.detach().clone() for n, lin in linears.items()} if scfg.rounding != "none" else None
     if scfg.clip:
         _clip(run, i, linears, cache, applied, results)
     del cache
@@ -314,7 +315,10 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
             h = hidden[j]
             layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))
 
-        results.roundings += round_layer(linears, forward, len(hidden), i, prefix, qcfg, scfg, run.parallel)
+        results.roundings += round_layer(
+            linears, forward, len(hidden), i, prefix, qcfg, scfg, run.parallel, targets=unclipped
+        )
+        del unclipped
     # [STEP 4] inputs of the next layer
     return _next_inputs(run, i, layer, linears, hidden, float_out, store_dtype, results)
 

@@ -9,7 +9,8 @@ order the layer calls them. Group by group:
    before it are already rounded, so ``H`` is what the rounded layer feeds this group (true-sequential, as GPTQ
    does);
 2. each linear of the group is rounded on its group grid (static: from its current, scaled and clipped weight)
-   to minimise ``tr(ΔW H ΔWᵀ)``, its output error over every calibration token: ``gptq``
+   to minimise ``tr(ΔW H ΔWᵀ)``, its output error over every calibration token against its weight before the
+   clipping (so the clipping error is compensated too, rather than the clipped weight reproduced): ``gptq``
    (:func:`awqkit.algo.gptq.gptq_quantize`) or ``adaround`` (:func:`awqkit.algo.adaround.adaround`); its weight
    becomes the dequantized result, and the integers are recorded (:class:`awqkit.algo.results.RoundingEntry`)
    for the packer, which stores them as they are.
@@ -104,20 +105,32 @@ def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
 
 
 def round_linear(
-    name: str, lin: nn.Linear, h: Tensor, layer: int, qcfg: QuantConfig, scfg: SearchConfig
+    name: str,
+    lin: nn.Linear,
+    h: Tensor,
+    layer: int,
+    qcfg: QuantConfig,
+    scfg: SearchConfig,
+    target: Tensor | None = None,
 ) -> RoundingEntry:
-    """Round ``lin`` with ``scfg.rounding`` against Gram ``h``; its weight becomes the dequantized result."""
-    w = lin.weight.data.float()
+    """Round ``lin`` with ``scfg.rounding`` against Gram ``h``; its weight becomes the dequantized result.
+
+    The grid comes from ``lin``'s current weight (clipped by the clip search, if it ran); the output error is
+    measured against ``target`` (the weight before clipping; default the current weight), so the rounding also
+    compensates the clipping error instead of reproducing the clipped weight. ``loss_rtn`` is round-to-nearest of
+    the current weight against the same target (what AWQ alone would store)."""
+    grid = lin.weight.data.float()
+    w = grid if target is None else target.to(grid.device, torch.float32)
     bits, g, zp = qcfg.bits, qcfg.group_size, qcfg.zero_point
     if scfg.rounding == "gptq":
-        r = gptq_quantize(w, h, bits, g, zp, damp=scfg.gptq_damp, act_order=scfg.gptq_act_order)
+        r = gptq_quantize(w, h, bits, g, zp, damp=scfg.gptq_damp, act_order=scfg.gptq_act_order, grid_weight=grid)
         q, scales, zeros, weight = r.q, r.scales, r.zeros, r.weight
     elif scfg.rounding == "adaround":
-        a = adaround(w, h, bits, g, zp, iters=scfg.rounding_iters)
+        a = adaround(w, h, bits, g, zp, iters=scfg.rounding_iters, grid_weight=grid)
         q, scales, zeros, weight = a.q, a.scales, a.zeros, a.weight
     else:
         raise ValueError(f"rounding={scfg.rounding!r} is not a rounding method (gptq, adaround)")
-    loss_rtn = output_error(w, fake_quantize(w, bits, g, zp), h)
+    loss_rtn = output_error(w, fake_quantize(grid, bits, g, zp), h)
     loss = output_error(w, weight, h)
     lin.weight.data.copy_(weight.to(lin.weight.dtype))
     return RoundingEntry(
@@ -134,16 +147,19 @@ def round_layer(
     qcfg: QuantConfig,
     scfg: SearchConfig,
     parallel: DataParallel,
+    targets: dict[str, Tensor] | None = None,
 ) -> list[RoundingEntry]:
     """Round every linear of ``linears`` (layer-relative names; float32 weights on the compute device), group by
     group in call order (see the module docstring). ``forward(j)`` runs the layer on this rank's calibration batch
-    ``j`` of ``n_batches``. Returns the entries (full names ``prefix + name``)."""
+    ``j`` of ``n_batches``; ``targets`` holds the weights before clipping (:func:`round_linear`). Returns the
+    entries (full names ``prefix + name``)."""
     groups = call_groups(linears, lambda: forward(0))
     entries = []
     for group in groups:
         h = input_gram(linears[group[0]], forward, n_batches, parallel)
         for name in group:
-            entry = round_linear(prefix + name, linears[name], h, layer, qcfg, scfg)
+            target = targets.get(name) if targets is not None else None
+            entry = round_linear(prefix + name, linears[name], h, layer, qcfg, scfg, target)
             entries.append(entry)
             logger.debug(
                 "layer %d %s: %s output error %.4g (round to nearest %.4g)",

@@ -282,3 +282,21 @@ def test_deterministic_and_inputs_untouched():
     b = gptq_quantize(w, h, 4, 32, act_order=True)
     _assert_same(a, b)
     assert torch.equal(w, w0) and torch.equal(h, h0)
+
+
+def test_grid_weight_sets_the_grid_and_w_stays_the_target() -> None:
+    """The pipeline passes the clip search's clamped weight as the grid and the unclipped weight as the target."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(1024, 128, generator=g) @ torch.randn(128, 128, generator=g)
+    h = x.T @ x
+    lo, hi = w.reshape(32, 4, 32).amin(-1) * 0.8, w.reshape(32, 4, 32).amax(-1) * 0.8
+    clipped = torch.clamp(w.reshape(32, 4, 32), lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(32, 128)
+    r = gptq_quantize(w, h, 4, 32, grid_weight=clipped)
+    s, z = compute_qparams(clipped, 4, 32)
+    assert torch.equal(r.scales, s) and torch.equal(r.zeros, z)
+    err = lambda wq: float((((w - wq) @ h) * (w - wq)).sum())  # noqa: E731
+    on_clipped = gptq_quantize(clipped, h, 4, 32)  # the clipped weight as its own target
+    assert err(r.weight) < err(on_clipped.weight)
+    with pytest.raises(ValueError, match="grid_weight"):
+        gptq_quantize(w, h, 4, 32, grid_weight=clipped[:, :64])

@@ -180,6 +180,7 @@ def adaround(
     max_abs: Tensor | None = None,
     scale_dtype: torch.dtype | None = torch.float16,
     seed: int = 0,
+    grid_weight: Tensor | None = None,
 ) -> AdaRoundResult:
     """AdaRound rounding of ``w`` ``[out, in]`` on awqkit's group-wise grid, trained on the Gram matrix ``h``.
 
@@ -195,13 +196,16 @@ def adaround(
             regulariser.
         max_abs: optional clip bound ``[out, n_groups]``: the grid and the rounding use
             ``clamp(w, -max_abs, max_abs)`` per group; the error is measured against the unclipped ``w``.
+        grid_weight: instead of ``max_abs``, the clipped weight itself (awqkit's clip search clamps to
+            per-group ``[min, max]``, :func:`awqkit.algo.fold.apply_clip`): grid and rounding use it, the error is
+            measured against ``w``.
         seed: unused (the method has no randomness); kept for API stability.
     Returns:
         :class:`AdaRoundResult`; ``loss <= loss_rtn`` always.
     """
     del seed  # deterministic: V starts at the fractional part and training is full batch
     return _adaround(
-        w, h, bits, group_size, zero_point, iters, lr, reg_weight, beta_range, warmup, max_abs, scale_dtype
+        w, h, bits, group_size, zero_point, iters, lr, reg_weight, beta_range, warmup, max_abs, scale_dtype, grid_weight
     )[0]
 
 
@@ -251,6 +255,7 @@ def _adaround(
     warmup: float,
     max_abs: Tensor | None,
     scale_dtype: torch.dtype | None,
+    grid_weight: Tensor | None = None,
 ) -> tuple[AdaRoundResult, Tensor | None]:
     """:func:`adaround`, plus the trained ``V`` ``[out, in]`` (None when no training ran) for the tests."""
     g = _check(w, h, bits, group_size, iters, lr, reg_weight, beta_range, warmup, max_abs)
@@ -264,6 +269,10 @@ def _adaround(
     if max_abs is not None:  # clip application as in awqkit (clamp per (row, group)), bounds (-max_abs, max_abs)
         m = max_abs.to(dev, torch.float32).unsqueeze(-1)
         wc = torch.clamp(target.reshape(out_f, n_groups, g), -m, m).reshape(out_f, in_f)
+    if grid_weight is not None:
+        if grid_weight.shape != w.shape:
+            raise ValueError(f"adaround: grid_weight {tuple(grid_weight.shape)} must have w's shape {tuple(w.shape)}")
+        wc = grid_weight.detach().to(dev, torch.float32)
     scales, zeros = compute_qparams(wc, bits, group_size, zero_point, scale_dtype)
     q_rtn = quantize(wc, scales, zeros, bits, group_size)
     hf = h.detach().to(dev, torch.float32)

@@ -185,6 +185,7 @@ def gptq_quantize(
     act_order: bool = False,
     max_abs: Tensor | None = None,
     scale_dtype: torch.dtype | None = torch.float16,
+    grid_weight: Tensor | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize ``w`` on awqkit's static group-wise grid (see the module docstring for the algorithm).
 
@@ -197,6 +198,8 @@ def gptq_quantize(
         damp: ``H += damp · mean(diag H) · I`` (retried × 10 up to 3 times if ``H`` is still not PD).
         block_size: columns per lazy batch update (the result does not depend on it beyond float rounding).
         act_order: quantize columns in order of decreasing ``diag(H)``; every column keeps its own group's grid.
+        grid_weight: the weight the grid is computed from instead of ``w`` (after ``max_abs``): the weight clipped
+            by awqkit's clip search (:func:`awqkit.algo.fold.apply_clip`), while ``w`` is the unclipped target.
         max_abs: optional clip thresholds ``[out, n_groups]``: each group of ``w`` is clamped to
             ``[-max_abs, max_abs]`` exactly as :func:`awqkit.algo.fold.apply_clip` clamps to ``[min_val,
             max_val]`` (float32 clamp, stored back in ``w``'s dtype), and the grid is computed from the clamped
@@ -225,6 +228,12 @@ def gptq_quantize(
     if max_abs is not None:  # the same float ops as fold.apply_clip(min_val=-max_abs, max_val=max_abs)
         m = max_abs.to(dev, torch.float32).unsqueeze(-1)
         w_grid = torch.clamp(wf.reshape(out_f, n_groups, g), -m, m).reshape(out_f, in_f).to(w.dtype).float()
+    if grid_weight is not None:  # e.g. the weight as awqkit's clip search clamped it; wf stays the unclipped target
+        if grid_weight.shape != w.shape:
+            raise ValueError(
+                f"gptq_quantize: grid_weight {tuple(grid_weight.shape)} must have w's shape {tuple(w.shape)}"
+            )
+        w_grid = grid_weight.detach().to(dev, torch.float32)
     scales, zeros = compute_qparams(w_grid, bits, group_size, zero_point, scale_dtype)
     zeros_f = zeros.float()
     del w_grid
