@@ -84,6 +84,17 @@ def random_linear(in_f: int, out_f: int, bias: bool = True, seed: int = 0) -> to
     return lin
 
 
+def clipped_linear_case(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w [32, 128], Gram h of correlated inputs, w clipped to 0.8x its per-group [min, max], group 32)``: a
+    rounding method's case where the grid comes from the clipped weight and the target is the unclipped one."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(1024, 128, generator=g) @ torch.randn(128, 128, generator=g)
+    lo, hi = w.reshape(32, 4, 32).amin(-1) * 0.8, w.reshape(32, 4, 32).amax(-1) * 0.8
+    clipped = torch.clamp(w.reshape(32, 4, 32), lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(32, 128)
+    return w, x.T @ x, clipped
+
+
 def save_tiny_llama(folder: Path, **config: Any) -> Path:
     """Save a seeded 2-layer Llama (hidden 64, GQA 4/2 heads, the tiny tokenizer's vocabulary) and the tiny
     tokenizer into ``folder``, as a float Hugging Face source folder; ``config`` overrides LlamaConfig fields."""

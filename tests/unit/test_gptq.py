@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from conftest import clipped_linear_case
 from torch import nn
 
 from awqkit.algo.fold import apply_clip
@@ -286,12 +287,7 @@ def test_deterministic_and_inputs_untouched():
 
 def test_grid_weight_sets_the_grid_and_w_stays_the_target() -> None:
     """The pipeline passes the clip search's clamped weight as the grid and the unclipped weight as the target."""
-    g = torch.Generator().manual_seed(7)
-    w = torch.randn(32, 128, generator=g)
-    x = torch.randn(1024, 128, generator=g) @ torch.randn(128, 128, generator=g)
-    h = x.T @ x
-    lo, hi = w.reshape(32, 4, 32).amin(-1) * 0.8, w.reshape(32, 4, 32).amax(-1) * 0.8
-    clipped = torch.clamp(w.reshape(32, 4, 32), lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(32, 128)
+    w, h, clipped = clipped_linear_case()
     r = gptq_quantize(w, h, 4, 32, grid_weight=clipped)
     s, z = compute_qparams(clipped, 4, 32)
     assert torch.equal(r.scales, s) and torch.equal(r.zeros, z)
