@@ -15,7 +15,8 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
 SCALE_MODES = ("x", "duo", "both")
 PROPAGATE_MODES = ("quantized", "float")
 RANK_BY = ("subset", "gram")
-ROUNDINGS = ("none", "gptq", "adaround")
+ROUNDINGS = ("none", "gptq", "adaround", "refine")
+REFINE_TARGETS = ("layer", "model")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class BenchConfig:
 class SearchConfig:
     """The AWQ searches.
 
+    ``scales=False`` skips the scale search (no scaling: the methods that only round, ``gptq`` and ``adaround``).
     Scale search: for each mapping, s = x̄^α (``x``), s = x̄^α / w̄^(1-α) (``duo``) or both, α on
     ``n_grid`` evenly spaced points of [0, 1] (both ends included; α = 0 in ``x`` mode is the identity).
     Scored by the fp32 MSE of the scoring module's output: on the first ``search_samples`` calibration
@@ -152,9 +154,16 @@ class SearchConfig:
     integers are chosen on its group grid to minimise its output error over every calibration token, from the
     full Gram matrix of its input, true-sequentially (a linear's inputs come from the layer with the linears
     before it already rounded): ``"gptq"`` (:func:`awqkit.algo.gptq.gptq_quantize`, dampening ``gptq_damp``,
-    ``gptq_act_order``) or ``"adaround"`` (:func:`awqkit.algo.adaround.adaround`, ``rounding_iters`` steps).
+    ``gptq_act_order``) or ``"adaround"`` (:func:`awqkit.algo.adaround.adaround`, ``rounding_iters`` steps);
+    ``"refine"`` instead learns the rounding and clipping range of every linear of a decoder layer together
+    against the float layer's output (:mod:`awqkit.refine`: ``refine_iters`` steps of signed gradient descent
+    on ``refine_batch_size`` calibration sequences each, step ``refine_lr``, None meaning ``1 / refine_iters``),
+    keeping AWQ's integers where it does not help. ``refine_target``: the float layer's output on the same inputs
+    (``"layer"``), or the float model's activations after that layer (``"model"``: the layer also learns to
+    undo the error of the quantized layers before it, as AutoRound does; a second activation stream is kept).
     """
 
+    scales: bool = True
     n_grid: int = 20
     scale_mode: Literal["x", "duo", "both"] = "both"
     search_samples: int = 16
@@ -170,8 +179,12 @@ class SearchConfig:
     rank_top_k: int = 3
     rank_by: Literal["subset", "gram"] = "subset"
     rank_tokens: int = 512
-    rounding: Literal["none", "gptq", "adaround"] = "none"
+    rounding: Literal["none", "gptq", "adaround", "refine"] = "none"
     rounding_iters: int = 1000
+    refine_iters: int = 100
+    refine_lr: float | None = None
+    refine_batch_size: int = 2
+    refine_target: Literal["layer", "model"] = "layer"
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
 
@@ -188,8 +201,17 @@ class SearchConfig:
             raise InputError(f"rank_by={self.rank_by!r}; choose one of {RANK_BY}")
         if self.rounding not in ROUNDINGS:
             raise InputError(f"rounding={self.rounding!r}; choose one of {ROUNDINGS}")
-        if self.rounding_iters < 0 or self.gptq_damp < 0:
-            raise InputError(f"rounding_iters={self.rounding_iters} and gptq_damp={self.gptq_damp} must be >= 0")
+        if self.rounding_iters < 0 or self.gptq_damp < 0 or self.refine_iters < 0:
+            raise InputError(
+                f"rounding_iters={self.rounding_iters}, refine_iters={self.refine_iters} and "
+                f"gptq_damp={self.gptq_damp} must be >= 0"
+            )
+        if self.refine_target not in REFINE_TARGETS:
+            raise InputError(f"refine_target={self.refine_target!r}; choose one of {REFINE_TARGETS}")
+        if self.refine_batch_size < 1:
+            raise InputError(f"refine_batch_size={self.refine_batch_size} must be >= 1")
+        if self.refine_lr is not None and self.refine_lr <= 0:
+            raise InputError(f"refine_lr={self.refine_lr} must be > 0 (or None: 1 / refine_iters)")
         if self.rank_tokens < 1:
             raise InputError(f"rank_tokens={self.rank_tokens} must be >= 1")
         if self.rank_top_k < 0:

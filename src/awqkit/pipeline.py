@@ -8,7 +8,8 @@ For each decoder layer, with only that layer on the compute device, in float32:
 2. per mapping, in forward order: scale search, then fold 1/s into the previous op and s into the
    linears (the float output is unchanged);
 3. per linear (except q/k): clip search on its — now scaled — inputs, then clamp; then, with
-   ``SearchConfig.rounding``, each linear's integers chosen by GPTQ or AdaRound (:mod:`awqkit.rounding`);
+   ``SearchConfig.rounding``, each linear's integers chosen by GPTQ or AdaRound (:mod:`awqkit.rounding`), or
+   every linear's integers and clipping range learned against the float layer's output (:mod:`awqkit.refine`);
 4. the next layer's inputs: outputs of this layer with its linears fake-quantized
    (``propagate="quantized"``, the default, like llm-compressor) or of the float layer
    (``"float"``, like llm-awq/AutoAWQ).
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from awqkit.algo.clip_search import search_clip
@@ -58,6 +60,7 @@ from awqkit.calib.stats import LayerStats
 from awqkit.config import QuantConfig, SearchConfig
 from awqkit.parallel import SINGLE, DataParallel
 from awqkit.quant.primitives import fake_quantize, resolve_group_size
+from awqkit.refine import LayerForward, refine_layer
 from awqkit.rounding import round_layer
 
 logger = logging.getLogger(__name__)
@@ -168,6 +171,7 @@ class _Run:
     parallel: DataParallel
     batch_ids: list[int]  # the global index of each batch of inputs.hidden (all of them in a single process)
     batch_shapes: list[tuple[int, int]]  # (rows, length) of every global batch
+    float_hidden: list[Tensor] | None = None  # this layer's inputs in the float model (refine_target="model")
 
     @property
     def n_tokens(self) -> int:
@@ -227,10 +231,14 @@ def run_awq(
         f" ({len(mine)} of {n_batches} batches on rank {parallel.rank})" if parallel.active else "",
     )
     inputs: LayerInputs = capture_layer_inputs(model, layers, input_ids, bs, select=mine)
+    # the float model's own activations, when the refinement targets them (they start equal: layer 0's inputs)
+    streams = 2 if scfg.rounding == "refine" and scfg.refine_target == "model" and scfg.propagate == "quantized" else 1
+    float_hidden = list(inputs.hidden) if streams == 2 else None
     if start:
-        if hidden is None or len(hidden) != len(inputs.hidden):
-            raise ValueError(f"resuming at layer {start} needs its inputs: {len(inputs.hidden)} batches")
-        inputs.hidden = hidden
+        if hidden is None or len(hidden) != streams * len(inputs.hidden):
+            raise ValueError(f"resuming at layer {start} needs its inputs: {streams * len(inputs.hidden)} batches")
+        n = len(inputs.hidden)
+        inputs.hidden, float_hidden = hidden[:n], (hidden[n:] if streams == 2 else None)
     run = _Run(
         spec,
         qcfg,
@@ -244,6 +252,7 @@ def run_awq(
         parallel,
         mine,
         [(min(bs, n_blocks - b * bs), seq_len) for b in range(n_batches)],
+        float_hidden,
     )
     hidden = inputs.hidden
     for i in tqdm(range(start, len(layers)), desc="AWQ layers", disable=not progress, initial=start, total=len(layers)):
@@ -253,8 +262,8 @@ def run_awq(
             hooks.load(i, layer)
         hidden = _layer(run, i, layer, hidden, results)
         results.layer_seconds.append(time.perf_counter() - t0)
-        if hooks is not None:
-            hooks.finish(i, layer, results, hidden)
+        if hooks is not None:  # with the float stream, its batches follow the quantized stream's
+            hooks.finish(i, layer, results, hidden + (run.float_hidden or []))
     return results
 
 
@@ -293,13 +302,18 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
         cache.batch = run.batch_ids[j]
         cache.caching = cache.batch < run.n_search_batches
         out = _first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device)))
-        if scfg.propagate == "float":
+        if scfg.propagate == "float" or (scfg.rounding == "refine" and run.float_hidden is None):
             float_out.append(out.float().cpu())
     cache.remove()
     cache.finish(run.parallel, device)
+    if run.float_hidden is not None:  # the refinement's targets: the float layer on the float model's activations
+        float_out = [
+            _first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))).float().cpu()
+            for h in run.float_hidden
+        ]
 
     # [STEP 2] scale search + fold, mapping by mapping
-    applied = _search_and_fold(run, i, mappings, cache, results)
+    applied = _search_and_fold(run, i, mappings, cache, results) if scfg.scales else {}
     cache.inputs.clear()
     cache.gram.clear()
     cache.tokens.clear()
@@ -308,19 +322,40 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
     if scfg.clip:
         _clip(run, i, linears, cache, applied, results)
     del cache
-    # [STEP 3b] rounding (GPTQ / AdaRound) on the scaled, clipped weights, true-sequentially
-    if scfg.rounding != "none":
-
-        def forward(j: int) -> None:
-            h = hidden[j]
-            layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))
-
-        results.roundings += round_layer(
-            linears, forward, len(hidden), i, prefix, qcfg, scfg, run.parallel, targets=unclipped
+    # [STEP 3b] rounding (GPTQ / AdaRound true-sequentially, or the whole layer refined) on the scaled weights
+    if scfg.rounding == "refine" and unclipped is not None:
+        results.roundings += refine_layer(
+            linears, unclipped, _layer_forward(run, i, layer, hidden), float_out, i, prefix, qcfg, scfg, run.parallel
         )
-        del unclipped
+        if run.float_hidden is not None:
+            run.float_hidden = list(float_out)  # the next layer's inputs in the float model
+        if scfg.propagate != "float":
+            float_out.clear()
+    elif scfg.rounding != "none":
+        forward = _layer_forward(run, i, layer, hidden)
+        results.roundings += round_layer(
+            linears, lambda j: forward(j, None), len(hidden), i, prefix, qcfg, scfg, run.parallel, targets=unclipped
+        )
+    del unclipped
     # [STEP 4] inputs of the next layer
     return _next_inputs(run, i, layer, linears, hidden, float_out, store_dtype, results)
+
+
+def _layer_forward(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor]) -> LayerForward:
+    """``forward(j, weights, rows)``: decoder layer ``i`` on calibration batch ``j`` (its ``rows`` slice of
+    sequences, default all), with the weights of the linears named in ``weights`` (layer-relative) replaced
+    (differentiably) or, with None, as they are."""
+
+    def forward(j: int, weights: dict[str, Tensor] | None, rows: slice | None = None) -> Tensor:
+        h = hidden[j].to(run.device)
+        kw = run.inputs.kwargs_for(i, h.shape[0], run.device)
+        if rows is not None:
+            h, kw = h[rows], take_rows(kw, h.shape[0], rows)
+        if weights is None:
+            return _first(layer(h, **kw))
+        return _first(functional_call(layer, {f"{n}.weight": w for n, w in weights.items()}, (h,), kw))
+
+    return forward
 
 
 def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, results: AWQResults) -> dict[str, Tensor]:

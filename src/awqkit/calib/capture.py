@@ -41,11 +41,12 @@ def to_compute(obj: Any, device: torch.device | str, dtype: torch.dtype = torch.
     return map_tensors(obj, lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device))
 
 
-def take_rows(obj: Any, batch: int, rows: int) -> Any:
-    """The first ``rows`` entries of a cached batch of ``batch`` sequences: every tensor of at least two
-    dimensions whose first is ``batch`` (hidden states, position embeddings, masks, position ids) is cut to
-    ``rows``; the rest (cache positions, flags) is kept as it is."""
-    return map_tensors(obj, lambda t: t[:rows] if t.dim() >= 2 and t.shape[0] == batch else t)
+def take_rows(obj: Any, batch: int, rows: int | slice) -> Any:
+    """The first ``rows`` entries (or the ``rows`` slice) of a cached batch of ``batch`` sequences: every tensor of
+    at least two dimensions whose first is ``batch`` (hidden states, position embeddings, masks, position ids) is
+    cut; the rest (cache positions, flags) is kept as it is."""
+    cut = slice(0, rows) if isinstance(rows, int) else rows
+    return map_tensors(obj, lambda t: t[cut] if t.dim() >= 2 and t.shape[0] == batch else t)
 
 
 @dataclass

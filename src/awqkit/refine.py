@@ -1,0 +1,148 @@
+"""The block refinement step of the layer loop (``--method awq-refine``): AWQ's result as the starting point, then
+the rounding and the clipping range of every quantized linear of a decoder layer learned together against the
+float layer's output (SignRound / AutoRound's per-block objective, TesseraQ's AWQ initialisation).
+
+After the scales are folded and the clips searched (:mod:`awqkit.pipeline`, steps 2-3), for decoder layer ``i``:
+
+1. every quantized linear gets a :class:`awqkit.algo.refine.LearnedGrid` started at AWQ's grid (its clipped
+   range, round to nearest), the weight it quantizes being the scaled weight *before* clipping;
+2. objective: ``Σ_batches ||layer(X; Ŵ) - layer(X; W)||² / #elements``, the mean squared error of the layer's
+   output with the learned quantized weights ``Ŵ`` on the inputs ``X`` the engine feeds the layer (the outputs
+   of the already-quantized layers before it) against its targets: the float layer on the same inputs
+   (``refine_target="layer"``) or the float model's activations after this layer (``"model"``);
+   ``refine_batch_size`` sequences a step (each calibration batch cut in slices of that many, visited in a
+   seeded random order), ``refine_iters`` steps of signed gradient descent
+   (:func:`awqkit.algo.refine.signed_descent`, step ``refine_lr``, default ``1 / refine_iters``);
+3. the objective is then measured on every calibration batch for AWQ's own weights (the starting point) and for
+   the learned ones; the learned integers are kept only when they lower it, so the layer never ends worse on
+   its objective than AWQ alone. Each linear's integers are recorded
+   (:class:`awqkit.algo.results.RoundingEntry`, ``method="refine"``, ``loss_rtn`` / ``loss`` the layer's
+   objective before / after) for the packer, which stores them as they are.
+
+Cost per layer: ``refine_iters`` forward and backward passes of ``refine_batch_size`` sequences, plus two forward
+passes over all batches (the targets are the float outputs the pipeline's first pass computed).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from awqkit.algo.refine import LearnedGrid, signed_descent
+from awqkit.algo.results import RoundingEntry
+from awqkit.config import QuantConfig, SearchConfig
+from awqkit.parallel import DataParallel
+from awqkit.quant.primitives import dequantize, quantize_weight
+
+logger = logging.getLogger(__name__)
+
+
+class LayerForward(Protocol):
+    """The layer's output on calibration batch ``j`` (its ``rows`` slice of sequences, default all), with the
+    linears' weights replaced by ``weights`` (layer-relative names, ``"self_attn.q_proj"`` -> tensor) or as they
+    are when None."""
+
+    def __call__(self, j: int, weights: dict[str, Tensor] | None, rows: slice | None = None) -> Tensor: ...
+
+
+def _objective(forward: LayerForward, targets: list[Tensor], weights: dict[str, Tensor] | None) -> tuple[float, float]:
+    """``(Σ squared error, #elements)`` of the layer's outputs against ``targets`` over every batch."""
+    total, count = 0.0, 0.0
+    for j, y in enumerate(targets):
+        out = forward(j, weights)
+        total += float((out.float() - y.to(out.device)).pow(2).sum())
+        count += y.numel()
+    return total, count
+
+
+def refine_layer(
+    linears: dict[str, nn.Linear],
+    unclipped: dict[str, Tensor],
+    forward: LayerForward,
+    targets: list[Tensor],
+    layer: int,
+    prefix: str,
+    qcfg: QuantConfig,
+    scfg: SearchConfig,
+    parallel: DataParallel,
+) -> list[RoundingEntry]:
+    """Learn the rounding and clipping range of ``linears`` (layer-relative names; float32 weights on the compute
+    device, scaled and clipped) against the float layer's outputs ``targets`` (one per calibration batch of this
+    rank; the float layer on the same inputs, or the float model's activations); ``unclipped`` holds their
+    weights before clipping. Returns one entry per linear (full names ``prefix +
+    name``); the linears' weights become the dequantized result. See the module docstring."""
+    names = sorted(linears)
+    awq_weights = {}
+    for n in names:
+        q, s, z = quantize_weight(linears[n].weight.data, qcfg.bits, qcfg.group_size, qcfg.zero_point)
+        awq_weights[n] = (q, s, z)
+    grids = {
+        n: LearnedGrid(
+            unclipped[n].to(linears[n].weight.device, torch.float32),
+            linears[n].weight.data.float(),
+            qcfg.bits,
+            qcfg.group_size,
+            qcfg.zero_point,
+        )
+        for n in names
+    }
+
+    k = scfg.refine_batch_size  # a step's sequences: a slice of one calibration batch
+    steps = [(j, slice(r, r + k)) for j, y in enumerate(targets) for r in range(0, y.shape[0], k)]
+
+    def step_loss(m: int) -> Tensor:
+        j, rows = steps[m]
+        out = forward(j, {n: g.weight() for n, g in grids.items()}, rows)
+        return (out.float() - targets[j][rows].to(out.device)).pow(2).mean()
+
+    iters = scfg.refine_iters
+    lr = scfg.refine_lr if scfg.refine_lr is not None else 1.0 / max(1, iters)
+    for p in [p for lin in linears.values() for p in lin.parameters()]:
+        p.requires_grad_(False)
+    with torch.enable_grad():
+        history = signed_descent(
+            list(grids.values()),
+            step_loss,
+            iters,
+            lr,
+            len(steps),
+            seed=layer,
+            reduce_grads=parallel.all_reduce if parallel.active else None,
+        )
+    with torch.no_grad():
+        start = {n: dequantize(q, s, z, qcfg.group_size) for n, (q, s, z) in awq_weights.items()}
+        learned = {n: g.integers() for n, g in grids.items()}
+        end = {n: dequantize(q.to(torch.int32), s, z, qcfg.group_size) for n, (q, s, z) in learned.items()}
+        before, count = parallel.sum_floats(_objective(forward, targets, start))
+        after, _ = parallel.sum_floats(_objective(forward, targets, end))
+    loss_start, loss_end = before / count, after / count
+    kept = loss_end < loss_start
+    logger.info(
+        "layer %d refine: block output MSE %.4g -> %.4g over %d steps (%s; first/last step loss %.4g / %.4g)",
+        layer,
+        loss_start,
+        loss_end,
+        iters,
+        "kept" if kept else "AWQ kept",
+        history[0] if history else float("nan"),
+        history[-1] if history else float("nan"),
+    )
+    entries = []
+    for n in names:
+        if kept:
+            q, s, z = learned[n]
+        else:
+            q32, s, z = awq_weights[n]
+            q = q32.to(torch.uint8)
+        weight = end[n] if kept else start[n]
+        linears[n].weight.data.copy_(weight.to(linears[n].weight.dtype))
+        entries.append(
+            RoundingEntry(layer, prefix + n, "refine", q.cpu(), s.cpu(), z.cpu(), loss_start, min(loss_end, loss_start))
+        )
+    return entries
+
+
+__all__ = ["LayerForward", "refine_layer"]
