@@ -52,7 +52,7 @@ from awqkit.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapp
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("awq", "rtn")
+METHODS = tuple(m.value for m in QuantMethod if m.quantizes)
 
 
 @dataclass
@@ -135,7 +135,7 @@ def _method_and_quant(
     method = method or "awq"
     quant = quant or QuantConfig()
     if method not in METHODS:
-        raise InputError(f"method {method!r} is not supported; choose one of {METHODS}")
+        raise InputError(f"method {method!r} is not supported; choose one of {list(METHODS)}")
     return method, quant, spec or QuantizationSpec.from_quant_config(method, quant)
 
 
@@ -148,7 +148,7 @@ def _check_before_loading(
     check_writable(path.parent)
     dev = check_device(device)
     checked = inspect_source(src)
-    if method == "awq":
+    if QuantMethod(method).calibrates:
         check_calibration_source(calib.source)
         if checked.config is not None:
             check_seq_len(calib.seq_len, checked.config, str(src))
@@ -170,7 +170,9 @@ def quantize(
     progress: bool = True,
     parallel: DataParallel | None = None,
 ) -> QuantizeReport:
-    """Quantize the float model at ``src`` with ``method`` ("awq" or "rtn"; default "awq") and write it to ``dst``.
+    """Quantize the float model at ``src`` with ``method`` (default "awq"; one of :data:`METHODS`: "rtn", "awq",
+    "gptq", "adaround", "awq-gptq", "awq-refine", see :meth:`awqkit.spec.QuantMethod.search_config`) and write it
+    to ``dst``. Every method writes the same format (AutoAWQ GEMM at 4 bits).
 
     ``spec`` (a :class:`~awqkit.spec.QuantizationSpec`) may replace ``method`` + ``quant``: its
     weights part becomes the QuantConfig; parts awqkit does not apply (activations, KV cache, ...) are
@@ -187,7 +189,8 @@ def quantize(
     every rank returns its report once ``dst`` is in place. Such a run starts afresh after a kill.
     """
     method, quant, spec = _method_and_quant(method, spec, quant)
-    calib, search = calib or CalibConfig(), search or SearchConfig()
+    calib = calib or CalibConfig()
+    search = QuantMethod(method).search_config(search or SearchConfig())
     par = parallel if parallel is not None else current_parallel()
     if par.active and not par.is_writer:
         return _follow(src, dst, method, quant, calib, search, device, trust_remote_code, par)
@@ -203,7 +206,7 @@ def quantize(
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
         check_free_space(dst.parent, expected_output_bytes(model, targets.quantized, quant.bits, quant.group_size))
         ids = None
-        if method == "awq":
+        if QuantMethod(method).calibrates:
             # [STEP 3] calibration blocks
             check_seq_len(calib.seq_len, model.config, str(src))
             t = time.perf_counter()
@@ -308,7 +311,7 @@ def _open(src: str | Path, checked: SourceCheck, method: str, calib: CalibConfig
     """The source, read layer by layer when it is a safetensors folder of a known architecture (data-free
     calibration generates with the whole model, so it loads it whole)."""
     known = spec_for_architectures((checked.config or {}).get("architectures") or [])
-    lazy_ok = not (method == "awq" and calib.source == "self")
+    lazy_ok = not (QuantMethod(method).calibrates and calib.source == "self")
     return open_source(src, checked, known if lazy_ok else None, trust_remote_code=trust_remote_code)
 
 
@@ -336,7 +339,7 @@ def _follow(
     checked = inspect_source(src)
     results = None
     with track_peak_rss() as rss:
-        if method == "awq":
+        if QuantMethod(method).calibrates:
             check_calibration_source(calib.source)
             source = _open(src, checked, method, calib, trust_remote_code)
             targets = select_targets(source.model, resolve_arch(source.model), quant)
@@ -449,7 +452,7 @@ def quantize_with_awq(
         calib_path: calibration file (text, JSONL, CSV) or None / "self" for data-free calibration.
         skip_lm_head: keep the LM head (and embeddings) in fp16 — awqkit never quantizes them, so
             False is refused rather than silently ignored.
-        method: the quantization method, "awq" or "rtn".
+        method: the quantization method, one of :data:`METHODS` ("awq", "rtn", "awq-refine", ...).
         backend: the platform's older name for ``method``, still accepted (in awqkit "backend" is the kernel).
     """
     if backend is not None:

@@ -20,6 +20,7 @@ from typing import Any
 from awqkit.config import (
     PROPAGATE_MODES,
     RANK_BY,
+    REFINE_TARGETS,
     ROUNDINGS,
     SCALE_MODES,
     CalibConfig,
@@ -28,8 +29,10 @@ from awqkit.config import (
     defaults,
 )
 from awqkit.errors import AwqkitError
+from awqkit.spec import QuantMethod
 
 Q, C, S = defaults(QuantConfig), defaults(CalibConfig), defaults(SearchConfig)
+METHODS = tuple(m.value for m in QuantMethod if m.quantizes)
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -156,7 +159,36 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         choices=ROUNDINGS,
         default=S["rounding"],
         help="choose each linear's integers after the scales and clips to minimise its output error: gptq or "
-        "adaround (none: round to nearest) (default %(default)s)",
+        "adaround; refine: learn every layer's rounding and clipping range against the float layer's output "
+        "(none: round to nearest) (default %(default)s)",
+    )
+    p.add_argument(
+        "--refine-iters",
+        "--iters",
+        dest="refine_iters",
+        type=int,
+        default=S["refine_iters"],
+        help="--rounding refine: signed-gradient steps per decoder layer, one calibration batch each; more steps "
+        "trade time for quality (default %(default)s)",
+    )
+    p.add_argument(
+        "--refine-batch-size",
+        type=int,
+        default=S["refine_batch_size"],
+        help="--rounding refine: calibration sequences per step (default %(default)s)",
+    )
+    p.add_argument(
+        "--refine-target",
+        choices=REFINE_TARGETS,
+        default=S["refine_target"],
+        help="--rounding refine: match the float layer on the same inputs (layer) or the float model's "
+        "activations (model: also undoes the earlier layers' error) (default %(default)s)",
+    )
+    p.add_argument(
+        "--refine-lr",
+        type=float,
+        default=S["refine_lr"],
+        help="--rounding refine: step size (default 1 / --refine-iters)",
     )
     p.add_argument(
         "--rounding-iters",
@@ -213,6 +245,10 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
         rank_tokens=a.rank_tokens,
         rounding=a.rounding,
         rounding_iters=a.rounding_iters,
+        refine_iters=a.refine_iters,
+        refine_lr=a.refine_lr,
+        refine_batch_size=a.refine_batch_size,
+        refine_target=a.refine_target,
         gptq_damp=a.gptq_damp,
         gptq_act_order=a.gptq_act_order,
     )
@@ -284,8 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model (AWQ or RTN) into an AutoAWQ-GEMM checkpoint")
-    q.add_argument("--method", choices=("awq", "rtn"), default="awq")
+    q = sub.add_parser("quantize", help="quantize a model (AWQ, RTN, GPTQ, ...) into an AutoAWQ-GEMM checkpoint")
+    q.add_argument(
+        "--method",
+        choices=METHODS,
+        default="awq",
+        help="awq; rtn (no data); gptq or adaround (rounding alone); awq-gptq or awq-refine (AWQ, then GPTQ "
+        "rounding or block refinement) (default %(default)s)",
+    )
     q.add_argument("--src", required=True, help="HF folder, .gguf file or hub id")
     q.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
     q.add_argument(

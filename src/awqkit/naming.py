@@ -43,7 +43,7 @@ _EDGE = r"[A-Za-z0-9]"
 _BASE_RE = re.compile(rf"{_EDGE}(?:[A-Za-z0-9.\-]*{_EDGE})?")
 _DATASET_RE = re.compile(rf"{_EDGE}(?:[A-Za-z0-9.]*{_EDGE})?")
 _TOKEN_RE = re.compile(rf"{_EDGE}(?:[A-Za-z0-9.\-]*{_EDGE})?")
-_TAG_METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+_TAG_METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z][A-Za-z0-9]*)*")  # AWQ, AWQ-GPTQ
 _RULES = {
     "base_model": (_BASE_RE, "letters, digits, '.' and '-' (no '_' or '/')"),
     "dataset": (_DATASET_RE, "letters, digits and '.' (no '-' or '_')"),
@@ -142,7 +142,7 @@ def _check_tag(tag: Any) -> str:
     if not _TAG_METHOD_RE.fullmatch(tokens[0]) or not all(_TOKEN_RE.fullmatch(t) for t in tokens):
         raise RunNameError(
             f"quant_tag={tag!r} is not valid in a run name: it must be '_'-joined tokens of letters, "
-            "digits, '.' and '-', the first a method (a letter, then letters/digits), "
+            "digits, '.' and '-', the first a method (words of a letter, then letters/digits, joined by '-'), "
             "e.g. 'AWQ_w4_g128_headfp16'"
         )
     if _W_RE.fullmatch(tokens[0]) or _G_RE.fullmatch(tokens[0]):

@@ -1,7 +1,8 @@
 """What a quantization run asks for: :class:`QuantMethod` and :class:`QuantizationSpec`.
 
 A spec is the platform's vocabulary for "how should this model be quantized". awqkit quantizes
-**weights only** (round-to-nearest or AWQ, 2..8 bits, per-group scales), keeps the LM head and the
+**weights only** (round-to-nearest, AWQ, GPTQ, AdaRound, or AWQ followed by GPTQ or block refinement, 2..8
+bits, per-group scales), keeps the LM head and the
 embeddings in fp16, and writes AutoAWQ ``gemm`` (4 bits) or compressed-tensors ``pack-quantized``
 (other widths) checkpoints. A spec may ask for more (8-bit activations, a quantized KV cache, a
 quantized LM head, another storage format, extra settings awqkit does not know): those parts are
@@ -31,7 +32,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from awqkit.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig
+from awqkit.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, SearchConfig
+from awqkit.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,10 @@ class QuantMethod(str, enum.Enum):  # noqa: UP042 - str() of a member stays 'Qua
     NONE = "none"
     RTN = "rtn"
     AWQ = "awq"
+    GPTQ = "gptq"
+    ADAROUND = "adaround"
+    AWQ_GPTQ = "awq-gptq"
+    AWQ_REFINE = "awq-refine"
 
     @classmethod
     def _missing_(cls, value: object) -> QuantMethod | None:
@@ -83,6 +89,31 @@ class QuantMethod(str, enum.Enum):  # noqa: UP042 - str() of a member stays 'Qua
     @property
     def quantizes(self) -> bool:
         return self is not QuantMethod.NONE
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the method runs the calibrated layer loop (every quantizing method but round-to-nearest)."""
+        return self.quantizes and self is not QuantMethod.RTN
+
+    def search_config(self, search: SearchConfig) -> SearchConfig:
+        """``search`` with what this method fixes: ``gptq`` and ``adaround`` round each linear of the unscaled,
+        unclipped model (no AWQ scale or clip search); ``awq-gptq`` and ``awq-refine`` are AWQ followed by
+        ``rounding="gptq"`` / ``"refine"``; ``awq`` keeps ``search.rounding`` as given. A ``search.rounding``
+        other than ``"none"`` that disagrees with the method is refused."""
+        fixed = {
+            QuantMethod.GPTQ: {"scales": False, "clip": False, "rounding": "gptq"},
+            QuantMethod.ADAROUND: {"scales": False, "clip": False, "rounding": "adaround"},
+            QuantMethod.AWQ_GPTQ: {"rounding": "gptq"},
+            QuantMethod.AWQ_REFINE: {"rounding": "refine"},
+        }.get(self)
+        if fixed is None:
+            return search
+        if search.rounding not in ("none", fixed["rounding"]):
+            raise InputError(
+                f"method {self.value!r} rounds with {fixed['rounding']!r}, but rounding={search.rounding!r} was "
+                f"asked for; drop the rounding option, or use method 'awq' with it"
+            )
+        return dataclasses.replace(search, **fixed)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from awqkit.naming import (
 from awqkit.spec import resolve_quantization_spec
 
 BASES = ["Qwen3-0.6B", "Meta-Llama-3.1-8B-Instruct", "SmolLM2-135M-Instruct", "gpt2", "Mistral-7B-v0.3"]
-TAGS = ["AWQ_w4_g128_headfp16", "RTN_w3_g64", "RTN_w4_g-1_sym_headfp16", "FP16", None]
+TAGS = ["AWQ_w4_g128_headfp16", "RTN_w3_g64", "RTN_w4_g-1_sym_headfp16", "AWQ-REFINE_w4_g64_headfp16", "FP16", None]
 
 
 def test_documented_example() -> None:
@@ -57,6 +57,8 @@ def test_quant_tag_from_spec() -> None:
     assert quant_tag(resolve_quantization_spec("rtn", bits=3, group_size=64), head=False) == "RTN_w3_g64"
     assert quant_tag(resolve_quantization_spec("rtn", group_size=-1, zero_point=False)) == "RTN_w4_g-1_sym_headfp16"
     assert quant_tag(resolve_quantization_spec("fp16")) == "FP16"
+    tag = quant_tag(resolve_quantization_spec("awq-gptq", group_size=64))
+    assert tag == "AWQ-GPTQ_w4_g64_headfp16" and parse_quant_tag(tag).method == "awq-gptq"
     # unapplied parts are not named: the checkpoint does not have them
     assert quant_tag(resolve_quantization_spec("awq", activations_bits=8, kv_cache_bits=8)) == "AWQ_w4_g128_headfp16"
     spec = resolve_quantization_spec("awq", group_size=64)

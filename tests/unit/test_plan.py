@@ -127,7 +127,7 @@ def test_typos_are_errors_naming_key_and_file(root: Path) -> None:
         (('text = "wiki.txt"', 'text = "missing.txt"'), "eval.text:"),
         (('output_dir = "runs"', ""), "output_dir: missing"),
         (('method = "fp"', 'method = "fp"\ngroup_size = 128'), "specs[2]: method none (float) has no group_size"),
-        (('method = "rtn"', 'method = "gptq"'), "specs[1]: quantization method 'gptq' is not known"),
+        (('method = "rtn"', 'method = "hqq"'), "specs[1]: quantization method 'hqq' is not known"),
     ],
 )
 def test_bad_values(root: Path, edit: tuple[str, str], expected: str) -> None:

@@ -24,8 +24,9 @@ def test_method_aliases_and_unknown() -> None:
     for alias in ("none", "fp16", "FP16", "bf16", "float"):
         assert QuantMethod.parse(alias) is QuantMethod.NONE
     assert not QuantMethod.NONE.quantizes and QuantMethod.AWQ.quantizes
-    with pytest.raises(ValueError, match=r"'gptq' is not known.*'none', 'rtn', 'awq'"):
-        QuantMethod.parse("gptq")
+    assert QuantMethod.parse("AWQ-Refine") is QuantMethod.AWQ_REFINE and QuantMethod.parse("gptq").calibrates
+    with pytest.raises(ValueError, match=r"'hqq' is not known.*'none', 'rtn', 'awq', 'gptq'"):
+        QuantMethod.parse("hqq")
 
 
 def test_defaults_per_method() -> None:
@@ -146,7 +147,8 @@ def test_spec_from_older_metadata_without_spec() -> None:
     spec = spec_from_metadata(meta)
     assert spec == resolve_quantization_spec("awq", group_size=64, zero_point=False)
     assert spec_from_metadata({"format_version": 1}) is None
-    assert spec_from_metadata({"method": "gptq", "bits": 4}) is None
+    assert spec_from_metadata({"method": "hqq", "bits": 4}) is None
+    assert spec_from_metadata({"method": "awq-gptq", "bits": 4}) == resolve_quantization_spec("awq-gptq")
     with pytest.raises(ValueError, match="needs at least a 'method'"):
         QuantizationSpec.from_dict({"weights_bits": 4})
 

@@ -74,14 +74,14 @@ def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> d
     search settings (``calib_config`` without the source path, the source file's sha256, ``search_config``)."""
 
     out: dict[str, Any] = {"spec": spec.to_dict()}
-    if spec.method.value == "awq":
+    if spec.method.calibrates:
         calib = to_dict(model.calib)
         source = calib.pop("source")
         out["calib_config"] = calib
         out["calibration_sha256"] = (
             None if source == "self" else (sha256_file(source) if Path(source).is_file() else f"missing file {source}")
         )
-        out["search_config"] = to_dict(plan.search)
+        out["search_config"] = to_dict(spec.method.search_config(plan.search))
     return out
 
 

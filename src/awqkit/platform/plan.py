@@ -26,7 +26,7 @@ read with PyYAML when it is installed; a clear error otherwise)::
     exclude = ["*-draft"]          # optional fnmatch patterns on folder names
 
     [[specs]]                      # what to produce: resolve_quantization_spec keys
-    method = "awq"                 # awq, rtn, or fp (the float model itself: never quantized)
+    method = "awq"                 # awq, rtn, gptq, adaround, awq-gptq, awq-refine, or fp (the float model)
     bits = [3, 4]                  # method, bits and group_size may be lists: every combination is made
     group_size = 128
 
@@ -390,7 +390,7 @@ def _parse_specs(raw: Any, errors: _Errors) -> list[QuantizationSpec]:
         where = f"specs[{i}]"
         _unknown_keys(entry, SPEC_KEYS, where, errors)
         if "method" not in entry:
-            errors.add(where, "needs a 'method' (awq, rtn or fp)")
+            errors.add(where, "needs a 'method' (awq, rtn, gptq, adaround, awq-gptq, awq-refine or fp)")
             continue
         entry = {k: v for k, v in entry.items() if k in SPEC_KEYS}
         lists = {k: (entry[k] if isinstance(entry[k], list) else [entry[k]]) for k in _SPEC_LIST_KEYS if k in entry}
@@ -402,7 +402,7 @@ def _parse_specs(raw: Any, errors: _Errors) -> list[QuantizationSpec]:
             values = dict(zip(lists, combo, strict=True))
             method = values.pop("method")
             if not isinstance(method, str):
-                errors.add(f"{where}.method", f"{method!r} is not a string (awq, rtn or fp)")
+                errors.add(f"{where}.method", f"{method!r} is not a string (awq, rtn, awq-refine, ... or fp)")
                 continue
             try:
                 spec = resolve_quantization_spec(method, **values, **fixed)
@@ -714,7 +714,7 @@ def plan_from_dict(
         or SearchConfig()
     )
     specs = _parse_specs(data.get("specs"), errors)
-    needs_calib_file = any(s.method.value == "awq" for s in specs)
+    needs_calib_file = any(s.method.calibrates for s in specs)
     models = _parse_models(
         data.get("models"), _calib_values(defaults, "defaults", errors), base, out, needs_calib_file, errors
     )

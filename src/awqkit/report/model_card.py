@@ -143,7 +143,19 @@ def _method_text(method: str, metadata: dict[str, Any]) -> str:
         )
     if method == "rtn":
         return "round-to-nearest (RTN), no calibration"
-    return method.upper()
+    return _OTHER_METHODS.get(method, method.upper())
+
+
+_OTHER_METHODS = {
+    "gptq": "GPTQ: each linear's integers chosen column by column through the inverse Hessian of its calibration "
+    "inputs, the rounding error pushed onto the columns not yet quantized",
+    "adaround": "AdaRound: each weight's rounding up or down learned to reconstruct the linear's output on "
+    "calibration inputs",
+    "awq-gptq": "AWQ (activation-aware scales and clipping, searched on calibration activations), then GPTQ "
+    "rounding of each linear",
+    "awq-refine": "AWQ (activation-aware scales and clipping), then block-wise refinement: every decoder layer's "
+    "rounding and clipping range learned by signed gradient descent against the float layer's output",
+}
 
 
 def _usage(name: str, s: dict[str, Any]) -> list[str]:

@@ -18,7 +18,15 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_METHOD_COLORS = {"fp": "black", "rtn": "tab:blue", "awq": "tab:orange"}
+_METHOD_COLORS = {
+    "fp": "black",
+    "rtn": "tab:blue",
+    "awq": "tab:orange",
+    "gptq": "tab:green",
+    "adaround": "tab:purple",
+    "awq-gptq": "tab:red",
+    "awq-refine": "tab:brown",
+}
 _MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 _MODEL_LINES = ("-", "--", ":", "-.")
 
