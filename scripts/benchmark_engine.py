@@ -102,6 +102,46 @@ PEERS: dict[str, dict[str, Any]] = {
             "org_sd = {k: v.detach().clone() for k, v in module2inspect.state_dict().items()}",
         ),
     },
+    "autoround": {
+        "venv": "auto-round-0.16.1-venv",
+        # its plain requirements (no [cpu] extra: numba/tbb/auto-round-lib only speed up its own CPU inference);
+        # transformers pinned as for the other peers
+        "pip": [[TORCH], ["-c", "{c}", "auto-round==0.16.1", "transformers==5.24.0"]],
+        "patch": None,
+    },
+    "gptqmodel": {
+        "venv": "gptqmodel-7.7.0-venv",
+        # --no-deps: its requirements pull torch>=2.14.1 (a CUDA build); the runtime deps by hand (peer-runs.md),
+        # without the build-only ninja/maturin
+        "pip": [
+            [TORCH],
+            ["--no-deps", "gptqmodel==7.7.0"],
+            [
+                "-c",
+                "{c}",
+                "transformers==5.24.0",
+                "accelerate>=1.15.0",
+                "safetensors>=0.8.0",
+                "numpy>=2.4.6",
+                "threadpoolctl>=3.7.0",
+                "packaging>=26.3",
+                "device-smi>=0.5.7",
+                "protobuf>=7.36.2",
+                "pillow>=13.0.0",
+                "requests>=2.34.2",
+                "pypcre>=0.6.4",
+                "tokenicer>=0.0.14",
+                "logbar>=0.4.15",
+                "jinja2>=3.1.6",
+                "datasets>=5.1.0",
+                "pyarrow>=26.0.0",
+                "dill>=0.4.1",
+                "torchao>=0.18.0",
+                "defuser>=0.0.28",
+            ],
+        ],
+        "patch": None,
+    },
 }
 RUNS: dict[str, dict[str, Any]] = {
     "awqkit": {"tool": "awqkit", "label": "awqkit AWQ (defaults)"},
