@@ -20,6 +20,7 @@ from typing import Any
 from awqkit.config import (
     PROPAGATE_MODES,
     RANK_BY,
+    REFINE_INITS,
     REFINE_TARGETS,
     ROUNDINGS,
     SCALE_MODES,
@@ -98,6 +99,12 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=S["search_tokens"],
         help="tokens scoring MLP candidates (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-scales",
+        dest="scales",
+        action="store_false",
+        help="skip the scale search (no scaling: what --method gptq/adaround do)",
     )
     p.add_argument("--no-clip", action="store_true", help="skip the weight-clipping search")
     p.add_argument(
@@ -185,6 +192,13 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         "activations (model: also undoes the earlier layers' error) (default %(default)s)",
     )
     p.add_argument(
+        "--refine-init",
+        choices=REFINE_INITS,
+        default=S["refine_init"],
+        help="--rounding refine: start at AWQ's round to nearest (rtn) or at GPTQ's integers (gptq) "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--refine-lr",
         type=float,
         default=S["refine_lr"],
@@ -232,6 +246,7 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
         scale_mode=a.scale_mode,
         search_samples=a.search_samples,
         search_tokens=a.search_tokens,
+        scales=a.scales,
         clip=not a.no_clip,
         propagate=a.propagate,
         batch_size=a.batch_size,
@@ -249,6 +264,7 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
         refine_lr=a.refine_lr,
         refine_batch_size=a.refine_batch_size,
         refine_target=a.refine_target,
+        refine_init=a.refine_init,
         gptq_damp=a.gptq_damp,
         gptq_act_order=a.gptq_act_order,
     )

@@ -16,7 +16,9 @@ SCALE_MODES = ("x", "duo", "both")
 PROPAGATE_MODES = ("quantized", "float")
 RANK_BY = ("subset", "gram")
 ROUNDINGS = ("none", "gptq", "adaround", "refine")
+Rounding = Literal["none", "gptq", "adaround", "refine"]
 REFINE_TARGETS = ("layer", "model")
+REFINE_INITS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,9 @@ class SearchConfig:
     keeping AWQ's integers where it does not help. ``refine_target``: the float layer's output on the same inputs
     (``"layer"``), or the float model's activations after that layer (``"model"``: the layer also learns to
     undo the error of the quantized layers before it, as AutoRound does; a second activation stream is kept).
+    ``refine_init``: the starting point, AWQ's round to nearest (``"rtn"``) or GPTQ's integers on AWQ's grid
+    (``"gptq"``, with ``gptq_damp`` / ``gptq_act_order``; the rounding offsets then move around GPTQ's
+    error-compensated weights).
     """
 
     scales: bool = True
@@ -179,12 +184,13 @@ class SearchConfig:
     rank_top_k: int = 3
     rank_by: Literal["subset", "gram"] = "subset"
     rank_tokens: int = 512
-    rounding: Literal["none", "gptq", "adaround", "refine"] = "none"
+    rounding: Rounding = "none"
     rounding_iters: int = 1000
     refine_iters: int = 100
     refine_lr: float | None = None
     refine_batch_size: int = 2
     refine_target: Literal["layer", "model"] = "layer"
+    refine_init: Literal["rtn", "gptq"] = "rtn"
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
 
@@ -206,6 +212,8 @@ class SearchConfig:
                 f"rounding_iters={self.rounding_iters}, refine_iters={self.refine_iters} and "
                 f"gptq_damp={self.gptq_damp} must be >= 0"
             )
+        if self.refine_init not in REFINE_INITS:
+            raise InputError(f"refine_init={self.refine_init!r}; choose one of {REFINE_INITS}")
         if self.refine_target not in REFINE_TARGETS:
             raise InputError(f"refine_target={self.refine_target!r}; choose one of {REFINE_TARGETS}")
         if self.refine_batch_size < 1:

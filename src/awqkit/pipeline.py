@@ -20,6 +20,7 @@ The model's weights end folded and clipped but still float; :func:`awqkit.quanti
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -324,9 +325,7 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
     del cache
     # [STEP 3b] rounding (GPTQ / AdaRound true-sequentially, or the whole layer refined) on the scaled weights
     if scfg.rounding == "refine" and unclipped is not None:
-        results.roundings += refine_layer(
-            linears, unclipped, _layer_forward(run, i, layer, hidden), float_out, i, prefix, qcfg, scfg, run.parallel
-        )
+        _refine(run, i, layer, linears, unclipped, hidden, float_out, results)
         if run.float_hidden is not None:
             run.float_hidden = list(float_out)  # the next layer's inputs in the float model
         if scfg.propagate != "float":
@@ -339,6 +338,44 @@ def _layer(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor], results: A
     del unclipped
     # [STEP 4] inputs of the next layer
     return _next_inputs(run, i, layer, linears, hidden, float_out, store_dtype, results)
+
+
+def _refine(
+    run: _Run,
+    i: int,
+    layer: nn.Module,
+    linears: dict[str, nn.Linear],
+    unclipped: dict[str, Tensor],
+    hidden: list[Tensor],
+    targets: list[Tensor],
+    results: AWQResults,
+) -> None:
+    """Step 3b for ``rounding="refine"``: the layer's rounding and clipping ranges learned against ``targets``
+    (:mod:`awqkit.refine`), started at round to nearest or, with ``refine_init="gptq"``, at GPTQ's integers
+    (true-sequential, as ``rounding="gptq"``)."""
+    scfg, prefix = run.scfg, f"{run.spec.layers}.{i}."
+    forward = _layer_forward(run, i, layer, hidden)
+    clipped = {n: lin.weight.detach().clone() for n, lin in linears.items()}
+    bases, start = unclipped, None
+    if scfg.refine_init == "gptq":
+        updated: dict[str, Tensor] = {}
+        entries = round_layer(
+            linears,
+            lambda j: forward(j, None),
+            len(hidden),
+            i,
+            prefix,
+            run.qcfg,
+            dataclasses.replace(scfg, rounding="gptq"),
+            run.parallel,
+            targets=unclipped,
+            updated=updated,
+        )
+        bases = {n[len(prefix) :]: w for n, w in updated.items()}
+        start = {e.name[len(prefix) :]: (e.q.to(torch.int32), e.scales, e.zeros) for e in entries}
+    results.roundings += refine_layer(
+        linears, bases, clipped, forward, targets, i, prefix, run.qcfg, scfg, run.parallel, start=start
+    )
 
 
 def _layer_forward(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor]) -> LayerForward:

@@ -60,7 +60,8 @@ def _objective(forward: LayerForward, targets: list[Tensor], weights: dict[str, 
 
 def refine_layer(
     linears: dict[str, nn.Linear],
-    unclipped: dict[str, Tensor],
+    bases: dict[str, Tensor],
+    clipped: dict[str, Tensor],
     forward: LayerForward,
     targets: list[Tensor],
     layer: int,
@@ -68,28 +69,29 @@ def refine_layer(
     qcfg: QuantConfig,
     scfg: SearchConfig,
     parallel: DataParallel,
+    start: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> list[RoundingEntry]:
     """Learn the rounding and clipping range of ``linears`` (layer-relative names; float32 weights on the compute
-    device, scaled and clipped) against the float layer's outputs ``targets`` (one per calibration batch of this
-    rank; the float layer on the same inputs, or the float model's activations); ``unclipped`` holds their
-    weights before clipping. Returns one entry per linear (full names ``prefix +
-    name``); the linears' weights become the dequantized result. See the module docstring."""
+    device) against ``targets`` (one per calibration batch of this rank; the float layer on the same inputs, or
+    the float model's activations). Each linear's grid starts at the range of its ``clipped`` weight (AWQ's clip)
+    and rounds ``bases[name]``: the scaled weight before clipping (``refine_init="rtn"``: the start is round to
+    nearest) or GPTQ's error-compensated columns (``"gptq"``: the start is GPTQ's integers). ``start`` holds the
+    starting point's integers ``(q int32, scales, zeros)`` (default: round to nearest of ``clipped``), what the
+    result is compared with. Returns one entry per linear (full names ``prefix + name``); the linears' weights
+    become the dequantized result. See the module docstring."""
     names = sorted(linears)
-    awq_weights = {}
-    for n in names:
-        q, s, z = quantize_weight(linears[n].weight.data, qcfg.bits, qcfg.group_size, qcfg.zero_point)
-        awq_weights[n] = (q, s, z)
+    if start is None:
+        start = {n: quantize_weight(clipped[n], qcfg.bits, qcfg.group_size, qcfg.zero_point) for n in names}
     grids = {
         n: LearnedGrid(
-            unclipped[n].to(linears[n].weight.device, torch.float32),
-            linears[n].weight.data.float(),
+            bases[n].to(linears[n].weight.device, torch.float32),
+            clipped[n].to(linears[n].weight.device, torch.float32),
             qcfg.bits,
             qcfg.group_size,
             qcfg.zero_point,
         )
         for n in names
     }
-
     k = scfg.refine_batch_size  # a step's sequences: a slice of one calibration batch
     steps = [(j, slice(r, r + k)) for j, y in enumerate(targets) for r in range(0, y.shape[0], k)]
 
@@ -113,10 +115,10 @@ def refine_layer(
             reduce_grads=parallel.all_reduce if parallel.active else None,
         )
     with torch.no_grad():
-        start = {n: dequantize(q, s, z, qcfg.group_size) for n, (q, s, z) in awq_weights.items()}
+        first = {n: dequantize(q, s, z, qcfg.group_size) for n, (q, s, z) in start.items()}
         learned = {n: g.integers() for n, g in grids.items()}
         end = {n: dequantize(q.to(torch.int32), s, z, qcfg.group_size) for n, (q, s, z) in learned.items()}
-        before, count = parallel.sum_floats(_objective(forward, targets, start))
+        before, count = parallel.sum_floats(_objective(forward, targets, first))
         after, _ = parallel.sum_floats(_objective(forward, targets, end))
     loss_start, loss_end = before / count, after / count
     kept = loss_end < loss_start
@@ -126,7 +128,7 @@ def refine_layer(
         loss_start,
         loss_end,
         iters,
-        "kept" if kept else "AWQ kept",
+        "kept" if kept else "the start kept",
         history[0] if history else float("nan"),
         history[-1] if history else float("nan"),
     )
@@ -135,9 +137,9 @@ def refine_layer(
         if kept:
             q, s, z = learned[n]
         else:
-            q32, s, z = awq_weights[n]
+            q32, s, z = start[n]
             q = q32.to(torch.uint8)
-        weight = end[n] if kept else start[n]
+        weight = end[n] if kept else first[n]
         linears[n].weight.data.copy_(weight.to(linears[n].weight.dtype))
         entries.append(
             RoundingEntry(layer, prefix + n, "refine", q.cpu(), s.cpu(), z.cpu(), loss_start, min(loss_end, loss_start))

@@ -76,7 +76,7 @@ def call_groups(linears: dict[str, nn.Linear], run_first_batch: Callable[[], obj
     return [g for _, g in groups]
 
 
-def input_gram(lin: nn.Linear, forward: Callable[[int], None], n_batches: int, parallel: DataParallel) -> Tensor:
+def input_gram(lin: nn.Linear, forward: Callable[[int], object], n_batches: int, parallel: DataParallel) -> Tensor:
     """``Σ_t x_t x_tᵀ`` (float32 ``[in, in]``) of ``lin``'s input over the batches ``forward(0 .. n_batches - 1)``
     runs (each forward stopped at ``lin``), summed over the data-parallel ranks."""
     gram = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
@@ -112,19 +112,23 @@ def round_linear(
     qcfg: QuantConfig,
     scfg: SearchConfig,
     target: Tensor | None = None,
+    updated: dict[str, Tensor] | None = None,
 ) -> RoundingEntry:
     """Round ``lin`` with ``scfg.rounding`` against Gram ``h``; its weight becomes the dequantized result.
 
     The grid comes from ``lin``'s current weight (clipped by the clip search, if it ran); the output error is
     measured against ``target`` (the weight before clipping; default the current weight), so the rounding also
     compensates the clipping error instead of reproducing the clipped weight. ``loss_rtn`` is round-to-nearest of
-    the current weight against the same target (what AWQ alone would store)."""
+    the current weight against the same target (what AWQ alone would store). ``updated`` (GPTQ only) receives
+    GPTQ's error-compensated columns under ``name`` (:attr:`awqkit.algo.gptq.GPTQResult.updated`)."""
     grid = lin.weight.data.float()
     w = grid if target is None else target.to(grid.device, torch.float32)
     bits, g, zp = qcfg.bits, qcfg.group_size, qcfg.zero_point
     if scfg.rounding == "gptq":
         r = gptq_quantize(w, h, bits, g, zp, damp=scfg.gptq_damp, act_order=scfg.gptq_act_order, grid_weight=grid)
         q, scales, zeros, weight = r.q, r.scales, r.zeros, r.weight
+        if updated is not None and r.updated is not None:
+            updated[name] = r.updated
     elif scfg.rounding == "adaround":
         a = adaround(w, h, bits, g, zp, iters=scfg.rounding_iters, grid_weight=grid)
         q, scales, zeros, weight = a.q, a.scales, a.zeros, a.weight
@@ -140,7 +144,7 @@ def round_linear(
 
 def round_layer(
     linears: dict[str, nn.Linear],
-    forward: Callable[[int], None],
+    forward: Callable[[int], object],
     n_batches: int,
     layer: int,
     prefix: str,
@@ -148,18 +152,19 @@ def round_layer(
     scfg: SearchConfig,
     parallel: DataParallel,
     targets: dict[str, Tensor] | None = None,
+    updated: dict[str, Tensor] | None = None,
 ) -> list[RoundingEntry]:
     """Round every linear of ``linears`` (layer-relative names; float32 weights on the compute device), group by
     group in call order (see the module docstring). ``forward(j)`` runs the layer on this rank's calibration batch
-    ``j`` of ``n_batches``; ``targets`` holds the weights before clipping (:func:`round_linear`). Returns the
-    entries (full names ``prefix + name``)."""
+    ``j`` of ``n_batches``; ``targets`` holds the weights before clipping (:func:`round_linear`); ``updated``
+    receives GPTQ's error-compensated columns (full names). Returns the entries (full names ``prefix + name``)."""
     groups = call_groups(linears, lambda: forward(0))
     entries = []
     for group in groups:
         h = input_gram(linears[group[0]], forward, n_batches, parallel)
         for name in group:
             target = targets.get(name) if targets is not None else None
-            entry = round_linear(prefix + name, linears[name], h, layer, qcfg, scfg, target)
+            entry = round_linear(prefix + name, linears[name], h, layer, qcfg, scfg, target, updated)
             entries.append(entry)
             logger.debug(
                 "layer %d %s: %s output error %.4g (round to nearest %.4g)",

@@ -32,7 +32,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from awqkit.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, SearchConfig
+from awqkit.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, Rounding, SearchConfig
 from awqkit.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -100,20 +100,27 @@ class QuantMethod(str, enum.Enum):  # noqa: UP042 - str() of a member stays 'Qua
         unclipped model (no AWQ scale or clip search); ``awq-gptq`` and ``awq-refine`` are AWQ followed by
         ``rounding="gptq"`` / ``"refine"``; ``awq`` keeps ``search.rounding`` as given. A ``search.rounding``
         other than ``"none"`` that disagrees with the method is refused."""
-        fixed = {
-            QuantMethod.GPTQ: {"scales": False, "clip": False, "rounding": "gptq"},
-            QuantMethod.ADAROUND: {"scales": False, "clip": False, "rounding": "adaround"},
-            QuantMethod.AWQ_GPTQ: {"rounding": "gptq"},
-            QuantMethod.AWQ_REFINE: {"rounding": "refine"},
-        }.get(self)
-        if fixed is None:
+        rounding = _METHOD_ROUNDING.get(self.value)
+        if rounding is None:
             return search
-        if search.rounding not in ("none", fixed["rounding"]):
+        if search.rounding not in ("none", rounding):
             raise InputError(
-                f"method {self.value!r} rounds with {fixed['rounding']!r}, but rounding={search.rounding!r} was "
+                f"method {self.value!r} rounds with {rounding!r}, but rounding={search.rounding!r} was "
                 f"asked for; drop the rounding option, or use method 'awq' with it"
             )
-        return dataclasses.replace(search, **fixed)
+        scaled = self.value.startswith("awq")  # rounding alone: no scale or clip search
+        return dataclasses.replace(
+            search, rounding=rounding, scales=scaled and search.scales, clip=scaled and search.clip
+        )
+
+
+#: The rounding each combined method fixes (:meth:`QuantMethod.search_config`).
+_METHOD_ROUNDING: dict[str, Rounding] = {
+    "gptq": "gptq",
+    "adaround": "adaround",
+    "awq-gptq": "gptq",
+    "awq-refine": "refine",
+}
 
 
 @dataclass(frozen=True)

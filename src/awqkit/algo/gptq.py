@@ -76,6 +76,9 @@ class GPTQResult:
     zeros: Tensor  # int32 [out, n_groups]
     weight: Tensor  # float32 [out, in] = dequantize(q, scales, zeros, group_size): the weight to run with
     loss: float  # the proxy loss: Σ over columns and rows of (w - ŵ)² / H_F⁻¹[j, j] (= err²), for logging
+    # float32 [out, in]: each column as it was rounded, after the error feedback of the columns before it, so
+    # q = clamp(round(updated / scale) + zero, 0, 2^bits - 1) (the starting point of awqkit.refine's init="gptq")
+    updated: Tensor | None = None
 
 
 def _check_inputs(
@@ -278,6 +281,9 @@ def gptq_quantize(
         q_orig = torch.empty_like(q)
         q_orig[:, perm] = q
         q = q_orig
+        w_orig = torch.empty_like(wf)
+        w_orig[:, perm] = wf
+        wf = w_orig
     q_int = q.to(torch.int32)
     return GPTQResult(
         q=q_int,
@@ -285,4 +291,5 @@ def gptq_quantize(
         zeros=zeros,
         weight=dequantize(q_int, scales, zeros, group_size),
         loss=loss,
+        updated=wf,
     )
