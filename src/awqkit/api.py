@@ -10,7 +10,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from awqkit import __version__
 from awqkit.algo.results import AWQResults
-from awqkit.arch import ArchSpec, get_layers, layer_linears, matches, resolve_arch, spec_for_architectures
+from awqkit.arch import resolve_arch, spec_for_architectures
 from awqkit.bench.resources import track_peak_rss
 from awqkit.calib import load_calibration
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, to_dict
@@ -49,65 +49,11 @@ from awqkit.preflight import (
 )
 from awqkit.report.model_card import write_model_card
 from awqkit.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
+from awqkit.targets import Targets, select_targets
 
 logger = logging.getLogger(__name__)
 
 METHODS = tuple(m.value for m in QuantMethod if m.quantizes)
-
-
-@dataclass
-class Targets:
-    """Which decoder-layer linears get quantized, and which stay float (and why)."""
-
-    quantized: list[str]
-    kept: dict[str, str] = field(default_factory=dict)  # name -> reason
-
-
-def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targets:
-    """Every ``nn.Linear`` inside the decoder layers, minus exclusions; shape problems are loud.
-
-    A linear whose ``in_features`` is not a multiple of the group size (or, at 4 bits, whose
-    ``out_features`` is not a multiple of 8, required by the GEMM layout) is an error naming it and the
-    group sizes that would work, unless ``qcfg.keep_unaligned_fp16`` (then it stays fp16, with a warning).
-    """
-    out = Targets([])
-    not_convert = [f"re:{p}" for p in spec.not_convert] + list(qcfg.modules_to_not_convert)
-    unaligned: list[tuple[str, nn.Linear]] = []
-    for i, layer in enumerate(get_layers(model, spec)):
-        for rel, mod in layer_linears(layer).items():
-            name = f"{spec.layers}.{i}.{rel}"
-            if matches(name, not_convert):
-                out.kept[name] = "modules_to_not_convert"
-                continue
-            g = mod.in_features if qcfg.group_size == -1 else qcfg.group_size
-            if mod.in_features % g or (qcfg.bits == 4 and mod.out_features % 8):
-                unaligned.append((name, mod))
-                out.kept[name] = (
-                    f"shape [{mod.out_features}x{mod.in_features}] does not fit group_size {g}"
-                    f"{' and the 4-bit GEMM layout' if qcfg.bits == 4 else ''}"
-                )
-                continue
-            out.quantized.append(name)
-    if unaligned:
-        ins = {mod.in_features for _, mod in unaligned}
-        ok = [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in ins)] + [-1]
-        listed = ", ".join(f"{n} [{m.out_features}x{m.in_features}]" for n, m in unaligned[:6])
-        msg = (
-            f"{len(unaligned)} linears do not fit group_size={qcfg.group_size}"
-            f"{' (4-bit GEMM also needs out_features % 8 == 0)' if qcfg.bits == 4 else ''}: "
-            f"{listed}{' ...' if len(unaligned) > 6 else ''}. Group sizes that fit every "
-            f"layer: {ok}."
-        )
-        if not qcfg.keep_unaligned_fp16:
-            raise InputError(msg + " Choose one of them, or keep these layers in fp16 with --keep-unaligned-fp16.")
-        logger.warning("%s Keeping them in fp16 as asked.", msg)
-    all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for pattern in qcfg.modules_to_not_convert:
-        if not any(matches(n, (pattern,)) for n in all_linears):
-            logger.warning("modules_to_not_convert entry %r matches no linear layer of this model", pattern)
-    if not out.quantized:
-        raise InputError("no linear layer is left to quantize; check modules_to_not_convert and group_size")
-    return out
 
 
 @dataclass

@@ -399,22 +399,36 @@ def test_rtn_writes_a_loadable_folder(llama_root):
 
 
 def test_modules_to_not_convert_keeps_linears_float(llama_root):
-    qc = QuantConfig(bits=4, group_size=32, modules_to_not_convert=("gate_proj", r"re:model\.layers\.1\.self_attn\..*"))
+    # whole fused groups (vLLM's gate_up_proj, qkv_proj) and a linear in no group (layer 0's o_proj)
+    qc = QuantConfig(
+        bits=4,
+        group_size=32,
+        modules_to_not_convert=(
+            "gate_proj",
+            "up_proj",
+            r"re:model\.layers\.1\.self_attn\..*",
+            "layers.0.self_attn.o_proj",
+        ),
+    )
     dst = llama_root / "keep"
     report = _quantize(llama_root, dst, quant=qc)
     kept = sorted(report.metadata["kept_float"])
     assert kept == sorted(
-        [f"model.layers.{i}.mlp.gate_proj" for i in range(2)] + [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]
+        [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up")]
+        + [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]
+        + ["model.layers.0.self_attn.o_proj"]
     )
-    assert report.metadata["quantized_modules"] == 14 - 6
+    assert report.metadata["quantized_modules"] == 14 - 9
     ignore = json.loads((dst / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
     assert set(kept) | {"lm_head"} == set(ignore)
     prevs = [m["prev"] for m in report.metadata["awq"]["mappings"]]
     assert "model.layers.1.input_layernorm" not in prevs  # no quantized consumer left
-    assert "model.layers.0.post_attention_layernorm" in prevs  # up_proj is still quantized
+    assert "model.layers.0.post_attention_layernorm" not in prevs
+    assert "model.layers.0.input_layernorm" in prevs  # q/k/v of layer 0 are still quantized
+    assert "model.layers.0.mlp.up_proj" in prevs  # down_proj is still quantized behind a float up_proj
     q = load_quantized(dst)
     qnames = {n for n, m in q.named_modules() if isinstance(m, QuantLinear)}
-    assert not qnames & set(kept) and len(qnames) == 8
+    assert not qnames & set(kept) and len(qnames) == 5
     rebuilt = _reapply(llama_root / "src", dst, qc)
     ids = _ids(q.config.vocab_size)
     torch.testing.assert_close(_logits(rebuilt, ids), _logits(q, ids), rtol=0, atol=1e-4)

@@ -301,6 +301,8 @@ CASES: list[tuple[str, Setup]] = [
     ("SET-BITS", lambda e, m: e.quantize("--bits", "9")),
     ("SET-GROUP", lambda e, m: e.quantize("--group-size", "100")),
     ("SET-UNALIGNED", lambda e, m: e.quantize("--group-size", "128")),
+    ("SET-FUSED-SPLIT", lambda e, m: e.quantize("--modules-to-not-convert", "q_proj")),
+    ("SET-METHOD-ROUNDING", lambda e, m: e.quantize("--rounding", "adaround", method=["--method", "awq-gptq"])),
     ("SET-NOTHING-LEFT", lambda e, m: e.quantize("--modules-to-not-convert", "re:.*")),
     ("SET-LM-HEAD", lambda e, m: e.quantize("--no-keep-lm-head-fp16")),
     ("SET-SEARCH", lambda e, m: e.quantize("--n-grid", "1")),

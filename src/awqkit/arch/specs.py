@@ -89,6 +89,9 @@ class ArchSpec:
     decode: where awqkit's decode loop finds the parts, or None when it does not run this family.
     config_fields: integer fields the (text) config must state; transformers would fill absent ones with its
         defaults and build a model of another size than the weights.
+    fused: groups of linears (layer-relative names) that vLLM fuses into one module (``qkv_proj``,
+        ``gate_up_proj``) and loads only when all or none of them are quantized; awqkit keeps each group
+        whole (see :func:`awqkit.targets.select_targets`). Empty: the family fuses nothing.
     """
 
     name: str
@@ -106,6 +109,7 @@ class ArchSpec:
         "num_attention_heads",
         "vocab_size",
     )
+    fused: tuple[tuple[str, ...], ...] = ()
 
 
 # Llama-style decoder layer: input_layernorm → attention; post_attention_layernorm → gated MLP.
@@ -142,14 +146,22 @@ _GEMMA3_MAPPINGS = (
     Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "linear"),
 )
 
+# vLLM's fused modules of a Llama-style layer: qkv_proj and gate_up_proj (the same names in Gemma3).
+_LLAMA_FUSED = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+)
+
 _LLAMA_DECODE = DecodeSpec()
 _QWEN3_DECODE = DecodeSpec(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
 
 # Gemma3 has no decode spec (sandwich norms, scaled embeddings, soft-capping): it runs the transformers loop.
 REGISTRY: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("LlamaForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_LLAMA_DECODE),
-    ArchSpec("mistral", ("MistralForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_LLAMA_DECODE),
-    ArchSpec("qwen2", ("Qwen2ForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_LLAMA_DECODE),
-    ArchSpec("qwen3", ("Qwen3ForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_QWEN3_DECODE),
-    ArchSpec("gemma3", ("Gemma3ForCausalLM",), "model.layers", _GEMMA3_MAPPINGS, norm_offset=1.0),
+    ArchSpec("llama", ("LlamaForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_LLAMA_DECODE, fused=_LLAMA_FUSED),
+    ArchSpec(
+        "mistral", ("MistralForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_LLAMA_DECODE, fused=_LLAMA_FUSED
+    ),
+    ArchSpec("qwen2", ("Qwen2ForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_LLAMA_DECODE, fused=_LLAMA_FUSED),
+    ArchSpec("qwen3", ("Qwen3ForCausalLM",), "model.layers", _LLAMA_MAPPINGS, decode=_QWEN3_DECODE, fused=_LLAMA_FUSED),
+    ArchSpec("gemma3", ("Gemma3ForCausalLM",), "model.layers", _GEMMA3_MAPPINGS, norm_offset=1.0, fused=_LLAMA_FUSED),
 )
