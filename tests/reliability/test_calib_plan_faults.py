@@ -40,7 +40,8 @@ def test_calib_build_never_replaces_a_file_without_overwrite(model: Path, tmp_pa
     args = ["calib", "build", "--dataset", data, "--model", model, "--out", tmp_path / "out", "--seq-len", "16"]
     assert run(*args).rc == 0
     written = sorted((tmp_path / "out").iterdir())
-    assert [p.name for p in written] == ["calibration_train_8samples.meta.json", "calibration_train_8samples.txt"]
+    # named after the 40 training rows (8 prompts drawn)
+    assert [p.name for p in written] == ["calibration_train_40samples.meta.json", "calibration_train_40samples.txt"]
     before = tree_hash(tmp_path / "out")
     result = run(*args, "--seed", "7")
     assert result.rc == 2

@@ -362,6 +362,11 @@ def test_eval_argument_errors(golden: Path, tmp_path: Path) -> None:
     _cli_refused("EVAL-TASK", "eval", src, "--tasks", ",", sealed=src)
     _cli_refused("EVAL-KL-BASELINE", "eval", src, "--tasks", "kl", sealed=src)
     _cli_refused("EVAL-TEXT-MISSING", "eval", src, "--text", tmp_path / "missing.txt", sealed=src)
+    empty, latin1 = tmp_path / "blank.txt", tmp_path / "latin1.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    for bad in (empty, latin1, tmp_path):  # --text is read as it is: it must be a UTF-8 file with text
+        _cli_refused("EVAL-TEXT-UNREADABLE", "eval", src, "--text", bad, sealed=src)
     _cli_refused("EVAL-BACKEND", "eval", src, "--text", text, "--backend", "cuda-magic", sealed=src)
     _cli_refused("EVAL-MODEL-MISSING", "eval", tmp_path / "nope", "--text", text)
     _cli_refused("EVAL-MODEL-MISSING", "eval", text, "--text", text)

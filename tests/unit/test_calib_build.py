@@ -22,6 +22,7 @@ from awqkit.platform.calib_build import (
     calibration_file_name,
     calibration_sample_size,
     read_calibration_file,
+    read_calibration_meta,
     read_dataset,
     render_prompt,
     sample_rows,
@@ -116,7 +117,9 @@ def test_build_from_jsonl(tmp_path: Path, n_rows: int, expected: int) -> None:
     data = _jsonl(tmp_path / "openmath.jsonl", rows)
     res = build_calibration_set(data, tok, out_dir=tmp_path / "out", system_prompt=SYSTEM, n_blocks=1, seq_len=8)
     assert res.n_samples == expected == len(res.row_indices)
-    assert res.path == tmp_path / "out" / f"calibration_openmath_{expected}samples.txt"
+    # named after the training set's rows (the platform's len(df)), not the prompts drawn
+    assert res.path == tmp_path / "out" / f"calibration_openmath_{n_rows}samples.txt"
+    assert res.meta_path == tmp_path / "out" / f"calibration_openmath_{n_rows}samples.meta.json"
     assert res.row_indices == sample_rows(n_rows, expected, 42)
     want = [_expected(tok, rows[i]["question"], SYSTEM) for i in res.row_indices]
     assert read_calibration_file(res.path) == want
@@ -124,9 +127,42 @@ def test_build_from_jsonl(tmp_path: Path, n_rows: int, expected: int) -> None:
     assert read_samples(res.path, tok, CalibConfig(source=str(res.path))) == want
     assert len(res.path.read_text(encoding="utf-8").splitlines()) == expected  # one record per line
     meta = json.loads(res.meta_path.read_text())
+    assert (meta["n_samples"], meta["train_rows"], res.train_rows) == (expected, n_rows, n_rows)
     assert meta["sampling"]["row_indices"] == res.row_indices and meta["sampling"]["seed"] == 42
     assert meta["tokens"]["per_prompt"] == res.token_counts and all(c > 0 for c in res.token_counts)
     assert res.token_counts == [len(tok(p, add_special_tokens=False)["input_ids"]) for p in want]
+
+
+def test_name_counts_the_training_rows_not_the_prompts_drawn(tmp_path: Path) -> None:
+    """GSM8K's 1319-row test set sampled at 128: the platform looks for calibration_gsm8k_1319samples.txt."""
+    rows = [{"question": f"Problem {i}: what is {i} + 1?", "answer": str(i + 1)} for i in range(1319)]
+    data = _jsonl(tmp_path / "test.jsonl", rows)
+    res = build_calibration_set(
+        data, make_tiny_tokenizer(), dataset_name="gsm8k", out_dir=tmp_path / "out", n_blocks=1, seq_len=8
+    )
+    assert res.path == tmp_path / "out" / "calibration_gsm8k_1319samples.txt"
+    assert res.meta_path == tmp_path / "out" / "calibration_gsm8k_1319samples.meta.json"
+    assert (res.n_samples, res.train_rows) == (128, 1319) and len(read_calibration_file(res.path)) == 128
+    meta = json.loads(res.meta_path.read_text())
+    assert (meta["n_samples"], meta["train_rows"], meta["file"]) == (128, 1319, res.path.name)
+    assert (meta["sampling"]["n_samples"], meta["sampling"]["rows"]) == (128, 1319)
+    got = read_calibration_meta(res.path)
+    assert got is not None and (got["n_samples"], got["train_rows"], got["dataset_name"]) == (128, 1319, "gsm8k")
+    assert got["meta_path"] == str(res.meta_path) and got["seed"] == 42
+
+
+def test_read_calibration_meta_of_older_and_foreign_files(tmp_path: Path) -> None:
+    cal = tmp_path / "calibration_x_40samples.txt"
+    cal.write_text('{"text": "a"}\n')
+    assert read_calibration_meta(cal) is None  # no meta file beside it
+    meta = cal.with_suffix(".meta.json")
+    meta.write_text(json.dumps({"format": "awqkit-calibration-jsonl/1", "sampling": {"rows": 40, "n_samples": 8}}))
+    got = read_calibration_meta(cal)  # written before the top-level keys: read from "sampling"
+    assert got is not None and (got["n_samples"], got["train_rows"]) == (8, 40)
+    meta.write_text(json.dumps({"n_samples": 3}))
+    assert read_calibration_meta(cal) is None  # not awqkit's
+    meta.write_text("{not json")
+    assert read_calibration_meta(cal) is None
 
 
 def test_same_rows_every_time_and_other_seed(tmp_path: Path) -> None:
@@ -168,7 +204,7 @@ def test_csv_with_custom_column_and_name(tmp_path: Path) -> None:
         path, tok, column="problem", dataset_name="open math_v2", out_dir=tmp_path, n_blocks=1, seq_len=8
     )
     assert res.n_rows == 40 and res.n_usable_rows == 26 and res.n_samples == 8
-    assert res.path.name == "calibration_open-math-v2_8samples.txt"
+    assert res.path.name == "calibration_open-math-v2_40samples.txt"  # all 40 rows, empty prompts included
     assert any("14 of 40 rows have an empty 'Problem'" in w for w in res.warnings)
     assert all(p.endswith("<|assistant|>\n") and "multi-line\nproblem" in p for p in read_calibration_file(res.path))
 
@@ -236,7 +272,7 @@ def test_parquet_through_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         tmp_path / "openmath.parquet", make_tiny_tokenizer(), out_dir=tmp_path, n_blocks=1, seq_len=8
     )
     assert seen == [str(tmp_path / "openmath.parquet")] and res.n_samples == 8
-    assert res.path.name == "calibration_openmath_8samples.txt"
+    assert res.path.name == "calibration_openmath_20samples.txt"
 
 
 def _hf_dir(tmp_path: Path, marker: str) -> Path:
@@ -297,14 +333,14 @@ def test_cli_calib_build(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert a.template_kwarg == [("enable_thinking", False)] and a.seed == 42
     assert a.func(a) == 0
     out = capsys.readouterr().out
-    path = tmp_path / "out" / "calibration_openmath_15samples.txt"
-    assert f"wrote {path} (15 prompts)" in out and "tokens:" in out
+    path = tmp_path / "out" / "calibration_openmath_100samples.txt"
+    assert f"wrote {path} (15 prompts drawn from 100 training rows)" in out and "tokens:" in out
     tok = make_tiny_tokenizer()
     rows = _rows(100)
     assert read_calibration_file(path) == [
         _expected(tok, rows[i]["question"], SYSTEM) for i in sample_rows(100, 15, 42)
     ]
-    assert calibration_file_name("openmath", 15) == path.name
+    assert calibration_file_name("openmath", 100) == path.name
 
 
 def test_real_parquet_and_saved_dataset_give_the_jsonl_prompts(tmp_path: Path) -> None:

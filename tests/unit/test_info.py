@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_llama
+from conftest import make_tiny_tokenizer, save_tiny_llama
 
 from awqkit.api import quantize
-from awqkit.files import sha256_named_files
+from awqkit.files import sha256_file, sha256_named_files
 from awqkit.io.source import SourceInfo, _weight_files
 from awqkit.naming import make_run_name, quantized_folder_name
 from awqkit.platform.info import describe_folder, training_link
@@ -138,6 +138,60 @@ def test_info_shows_unapplied_parts(tmp_path: Path) -> None:
     assert "not applied:  activations_bits=8, kv_cache_bits=8" in text
     assert "calibration:  calibration_openmath_128samples.txt (128 blocks x 512 tokens, seed 13" in text
     assert "run name:     the folder name is not a run name" in text
+
+
+def _calibration_set(tmp_path: Path) -> Path:
+    """A calibration file from ``awqkit calib build``: 40 training rows, 8 prompts drawn."""
+    from awqkit.platform.calib_build import build_calibration_set
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"what is {i} + {i}?"}) + "\n" for i in range(40)))
+    res = build_calibration_set(
+        data, make_tiny_tokenizer(), dataset_name="openmath", out_dir=tmp_path, n_blocks=1, seq_len=8
+    )
+    assert res.path.name == "calibration_openmath_40samples.txt" and res.n_samples == 8
+    return res.path
+
+
+def test_info_shows_the_calibration_sets_samples_and_training_rows(tmp_path: Path) -> None:
+    cal = _calibration_set(tmp_path)
+    folder = tmp_path / "plain-name"
+    folder.mkdir()
+    qc = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
+    calibration = {"source": str(cal), "sha256": sha256_file(cal), "n_samples": 4, "seq_len": 8, "seed": 13}
+    meta = {"method": "awq", "bits": 4, "group_size": 128, "calibration": calibration}
+    (folder / "quantization_metadata.json").write_text(json.dumps(meta))
+    info = describe_folder(folder)
+    cs = info.calibration_set
+    assert cs is not None and (cs["n_samples"], cs["train_rows"], cs["same_file"]) == (8, 40, True)
+    assert info.to_dict()["calibration_set"] == cs
+    line = "calib set:    8 prompts drawn from 40 training rows (calibration_openmath_40samples.meta.json)"
+    assert line + "\n" in info.format() + "\n"
+    cal.write_text(cal.read_text() + '{"text": "one more"}\n')  # the file changed since quantization
+    assert "the file there now differs from the one used" in describe_folder(folder).format()
+    cal.with_suffix(".meta.json").unlink()  # no meta file: no line
+    assert describe_folder(folder).calibration_set is None and "calib set:" not in describe_folder(folder).format()
+
+
+def test_info_on_a_calibration_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from awqkit.commands import info_cmd
+
+    cal = _calibration_set(tmp_path)
+    parser = argparse.ArgumentParser(prog="awqkit")
+    info_cmd.register(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(["info", str(cal)])
+    assert a.func(a) == 0
+    out = capsys.readouterr().out
+    assert f"calibration:  {cal}" in out and "samples:      8 prompts drawn from 40 training rows with seed 42" in out
+    a = parser.parse_args(["info", str(cal), "--json"])
+    assert a.func(a) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["n_samples"], data["train_rows"], data["dataset_name"]) == (8, 40, "openmath")
+    cal.with_suffix(".meta.json").unlink()  # a file without a meta file is still not a model folder
+    a = parser.parse_args(["info", str(cal)])
+    with pytest.raises(NotADirectoryError, match="is a file; pass the checkpoint folder"):
+        a.func(a)
 
 
 def test_name_is_only_a_fallback(tmp_path: Path) -> None:

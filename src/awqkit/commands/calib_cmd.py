@@ -1,7 +1,10 @@
 """``awqkit calib build --dataset FILE --model MODEL [--dataset-name NAME] [--out DIR] ...``.
 
 Samples training rows, renders them with the model's chat template (generation prompt added) and writes
-``calibration_<dataset>_<n>samples.txt`` for ``awqkit quantize --calib``. Methods and the file format:
+``calibration_<dataset>_<train_rows>samples.txt`` for ``awqkit quantize --calib``, named by the platform's
+convention after the rows of the training data set read (``len(df)``), not the prompts drawn (GSM8K's 1319-row
+test set sampled at 128 gives ``calibration_gsm8k_1319samples.txt``); the ``.meta.json`` beside it records both
+(``n_samples``, ``train_rows``), and ``awqkit info FILE`` shows them. Methods and the file format:
 :mod:`awqkit.platform.calib_build`. Errors are ``ValueError``, which the ``awqkit`` entry point turns into
 exit status 2.
 """
@@ -19,8 +22,10 @@ sample size: min(--max-samples, max(--min-samples, int(--fraction x rows))) rows
 e.g. 10 rows -> 8, 100 -> 15, 2000 -> 128), drawn with --seed (default 42), kept in dataset order.
 Each row becomes [system (--system-prompt, optional), user (--column, default question)] rendered by the
 model's chat template with the generation prompt added, as training rendered it.
-Output: one JSON object {"text": ...} per line (prompts keep their newlines), read back by
-`awqkit quantize --calib FILE`; plus FILE.meta.json describing how it was built.
+Output: calibration_<dataset>_<train_rows>samples.txt, numbered by the training set's rows (not the
+prompts drawn: 1319 rows sampled at 128 -> calibration_gsm8k_1319samples.txt); one JSON object
+{"text": ...} per line (prompts keep their newlines), read back by `awqkit quantize --calib FILE`; plus
+FILE.meta.json describing how it was built (n_samples drawn, train_rows; `awqkit info FILE` shows both).
 Parquet needs pyarrow; a folder written by datasets' save_to_disk needs datasets.
 """
 

@@ -22,6 +22,8 @@ E, B = EvalConfig(), BenchConfig()  # the defaults the options show
 _EPILOG = """\
 tasks: ppl (perplexity on --text, default WikiText-2 test), kl (KL(baseline || model) and top-1
 agreement on the same windows; needs --baseline), arc, squad, gsm8k (--limit items each).
+--text FILE is scored as it is (UTF-8, every line and space unchanged); the default WikiText-2 test
+is read the GPTQ/AWQ way (its non-empty lines joined with a blank line).
 ppl/kl windows: the first --windows consecutive non-overlapping windows of --seq-len tokens
 (stride = window length), deterministic. With --baseline every metric gets model/baseline and a
 retention column (model/baseline, or baseline/model for ppl where lower is better; 1.0 = baseline).
@@ -121,7 +123,11 @@ def register(subparsers: Any) -> None:
         help="comma-separated: ppl,kl,arc,squad,gsm8k or all (default: ppl, or ppl,kl with --baseline)",
     )
     p.add_argument("--limit", type=_positive, default=E.limit, help="items per arc/squad/gsm8k task (default: all)")
-    p.add_argument("--text", default=None, help="text file for ppl/kl (default: WikiText-2 test in the data folder)")
+    p.add_argument(
+        "--text",
+        default=None,
+        help="UTF-8 text file for ppl/kl, scored as it is (default: WikiText-2 test in the data folder)",
+    )
     p.add_argument("--data-dir", default=None, help="data folder (default: $AWQKIT_DATA or ../shared/data)")
     p.add_argument("--seq-len", type=int, default=E.seq_len, help="tokens per ppl/kl window (default %(default)s)")
     p.add_argument("--windows", type=_windows, default=E.windows, help="ppl/kl windows, or 'all' (default %(default)s)")

@@ -4,6 +4,7 @@ Speed and memory live in :mod:`awqkit.bench`."""
 from awqkit.eval.perplexity import (
     default_data_dir,
     kl_divergence,
+    load_text_file,
     load_wikitext_test,
     make_windows,
     perplexity,
@@ -12,6 +13,7 @@ from awqkit.eval.perplexity import (
 __all__ = [
     "default_data_dir",
     "kl_divergence",
+    "load_text_file",
     "load_wikitext_test",
     "make_windows",
     "perplexity",

@@ -2,7 +2,8 @@
 
 Protocol (GPTQ / AWQ style):
 
-* The test split's non-empty rows are joined with ``"\\n\\n"`` (:func:`load_wikitext_test`).
+* The test split's non-empty rows are joined with ``"\\n\\n"`` (:func:`load_wikitext_test`); a user's own
+  text file is scored as it is, unchanged (:func:`load_text_file`).
 * The whole text is tokenized once without special tokens and cut into consecutive, non-overlapping
   windows of ``seq_len`` tokens (stride = ``seq_len``); a trailing partial window is dropped
   (:func:`make_windows`).
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from awqkit.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,52 @@ def load_wikitext_test(path: Path | str | None = None) -> str:
     return "\n\n".join(rows)
 
 
+def text_file_path(path: Path | str) -> Path:
+    """``path`` (``~`` expanded), checked to name an existing file, for :func:`load_text_file`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message starts ``perplexity text file not found``).
+        InputError (a ValueError): ``path`` is a folder.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InputError(
+            f"perplexity text file {p} is a folder; pass a text file (for WikiText-2 test in a data folder "
+            "leave out --text and pass the folder as --data-dir)"
+        )
+    if not p.is_file():
+        raise FileNotFoundError(f"perplexity text file not found: {p}; pass the path of an existing UTF-8 text file")
+    return p
+
+
+def load_text_file(path: Path | str) -> str:
+    """A user's text file for perplexity, exactly as it is: the file decoded as UTF-8 with nothing changed.
+
+    Every line, blank line, leading space and line ending (``"\\r\\n"`` included) and a byte-order mark are
+    kept: the text is not joined the way :func:`load_wikitext_test` joins WikiText, so a file's perplexity is
+    that of its raw text.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message starts ``perplexity text file not found``).
+        InputError (a ValueError): ``path`` is a folder, the file is not UTF-8, or it holds no text (only
+            whitespace or nothing); the message names the file and the fix.
+    """
+    p = text_file_path(path)
+    try:
+        # newline="" keeps "\r\n" and lone "\r" as they are in the file.
+        with open(p, encoding="utf-8", newline="") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"perplexity text file {p} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+            "convert it to UTF-8 (e.g. `iconv -f <its encoding> -t utf-8`)"
+        ) from None
+    if not text.strip():
+        raise InputError(f"perplexity text file {p} is empty (no text to score); pass a file that holds text")
+    logger.debug("read %d characters from %s as they are", len(text), p)
+    return text
+
+
 def _token_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens (silencing the max-length warning if possible)."""
     try:
@@ -139,7 +188,7 @@ def make_windows(tokenizer: Any, text: str, seq_len: int = 2048, n_windows: int 
 
     Args:
         tokenizer: callable like a Hugging Face tokenizer returning ``input_ids``.
-        text: the text, e.g. from :func:`load_wikitext_test`.
+        text: the text, e.g. from :func:`load_wikitext_test` or :func:`load_text_file`.
         seq_len: tokens per window (at least 2).
         n_windows: keep the first ``n_windows`` windows; ``None`` keeps all complete windows.
     Returns:

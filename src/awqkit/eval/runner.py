@@ -2,12 +2,15 @@
 
 Tasks (:data:`TASKS`):
 
-* ``ppl``: perplexity on a text file (default: WikiText-2 test from the shared data folder). The file is
-  read as :func:`~awqkit.eval.perplexity.load_wikitext_test` reads WikiText (non-empty lines joined by a
-  blank line; passing the WikiText file as ``text`` gives the default result), tokenized once with the
-  model's tokenizer and cut into the first ``windows`` consecutive, non-overlapping windows of
-  ``seq_len`` tokens (stride = window length; ``windows=None`` takes every complete window). Each window
-  is scored on its own; no randomness anywhere, so runs are repeatable.
+* ``ppl``: perplexity on a text. By default WikiText-2 test from the data folder, read as
+  :func:`~awqkit.eval.perplexity.load_wikitext_test` reads it (non-empty lines joined by a blank line, the
+  GPTQ / AWQ protocol); a user's ``text`` file is read as it is (:func:`~awqkit.eval.perplexity.load_text_file`:
+  UTF-8, every line and space unchanged, so passing the WikiText file itself as ``text`` scores its raw text,
+  not the joined one). The text is tokenized once with the model's tokenizer and cut into the first
+  ``windows`` consecutive, non-overlapping windows of ``seq_len`` tokens (stride = window length;
+  ``windows=None`` takes every complete window). Each window is scored on its own; no randomness anywhere,
+  so runs are repeatable. ``results["data"]["text"]["read_as"]`` records which reading ran (``"wikitext"``
+  or ``"as is"``).
 * ``kl``: mean ``KL(P_baseline || P_model)`` of the next-token distributions over the same windows,
   plus top-1 agreement (:func:`~awqkit.eval.perplexity.kl_divergence`). Needs a baseline. With both
   ``ppl`` and ``kl`` the perplexities come from the KL pass (same windows, same arithmetic, so the same
@@ -35,7 +38,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,7 +46,15 @@ from awqkit import __version__, kernels
 from awqkit.bench.eval_rows import run_bench
 from awqkit.config import EvalConfig
 from awqkit.errors import InputError
-from awqkit.eval.perplexity import WIKITEXT_TEST_RELPATH, kl_divergence, load_wikitext_test, make_windows, perplexity
+from awqkit.eval.perplexity import (
+    WIKITEXT_TEST_RELPATH,
+    kl_divergence,
+    load_text_file,
+    load_wikitext_test,
+    make_windows,
+    perplexity,
+    text_file_path,
+)
 from awqkit.eval.runner_load import LoadedModel, check_folder, load_for_eval, same_vocabulary
 from awqkit.eval.tasks import evaluate_arc, evaluate_gsm8k, evaluate_squad
 from awqkit.eval.tasks._common import check_positive, resolve_data_file
@@ -101,8 +112,36 @@ def _versions() -> dict[str, str]:
 
 
 def _text_file(text: str | Path | None, data_dir: str | Path | None) -> Path:
+    """The ppl / kl text file: the user's ``text`` file, else WikiText-2 test in ``data_dir``.
 
-    return resolve_data_file(text if text is not None else data_dir, str(WIKITEXT_TEST_RELPATH), "perplexity text")
+    Raises:
+        FileNotFoundError: the file is missing (``perplexity text file not found ...``).
+        InputError: ``text`` is a folder (a text file is expected; a data folder goes to ``data_dir``).
+    """
+    if text is None:
+        return resolve_data_file(data_dir, str(WIKITEXT_TEST_RELPATH), "perplexity text")
+    return text_file_path(text)
+
+
+class _WindowText(NamedTuple):
+    """The ppl / kl text: its file, its content as scored and how it was read (``"as is"`` / ``"wikitext"``)."""
+
+    path: Path
+    content: str
+    read_as: str
+
+
+def _read_text(text: str | Path | None, data_dir: str | Path | None) -> _WindowText:
+    """The ppl / kl text: a user's ``text`` file as it is (:func:`load_text_file`), else the WikiText-2 test in
+    ``data_dir`` joined the WikiText way (:func:`load_wikitext_test`).
+
+    Raises:
+        FileNotFoundError / InputError: missing file, folder, non-UTF-8 or empty file (one line each).
+    """
+    path = _text_file(text, data_dir)
+    if text is not None:
+        return _WindowText(path, load_text_file(path), "as is")
+    return _WindowText(path, load_wikitext_test(path), "wikitext")
 
 
 def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -189,7 +228,8 @@ def evaluate_model(
     Args:
         tasks: names from :data:`TASKS` (a sequence or ``"ppl,kl"``; ``"all"``).
         limit: items per downstream task (arc / squad / gsm8k); ppl and kl use ``windows``.
-        text: text file for ppl / kl (default: ``<data_dir>/wikitext-2-raw/wiki.test.raw``).
+        text: a text file for ppl / kl, scored as it is (UTF-8, unchanged); default: WikiText-2 test
+            (``<data_dir>/wikitext-2-raw/wiki.test.raw``) with WikiText's joining of non-empty lines.
         data_dir: data folder for the default text and the task files (default: ``default_data_dir()``).
         seq_len, windows: window length in tokens and number of windows (``None``: all complete ones).
         batch_size: windows per forward pass for ppl / kl.
@@ -212,7 +252,7 @@ def evaluate_model(
         CheckpointError / NonFiniteError: a model folder awqkit cannot load (:mod:`awqkit.eval.runner_load`).
     """
     names = parse_tasks(tasks)
-    text_file = _check_request(
+    window_text = _check_request(
         model_path, baseline, names, limit, text, data_dir, seq_len, windows, batch_size, backend, device, task_options
     )
     t_start = time.perf_counter()
@@ -237,7 +277,7 @@ def evaluate_model(
             "batch_size": batch_size,
             "backend": backend,
             "device": str(device),
-            "text": str(text_file) if text_file else None,
+            "text": str(window_text.path) if window_text else None,
             "data_dir": str(data_dir) if data_dir is not None else None,
             "task_options": task_options or {},
         },
@@ -255,9 +295,9 @@ def evaluate_model(
         logger.warning("model and baseline tokenizers differ; ppl windows use the model's tokenizer for both")
 
     ran: dict[str, dict[str, Any]] = {}
-    if text_file is not None:
+    if window_text is not None:
         opts = {"batch_size": batch_size, "device": device, "progress": progress}
-        ran.update(_run_windows(names, m, b, text_file, seq_len, windows, opts, results, wall))
+        ran.update(_run_windows(names, m, b, window_text, seq_len, windows, opts, results, wall))
     for name in (t for t in names if t not in _WINDOW_TASKS):
         options = dict((task_options or {}).get(name, {}))
         entry = _per_model(lambda lm: _run_task(name, lm, limit, data_dir, options, progress), m, b)  # noqa: B023
@@ -290,8 +330,8 @@ def _check_request(
     backend: str,
     device: str | torch.device,
     task_options: dict[str, dict[str, Any]] | None,
-) -> Path | None:
-    """Every check :func:`evaluate_model` makes before loading anything; returns the ppl/kl text file (None when
+) -> _WindowText | None:
+    """Every check :func:`evaluate_model` makes before loading anything; returns the ppl/kl text, read (None when
     no task reads windows). Raises InputError / FileNotFoundError naming the problem."""
     if "kl" in names and baseline is None:
         raise InputError("task 'kl' compares against a baseline model; pass --baseline MODEL (baseline=...)")
@@ -315,7 +355,7 @@ def _check_request(
         check_folder(baseline, "baseline")
     if not any(t in names for t in _WINDOW_TASKS):
         return None
-    text_file = _text_file(text, data_dir)
+    window_text = _read_text(text, data_dir)
     for folder in (model_path, baseline):
         try:
             cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")) if folder else None
@@ -323,14 +363,14 @@ def _check_request(
             cfg = None  # the loader names what is wrong with it
         if isinstance(cfg, dict):
             check_seq_len(seq_len, cfg, str(folder))
-    return text_file
+    return window_text
 
 
 def _run_windows(
     names: tuple[str, ...],
     m: LoadedModel,
     b: LoadedModel | None,
-    text_file: Path,
+    text: _WindowText,
     seq_len: int,
     windows: int | None,
     opts: dict[str, Any],
@@ -340,14 +380,15 @@ def _run_windows(
     """ppl and kl on the text's windows (tokenized once, with the model's tokenizer); records the text in
     ``results["data"]`` and the tokenizing time in ``wall``."""
     t0 = time.perf_counter()
-    ids = make_windows(m.tokenizer, load_wikitext_test(text_file), seq_len, windows)
+    ids = make_windows(m.tokenizer, text.content, seq_len, windows)
     wall["tokenize"] = time.perf_counter() - t0
     max_pos = getattr(getattr(m.model, "config", None), "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         logger.warning("seq_len=%d exceeds the model's max_position_embeddings=%d", seq_len, max_pos)
     results["data"]["text"] = {
-        "path": str(text_file),
-        "sha256": sha256_file(text_file),
+        "path": str(text.path),
+        "sha256": sha256_file(text.path),
+        "read_as": text.read_as,
         "n_windows": int(ids.shape[0]),
         "seq_len": seq_len,
     }

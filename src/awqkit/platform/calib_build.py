@@ -10,9 +10,12 @@
 3. Render each sampled row as a chat the way training rendered it: an optional system turn, then the
    user turn from ``column`` (default ``question``), through the model's own chat template with
    ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **chat_template_kwargs)``.
-4. Write ``calibration_<dataset>_<n>samples.txt`` in the calibration format below (atomically), plus
-   ``calibration_<dataset>_<n>samples.meta.json`` recording how it was built (dataset and its sha256,
-   seed, row indices, tokenizer, token counts).
+4. Write ``calibration_<dataset>_<train_rows>samples.txt`` in the calibration format below (atomically), plus
+   ``calibration_<dataset>_<train_rows>samples.meta.json`` recording how it was built (dataset and its sha256,
+   ``n_samples`` drawn and ``train_rows``, seed, row indices, tokenizer, token counts;
+   :func:`read_calibration_meta` reads it back). The number in the name is the platform's convention
+   ``train_size = len(df)``: the rows of the training data set read (empty prompts included), not the
+   prompts drawn, so GSM8K's 1319-row test set sampled at 128 gives ``calibration_gsm8k_1319samples.txt``.
 5. Report token counts, and warn when the set holds fewer tokens than ``n_blocks × seq_len`` (the
    calibration blocks quantization will ask for; :func:`awqkit.calib.blocks.build_blocks` then uses
    fewer blocks).
@@ -177,9 +180,13 @@ def render_prompt(
 
 
 # ------------------------------------------------------------------------------------ calibration file
-def calibration_file_name(dataset_name: str, n_samples: int) -> str:
-    """``calibration_<dataset>_<n>samples.txt`` (``dataset_name`` slugged to letters, digits, ``.``, ``-``)."""
-    return f"calibration_{dataset_slug(dataset_name)}_{n_samples}samples.txt"
+def calibration_file_name(dataset_name: str, train_rows: int) -> str:
+    """``calibration_<dataset>_<train_rows>samples.txt``, the platform's name for a calibration set.
+
+    ``train_rows`` is the number of rows of the training data set read (the platform's ``len(df)``), not the
+    number of prompts drawn from it; ``dataset_name`` is slugged to letters, digits, ``.`` and ``-``.
+    """
+    return f"calibration_{dataset_slug(dataset_name)}_{train_rows}samples.txt"
 
 
 def dataset_slug(name: str) -> str:
@@ -227,6 +234,40 @@ def read_calibration_file(path: str | Path) -> list[str]:
     return read_samples(path, None, CalibConfig())
 
 
+def read_calibration_meta(path: str | Path) -> dict[str, Any] | None:
+    """What the ``.meta.json`` beside the calibration file ``path`` says about the set, or None without one.
+
+    Returns ``{"file", "meta_path", "n_samples", "train_rows", "dataset", "dataset_name", "seed"}``:
+    ``n_samples`` is the number of prompts drawn, ``train_rows`` the rows of the training data set (the number
+    in the file name). Meta files written before ``train_rows`` was a top-level key give the values under
+    ``sampling``. A meta file that is not JSON, or not :data:`FORMAT`, gives None (with a warning).
+    """
+    file = Path(path).expanduser()
+    meta_path = file.with_suffix(".meta.json")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("%s is not readable JSON (%s); ignoring it", meta_path, exc)
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        logger.warning("%s is not an awqkit calibration meta file (format %r); ignoring it", meta_path, FORMAT)
+        return None
+    sampling = meta.get("sampling")
+    if not isinstance(sampling, dict):
+        sampling = {}
+    return {
+        "file": str(file),
+        "meta_path": str(meta_path),
+        "n_samples": meta.get("n_samples", sampling.get("n_samples")),
+        "train_rows": meta.get("train_rows", sampling.get("rows")),
+        "dataset": meta.get("dataset"),
+        "dataset_name": meta.get("dataset_name"),
+        "seed": sampling.get("seed"),
+    }
+
+
 # ---------------------------------------------------------------------------------------------- build
 @dataclass
 class CalibrationSet:
@@ -252,11 +293,16 @@ class CalibrationSet:
     def total_tokens(self) -> int:
         return sum(self.token_counts)
 
+    @property
+    def train_rows(self) -> int:
+        """Rows of the training data set read (``n_rows``): the number in the file name."""
+        return self.n_rows
+
     def summary(self) -> str:
         """Human-readable lines: file, sampling, token counts, warnings."""
         tc = self.token_counts
         lines = [
-            f"wrote {self.path} ({self.n_samples} prompts)",
+            f"wrote {self.path} ({self.n_samples} prompts drawn from {self.n_rows} training rows)",
             f"dataset {self.dataset}: {self.n_rows} rows ({self.n_usable_rows} with a prompt), sampled "
             f"{self.n_samples} with seed {self.seed}",
             f"tokens: {self.total_tokens} total, per prompt min {min(tc)} / mean {self.total_tokens / len(tc):.1f} "
@@ -361,10 +407,15 @@ def _meta_record(
     sampling: dict[str, Any],
     tokens: dict[str, Any],
 ) -> dict[str, Any]:
-    """The ``.meta.json`` beside a calibration file: how it was built, enough to build it again."""
+    """The ``.meta.json`` beside a calibration file: how it was built, enough to build it again.
+
+    ``n_samples`` (prompts drawn) and ``train_rows`` (rows of the data set read, the number in the file name)
+    are top-level keys, copied from ``sampling``."""
     return {
         "format": FORMAT,
         "file": path.name,
+        "n_samples": sampling["n_samples"],
+        "train_rows": sampling["rows"],
         "dataset": str(src.resolve()),
         "dataset_sha256": sha256_tree(src),
         "dataset_name": name,
@@ -428,7 +479,7 @@ def build_calibration_set(
     k = len(picked)
     indices = [usable[j][0] for j in picked]
     name = dataset_slug(dataset_name if dataset_name is not None else (src.stem if src.is_file() else src.name))
-    target = Path(out_dir).expanduser() / calibration_file_name(name, k)
+    target = Path(out_dir).expanduser() / calibration_file_name(name, len(rows))
     if not overwrite:
         _refuse_existing(target)
 
@@ -502,6 +553,7 @@ __all__ = [
     "dataset_slug",
     "load_tokenizer",
     "read_calibration_file",
+    "read_calibration_meta",
     "read_dataset",
     "render_prompt",
     "sample_rows",

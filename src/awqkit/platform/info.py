@@ -9,6 +9,10 @@ Sources, files first and the folder name last:
   ``load_quantized`` and ``awqkit eval`` agree on every folder;
 * ``quantization_metadata.json`` (awqkit): the spec and what of it was not applied, calibration, the
   source model (path, architectures, weights sha256), the training link, versions;
+* the ``.meta.json`` beside the calibration file, when that file was built by ``awqkit calib build`` and is
+  still where the metadata says (:func:`awqkit.platform.calib_build.read_calibration_meta`): the prompts drawn
+  (``n_samples``) and the training set's rows (``train_rows``, the number in its name). ``awqkit info`` on such
+  a calibration file itself prints the same (:func:`format_calibration_file`);
 * ``training_metadata.json``: written by training; carried verbatim into the quantized folder, and linked
   from ``quantization_metadata.json["training"]`` (:func:`training_link`): the file's sha256, the source
   folder's absolute path and the sha256 of its weights (the same hash as ``source_model.weights_sha256``,
@@ -30,6 +34,7 @@ from awqkit.io.detect import describe_loader, detect_quantization_method
 from awqkit.io.source import _weight_files
 from awqkit.io.training import TRAINING_METADATA, read_json_dict, training_link
 from awqkit.naming import RunNameError, parse_run_name
+from awqkit.platform.calib_build import read_calibration_meta
 from awqkit.spec import QuantizationSpec, QuantMethod, spec_from_metadata
 
 logger = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class FolderInfo:
     quantization_metadata: dict[str, Any] | None
     checks: dict[str, Any] = field(default_factory=dict)
     loading: str | None = None
+    calibration_set: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +83,7 @@ class FolderInfo:
             "spec_source": self.spec_source,
             "not_applied": self.not_applied,
             "calibration": self.calibration,
+            "calibration_set": self.calibration_set,
             "sizes": self.sizes,
             "source_model": self.source_model,
             "training_link": self.training_link,
@@ -170,7 +177,22 @@ def describe_folder(path: str | Path, *, verify: bool = False) -> FolderInfo:
         qmeta,
         checks,
         loading,
+        _calibration_set(qmeta.get("calibration") if qmeta else None),
     )
+
+
+def _calibration_set(cal: Any) -> dict[str, Any] | None:
+    """:func:`read_calibration_meta` of the calibration file a folder was quantized with, when it is still there
+    and has a meta file; ``same_file`` says whether its sha256 is the recorded one (None when none is)."""
+    if not isinstance(cal, dict) or not cal.get("source") or cal.get("source") == "self":
+        return None
+    file = Path(str(cal["source"])).expanduser()
+    if not file.is_file():
+        return None
+    found = read_calibration_meta(file)
+    if found is not None:
+        found["same_file"] = sha256_file(file) == cal["sha256"] if cal.get("sha256") else None
+    return found
 
 
 def _verify_source(link: dict[str, Any]) -> str:
@@ -195,6 +217,23 @@ def _mb(n: int | None) -> str:
 def _short(value: Any, width: int = 100) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _set_counts(cs: dict[str, Any]) -> str:
+    drawn, rows = (cs.get(k) if cs.get(k) is not None else "?" for k in ("n_samples", "train_rows"))
+    return f"{drawn} prompts drawn from {rows} training rows"
+
+
+def format_calibration_file(cs: dict[str, Any]) -> str:
+    """What ``awqkit info`` prints for a calibration file (``cs`` from :func:`read_calibration_meta`)."""
+    seed = f" with seed {cs['seed']}" if cs.get("seed") is not None else ""
+    lines = [
+        f"calibration:  {cs['file']}",
+        f"samples:      {_set_counts(cs)}{seed} (the number in the name is the training rows)",
+        f"dataset:      {cs.get('dataset_name')} ({cs.get('dataset')})",
+        f"meta:         {cs['meta_path']}",
+    ]
+    return "\n".join(lines)
 
 
 def format_info(info: FolderInfo) -> str:
@@ -228,6 +267,10 @@ def format_info(info: FolderInfo) -> str:
         )
     elif info.quantization_metadata is not None:
         lines.append("calibration:  none (data-free method)")
+    if info.calibration_set is not None:
+        cs = info.calibration_set
+        changed = "; the file there now differs from the one used" if cs.get("same_file") is False else ""
+        lines.append(f"calib set:    {_set_counts(cs)} ({Path(str(cs['meta_path'])).name}{changed})")
     s = info.sizes
     size = (
         f"weights {_mb(s['weights_bytes'])} in {s['weight_files']} file(s); folder {_mb(s['folder_bytes'])} "
@@ -279,4 +322,11 @@ def format_info(info: FolderInfo) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FolderInfo", "TRAINING_METADATA", "describe_folder", "format_info", "training_link"]
+__all__ = [
+    "FolderInfo",
+    "TRAINING_METADATA",
+    "describe_folder",
+    "format_calibration_file",
+    "format_info",
+    "training_link",
+]
