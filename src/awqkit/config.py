@@ -189,7 +189,7 @@ class SearchConfig:
     refine_iters: int = 100
     refine_lr: float | None = None
     refine_batch_size: int = 2
-    refine_target: Literal["layer", "model"] = "layer"
+    refine_target: Literal["layer", "model"] = "model"
     refine_init: Literal["rtn", "gptq"] = "rtn"
     gptq_damp: float = 0.01
     gptq_act_order: bool = False

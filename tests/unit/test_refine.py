@@ -72,7 +72,7 @@ def test_signed_descent_lowers_the_reconstruction_error_and_keeps_ranges() -> No
     assert end < 0.8 * start, (start, end)
     assert len(history) == 200
     assert grid.v.abs().max() <= 0.5
-    assert MIN_RANGE <= float(grid.lo.min()) and float(grid.hi.max()) <= MAX_RANGE
+    assert MIN_RANGE <= float(grid.lo.detach().min()) and float(grid.hi.detach().max()) <= MAX_RANGE
     assert not torch.equal(grid.hi, torch.ones_like(grid.hi))  # the range was learned too
 
 
