@@ -3,11 +3,12 @@ SmolLM2-135M-Instruct, in one run on one machine.
 
 Runs (``--runs``, any subset, in this order):
 
-* ``rtn``, ``awq``, ``gptq``, ``adaround``, ``awq-gptq``, ``awq-refine``: ``awqkit quantize --method M`` with its
+* ``rtn``, ``awq``, ``gptq``, ``adaround``, ``awq-gptq``: ``awqkit quantize --method M`` with its
   defaults, except GPTQ's dampening 0.1 and activation order (``--gptq-damp 0.1 --gptq-act-order``, the best
   GPTQ setting measured on this model, BENCHMARKS "Beyond AWQ ... first measurements") and AdaRound's
   ``--rounding-iters 200``;
-* ``awq-refine-i<N>`` for each ``--iters-table`` entry: the time/quality trade-off of ``--refine-iters``;
+* ``awq-refine-i<N>`` for each ``--iters-table`` entry: ``--method awq-refine --refine-iters N``, the time/quality
+  trade-off of the block refinement (its default, 50 steps a layer, is one of them);
 * ``autoround``: intel/auto-round 0.16.1, its default recipe (SignRound, 200 iterations a block), exported in its
   AutoAWQ format, run in its own virtual environment (``scripts/_peer_quantize.py``);
 * ``gptqmodel``: GPTQModel 7.7.0's GPTQ (damp 0.05, no activation order, as peer-runs.md), evaluated through its
@@ -23,8 +24,8 @@ ARC-Challenge (log-likelihood, ``--arc-limit`` items) and GSM8K (greedy generati
 "Gap closed" is (ppl_RTN - ppl) / (ppl_RTN - ppl_fp). Every finished step is kept as JSON in ``--work``, so an
 interrupted benchmark resumes run by run; ``--from-json`` re-renders.
 
-Usage: python scripts/benchmark_methods.py [--runs rtn,awq,awq-refine,autoround] [--bits 4] [--group-size 64]
-       [--iters-table 25,50,200] [--tasks arc,gsm8k] [--no-write]
+Usage: python scripts/benchmark_methods.py [--runs rtn,awq,awq-refine-i50,autoround] [--bits 4] [--group-size 64]
+       [--iters-table 25,50,100,200] [--tasks arc,gsm8k] [--no-write]
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from awqkit.config import SearchConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (
+from _bench_common import (  # noqa: E402
     ROOT,
     RunStore,
     add_output_args,
@@ -56,6 +59,7 @@ from _bench_common import (
 logger = logging.getLogger("bench.methods")
 SECTION = "Beyond AWQ: every method on one harness (issue 15)"
 SEQ_LEN = 512
+DEFAULT_REFINE_ITERS = SearchConfig().refine_iters  # the default's row is named in the table
 GPTQ_ARGS = ["--gptq-damp", "0.1", "--gptq-act-order"]
 METHODS: dict[str, dict[str, Any]] = {
     "rtn": {"label": "awqkit RTN", "args": ["--method", "rtn"]},
@@ -63,7 +67,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "gptq": {"label": "awqkit GPTQ (damp 0.1, act-order)", "args": ["--method", "gptq", *GPTQ_ARGS]},
     "adaround": {"label": "awqkit AdaRound (200 steps)", "args": ["--method", "adaround", "--rounding-iters", "200"]},
     "awq-gptq": {"label": "awqkit AWQ + GPTQ (damp 0.1, act-order)", "args": ["--method", "awq-gptq", *GPTQ_ARGS]},
-    "awq-refine": {"label": "awqkit AWQ + block refinement (defaults)", "args": ["--method", "awq-refine"]},
 }
 PEER_RUNS: dict[str, dict[str, Any]] = {
     "autoround": {"label": "auto-round 0.16.1, default recipe (200 iters), AutoAWQ export", "job": {}},
@@ -176,7 +179,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--n-samples", type=int, default=32, help="calibration blocks of 512 tokens (default 32)")
     ap.add_argument("--windows", type=int, default=8, help="2048-token WikiText-2 windows (default 8)")
-    ap.add_argument("--iters-table", default="25,50,200", help="extra awq-refine runs at these --refine-iters")
+    ap.add_argument("--iters-table", default="25,50,100,200", help="awq-refine runs at these --refine-iters")
     ap.add_argument("--tasks", default="", help="arc,gsm8k (default: none: ppl/KL only)")
     ap.add_argument("--arc-limit", type=int, default=1172, help="ARC-Challenge items (default all 1172)")
     ap.add_argument("--gsm8k-limit", type=int, default=200, help="GSM8K items (default 200)")
@@ -214,7 +217,9 @@ def main() -> None:
     for name in ["fp", *names]:
         rec = (None if a.rerun else store.get(name)) or {}
         label = "fp32" if name == "fp" else METHODS.get(name, PEER_RUNS.get(name, {})).get("label")
-        rec["label"] = label or f"awqkit AWQ + block refinement, {name.removeprefix('awq-refine-i')} iters"
+        iters = name.removeprefix("awq-refine-i")
+        default = " (the default)" if iters == str(DEFAULT_REFINE_ITERS) else ""
+        rec["label"] = label or f"awqkit AWQ + block refinement, {iters} steps a layer{default}"
         if a.from_json:
             if rec.get("quant") or name == "fp":
                 records[name] = rec

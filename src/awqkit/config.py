@@ -186,7 +186,7 @@ class SearchConfig:
     rank_tokens: int = 512
     rounding: Rounding = "none"
     rounding_iters: int = 1000
-    refine_iters: int = 100
+    refine_iters: int = 50
     refine_lr: float | None = None
     refine_batch_size: int = 2
     refine_target: Literal["layer", "model"] = "model"

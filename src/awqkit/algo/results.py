@@ -65,12 +65,15 @@ class RoundingEntry:
 
     layer: int
     name: str  # full module name
-    method: str  # "gptq", "adaround", ...
+    method: str  # "gptq", "adaround", "refine"
     q: Tensor  # [out, in] uint8, values in [0, 2^bits - 1]
     scales: Tensor  # [out, n_groups] float32 (fp16-representable)
     zeros: Tensor  # [out, n_groups] int32
-    loss_rtn: float  # the linear's output error with round-to-nearest on the same grid
-    loss: float  # with the chosen integers
+    # gptq / adaround: the linear's output error with round-to-nearest on the same grid, and with the chosen
+    # integers; refine: the decoder layer's objective (output MSE, the same for each of its linears) at the
+    # starting point and at the end (never above the start: awqkit.refine keeps the start otherwise)
+    loss_rtn: float
+    loss: float
 
     @property
     def group_size(self) -> int:
