@@ -99,7 +99,8 @@ def quantize(name: str, a: argparse.Namespace, work: Path, src: Path, calib: Pat
         }
         job_file = work / "logs" / f"{name}.job.json"
         job_file.write_text(json.dumps(job))
-        run_logged([str(py), str(ROOT / "scripts" / "_peer_quantize.py"), str(job_file)], log)
+        # in the work folder: GPTQModel writes a logs/ folder into its working directory
+        run_logged([str(py), str(ROOT / "scripts" / "_peer_quantize.py"), str(job_file)], log, cwd=work)
         return json.loads(Path(job["result"]).read_text())
     if name.startswith("awq-refine-i"):
         method_args = ["--method", "awq-refine", "--refine-iters", name.removeprefix("awq-refine-i")]
