@@ -13,14 +13,15 @@ After the scales are folded and the clips searched (:mod:`awqkit.pipeline`, step
    ``refine_batch_size`` sequences a step (each calibration batch cut in slices of that many, visited in a
    seeded random order), ``refine_iters`` steps of signed gradient descent
    (:func:`awqkit.algo.refine.signed_descent`, step ``refine_lr``, default ``1 / refine_iters``);
-3. the objective is then measured on every calibration batch for AWQ's own weights (the starting point) and for
-   the learned ones; the learned integers are kept only when they lower it, so the layer never ends worse on
-   its objective than AWQ alone. Each linear's integers are recorded
+3. the objective is then measured on every calibration batch for the starting point (AWQ's round to nearest, or
+   GPTQ's integers with ``refine_init="gptq"``) and for the learned integers; these are kept only when they lower
+   it, so the layer never ends worse on its objective than its start. Each linear's integers are recorded
    (:class:`awqkit.algo.results.RoundingEntry`, ``method="refine"``, ``loss_rtn`` / ``loss`` the layer's
    objective before / after) for the packer, which stores them as they are.
 
 Cost per layer: ``refine_iters`` forward and backward passes of ``refine_batch_size`` sequences, plus two forward
-passes over all batches (the targets are the float outputs the pipeline's first pass computed).
+passes over all batches; the targets come from the pipeline's first pass (``"layer"``) or from one more float
+pass over the float model's activations (``"model"``).
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def refine_layer(
 
     iters = scfg.refine_iters
     lr = scfg.refine_lr if scfg.refine_lr is not None else 1.0 / max(1, iters)
-    for p in [p for lin in linears.values() for p in lin.parameters()]:
-        p.requires_grad_(False)
+    for lin in linears.values():
+        lin.requires_grad_(False)
     with torch.enable_grad():
         history = signed_descent(
             list(grids.values()),

@@ -108,7 +108,7 @@ class QuantMethod(str, enum.Enum):  # noqa: UP042 - str() of a member stays 'Qua
                 f"method {self.value!r} rounds with {rounding!r}, but rounding={search.rounding!r} was "
                 f"asked for; drop the rounding option, or use method 'awq' with it"
             )
-        scaled = self.value.startswith("awq")  # rounding alone: no scale or clip search
+        scaled = self not in (QuantMethod.GPTQ, QuantMethod.ADAROUND)  # rounding alone: no scale or clip search
         return dataclasses.replace(
             search, rounding=rounding, scales=scaled and search.scales, clip=scaled and search.clip
         )
