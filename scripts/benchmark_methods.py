@@ -7,7 +7,8 @@ Runs (``--runs``, any subset, in this order):
   defaults, except GPTQ's dampening 0.1 and activation order (``--gptq-damp 0.1 --gptq-act-order``, the best
   GPTQ setting measured on this model, BENCHMARKS "Beyond AWQ ... first measurements") and AdaRound's
   ``--rounding-iters 200``;
-* ``awq-refine-i<N>`` for each ``--iters-table`` entry: ``--method awq-refine --refine-iters N``, the time/quality
+* ``awq-refine-i<N>`` for each ``--iters-table`` entry ``N`` (``N:R``: ``awq-refine-i<N>-n<R>``, with
+  ``--refine-norms R``): ``--method awq-refine --refine-iters N``, the time/quality
   trade-off of the block refinement (its default, 50 steps a layer, is one of them);
 * ``autoround``: intel/auto-round 0.16.1, its default recipe (SignRound, 200 iterations a block), exported in its
   AutoAWQ format, run in its own virtual environment (``scripts/_peer_quantize.py``);
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -74,8 +76,12 @@ PEER_RUNS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_names(iters_table: list[int]) -> list[str]:
-    return [*METHODS, *(f"awq-refine-i{n}" for n in iters_table), *PEER_RUNS]
+REFINE_RUN = re.compile(r"awq-refine-i(\d+)(?:-n([0-9.]+))?")
+
+
+def run_names(iters_table: list[str]) -> list[str]:
+    refine = [f"awq-refine-i{e.replace(':', '-n')}" for e in iters_table]
+    return [*METHODS, *refine, *PEER_RUNS]
 
 
 def quantize(name: str, a: argparse.Namespace, work: Path, src: Path, calib: Path, blocks: Path) -> dict[str, Any]:
@@ -102,8 +108,9 @@ def quantize(name: str, a: argparse.Namespace, work: Path, src: Path, calib: Pat
         # in the work folder: GPTQModel writes a logs/ folder into its working directory
         run_logged([str(py), str(ROOT / "scripts" / "_peer_quantize.py"), str(job_file)], log, cwd=work)
         return json.loads(Path(job["result"]).read_text())
-    if name.startswith("awq-refine-i"):
-        method_args = ["--method", "awq-refine", "--refine-iters", name.removeprefix("awq-refine-i")]
+    if m := REFINE_RUN.fullmatch(name):
+        method_args = ["--method", "awq-refine", "--refine-iters", m[1]]
+        method_args += ["--refine-norms", m[2]] if m[2] else []
     else:
         method_args = METHODS[name]["args"]
     args = ["--src", str(src), "--dst", str(dst), "--overwrite", "--bits", str(a.bits)]
@@ -180,7 +187,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--n-samples", type=int, default=32, help="calibration blocks of 512 tokens (default 32)")
     ap.add_argument("--windows", type=int, default=8, help="2048-token WikiText-2 windows (default 8)")
-    ap.add_argument("--iters-table", default="25,50,100,200", help="awq-refine runs at these --refine-iters")
+    ap.add_argument(
+        "--iters-table", default="25,50,100,200", help="awq-refine runs at these --refine-iters (N:R: --refine-norms R)"
+    )
     ap.add_argument("--tasks", default="", help="arc,gsm8k (default: none: ppl/KL only)")
     ap.add_argument("--arc-limit", type=int, default=1172, help="ARC-Challenge items (default all 1172)")
     ap.add_argument("--gsm8k-limit", type=int, default=200, help="GSM8K items (default 200)")
@@ -188,7 +197,9 @@ def main() -> None:
     add_output_args(ap, "~/.cache/awqkit/bench-methods", SECTION)
     a = ap.parse_args()
     setup_logging(a.verbose)
-    iters = [int(n) for n in a.iters_table.split(",") if n]
+    iters = [e for e in a.iters_table.split(",") if e]
+    if bad := [e for e in iters if not re.fullmatch(r"\d+(:[0-9.]+)?", e)]:
+        ap.error(f"--iters-table entries are N or N:R (steps, norm range), got {bad}")
     known = run_names(iters)
     names = known if a.runs is None else [n for n in known if n in a.runs.split(",")]
     unknown = set(a.runs.split(",") if a.runs else []) - set(known)
@@ -218,9 +229,11 @@ def main() -> None:
     for name in ["fp", *names]:
         rec = (None if a.rerun else store.get(name)) or {}
         label = "fp32" if name == "fp" else METHODS.get(name, PEER_RUNS.get(name, {})).get("label")
-        iters = name.removeprefix("awq-refine-i")
-        default = " (the default)" if iters == str(DEFAULT_REFINE_ITERS) else ""
-        rec["label"] = label or f"awqkit AWQ + block refinement, {iters} steps a layer{default}"
+        if m := REFINE_RUN.fullmatch(name):
+            default = " (the default)" if m[1] == str(DEFAULT_REFINE_ITERS) and m[2] is None else ""
+            norms = f", norms learned within {m[2]}" if m[2] else ""
+            label = f"awqkit AWQ + block refinement, {m[1]} steps a layer{norms}{default}"
+        rec["label"] = label
         if a.from_json:
             if rec.get("quant") or name == "fp":
                 records[name] = rec

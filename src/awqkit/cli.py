@@ -205,6 +205,13 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         help="--rounding refine: step size (default 1 / --refine-iters)",
     )
     p.add_argument(
+        "--refine-norms",
+        type=float,
+        default=S["refine_norms"],
+        help="--rounding refine: also learn the weights of the norms feeding the quantized linears, each channel "
+        "within [1 - R, 1 + R] of its value (0: off) (default %(default)s)",
+    )
+    p.add_argument(
         "--rounding-iters",
         type=int,
         default=S["rounding_iters"],
@@ -265,6 +272,7 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
         refine_batch_size=a.refine_batch_size,
         refine_target=a.refine_target,
         refine_init=a.refine_init,
+        refine_norms=a.refine_norms,
         gptq_damp=a.gptq_damp,
         gptq_act_order=a.gptq_act_order,
     )

@@ -165,7 +165,10 @@ class SearchConfig:
     undo the error of the quantized layers before it, as AutoRound does; a second activation stream is kept).
     ``refine_init``: the starting point, AWQ's round to nearest (``"rtn"``) or GPTQ's integers on AWQ's grid
     (``"gptq"``, with ``gptq_damp`` / ``gptq_act_order``; the rounding offsets then move around GPTQ's
-    error-compensated weights).
+    error-compensated weights). ``refine_norms``: with ``r > 0`` the weights of the norms that feed the quantized
+    linears (the mappings' ``prev`` norms) are learned with them, each channel's scale within ``[1 - r, 1 + r]`` of
+    its value after AWQ's folding (norm tweaking, Li et al. 2023: a per-channel input scale the integers need not
+    be recomputed for); 0 leaves the norms as AWQ folded them.
     """
 
     scales: bool = True
@@ -191,6 +194,7 @@ class SearchConfig:
     refine_batch_size: int = 2
     refine_target: Literal["layer", "model"] = "model"
     refine_init: Literal["rtn", "gptq"] = "rtn"
+    refine_norms: float = 0.0
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
 
@@ -218,6 +222,8 @@ class SearchConfig:
             raise InputError(f"refine_target={self.refine_target!r}; choose one of {REFINE_TARGETS}")
         if self.refine_batch_size < 1:
             raise InputError(f"refine_batch_size={self.refine_batch_size} must be >= 1")
+        if not 0.0 <= self.refine_norms < 1.0:
+            raise InputError(f"refine_norms={self.refine_norms} must be in [0, 1) (0: the norms are not learned)")
         if self.refine_lr is not None and self.refine_lr <= 0:
             raise InputError(f"refine_lr={self.refine_lr} must be > 0 (or None: 1 / refine_iters)")
         if self.rank_tokens < 1:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from awqkit.algo.clip_search import search_clip
 from awqkit.algo.fold import apply_clip, expand_heads, fold_scales
-from awqkit.algo.results import AWQResults, ClipEntry, ScaleEntry
+from awqkit.algo.results import AWQResults, ClipEntry, NormEntry, ScaleEntry
 from awqkit.algo.scale_search import (
     GramScorer,
     GroupGramProxy,
@@ -373,9 +373,28 @@ def _refine(
         )
         bases = {n[len(prefix) :]: w for n, w in updated.items()}
         start = {e.name[len(prefix) :]: (e.q.to(torch.int32), e.scales, e.zeros) for e in entries}
+    # the norms feeding the quantized linears (the mappings' prev ops that are not linears), learned with them
+    norms: dict[str, Tensor] = {}
+    for m in run.spec.mappings if scfg.refine_norms > 0 else ():
+        prev = layer.get_submodule(m.prev)
+        if not isinstance(prev, nn.Linear) and isinstance(prev.weight, Tensor) and any(n in linears for n in m.linears):
+            norms[m.prev] = prev.weight
     results.roundings += refine_layer(
-        linears, bases, clipped, forward, targets, i, prefix, run.qcfg, scfg, run.parallel, start=start
+        linears,
+        bases,
+        clipped,
+        forward,
+        targets,
+        i,
+        prefix,
+        run.qcfg,
+        scfg,
+        run.parallel,
+        start=start,
+        norms=norms,
+        norm_offset=run.spec.norm_offset,
     )
+    results.norms += [NormEntry(i, prefix + n, w.detach().float().cpu().clone()) for n, w in norms.items()]
 
 
 def _layer_forward(run: _Run, i: int, layer: nn.Module, hidden: list[Tensor]) -> LayerForward:

@@ -12,7 +12,9 @@ After the scales are folded and the clips searched (:mod:`awqkit.pipeline`, step
    (``refine_target="layer"``) or the float model's activations after this layer (``"model"``);
    ``refine_batch_size`` sequences a step (each calibration batch cut in slices of that many, visited in a
    seeded random order), ``refine_iters`` steps of signed gradient descent
-   (:func:`awqkit.algo.refine.signed_descent`, step ``refine_lr``, default ``1 / refine_iters``);
+   (:func:`awqkit.algo.refine.signed_descent`, step ``refine_lr``, default ``1 / refine_iters``); with
+   ``refine_norms > 0`` the weights of the norms feeding the linears are learned too (norm tweaking,
+   :class:`awqkit.algo.refine.LearnedNorm`);
 3. the objective is then measured on every calibration batch for the starting point (AWQ's round to nearest, or
    GPTQ's integers with ``refine_init="gptq"``) and for the learned integers; these are kept only when they lower
    it, so the layer never ends worse on its objective than its start. Each linear's integers are recorded
@@ -32,7 +34,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from awqkit.algo.refine import LearnedGrid, signed_descent
+from awqkit.algo.refine import Learnable, LearnedGrid, LearnedNorm, signed_descent
 from awqkit.algo.results import RoundingEntry
 from awqkit.config import QuantConfig, SearchConfig
 from awqkit.parallel import DataParallel
@@ -43,8 +45,8 @@ logger = logging.getLogger(__name__)
 
 class LayerForward(Protocol):
     """The layer's output on calibration batch ``j`` (its ``rows`` slice of sequences, default all), with the
-    linears' weights replaced by ``weights`` (layer-relative names, ``"self_attn.q_proj"`` -> tensor) or as they
-    are when None."""
+    weights of the modules named in ``weights`` (layer-relative names of linears or norms, ``"self_attn.q_proj"``
+    -> tensor) replaced, or as they are when None."""
 
     def __call__(self, j: int, weights: dict[str, Tensor] | None, rows: slice | None = None) -> Tensor: ...
 
@@ -71,6 +73,8 @@ def refine_layer(
     scfg: SearchConfig,
     parallel: DataParallel,
     start: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+    norms: dict[str, Tensor] | None = None,
+    norm_offset: float = 0.0,
 ) -> list[RoundingEntry]:
     """Learn the rounding and clipping range of ``linears`` (layer-relative names; float32 weights on the compute
     device) against ``targets`` (one per calibration batch of this rank; the float layer on the same inputs, or
@@ -78,7 +82,9 @@ def refine_layer(
     and rounds ``bases[name]``: the scaled weight before clipping (``refine_init="rtn"``: the start is round to
     nearest) or GPTQ's error-compensated columns (``"gptq"``: the start is GPTQ's integers). ``start`` holds the
     starting point's integers ``(q int32, scales, zeros)`` (default: round to nearest of ``clipped``), what the
-    result is compared with. Returns one entry per linear (full names ``prefix + name``); the linears' weights
+    result is compared with. ``norms`` (layer-relative module name -> its weight, float32, with
+    ``scfg.refine_norms > 0``) are learned with them (:class:`awqkit.algo.refine.LearnedNorm`) and updated in place
+    when the result is kept. Returns one entry per linear (full names ``prefix + name``); the linears' weights
     become the dequantized result. See the module docstring."""
     names = sorted(linears)
     if start is None:
@@ -93,12 +99,16 @@ def refine_layer(
         )
         for n in names
     }
+    norms = norms if scfg.refine_norms > 0 and norms else {}
+    tweaks = {n: LearnedNorm(w, scfg.refine_norms, norm_offset) for n, w in norms.items()}
+    learnables: list[Learnable] = [*grids.values(), *tweaks.values()]
     k = scfg.refine_batch_size  # a step's sequences: a slice of one calibration batch
     steps = [(j, slice(r, r + k)) for j, y in enumerate(targets) for r in range(0, y.shape[0], k)]
 
     def step_loss(m: int) -> Tensor:
         j, rows = steps[m]
-        out = forward(j, {n: g.weight() for n, g in grids.items()}, rows)
+        weights = {n: g.weight() for n, g in grids.items()} | {n: t.weight() for n, t in tweaks.items()}
+        out = forward(j, weights, rows)
         return (out.float() - targets[j][rows].to(out.device)).pow(2).mean()
 
     iters = scfg.refine_iters
@@ -107,7 +117,7 @@ def refine_layer(
         lin.requires_grad_(False)
     with torch.enable_grad():
         history = signed_descent(
-            list(grids.values()),
+            learnables,
             step_loss,
             iters,
             lr,
@@ -119,6 +129,7 @@ def refine_layer(
         first = {n: dequantize(q, s, z, qcfg.group_size) for n, (q, s, z) in start.items()}
         learned = {n: g.integers() for n, g in grids.items()}
         end = {n: dequantize(q.to(torch.int32), s, z, qcfg.group_size) for n, (q, s, z) in learned.items()}
+        end |= {n: t.weight() for n, t in tweaks.items()}
         before, count = parallel.sum_floats(_objective(forward, targets, first))
         after, _ = parallel.sum_floats(_objective(forward, targets, end))
     loss_start, loss_end = before / count, after / count
@@ -133,6 +144,9 @@ def refine_layer(
         history[0] if history else float("nan"),
         history[-1] if history else float("nan"),
     )
+    if kept:
+        for n, t in tweaks.items():
+            norms[n].data.copy_(t.weight().detach().to(norms[n].dtype))
     entries = []
     for n in names:
         if kept:

@@ -152,3 +152,34 @@ def test_refining_against_the_float_model_resumes_exactly(root: Path) -> None:
     # layer 0's targets are the same in both (its inputs are the model's); later layers' differ
     later = [(a, b) for a, b in zip(local.roundings, full.roundings, strict=True) if a.layer > 0]
     assert any(not torch.equal(a.q, b.q) for a, b in later)
+
+
+def test_learned_norms_are_recorded_stored_and_reapplied_bit_for_bit(root: Path, outputs: dict[str, Path]) -> None:
+    """refine_norms: the norms feeding the quantized linears are learned with the rounding; the checkpoint stores
+    the learned weights, the results record them, and re-applying the results to the float model gives the
+    checkpoint's norms exactly. Each layer still ends no worse on its objective than its start."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from awqkit.algo.results import apply_results
+
+    search = dataclasses.replace(SEARCH, refine_norms=0.2)
+    out = _quantize(root, root / "out-norms", method="awq-refine", search=search).path
+    results = AWQResults.load(out)
+    names = {n.name for n in results.norms}
+    layers = sorted({r.layer for r in results.roundings})
+    assert names == {f"model.layers.{i}.{n}" for i in layers for n in ("input_layernorm", "post_attention_layernorm")}
+    assert all(after <= before for before, after in {r.layer: (r.loss_rtn, r.loss) for r in results.roundings}.values())
+    stored = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    awq = {k: v for f in outputs["awq-refine"].glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    changed = 0
+    model = AutoModelForCausalLM.from_pretrained(root / "src").float()
+    apply_results(model, results)
+    for n in results.norms:
+        key = n.name + ".weight"
+        assert torch.equal(stored[key], n.weight.to(stored[key].dtype)), key
+        assert torch.equal(model.get_submodule(n.name).weight.to(stored[key].dtype), stored[key]), key
+        changed += not torch.equal(stored[key], awq[key])
+    assert changed > 0  # the norms were learned, not left as AWQ folded them
+    meta = json.loads((out / "quantization_metadata.json").read_text())
+    assert meta["search_config"]["refine_norms"] == 0.2

@@ -1,6 +1,7 @@
 """The learned grid of block refinement (algo/refine.py): AWQ's round to nearest at the start, integers that
 dequantize to exactly what the forward pass used, at most one step from round to nearest on an unchanged range,
-signed descent that lowers a reconstruction error, determinism and argument checks."""
+signed descent that lowers a reconstruction error, determinism and argument checks; the learned norm weights
+(norm tweaking) start at the norm's weight, stay in their range and undo a per-channel input error."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from conftest import clipped_linear_case
 
-from awqkit.algo.refine import MAX_RANGE, MIN_RANGE, LearnedGrid, signed_descent
+from awqkit.algo.refine import MAX_RANGE, MIN_RANGE, LearnedGrid, LearnedNorm, signed_descent
 from awqkit.quant.primitives import dequantize, fake_quantize, quantize_weight
 
 G, BITS = 32, 3
@@ -91,3 +92,37 @@ def test_bad_arguments_are_refused() -> None:
     grid = LearnedGrid(w, clipped, BITS, G, True)
     with pytest.raises(ValueError, match="lr="):
         signed_descent([grid], lambda j: grid.weight().sum(), 10, 0.0, 1)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_a_learned_norm_starts_at_its_weight_and_keeps_its_range(offset: float) -> None:
+    w = torch.randn(16, generator=torch.Generator().manual_seed(0)) * 0.3 + (0.0 if offset else 1.0)
+    norm = LearnedNorm(w, 0.2, offset)
+    assert torch.equal(norm.weight().detach(), (w + offset) * 1.0 - offset)
+    with torch.no_grad():
+        norm.u.fill_(7.0)
+    norm.clamp_()
+    assert torch.allclose(norm.weight().detach() + offset, (w + offset) * 1.2)  # the scale moved by +r at most
+    with pytest.raises(ValueError, match="max_change"):
+        LearnedNorm(w, 1.0)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        LearnedNorm(w.reshape(4, 4), 0.2)
+
+
+def test_signed_descent_on_a_norm_undoes_a_per_channel_input_scale() -> None:
+    """A linear whose input channels were scaled by up to +-10 %: the norm's learned scale undoes it (the
+    objective drops well below its start), within its range."""
+    gen = torch.Generator().manual_seed(3)
+    x, lin = torch.randn(4, 64, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    skew = 1.0 + 0.1 * (2 * torch.rand(16, generator=gen) - 1)
+    target = (x * skew) @ lin.T
+    norm = LearnedNorm(torch.ones(16), 0.2)
+
+    def loss(j: int) -> torch.Tensor:
+        return ((x[j] * norm.weight()) @ lin.T - target[j]).pow(2).mean()
+
+    start = float(sum(loss(j).detach() for j in range(4)))
+    signed_descent([norm], loss, 100, 0.02, 4)
+    end = float(sum(loss(j).detach() for j in range(4)))
+    assert end < 0.05 * start, (start, end)
+    assert float(norm.u.detach().abs().max()) <= 1.0

@@ -18,7 +18,8 @@ on the clipped weight.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -101,8 +102,49 @@ class LearnedGrid:
         self.hi.clamp_(MIN_RANGE, MAX_RANGE)
 
 
+class LearnedNorm:
+    """A norm's weight learned with the grids (norm tweaking): ``weight = (offset + w) · (1 + r·u) - offset`` with
+    ``u`` ``[channels]`` in ``[-1, 1]``, starting at 0, so each channel's scale ``offset + w`` moves within
+    ``[1 - r, 1 + r]`` of its start (``offset``: 0 for ``x̂ · w`` norms, 1 for Gemma's ``x̂ · (1 + w)``).
+
+    Args:
+        w: ``[channels]`` the norm's weight (after AWQ's folding). max_change: ``r`` in (0, 1).
+        norm_offset: 0.0 or 1.0.
+    """
+
+    def __init__(self, w: Tensor, max_change: float, norm_offset: float = 0.0) -> None:
+        if w.dim() != 1:
+            raise ValueError(f"a norm weight is one-dimensional, got shape {tuple(w.shape)}")
+        if not 0.0 < max_change < 1.0:
+            raise ValueError(f"max_change={max_change} must be in (0, 1)")
+        self.base = (w.detach().float() + norm_offset).clone()
+        self.offset, self.r = norm_offset, max_change
+        self.u = torch.zeros_like(self.base, requires_grad=True)
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [self.u]
+
+    def weight(self) -> Tensor:
+        """The norm's weight ``[channels]`` float32 (differentiable in ``u``)."""
+        return self.base * (1.0 + self.r * self.u) - self.offset
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.u.clamp_(-1.0, 1.0)
+
+
+class Learnable(Protocol):
+    """What :func:`signed_descent` trains: parameters and their projection back into range."""
+
+    @property
+    def params(self) -> list[Tensor]: ...
+
+    def clamp_(self) -> None: ...
+
+
 def signed_descent(
-    grids: list[LearnedGrid],
+    grids: Sequence[Learnable],
     loss: Callable[[int], Tensor],
     iters: int,
     lr: float,
@@ -145,4 +187,4 @@ def signed_descent(
     return history
 
 
-__all__ = ["MAX_RANGE", "MIN_RANGE", "LearnedGrid", "signed_descent"]
+__all__ = ["MAX_RANGE", "MIN_RANGE", "Learnable", "LearnedGrid", "LearnedNorm", "signed_descent"]

@@ -7,8 +7,8 @@ a fresh float model with no calibration, reproducing the searched model's weight
 quantized, which it packs as they are instead of rounding the float weight to nearest.
 
 On disk (:meth:`AWQResults.save`): ``awq_results.safetensors`` (tensors ``scale.{i}``, ``clip_min.{j}``,
-``clip_max.{j}``, ``round_q.{k}`` (uint8), ``round_scales.{k}``, ``round_zeros.{k}``) and ``awq_results.json``
-(everything else, in the same order).
+``clip_max.{j}``, ``round_q.{k}`` (uint8), ``round_scales.{k}``, ``round_zeros.{k}``, ``norm_weight.{k}``) and
+``awq_results.json`` (everything else, in the same order).
 """
 
 from __future__ import annotations
@@ -85,6 +85,16 @@ class RoundingEntry:
 
 
 @dataclass
+class NormEntry:
+    """A norm's weight as the block refinement learned it (``refine_norms``), after AWQ's folding: what the
+    checkpoint stores, set over the folded weight when the result is re-applied."""
+
+    layer: int
+    name: str  # full module name
+    weight: Tensor  # [channels] float32
+
+
+@dataclass
 class AWQResults:
     """Everything the search decided, enough to rebuild the quantized weights from the float model."""
 
@@ -94,6 +104,7 @@ class AWQResults:
     layer_seconds: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     roundings: list[RoundingEntry] = field(default_factory=list)
+    norms: list[NormEntry] = field(default_factory=list)
 
     def for_layer(self, index: int, seconds: list[float]) -> AWQResults:
         """The entries of decoder layer ``index`` alone, with ``seconds`` as its layer time (resume records)."""
@@ -103,6 +114,7 @@ class AWQResults:
             [c for c in self.clips if c.layer == index],
             seconds,
             roundings=[r for r in self.roundings if r.layer == index],
+            norms=[n for n in self.norms if n.layer == index],
         )
 
     def extend(self, other: AWQResults) -> None:
@@ -110,6 +122,7 @@ class AWQResults:
         self.scales += other.scales
         self.clips += other.clips
         self.roundings += other.roundings
+        self.norms += other.norms
         self.layer_seconds += other.layer_seconds
 
     def integers_for(self, layer: int, prefix: str = "") -> dict[str, tuple[Tensor, Tensor, Tensor]]:
@@ -134,6 +147,8 @@ class AWQResults:
             tensors[f"round_q.{k}"] = r.q.to(torch.uint8).contiguous()
             tensors[f"round_scales.{k}"] = r.scales.float().contiguous()
             tensors[f"round_zeros.{k}"] = r.zeros.to(torch.int32).contiguous()
+        for k, n in enumerate(self.norms):
+            tensors[f"norm_weight.{k}"] = n.weight.float().contiguous()
         save_file(tensors, str(folder / RESULTS_TENSORS), metadata={"format": "pt"})
         doc = {
             "norm_offset": self.norm_offset,
@@ -146,6 +161,8 @@ class AWQResults:
             doc["roundings"] = [
                 {k: v for k, v in asdict(r).items() if k not in ("q", "scales", "zeros")} for r in self.roundings
             ]
+        if self.norms:
+            doc["norms"] = [{"layer": n.layer, "name": n.name} for n in self.norms]
         (folder / RESULTS_JSON).write_text(json.dumps(_json_safe(doc), indent=1))
 
     @classmethod
@@ -164,8 +181,15 @@ class AWQResults:
             RoundingEntry(q=t[f"round_q.{k}"], scales=t[f"round_scales.{k}"], zeros=t[f"round_zeros.{k}"], **r)
             for k, r in enumerate(doc.get("roundings", []))
         ]
+        norms = [NormEntry(weight=t[f"norm_weight.{k}"], **n) for k, n in enumerate(doc.get("norms", []))]
         return cls(
-            doc["norm_offset"], scales, clips, doc.get("layer_seconds", []), doc.get("info", {}), roundings=roundings
+            doc["norm_offset"],
+            scales,
+            clips,
+            doc.get("layer_seconds", []),
+            doc.get("info", {}),
+            roundings=roundings,
+            norms=norms,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -204,11 +228,14 @@ class AWQResults:
                 {"layer": r.layer, "name": r.name, "method": r.method, "loss_rtn": r.loss_rtn, "loss": r.loss}
                 for r in self.roundings
             ]
+        if self.norms:
+            out["norms"] = [{"layer": n.layer, "name": n.name} for n in self.norms]
         return out
 
 
 def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> None:
-    """Fold the scales and apply the clips recorded for decoder layer ``layer`` (in recorded order).
+    """Fold the scales, apply the clips, set the rounded linears' and learned norms' weights recorded for decoder
+    layer ``layer`` (in recorded order).
 
     The touched modules are computed in float32 and cast back to their dtype, exactly as the search
     pipeline does, so re-applying reproduces its weights bit for bit.
@@ -216,6 +243,7 @@ def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> No
     names = [n for e in results.scales if e.layer == layer for n in [e.prev, *e.linears]]
     names += [c.name for c in results.clips if c.layer == layer]
     names += [r.name for r in results.roundings if r.layer == layer]
+    names += [n.name for n in results.norms if n.layer == layer]
     dtypes = {}
     for n in dict.fromkeys(names):
         mod = model.get_submodule(n)
@@ -237,6 +265,12 @@ def apply_layer_results(model: nn.Module, results: AWQResults, layer: int) -> No
         if r.layer == layer:
             lin = _linear(model, r.name)
             lin.weight.data.copy_(r.weight().to(lin.weight.device))
+    for ne in results.norms:
+        if ne.layer == layer:
+            norm = model.get_submodule(ne.name)
+            if not isinstance(norm.weight, Tensor) or norm.weight.shape != ne.weight.shape:
+                raise TypeError(f"the result's norm {ne.name!r} [{ne.weight.numel()}] does not fit the model's module")
+            norm.weight.data.copy_(ne.weight.to(norm.weight.device))
     for n, dt in dtypes.items():
         model.get_submodule(n).to(dt)
 
@@ -253,6 +287,7 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
 def apply_results(model: nn.Module, results: AWQResults) -> None:
     """Re-apply a whole search result to a fresh float ``model`` (same architecture and weights)."""
     layers = {e.layer for e in results.scales} | {c.layer for c in results.clips} | {r.layer for r in results.roundings}
+    layers |= {n.layer for n in results.norms}
     for layer in sorted(layers):
         apply_layer_results(model, results, layer)
 
