@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from awqkit import __version__
 from awqkit.algo.results import AWQResults
@@ -195,7 +194,7 @@ def quantize(
             )
             if par.active:
                 metadata["data_parallel"] = {"world_size": par.world, "transport": par.transport}
-            _write_rest(staged, dst, src, model, info, quant, targets, results, files, metadata)
+            _write_rest(staged, dst, src, source, quant, targets, results, files, metadata)
             commit(staged, dst)
     par.barrier()  # the other ranks read dst once it is in place
     seconds = time.perf_counter() - t0
@@ -234,8 +233,7 @@ def _write_rest(
     staged: Path,
     dst: Path,
     src: str | Path,
-    model: nn.Module,
-    info: SourceInfo,
+    source: Source,
     quant: QuantConfig,
     targets: Targets,
     results: AWQResults | None,
@@ -243,9 +241,16 @@ def _write_rest(
     metadata: dict[str, Any],
 ) -> None:
     """Everything but the weights into the staged folder (config, tokenizer and side files, the search result,
-    the model card), then the permissions a finished folder has."""
+    the model card), then the permissions a finished folder has. A GGUF source has no tokenizer files: the
+    tokenizer and chat template transformers built from the GGUF's metadata are written instead (the GGUF's
+    folder may hold anything, so nothing is copied from it)."""
+    model, info = source.model, source.info
     config = quantized_config(model, quant, sorted(targets.kept))
-    write_side_files(model, staged, src_dir=info.folder, config=config, metadata=metadata, weight_files=files)
+    gguf = info.kind == "gguf"
+    src_dir = None if gguf else info.folder
+    write_side_files(model, staged, src_dir=src_dir, config=config, metadata=metadata, weight_files=files)
+    if gguf:
+        source.tokenizer.save_pretrained(staged)
     if results is not None:
         results.save(staged)
     base = info.name_or_path or (info.folder.name if info.folder else str(src))
