@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from awqkit.config import QuantConfig
 from awqkit.io.load import load_quantized, read_quant_config
 from awqkit.io.save import file_digest, save_quantized, verify_files
 from awqkit.io.shards import ShardWriter
+from awqkit.io.state import convert_for_storage, state_plan
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import get_module, replace_linears, set_module
 from awqkit.quant import primitives as P
@@ -146,15 +148,56 @@ def test_ct_roundtrip(tmp_path, bits, group_size, zero_point):
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=1e-5)
 
 
-def test_sharded_save_loads(tmp_path):
+def test_sharded_save_is_huggingface_hubs_split_and_loads_bit_for_bit(tmp_path):
+    """A small max_shard_size gives several shards, split as huggingface_hub (and so transformers) splits the
+    same tensors, with transformers' index; every stored tensor reads back bit for bit, by safetensors and by
+    load_quantized, and the tied head is stored once."""
     model, qc = _quantized(4, 64)
     dst = _save(model, qc, tmp_path / "sharded", max_shard_size="40KB")
+    stored = {k: convert_for_storage(k, t, dtype) for k, (t, dtype) in state_plan(model).items()}
+    split = split_torch_state_dict_into_shards(stored, max_shard_size="40KB")
     shards = sorted(p.name for p in dst.glob("*.safetensors"))
-    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert len(shards) > 1 and shards == sorted(split.filename_to_tensors)
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((dst / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"].values()) == set(shards)
-    assert set(index["weight_map"]) == set(_keys(dst))
+    assert index == {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    assert set(index["weight_map"]) == set(_keys(dst)) == set(stored)
+    assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored  # tied: stored once
+    for name in shards:
+        for k, t in load_file(str(dst / name)).items():
+            assert index["weight_map"][k] == name and _same_bits(t, stored[k]), k
+    loaded = load_quantized(dst)
+    state = loaded.state_dict()
+    assert all(_same_bits(state[k].to(t.dtype), t) for k, t in stored.items())
+    assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=1e-5)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+def test_tied_heads_are_stored_once_and_other_aliases_kept(tmp_path):
+    """The head the config ties is left out whether it shares the embedding's storage or holds an equal copy;
+    a transposed view of the embedding is another tensor and keeps its own name (huggingface_hub's
+    save_torch_state_dict dedup compares byte ranges and would drop it)."""
+    model, qc = _quantized(4, 32, tie=True)
+    model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone())  # equal, unshared
+    dst = _save(model, qc, tmp_path / "copy")
+    assert "lm_head.weight" not in _keys(dst) and "model.embed_tokens.weight" in _keys(dst)
     torch.testing.assert_close(_logits(load_quantized(dst)), _logits(model), rtol=0, atol=1e-5)
+    model, _ = _quantized(4, 32, tie=True)
+    emb = model.model.embed_tokens.weight
+    model.model.norm.register_buffer("emb_t", emb.detach().t())
+    model.model.norm.register_buffer("emb_alias", emb.detach())
+    plan = state_plan(model)
+    assert "lm_head.weight" not in plan
+    assert {"model.embed_tokens.weight", "model.norm.emb_t", "model.norm.emb_alias"} <= set(plan)
+    assert torch.equal(plan["model.norm.emb_t"][0], emb.t())
 
 
 def test_existing_dst_refused_then_overwritten(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -104,30 +105,34 @@ def _sharded_dict() -> dict[str, torch.Tensor]:
 
 
 def _reference_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> list[str]:
-    """The in-memory writer awqkit used before streaming (``awqkit.io.save._write_shards`` at the commit that
-    added shards.py, which now delegates to ShardWriter): shards by ``save_file``, the index by ``json.dumps``."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    n = len(shards)
-    weight_map: dict[str, str] = {}
-    for i, keys in enumerate(shards, start=1):
-        fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+    """What transformers' ``save_pretrained`` writes for these tensors: huggingface_hub's
+    ``split_torch_state_dict_into_shards``, each shard by ``save_file``, the index by ``json.dumps`` (sorted keys;
+    without the ``total_parameters`` transformers adds)."""
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_bytes)
+    for fname, keys in split.filename_to_tensors.items():
         save_file({k: tensors[k] for k in keys}, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in keys})
-    names = sorted(set(weight_map.values()))
-    if n > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    names = list(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         names.append(INDEX)
     return names
+
+
+@pytest.mark.parametrize("max_bytes", [1, 150, 164, 200, 400, 10**6])
+def test_the_plan_is_huggingface_hubs(max_bytes: int) -> None:
+    """File names and the tensor -> file assignment equal huggingface_hub's on the same tensors, including a
+    tensor over the limit (its own file, placed where the hub places it) and a limit below every tensor."""
+    tensors = _sharded_dict()
+    layout = ShardLayout.plan([TensorSpec.of(k, t) for k, t in tensors.items()], max_bytes)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_bytes)
+    assert layout.files() == list(split.filename_to_tensors)
+    assert [[s.name for s in shard] for shard in layout.shards] == list(split.filename_to_tensors.values())
+    assert layout.weight_map() == dict(sorted(split.tensor_to_filename.items()))
+    assert layout.total_size == split.metadata["total_size"]
+    assert (layout.files() == ["model.safetensors"]) == (max_bytes == 10**6)
+    if max_bytes == 1:
+        assert layout.files()[-1] == f"model-{len(tensors):05d}-of-{len(tensors):05d}.safetensors"
 
 
 @pytest.mark.parametrize("max_bytes", [150, 164, 200, 10**6])  # 164: layer 0 fills a shard exactly
@@ -177,7 +182,7 @@ def test_resume_after_a_crash_gives_the_same_files(tmp_path: Path) -> None:
     assert layout2 == layout and layout2.spec("norm") == TensorSpec("norm", (8,), torch.float16)
     with ShardWriter(tmp_path / "resumed", layout2, resume=True) as w:
         w.mark_written(keys[:5])
-        assert [s.name for s in w.missing()] == keys[5:]
+        assert sorted(s.name for s in w.missing()) == sorted(keys[5:])  # in the layout's order
         for k in keys[5:]:
             w.write(k, tensors[k])
     assert _files(tmp_path / "resumed") == _files(tmp_path / "whole")
@@ -215,8 +220,15 @@ def test_wrong_inputs_are_named_errors(tmp_path: Path) -> None:
         TensorSpec("c", (2,), torch.complex64)
     with pytest.raises(InputError, match="more than once"):
         ShardLayout.plan([TensorSpec("a", (1,), torch.int8)] * 2, 10)
+    bad = {"file": "model.safetensors", "tensors": [["a", "C64", [2]]]}
     with pytest.raises(CheckpointError, match="unreadable"):
-        ShardLayout.from_json({**layout.to_json(), "tensors": [["a", "C64", [2]]]})
+        ShardLayout.from_json({**layout.to_json(), "shards": [bad]})
+    with pytest.raises(CheckpointError, match="unreadable"):  # a path, not a file name in the folder
+        ShardLayout.from_json({**layout.to_json(), "shards": [{**layout.to_json()["shards"][0], "file": "../x"}]})
+    with pytest.raises(CheckpointError, match="unreadable"):  # awqkit < format 2 planned the record again
+        ShardLayout.from_json({**layout.to_json(), "format": 1})
+    with pytest.raises(InputError, match="no tensors"):
+        ShardLayout.plan([], 10)
     w2 = ShardWriter(tmp_path, layout, resume=True)
     w2.mark_written(["a"])
     w2.write("b", torch.tensor(3))

@@ -7,8 +7,9 @@ Layout of ``dst``:
   ``scales``[/``bias``] in the GEMM format used for 4 bits, ``weight_packed``/``weight_scale``
   [/``weight_zero_point``]/``weight_shape``[/``bias``] in the pack-quantized format used otherwise); every
   other float tensor (embeddings, norms, LM head, float linears) is stored in fp16. A tied output embedding is
-  stored once (only the input embedding). Files are written by :class:`awqkit.io.shards.ShardWriter`, which the
-  streaming engine (:mod:`awqkit.io.stream`) uses too.
+  stored once (only the input embedding; :mod:`awqkit.io.state`). Shards are planned by huggingface_hub, as
+  transformers plans them, and written by :class:`awqkit.io.shards.ShardWriter`, which the streaming engine
+  (:mod:`awqkit.io.stream`) uses too.
 * ``config.json``: the model config with ``dtype``/``torch_dtype`` ``"float16"`` and a
   ``quantization_config`` matching the modules' format (AutoAWQ ``awq``/``gemm``, or compressed-tensors
   ``pack-quantized``).
@@ -27,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -35,21 +35,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from awqkit.arch.names import name_matches
 from awqkit.config import QuantConfig
 from awqkit.errors import DestinationError, InputError
 from awqkit.files import sha256_file
 from awqkit.io import destination
-from awqkit.io.shards import INDEX, ShardLayout, ShardWriter, TensorSpec
+from awqkit.io.state import state_plan, write_shards
 from awqkit.nn import hf
 from awqkit.nn.qlinear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
-FP16_MAX = 65504.0
 FILES_KEY = "files"  # quantization_metadata.json: {file name: {"bytes": int, "sha256": str}} of the weights
 SRC_FILE_PATTERNS = (
     "tokenizer*",
@@ -81,7 +79,8 @@ _UNITS = {
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or a string like ``"2GB"`` (10^9), ``"500MiB"`` (2^20), ``"1000"``."""
+    """Bytes in ``size``: an int, or a string like ``"2GB"`` (10^9), ``"500MiB"`` (2^20), ``"1000"`` (not
+    huggingface_hub's ``parse_size_to_int``, which reads no ``B``, ``KiB``..``TiB`` or bare number)."""
     if isinstance(size, int):
         value = size
     else:
@@ -155,76 +154,6 @@ def _ignore_list(model: nn.Module, given: list[str], quantized: set[str]) -> lis
                     clash,
                 )
     return out
-
-
-def _state_plan(model: nn.Module) -> dict[str, tuple[Tensor, torch.dtype]]:
-    """``{key: (tensor, storage dtype)}`` with tied duplicates removed (see the module docstring)."""
-    sd = model.state_dict()
-    config = hf.config(model)
-    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    tied_flag = bool(getattr(text_cfg, "tie_word_embeddings", False))
-    droppable = set(getattr(model, "all_tied_weights_keys", None) or {})
-    out_emb = hf.output_embeddings(model) if hasattr(model, "get_output_embeddings") else None
-    in_emb = hf.input_embeddings(model) if hasattr(model, "get_input_embeddings") else None
-    out_key = next((f"{n}.weight" for n, m in model.named_modules() if m is out_emb and out_emb is not None), None)
-    in_key = next((f"{n}.weight" for n, m in model.named_modules() if m is in_emb and in_emb is not None), None)
-    if tied_flag and out_key:
-        droppable.add(out_key)
-    groups: dict[tuple, list[str]] = {}
-    for key, t in sd.items():
-        if t.numel() == 0:
-            continue
-        groups.setdefault((t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()), []).append(key)
-    drop: set[str] = set()
-    for keys in groups.values():
-        if len(keys) > 1:
-            keep = [k for k in keys if k not in droppable] or keys[:1]
-            drop.update(k for k in keys if k not in keep)
-    if tied_flag and out_key in sd and in_key in sd and out_key not in drop:
-        if torch.equal(sd[out_key], sd[in_key]):
-            drop.add(out_key)
-        else:
-            raise ValueError(
-                f"config says tie_word_embeddings=True but {out_key} differs from {in_key}; re-tie them "
-                "(model.tie_weights()) or set model.config.tie_word_embeddings=False before saving"
-            )
-    plan: dict[str, tuple[Tensor, torch.dtype]] = {}
-    for key, t in sd.items():
-        if key not in drop:
-            plan[key] = (t, torch.float16 if t.is_floating_point() else t.dtype)
-    return plan
-
-
-def convert_for_storage(key: str, t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` as the CPU tensor of ``dtype`` stored under ``key`` (its own memory); a float tensor whose values
-    overflow fp16 is an InputError naming it (fp16 would store Inf)."""
-    t = t.detach()
-    if t.is_floating_point() and t.numel() and dtype == torch.float16 and t.dtype != torch.float16:
-        peak = float(t.abs().max())
-        if math.isfinite(peak) and peak > FP16_MAX:
-            raise InputError(
-                f"tensor {key} has |value| {peak:g} > {FP16_MAX} and would overflow in fp16; awqkit "
-                "stores non-quantized tensors in fp16, so this model cannot be saved as is"
-            )
-    out = t.to(device="cpu", dtype=dtype).contiguous()
-    if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
-        out = out.clone()  # own storage: safetensors refuses tensors that share memory (e.g. untied aliases)
-    return out
-
-
-def _write_shards(plan: dict[str, tuple[Tensor, torch.dtype]], folder: Path, max_bytes: int) -> list[str]:
-    """Write the state dict as safetensors shards (and their index when there are several) through
-    :class:`~awqkit.io.shards.ShardWriter`, the writer the streaming engine uses too; returns the file names."""
-    specs = [TensorSpec(k, tuple(t.shape), dtype) for k, (t, dtype) in plan.items()]
-    for spec in specs:
-        if spec.nbytes > max_bytes:
-            logger.warning(
-                "tensor %s (%d bytes) exceeds max_shard_size; it gets a shard of its own", spec.name, spec.nbytes
-            )
-    with ShardWriter(folder, ShardLayout.plan(specs, max_bytes)) as writer:
-        for key, (t, dtype) in plan.items():
-            writer.write(key, convert_for_storage(key, t, dtype))
-    return writer.layout.files() + ([INDEX] if len(writer.layout.files()) > 1 else [])
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -374,11 +303,11 @@ def save_quantized(
     max_bytes = parse_size(max_shard_size)
     meta_text(metadata, {})  # not JSON: fail before writing anything
     config = quantized_config(model, quant_config, modules_to_not_convert)
-    plan = _state_plan(model)
+    plan = state_plan(model)
 
     destination.recover(dst)
     with writing_errors(dst), destination.staging(dst) as tmp:
-        written = _write_shards(plan, tmp, max_bytes)
+        written = write_shards(plan, tmp, max_bytes)
         write_side_files(model, tmp, src_dir=src_dir, config=config, metadata=metadata, weight_files=written)
         if extra_files is not None:
             extra_files(tmp)

@@ -20,8 +20,13 @@ Tensors in a file are ordered as the reference orders them: by dtype, widest fir
 F16, I16, I8, U8, BOOL), then by name. Since element sizes only shrink along that order every tensor starts at
 a multiple of its element size (the given order would put an F32 after an odd-length I8 at a misaligned
 address, which the reader accepts but hands out misaligned tensors), and each shard is byte-identical to
-``save_file`` of the same tensors. The assignment of tensors to shards, the file names and the index are those
-of :func:`awqkit.io.save._write_shards`, so this writer's output equals today's checkpoints byte for byte.
+``save_file`` of the same tensors.
+
+Which tensor goes into which file and the file names are huggingface_hub's: its planner
+``split_state_dict_into_shards_factory`` (behind ``split_torch_state_dict_into_shards`` and transformers'
+``save_pretrained``) runs on the :class:`TensorSpec` records, so the engine plans the output before any tensor
+exists, and the index is the one transformers writes. A layout records its assignment (:meth:`ShardLayout.to_json`),
+so a run resumed after a huggingface_hub upgrade that plans otherwise sees another layout and starts afresh.
 
 :class:`ShardWriter` creates each file with its header at its final size (sparse: a full disk shows on a
 write, not at creation), then ``pwrite``s each tensor at its place. A file does not record which of its regions
@@ -42,6 +47,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+from huggingface_hub import constants, split_state_dict_into_shards_factory
 from torch import Tensor
 
 from awqkit.errors import CheckpointError, EnvironmentProblem, InputError
@@ -63,8 +69,9 @@ DTYPES: dict[str, torch.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 _RANK = {k: i for i, k in enumerate(DTYPES)}
 PT_METADATA: Mapping[str, str] = MappingProxyType({"format": "pt"})
-INDEX = "model.safetensors.index.json"
-LAYOUT_FORMAT = 1
+INDEX = constants.SAFETENSORS_INDEX_FILE  # "model.safetensors.index.json"
+FILENAME_PATTERN = constants.SAFETENSORS_WEIGHTS_FILE_PATTERN  # "model{suffix}.safetensors", as transformers names them
+LAYOUT_FORMAT = 2  # 2: the record holds each file's tensors (1 held the tensors only and planned them again)
 _MAX_HEADER = 100_000_000  # the reader refuses longer headers
 
 
@@ -106,23 +113,26 @@ class TensorSpec:
 class ShardLayout:
     """Which tensors go into which file, and where: build it with :meth:`plan`.
 
-    ``shards`` holds the specs of each file in the order they were given; ``metadata`` is the
-    ``__metadata__`` pairs (None: no ``__metadata__`` entry)."""
+    ``shards`` holds the specs of each file in the order huggingface_hub assigned them, ``file_names`` the name
+    of each file; ``metadata`` is the ``__metadata__`` pairs (None: no ``__metadata__`` entry)."""
 
     shards: tuple[tuple[TensorSpec, ...], ...]
+    file_names: tuple[str, ...]
     max_shard_bytes: int
     metadata: tuple[tuple[str, str], ...] | None = (("format", "pt"),)
 
     def __post_init__(self) -> None:
-        names = [s.name for shard in self.shards for s in shard]
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise InputError(f"tensor names {dup[:5]} appear more than once; each tensor is stored once")
+        _check_unique([s.name for shard in self.shards for s in shard])
         if self.max_shard_bytes <= 0:
             raise InputError(f"max_shard_bytes={self.max_shard_bytes} must be positive")
+        files = self.file_names
+        if len(files) != len(self.shards) or len(set(files)) != len(files) or not files:
+            raise InputError(f"{len(self.shards)} shard(s) need as many distinct file names, got {list(files)}")
+        if any(not isinstance(f, str) or Path(f).name != f or not f.endswith(".safetensors") for f in files):
+            raise InputError(f"shard file names {list(files)} must be plain *.safetensors names")
         if self.metadata is not None and not all(isinstance(x, str) for kv in self.metadata for x in kv):
             raise InputError("safetensors metadata holds only str keys and str values; convert them to str")
-        for fname in self.files():
+        for fname in files:
             if len(self._headers[fname]) - 8 > _MAX_HEADER:
                 raise InputError(f"the header of {fname} exceeds {_MAX_HEADER} bytes; use smaller shards")
 
@@ -130,18 +140,24 @@ class ShardLayout:
     def plan(
         cls, specs: Sequence[TensorSpec], max_shard_bytes: int, metadata: Mapping[str, str] | None = PT_METADATA
     ) -> ShardLayout:
-        """Assign ``specs``, in order, to consecutive shards of at most ``max_shard_bytes`` bytes of data; a
-        tensor larger than that gets a shard of its own (as :func:`awqkit.io.save._write_shards` does)."""
-        shards: list[list[TensorSpec]] = [[]]
-        size = 0
-        for spec in specs:
-            if shards[-1] and size + spec.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(spec)
-            size += spec.nbytes
+        """Shard ``specs`` as huggingface_hub shards a state dict of these tensors in this order (see the module
+        docstring): consecutive runs of at most ``max_shard_bytes`` bytes of data, a tensor larger than that in a
+        file of its own."""
+        _check_unique([s.name for s in specs])  # before the dict below would merge them
+        if not specs:
+            raise InputError("there are no tensors to write; a checkpoint holds at least one")
+        if max_shard_bytes <= 0:
+            raise InputError(f"max_shard_bytes={max_shard_bytes} must be positive")
+        by_name = {s.name: s for s in specs}
+        split = split_state_dict_into_shards_factory(
+            by_name,
+            get_storage_size=lambda s: s.nbytes,  # specs own no storage: no get_storage_id, none is shared
+            filename_pattern=FILENAME_PATTERN,
+            max_shard_size=max_shard_bytes,
+        )
+        shards = tuple(tuple(by_name[n] for n in keys) for keys in split.filename_to_tensors.values())
         meta = None if metadata is None else tuple((k, v) for k, v in metadata.items())
-        return cls(tuple(tuple(s) for s in shards), max_shard_bytes, meta)
+        return cls(shards, tuple(split.filename_to_tensors), max_shard_bytes, meta)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready record of this layout (for a progress file); :meth:`from_json` rebuilds it."""
@@ -149,24 +165,33 @@ class ShardLayout:
             "format": LAYOUT_FORMAT,
             "max_shard_bytes": self.max_shard_bytes,
             "metadata": None if self.metadata is None else dict(self.metadata),
-            "tensors": [[s.name, _NAMES[s.dtype], list(s.shape)] for shard in self.shards for s in shard],
+            "shards": [
+                {"file": f, "tensors": [[s.name, _NAMES[s.dtype], list(s.shape)] for s in shard]}
+                for f, shard in zip(self.file_names, self.shards, strict=True)
+            ],
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ShardLayout:
-        """The layout :meth:`to_json` recorded; CheckpointError when ``data`` is not such a record."""
+        """The layout :meth:`to_json` recorded, as recorded (not planned again: the files were created for it);
+        CheckpointError when ``data`` is not such a record."""
         try:
             if data["format"] != LAYOUT_FORMAT:
                 raise ValueError(f"format {data['format']!r}")
-            specs = [TensorSpec(name, tuple(shape), DTYPES[dt]) for name, dt, shape in data["tensors"]]
-            return cls.plan(specs, int(data["max_shard_bytes"]), data["metadata"])
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            shards = tuple(
+                tuple(TensorSpec(name, tuple(shape), DTYPES[dt]) for name, dt, shape in shard["tensors"])
+                for shard in data["shards"]
+            )
+            files = tuple(shard["file"] for shard in data["shards"])
+            meta = data["metadata"]
+            metadata = None if meta is None else tuple((k, v) for k, v in meta.items())
+            return cls(shards, files, int(data["max_shard_bytes"]), metadata)
+        except (AttributeError, KeyError, TypeError, ValueError, InputError) as exc:
             raise CheckpointError(f"the recorded shard layout is unreadable ({exc!r}); start the run afresh") from None
 
     def files(self) -> list[str]:
         """The shard file names: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``."""
-        n = len(self.shards)
-        return ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        return list(self.file_names)
 
     def spec(self, name: str) -> TensorSpec:
         """The spec of tensor ``name``; InputError when the layout does not hold it."""
@@ -179,7 +204,7 @@ class ShardLayout:
 
     def weight_map(self) -> dict[str, str]:
         """``{tensor name: file name}``, sorted by tensor name (the index's ``weight_map``)."""
-        return dict(sorted((s.name, f) for f, shard in zip(self.files(), self.shards, strict=True) for s in shard))
+        return dict(sorted((s.name, f) for f, shard in zip(self.file_names, self.shards, strict=True) for s in shard))
 
     @property
     def total_size(self) -> int:
@@ -187,16 +212,19 @@ class ShardLayout:
         return sum(s.nbytes for shard in self.shards for s in shard)
 
     def index_text(self) -> str:
-        """``model.safetensors.index.json``'s text (written only when there are several shards)."""
+        """``model.safetensors.index.json``'s text (written only when there are several shards), as transformers'
+        ``save_pretrained`` writes it from huggingface_hub's split (its ``total_parameters`` left out: the packed
+        buffers' element count is no parameter count). Hand-written because huggingface_hub writes the index only
+        inside ``save_torch_state_dict``, which needs every tensor in memory at once."""
         index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map()}
-        return json.dumps(index, indent=2) + "\n"
+        return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
     @cached_property
     def _places(self) -> dict[str, tuple[TensorSpec, str, int]]:
         """``{name: (spec, file, absolute byte offset of its data)}``."""
         return {
             s.name: (s, f, len(self._headers[f]) + begin)
-            for f, shard in zip(self.files(), self.shards, strict=True)
+            for f, shard in zip(self.file_names, self.shards, strict=True)
             for s, begin in _offsets(shard)
         }
 
@@ -204,7 +232,7 @@ class ShardLayout:
     def _headers(self) -> dict[str, bytes]:
         """``{file: its first 8 + N bytes}`` (length prefix and padded header)."""
         out = {}
-        for fname, shard in zip(self.files(), self.shards, strict=True):
+        for fname, shard in zip(self.file_names, self.shards, strict=True):
             head: dict[str, Any] = {} if self.metadata is None else {"__metadata__": dict(self.metadata)}
             for s, begin in _offsets(shard):
                 head[s.name] = {
@@ -218,7 +246,13 @@ class ShardLayout:
         return out
 
     def _file_size(self, fname: str) -> int:
-        return len(self._headers[fname]) + sum(s.nbytes for s in self.shards[self.files().index(fname)])
+        return len(self._headers[fname]) + sum(s.nbytes for s in self.shards[self.file_names.index(fname)])
+
+
+def _check_unique(names: list[str]) -> None:
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"tensor names {dup[:5]} appear more than once; each tensor is stored once")
 
 
 def _offsets(shard: Iterable[TensorSpec]) -> list[tuple[TensorSpec, int]]:
@@ -361,4 +395,4 @@ class ShardWriter:
         self._release()
 
 
-__all__ = ["DTYPES", "INDEX", "PT_METADATA", "ShardLayout", "ShardWriter", "TensorSpec"]
+__all__ = ["DTYPES", "FILENAME_PATTERN", "INDEX", "PT_METADATA", "ShardLayout", "ShardWriter", "TensorSpec"]

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from awqkit.config import QuantConfig
-from awqkit.io.save import convert_for_storage
 from awqkit.io.shards import ShardLayout, ShardWriter, TensorSpec
+from awqkit.io.state import convert_for_storage
 from awqkit.nn import hf
 from awqkit.nn.qlinear import QuantLinear
 from awqkit.nn.replace import replace_linears
