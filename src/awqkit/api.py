@@ -46,6 +46,7 @@ from awqkit.preflight import (
     check_seq_len,
     expected_output_bytes,
 )
+from awqkit.report.card_meta import check_base_model, infer_base_model
 from awqkit.report.model_card import write_model_card
 from awqkit.spec import QuantizationSpec, QuantMethod, spec_metadata, warn_unapplied
 from awqkit.targets import Targets, select_targets
@@ -114,6 +115,7 @@ def quantize(
     trust_remote_code: bool = False,
     progress: bool = True,
     parallel: DataParallel | None = None,
+    base_model: str | None = None,
 ) -> QuantizeReport:
     """Quantize the float model at ``src`` with ``method`` (default "awq"; one of :data:`METHODS`: "rtn", "awq",
     "gptq", "adaround", "awq-gptq", "awq-refine", see :meth:`awqkit.spec.QuantMethod.search_config`) and write it
@@ -132,7 +134,12 @@ def quantize(
     Under ``torchrun`` (an initialised ``torch.distributed`` group, or ``parallel``) every rank calls this with
     the same arguments: the AWQ search runs data-parallel (:mod:`awqkit.parallel`), rank 0 writes ``dst``, and
     every rank returns its report once ``dst`` is in place. Such a run starts afresh after a kill.
+
+    ``base_model``: the source model's Hugging Face Hub id (``owner/name``) for the model card; by default the
+    one the source names (:func:`~awqkit.report.card_meta.infer_base_model`), if any. A value that is not a
+    Hub id is refused before anything runs.
     """
+    base_model = check_base_model(base_model) if base_model is not None else None
     method, quant, spec = _method_and_quant(method, spec, quant)
     calib = calib or CalibConfig()
     search = QuantMethod(method).search_config(search or SearchConfig())
@@ -194,7 +201,7 @@ def quantize(
             )
             if par.active:
                 metadata["data_parallel"] = {"world_size": par.world, "transport": par.transport}
-            _write_rest(staged, dst, src, source, quant, targets, results, files, metadata)
+            _write_rest(staged, dst, source, quant, targets, results, files, metadata, base_model)
             commit(staged, dst)
     par.barrier()  # the other ranks read dst once it is in place
     seconds = time.perf_counter() - t0
@@ -232,18 +239,19 @@ def _run_key(
 def _write_rest(
     staged: Path,
     dst: Path,
-    src: str | Path,
     source: Source,
     quant: QuantConfig,
     targets: Targets,
     results: AWQResults | None,
     files: list[str],
     metadata: dict[str, Any],
+    base_model: str | None,
 ) -> None:
     """Everything but the weights into the staged folder (config, tokenizer and side files, the search result,
     the model card), then the permissions a finished folder has. A GGUF source has no tokenizer files: the
     tokenizer and chat template transformers built from the GGUF's metadata are written instead (the GGUF's
-    folder may hold anything, so nothing is copied from it)."""
+    folder may hold anything, so nothing is copied from it). The card's base model is ``base_model``, else the
+    Hub id the source names, else none (never a local path)."""
     model, info = source.model, source.info
     config = quantized_config(model, quant, sorted(targets.kept))
     gguf = info.kind == "gguf"
@@ -253,7 +261,7 @@ def _write_rest(
         source.tokenizer.save_pretrained(staged)
     if results is not None:
         results.save(staged)
-    base = info.name_or_path or (info.folder.name if info.folder else str(src))
+    base = base_model or infer_base_model(info.src, info.kind, info.folder)
     write_model_card(staged, base_model=base, metadata=metadata, name=dst.name)
     normal_permissions(staged)
 
@@ -396,6 +404,7 @@ def quantize_with_awq(
     skip_lm_head: bool = True,
     backend: str | None = None,
     method: str = "awq",
+    base_model: str | None = None,
 ) -> tuple[Path, dict[str, str]]:
     """The platform's call: quantize ``src`` into ``dst``; returns (folder, string metadata).
 
@@ -405,6 +414,7 @@ def quantize_with_awq(
             False is refused rather than silently ignored.
         method: the quantization method, one of :data:`METHODS` ("awq", "rtn", "awq-refine", ...).
         backend: the platform's older name for ``method``, still accepted (in awqkit "backend" is the kernel).
+        base_model: the source model's Hugging Face Hub id for the model card (see :func:`quantize`).
     """
     if backend is not None:
         if method != "awq" and method != backend:
@@ -418,6 +428,7 @@ def quantize_with_awq(
         method=method,
         quant=QuantConfig(bits=bits, group_size=group_size),
         calib=CalibConfig(source=str(calib_path) if calib_path is not None else "self", seed=seed),
+        base_model=base_model,
     )
     m = report.metadata
     flat = {

@@ -298,6 +298,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         overwrite=a.overwrite,
         trust_remote_code=a.trust_remote_code,
         parallel=par,
+        base_model=a.base_model,
     )
     if par.is_writer:
         ranks = f", {par.world} data-parallel ranks" if par.active else ""
@@ -354,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--src", required=True, help="HF folder, .gguf file or hub id")
     q.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
+    q.add_argument(
+        "--base-model",
+        default=None,
+        metavar="OWNER/NAME",
+        help="the source model's Hugging Face Hub id, for the model card's base_model (default: the id the "
+        "source names in training_metadata.json or config.json, if any; never a local path)",
+    )
     q.add_argument(
         "--device",
         default="cpu",

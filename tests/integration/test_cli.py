@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_CORPUS, save_tiny_llama
+from huggingface_hub import ModelCard
 
 from awqkit import cli
 from awqkit.config import CalibConfig, QuantConfig, SearchConfig, defaults
@@ -74,13 +75,16 @@ def test_quantize_then_generate(tiny_src: Path, capsys: pytest.CaptureFixture) -
         "64",
         "--n-grid",
         "5",
+        "--base-model",
+        "HuggingFaceTB/SmolLM2-135M",
     ]
     assert cli.main(args) == 0
     meta = json.loads((dst / "quantization_metadata.json").read_text())
     assert meta["method"] == "awq" and meta["calibration"]["n_samples"] == 4
     assert meta["search_config"]["n_grid"] == 5
     card = (dst / "README.md").read_text()  # the model card names the final folder, never the temp sibling
-    assert card.startswith("---\n") and "base_model:" in card and "- awq" in card
+    data = ModelCard.load(dst / "README.md").data
+    assert data.base_model == "HuggingFaceTB/SmolLM2-135M" and data.tags[0] == "awq"  # --base-model, the method
     assert ".tmp-" not in card and dst.name in card
     # the same command again must refuse the existing output (exit 2, message names the flag)
     assert cli.main(args) == 2

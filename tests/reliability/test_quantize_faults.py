@@ -307,6 +307,7 @@ CASES: list[tuple[str, Setup]] = [
     ("SET-LM-HEAD", lambda e, m: e.quantize("--no-keep-lm-head-fp16")),
     ("SET-SEARCH", lambda e, m: e.quantize("--n-grid", "1")),
     ("SET-CALIB", lambda e, m: e.quantize("--n-samples", "0", method=AWQ)),
+    ("SET-BASE-MODEL", lambda e, m: e.quantize("--base-model", str(e.src))),
 ]
 
 

@@ -169,7 +169,11 @@ def test_naming_sources(tmp_path: Path) -> None:
         },
         base_dir=tmp_path,
     )
-    assert plan.models[0].run_name == "Tiny-1-math_DPO_LoRA"
+    assert plan.models[0].run_name == "Tiny-1-math_DPO_LoRA" and plan.models[0].base_model_id is None
+    # a Hub id names the run without its owner, and is the model card's base model
+    entry = {"path": "plain", "base_model": "Org/Tiny-3", "dataset": "math", "method": "DPO", "peft": "LoRA"}
+    plan = plan_from_dict({"output_dir": "o", "models": [entry], "specs": [{"method": "rtn"}]}, base_dir=tmp_path)
+    assert (plan.models[0].run_name, plan.models[0].base_model_id) == ("Tiny-3-math_DPO_LoRA", "Org/Tiny-3")
     # training_metadata.json keys (hub id shortened), the missing part from its run_name
     (plain / "training_metadata.json").write_text(
         json.dumps({"base_model": "org/Tiny-2", "dataset": "code", "run_name": "X-y_SFT_NoPeft"})
@@ -178,6 +182,7 @@ def test_naming_sources(tmp_path: Path) -> None:
         {"output_dir": "o", "models": [{"path": "plain"}], "specs": [{"method": "rtn"}]}, base_dir=tmp_path
     )
     assert plan.models[0].run_name == "Tiny-2-code_SFT_NoPeft"
+    assert plan.models[0].base_model_id is None  # the card reads training_metadata.json itself (infer_base_model)
     with pytest.raises(PlanError, match="dataset='open-math' is not valid"):
         plan_from_dict(
             {"output_dir": "o", "models": [{"path": "plain", "dataset": "open-math"}], "specs": [{"method": "rtn"}]},

@@ -2,6 +2,8 @@
 
 Prints the Markdown report of :func:`awqkit.eval.runner.results_markdown` and writes the full results
 as JSON (``--json``, strict JSON: NaN / Inf become ``null``) and the report as a file (``--markdown``).
+When MODEL is an awqkit output, its model card gets the results table and ``model-index``
+(:func:`awqkit.report.model_card.record_eval_results`; ``--no-card`` leaves it alone).
 Errors are :class:`~awqkit.errors.AwqkitError` / ``ValueError`` / ``FileNotFoundError``, which the ``awqkit``
 entry point turns into one line and exit status 2. When a metric came out NaN or Inf the report and the
 files are still written, then one line ``awqkit eval: error: <metrics> came out NaN/Inf for <model>; ...``
@@ -33,6 +35,9 @@ reference. The JSON records which ran.
 --bench adds speed and memory rows (as `awqkit bench`: prompt 128 tokens, 64 decoded tokens at batch 1
 and 8, medians of --bench-repeats; the model with --backend, the baseline float32 dense, each in its
 own process): prefill ms, decode tok/s, peak RSS, weight MB on disk and in memory.
+Model card: when MODEL is a folder awqkit wrote (it holds quantization_metadata.json), the results
+replace the table and the model-index of its README.md (the same results give the same bytes); other
+folders are never written to, nor is any card when a metric came out NaN/Inf (--no-card: never).
 """
 
 
@@ -86,6 +91,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
             path.write_text(content, encoding="utf-8")
             print(f"wrote {path}")
     bad = nonfinite_metrics(results)
+    if a.card and not bad:
+        from awqkit.report.model_card import record_eval_results
+
+        card = record_eval_results(a.model, results)
+        if card is not None:
+            print(f"updated {card}")
     if bad:
         print(f"awqkit eval: error: {_nonfinite_line(bad, a.model, a.baseline)}", file=sys.stderr)
         return 1
@@ -144,6 +155,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full results as JSON to OUT")
     p.add_argument("--markdown", default=None, metavar="OUT", help="write the Markdown report to OUT")
+    p.add_argument(
+        "--card",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the results into MODEL's model card when awqkit wrote MODEL (default %(default)s)",
+    )
     p.add_argument("--bench", action="store_true", help="add speed and memory rows (see below)")
     p.add_argument(
         "--bench-repeats", type=_positive, default=B.repeats, help="timed runs for --bench (default %(default)s)"

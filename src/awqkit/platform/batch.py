@@ -352,6 +352,7 @@ def quantize_cells(
                 trust_remote_code=plan.trust_remote_code,
                 progress=progress,
                 overwrite=status == "stale",
+                base_model=cell.model.base_model_id,
             )
         except Exception as exc:  # noqa: BLE001 - one failed model must not stop the batch
             secs = time.perf_counter() - t0

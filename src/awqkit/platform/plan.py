@@ -15,7 +15,7 @@ read with PyYAML when it is installed; a clear error otherwise)::
 
     [[models]]                     # one entry per model folder ...
     path = "models/Qwen3-0.6B-openmath_SFT_NoPeft"
-    base_model = "Qwen3-0.6B"      # optional naming parts (see below)
+    base_model = "Qwen/Qwen3-0.6B" # optional naming parts (see below); a Hub id also names the card's base model
     dataset = "openmath"
     method = "SFT"
     peft = "NoPeft"
@@ -53,9 +53,11 @@ Rules:
   and ``output_dir`` are skipped, a model folder is not searched further). Naming keys are not allowed with
   ``scan``. A folder found twice is used once; two folders with the same run name are an error.
 * Naming (:mod:`awqkit.naming`): each of ``base_model``, ``dataset``, ``method``, ``peft`` comes from,
-  in this order, the plan entry, the keys of the folder's ``training_metadata.json`` (``base_model`` loses
-  its organisation: ``Qwen/Qwen3-0.6B`` → ``Qwen3-0.6B``), that file's ``run_name``, then the folder name
-  parsed as a run name. A part found nowhere is an error naming the entry.
+  in this order, the plan entry, the keys of the folder's ``training_metadata.json`` (a ``base_model`` Hub
+  id loses its organisation in the name: ``Qwen/Qwen3-0.6B`` → ``Qwen3-0.6B``), that file's ``run_name``,
+  then the folder name parsed as a run name. A part found nowhere is an error naming the entry.
+* Model cards: an entry's ``base_model`` given as a Hub id (``Qwen/Qwen3-0.6B``) is the card's ``base_model``
+  (:func:`awqkit.api.quantize`); otherwise the card takes the one the folder names, if any.
 * ``calib`` may hold ``{base_model}``, ``{dataset}``, ``{method}``, ``{peft}``: filled per model. When a spec
   uses AWQ, every model's calibration file must exist (checked up front).
 * ``[[specs]]`` keys: ``method``, ``bits`` (or ``weights_bits``), ``group_size``, ``zero_point``,
@@ -96,6 +98,7 @@ from awqkit.naming import (
     quantized_folder_name,
 )
 from awqkit.preflight import check_device
+from awqkit.report.card_meta import is_hub_id
 from awqkit.spec import APPLIED_EXTRAS, QuantizationSpec, resolve_quantization_spec
 
 logger = logging.getLogger(__name__)
@@ -140,6 +143,7 @@ class PlanModel:
     peft: str
     calib: CalibConfig
     where: str  # e.g. "models[0]", for messages
+    base_model_id: str | None = None  # the entry's base_model if it is a Hub id (owner/name), for the model card
 
     @property
     def run_name(self) -> str:
@@ -339,6 +343,8 @@ def _has_weights(folder: Path) -> bool:
 def name_parts(folder: Path, given: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
     """The naming parts of a model folder (order of sources in the module docstring) and the missing ones."""
     parts: dict[str, str] = {k: str(given[k]) for k in NAME_PARTS if k in given}
+    if is_hub_id(parts.get("base_model", "")):  # Qwen/Qwen3-0.6B: the run is named Qwen3-0.6B
+        parts["base_model"] = base_model_name(parts["base_model"])
     tmeta = _read_json_dict(folder / "training_metadata.json")
     for key in NAME_PARTS:
         value = tmeta.get(key)
@@ -613,7 +619,11 @@ def _make_model(
     calib = _build_config(CalibConfig, values, where, errors if defaults_ok else _Errors(errors.file))
     if calib is None:
         return None
-    return PlanModel(folder, parts["base_model"], parts["dataset"], parts["method"], parts["peft"], calib, where)
+    raw = str(entry.get("base_model", "")).strip()
+    hub_id = raw if is_hub_id(raw) else None
+    return PlanModel(
+        folder, parts["base_model"], parts["dataset"], parts["method"], parts["peft"], calib, where, hub_id
+    )
 
 
 # ------------------------------------------------------------------------------------------- entry points

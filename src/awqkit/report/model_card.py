@@ -1,24 +1,30 @@
-"""Hugging Face model card (``README.md``) for a folder written by awqkit.
+"""Hugging Face model card (``README.md``) for a folder written by awqkit, built with ``huggingface_hub``.
 
-The card has YAML front matter (``base_model``, ``base_model_relation: quantized``, ``tags``,
-``library_name``, ``pipeline_tag`` and ``license`` when one is known), a description of the quantization
-(method, bits, group size, zero point, storage format, calibration), how to load the folder with awqkit
-and with transformers / AutoAWQ (or vLLM for compressed-tensors), and, given ``awqkit eval`` results, a
-metrics table with retention between the marker comments :data:`RESULTS_START` / :data:`RESULTS_END`.
-:func:`update_model_card_results` replaces just that block, so it can run any number of times.
+The front matter is a :class:`huggingface_hub.ModelCardData` (:mod:`awqkit.report.card_meta`: ``base_model``
+as a Hub id or absent, ``base_model_relation: quantized``, tags by method, ``library_name``, ``pipeline_tag``,
+``license`` when one is known, and a ``model-index`` once ``awqkit eval`` has run). The text describes the
+quantization (method, bits, group size, zero point, storage format, calibration), how to load the folder (awqkit,
+transformers 5 + gptqmodel or compressed-tensors, vLLM, SGLang), and, given ``awqkit eval`` results, a metrics
+table with retention between the marker comments :data:`RESULTS_START` / :data:`RESULTS_END`.
+:func:`update_model_card_results` replaces that block and the ``model-index``, so it can run any number of times.
 
 The text depends only on its inputs (no dates), so writing the same card twice gives the same bytes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from awqkit.files import write_atomic
 from awqkit.io.detect import detect_quantization_method
+from awqkit.io.training import read_json_dict
+from awqkit.report.card_meta import card_tags, check_base_model, eval_results, front_matter, license_fields
 from awqkit.report.table import metrics_table
 
 logger = logging.getLogger(__name__)
@@ -26,74 +32,13 @@ logger = logging.getLogger(__name__)
 CARD_MARKER = "<!-- awqkit:model-card -->"
 RESULTS_START = "<!-- awqkit:results:start -->"
 RESULTS_END = "<!-- awqkit:results:end -->"
-_SAFE_PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/+]*$")
-_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n"}
-_YAML_NUMBER_OR_DATE = re.compile(
-    r"^[-+]?(?:[\d_]*\.?[\d_]*(?:[eE][-+]?\d+)?|0x[0-9a-fA-F_]+|0o?[0-7_]+|\.inf|\.nan)$|^\d{4}-\d\d?-\d\d?",
-    re.IGNORECASE,
-)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-def _yaml_scalar(value: Any) -> str:
-    """A YAML scalar: plain when unambiguous, else a double-quoted (JSON) string."""
-    text = str(value)
-    if _SAFE_PLAIN.match(text) and text.lower() not in _YAML_WORDS and not _YAML_NUMBER_OR_DATE.match(text):
-        return text
-    return json.dumps(text)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}
-
-
-def front_matter(text: str) -> dict[str, str]:
-    """Top-level ``key: value`` scalars of a card's YAML front matter (lists and nesting are skipped)."""
-    lines = text.splitlines()
-    if not lines or lines[0].strip() != "---":
-        return {}
-    out: dict[str, str] = {}
-    for line in lines[1:]:
-        if line.strip() == "---":
-            break
-        m = re.match(r"^([A-Za-z_][\w\-]*):\s*(.*?)\s*$", line)
-        if m and m.group(2):
-            value = m.group(2)
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            out[m.group(1)] = value
-    return out
-
-
-def _license(folder: Path, metadata: dict[str, Any]) -> dict[str, str]:
-    """``license`` (and ``license_name`` / ``license_link``) from the metadata, config.json or the source card."""
-    for key in ("license",):
-        if isinstance(metadata.get(key), str):
-            return {"license": metadata[key]}
-    config = _read_json(folder / "config.json")
-    if isinstance(config.get("license"), str):
-        return {"license": config["license"]}
-    src = (metadata.get("source_model") or {}).get("src")
-    if isinstance(src, str) and src:
-        src_path = Path(src).expanduser()
-        card = (src_path if src_path.is_dir() else src_path.parent) / "README.md"
-        if card.is_file():
-            fm = front_matter(card.read_text(encoding="utf-8", errors="replace"))
-            if "license" in fm:
-                return {k: fm[k] for k in ("license", "license_name", "license_link") if k in fm}
-    return {}
+METADATA_FILE = "quantization_metadata.json"
 
 
 def _settings(folder: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     """method, bits, group_size, zero_point, format from the metadata, completed from config.json."""
     info = detect_quantization_method(folder)
-    qc = _read_json(folder / "config.json").get("quantization_config") or {}
+    qc = (read_json_dict(folder / "config.json") or {}).get("quantization_config") or {}
     fmt = "unknown"
     zero_point = metadata.get("zero_point")
     if qc.get("quant_method") == "awq":
@@ -158,13 +103,28 @@ _OTHER_METHODS = {
 }
 
 
+#: What ``load_quantized``'s ``backend="auto"`` runs: the registry's priorities (:mod:`awqkit.kernels`) and
+#: each kernel's ``supports`` (:mod:`~awqkit.kernels.triton_w4a16`, :mod:`~awqkit.kernels.cpu_avx2`, ...).
+_AUTO_BACKEND = [
+    '`load_quantized` runs `backend="auto"`, which picks a kernel per layer:',
+    "",
+    "- on a CUDA GPU with Triton installed, awqkit's Triton W4A16 kernel;",
+    "- on a CPU with AVX2, FMA and F16C, awqkit's `cpu-avx2` int4 kernel (fp32 arithmetic) for 4-bit layers whose "
+    "`out_features` is a multiple of 64 (inputs of more than 16 rows, such as long prompts, run the reference);",
+    "- else PyTorch's int4 CPU kernel `cpu-int4` (bf16 arithmetic; 4-bit, group size 32 to 256);",
+    '- else the fp32 reference, which `backend="torch"` always runs.',
+    "",
+]
+
+
 def _usage(name: str, s: dict[str, Any]) -> list[str]:
     repo = f"<user>/{name}"
     lines = [
         "## Usage",
         "",
-        'With awqkit (CPU; `backend="auto"` runs PyTorch\'s bf16 int4 kernel where a layer fits it, '
-        '`backend="torch"` the fp32 reference):',
+        f"`{repo}` stands for this model's Hub id; a local folder works in its place everywhere below.",
+        "",
+        "With awqkit:",
         "",
         "```python",
         "from huggingface_hub import snapshot_download",
@@ -178,36 +138,34 @@ def _usage(name: str, s: dict[str, Any]) -> list[str]:
         "",
         'or `awqkit generate PATH --prompt "Hello"`.',
         "",
+        *_AUTO_BACKEND,
     ]
     if s["quant_method"] == "awq":
-        lines += [
-            "With transformers (its AWQ integration needs an AWQ kernel package such as `autoawq`, usually on a "
-            "GPU) or AutoAWQ:",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
-            "",
-            "from awq import AutoAWQForCausalLM",
-            "",
-            f'model = AutoAWQForCausalLM.from_quantized("{repo}")',
-            "```",
-            "",
-        ]
+        package, vllm = "gptqmodel", f"vllm serve {repo} --quantization awq"
+        why = "transformers 5 runs AutoAWQ GEMM checkpoints with gptqmodel's kernels"
     elif s["quant_method"] == "compressed-tensors":
-        lines += [
-            "With transformers (needs the `compressed-tensors` package) or vLLM:",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
-            "```",
-            "",
-            f"`vllm serve {repo}`",
-            "",
-        ]
+        package, vllm = "compressed-tensors", f"vllm serve {repo}"  # vLLM reads the format from config.json
+        why = "transformers reads the pack-quantized layout with the compressed-tensors package"
+    else:
+        return lines
+    lines += [
+        f"With transformers ({why}):",
+        "",
+        "```python",
+        f"# pip install {package}",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+        "```",
+        "",
+        "With vLLM or SGLang (GPU servers):",
+        "",
+        "```bash",
+        vllm,
+        f"python -m sglang.launch_server --model-path {repo}",
+        "```",
+        "",
+    ]
     return lines
 
 
@@ -241,10 +199,40 @@ def _evaluation_section(results: dict[str, Any]) -> str:
     return f"## Evaluation\n\n{_results_block(results)}\n"
 
 
+def _with_results(card: ModelCard, results: dict[str, Any], title: str, where: Path) -> None:
+    """Put ``results`` into ``card``: the block between the markers (an ``## Evaluation`` section appended when
+    the card has none) and the ``model-index`` (removed when no metric belongs there)."""
+    text = card.text
+    n_start, n_end = text.count(RESULTS_START), text.count(RESULTS_END)
+    if n_start != n_end or n_start > 1:
+        raise ValueError(f"{where} has {n_start} results start and {n_end} end markers; fix the card by hand")
+    if n_start:
+        i, j = text.index(RESULTS_START), text.index(RESULTS_END)
+        if j < i:
+            raise ValueError(f"{where}: the results end marker comes before the start marker")
+        card.text = text[:i] + _results_block(results) + text[j + len(RESULTS_END) :]
+    else:
+        card.text = text.rstrip("\n") + "\n\n" + _evaluation_section(results)
+    entries = eval_results(results)
+    data = cast(ModelCardData, card.data)  # ModelCard.card_data_class; typed as its base class CardData
+    data.eval_results = entries or None
+    data.model_name = title if entries else None
+
+
+def _title(text: str, default: str) -> str:
+    m = re.search(r"^# (.+)$", text.split(CARD_MARKER, 1)[-1], re.MULTILINE)
+    return m.group(1).strip() if m else default
+
+
+def _save(card: ModelCard, path: Path) -> None:
+    # not card.save(): a card is rewritten in finished outputs (awqkit eval), so it goes through a rename
+    write_atomic(path, str(card))
+
+
 def write_model_card(
     folder: str | Path,
     *,
-    base_model: str,
+    base_model: str | None = None,
     metadata: dict[str, Any] | None = None,
     results: dict[str, Any] | None = None,
     name: str | None = None,
@@ -252,42 +240,41 @@ def write_model_card(
     """Write ``folder/README.md`` (overwriting it) and return its path; see the module docstring.
 
     Args:
-        base_model: the source model's hub id (or name), written as ``base_model``.
+        base_model: the source model's Hugging Face Hub id (``owner/name``; :func:`~awqkit.report.card_meta.
+            infer_base_model` finds one for a source). None: the card names no base model (with a warning).
         metadata: the ``quantization_metadata.json`` dict; ``None`` reads it from ``folder``.
-        results: :func:`awqkit.eval.runner.evaluate_model` results for an Evaluation table.
+        results: :func:`awqkit.eval.runner.evaluate_model` results for an Evaluation table and ``model-index``.
         name: the model's name for the title and the usage snippets; default the folder's name (pass the
             final name when writing into a temporary folder that is renamed afterwards).
     Raises:
-        FileNotFoundError: ``folder`` is not a folder. ValueError: empty ``base_model`` or not a quantized folder.
+        FileNotFoundError: ``folder`` is not a folder. InputError (a ValueError): ``base_model`` is not a Hub id.
+        ValueError: not a quantized folder.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the quantized model folder")
-    if not base_model or not str(base_model).strip():
-        raise ValueError("base_model must name the source model (a hub id such as 'Qwen/Qwen3-0.6B')")
-    base_model = str(base_model).strip()
+    base = check_base_model(base_model) if base_model is not None else None
     title = name or folder.resolve().name
-    meta = metadata if metadata is not None else _read_json(folder / "quantization_metadata.json")
+    meta = metadata if metadata is not None else (read_json_dict(folder / METADATA_FILE) or {})
     s = _settings(folder, meta)
-    tags = ["awq", f"{s['bits']}-bit", "awqkit", "quantized"]
-    if s["method"] not in tags:
-        tags.append(s["method"])
-    if s["quant_method"] == "compressed-tensors":
-        tags.append("compressed-tensors")
-    fm = [
-        f"base_model: {_yaml_scalar(base_model)}",
-        "base_model_relation: quantized",
-        "tags:",
-        *(f"- {_yaml_scalar(t)}" for t in tags),
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-    ]
-    fm += [f"{k}: {_yaml_scalar(v)}" for k, v in _license(folder, meta).items()]
-    link = (
-        f"[{base_model}](https://huggingface.co/{base_model})"
-        if _HUB_ID.match(base_model) and not Path(base_model).exists()
-        else f"`{base_model}`"
+    if base is None:
+        logger.warning(
+            "the model card of %s names no base model: no Hugging Face Hub id is known for the source model; "
+            "pass --base-model owner/name (base_model= from Python) to record it",
+            title,
+        )
+    lic = license_fields(folder, meta)
+    data = ModelCardData(
+        base_model=base,
+        tags=card_tags(s["method"], s["bits"], s["quant_method"], meta.get("search_config")),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=lic.get("license"),
+        license_name=lic.get("license_name"),
+        license_link=lic.get("license_link"),
+        base_model_relation="quantized" if base else None,  # None: left out of the YAML
     )
+    of = f"[{base}](https://huggingface.co/{base})" if base else "a local model (its Hub id was not given)"
     group = "per output row" if s["group_size"] == -1 else str(s["group_size"])
     zp = {True: "yes (asymmetric)", False: "no (symmetric)"}.get(s["zero_point"], "unknown")
     kept = meta.get("kept_float") or {}
@@ -311,14 +298,11 @@ def write_model_card(
     if version:
         rows.append(("awqkit version", str(version)))
     body = [
-        "---",
-        *fm,
-        "---",
         "",
         CARD_MARKER,
         f"# {title}",
         "",
-        f"{s['bits']}-bit weight-only {s['method'].upper()} quantization of {link}, made with "
+        f"{s['bits']}-bit weight-only {s['method'].upper()} quantization of {of}, made with "
         "awqkit (activation-aware weight quantization for Hugging Face causal LMs).",
         "",
         "## Quantization",
@@ -329,23 +313,25 @@ def write_model_card(
         "",
         *_usage(title, s),
     ]
-    text = "\n".join(body).rstrip("\n") + "\n"
-    if results is not None:
-        text += "\n" + _evaluation_section(results)
+    # laid out as RepoCard.content lays a card out; not ModelCard.from_template, which would read the body as a
+    # Jinja template
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body).rstrip("\n") + "\n")
     path = folder / "README.md"
-    path.write_text(text, encoding="utf-8")
+    if results is not None:
+        _with_results(card, results, title, path)
+    _save(card, path)
     logger.info("wrote model card %s", path)
     return path
 
 
 def update_model_card_results(folder: str | Path, results: dict[str, Any]) -> Path:
-    """Replace the results table of ``folder/README.md`` (a card written by :func:`write_model_card`).
-
-    The block between :data:`RESULTS_START` and :data:`RESULTS_END` is replaced; a card without one gets
-    an ``## Evaluation`` section appended. Running it again with the same results changes nothing.
+    """Replace the results table and ``model-index`` of ``folder/README.md`` (a card written by
+    :func:`write_model_card`); everything else in the card is kept. A card without a results block gets an
+    ``## Evaluation`` section appended. Running it again with the same results changes nothing.
 
     Raises:
-        FileNotFoundError: no README.md. ValueError: the card was not written by awqkit, or its markers are broken.
+        FileNotFoundError: no README.md. ValueError: the card was not written by awqkit, its markers are broken, or
+        its front matter does not parse.
     """
     path = Path(folder) / "README.md"
     if not path.is_file():
@@ -353,20 +339,30 @@ def update_model_card_results(folder: str | Path, results: dict[str, Any]) -> Pa
     text = path.read_text(encoding="utf-8")
     if CARD_MARKER not in text:
         raise ValueError(f"{path} was not written by awqkit (no {CARD_MARKER} marker); refusing to edit it")
-    n_start, n_end = text.count(RESULTS_START), text.count(RESULTS_END)
-    if n_start != n_end or n_start > 1:
-        raise ValueError(f"{path} has {n_start} results start and {n_end} end markers; fix the card by hand")
-    if n_start:
-        i, j = text.index(RESULTS_START), text.index(RESULTS_END)
-        if j < i:
-            raise ValueError(f"{path}: the results end marker comes before the start marker")
-        new = text[:i] + _results_block(results) + text[j + len(RESULTS_END) :]
-    else:
-        new = text.rstrip("\n") + "\n\n" + _evaluation_section(results)
-    if new != text:
-        path.write_text(new, encoding="utf-8")
+    try:
+        card = ModelCard(text)
+    except yaml.YAMLError as exc:  # the card was edited by hand
+        raise ValueError(f"{path}: its YAML front matter does not parse ({exc}); fix it by hand") from None
+    _with_results(card, results, _title(card.text, Path(folder).resolve().name), path)
+    if str(card) != text:
+        _save(card, path)
     logger.info("updated the results of model card %s", path)
     return path
+
+
+def record_eval_results(folder: str | Path, results: dict[str, Any]) -> Path | None:
+    """``awqkit eval``'s results into the card of the folder it evaluated, when awqkit wrote that folder (it
+    holds ``quantization_metadata.json``) and its card; returns the card's path, or None when nothing was
+    written (a folder awqkit did not write is never touched; a missing or foreign card is logged)."""
+    folder = Path(folder)
+    if not (folder / METADATA_FILE).is_file():
+        logger.info("%s is not an awqkit output (no %s); its model card is left alone", folder, METADATA_FILE)
+        return None
+    try:
+        return update_model_card_results(folder, results)
+    except (OSError, ValueError) as exc:
+        logger.warning("model card of %s not updated: %s", folder, exc)
+        return None
 
 
 __all__ = [
@@ -374,6 +370,7 @@ __all__ = [
     "RESULTS_END",
     "RESULTS_START",
     "front_matter",
+    "record_eval_results",
     "update_model_card_results",
     "write_model_card",
 ]
