@@ -220,8 +220,13 @@ def machine() -> dict[str, Any]:
         ),
         0,
     )
+    import torch
+
     return {
         "cpu": cpu,
+        # the vector ISA torch dispatches to: machines sold under one model name differ (AVX2 or AVX-512), and
+        # so do their times and the float rounding of their GEMMs
+        "isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "memory_gib": round(mem / 2**30, 1),
         "os": platform.platform(),
@@ -231,7 +236,8 @@ def machine() -> dict[str, Any]:
 
 
 def machine_line(m: dict[str, Any]) -> str:
-    return f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, no GPU; {m['date']}"
+    isa = f" ({m['isa']})" if m.get("isa") else ""
+    return f"{m['cpu']}{isa}, {m['cores']} cores, {m['memory_gib']} GiB RAM, no GPU; {m['date']}"
 
 
 def met(ok: bool | None) -> str:
