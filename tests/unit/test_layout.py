@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "awqkit"
 
 # bottom to top; a unit may import its own level and those before it
 LEVELS: list[set[str]] = [
-    {"errors", "files"},
+    {"errors", "files", "patterns"},
     {"config", "heap", "parallel", "preflight"},
     {"spec"},
     {"naming"},

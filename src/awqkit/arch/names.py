@@ -1,5 +1,5 @@
 """Module names: find, get and set submodules by full dotted name (``model.layers.0.mlp.down_proj``), and the one
-way awqkit matches names against user patterns.
+way awqkit matches names against user patterns (:mod:`awqkit.patterns`, torch-free, re-exported here).
 
 Name patterns (:func:`match_names`) are never substring matches: a pattern is either a ``re:REGEX``
 that must *fullmatch* the full name, or a plain name that equals the full name or its trailing dotted
@@ -9,10 +9,9 @@ components (``down_proj`` and ``mlp.down_proj`` match ``model.layers.0.mlp.down_
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
-
 from torch import nn
+
+from awqkit.patterns import match_names, name_matches
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -36,34 +35,6 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     if not hasattr(parent, leaf):
         raise ValueError(f"{parent_name or 'the model'} has no child {leaf!r}; cannot set {name!r}")
     setattr(parent, leaf, module)
-
-
-def _compile(pattern: str) -> re.Pattern[str] | None:
-    if not pattern.startswith("re:"):
-        return None
-    try:
-        return re.compile(pattern[3:])
-    except re.error as exc:
-        raise ValueError(f"invalid regex in module pattern {pattern!r}: {exc}") from None
-
-
-def _hit(name: str, pattern: str, rx: re.Pattern[str] | None) -> bool:
-    if rx is not None:
-        return rx.fullmatch(name) is not None
-    return name == pattern or name.endswith("." + pattern)
-
-
-def name_matches(name: str, pattern: str) -> bool:
-    """True when full module ``name`` matches ``pattern`` (see the module docstring)."""
-    return _hit(name, pattern, _compile(pattern))
-
-
-def match_names(names: Iterable[str], patterns: Sequence[str]) -> list[str]:
-    """The ``names`` (in their order) matched by at least one of ``patterns``."""
-    if isinstance(patterns, str):
-        raise ValueError(f"patterns must be a sequence of strings, not the string {patterns!r}")
-    compiled = [(p, _compile(p)) for p in patterns]
-    return [name for name in names if any(_hit(name, p, rx) for p, rx in compiled)]
 
 
 __all__ = ["get_module", "match_names", "name_matches", "set_module"]
