@@ -119,7 +119,9 @@ def quantize(
 ) -> QuantizeReport:
     """Quantize the float model at ``src`` with ``method`` (default "awq"; one of :data:`METHODS`: "rtn", "awq",
     "gptq", "adaround", "awq-gptq", "awq-refine", see :meth:`awqkit.spec.QuantMethod.search_config`) and write it
-    to ``dst``. Every method writes the same format (AutoAWQ GEMM at 4 bits).
+    to ``dst``. Every method writes the format ``quant.format`` asks for (:attr:`QuantConfig.output_format`: AutoAWQ
+    GEMM at 4 bits by default, compressed-tensors ``pack-quantized`` at other widths, with ``bits_overrides`` or
+    with ``format="compressed-tensors"``).
 
     ``spec`` (a :class:`~awqkit.spec.QuantizationSpec`) may replace ``method`` + ``quant``: its
     weights part becomes the QuantConfig; parts awqkit does not apply (activations, KV cache, ...) are
@@ -156,7 +158,8 @@ def quantize(
         # [STEP 2] what is quantized, and room for it
         targets = select_targets(model, arch, quant)
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
-        check_free_space(dst.parent, expected_output_bytes(model, targets.quantized, quant.bits, quant.group_size))
+        widest = max([quant.bits, *(bits for _, bits in quant.bits_overrides)])  # an upper bound is enough here
+        check_free_space(dst.parent, expected_output_bytes(model, targets.quantized, widest, quant.group_size))
         ids = None
         if QuantMethod(method).calibrates:
             # [STEP 3] calibration blocks
@@ -371,6 +374,7 @@ def build_metadata(
         "bits": quant.bits,
         "group_size": quant.group_size,
         "zero_point": quant.zero_point,
+        "format": quant.output_format,
         "quant_config": to_dict(quant),
         "search_config": to_dict(search) if search is not None else None,
         "calib_config": to_dict(calib) if calib is not None else None,
@@ -405,6 +409,8 @@ def quantize_with_awq(
     backend: str | None = None,
     method: str = "awq",
     base_model: str | None = None,
+    format: str = "auto",
+    bits_overrides: dict[str, int] | None = None,
 ) -> tuple[Path, dict[str, str]]:
     """The platform's call: quantize ``src`` into ``dst``; returns (folder, string metadata).
 
@@ -415,6 +421,8 @@ def quantize_with_awq(
         method: the quantization method, one of :data:`METHODS` ("awq", "rtn", "awq-refine", ...).
         backend: the platform's older name for ``method``, still accepted (in awqkit "backend" is the kernel).
         base_model: the source model's Hugging Face Hub id for the model card (see :func:`quantize`).
+        format: the checkpoint format, ``"auto"``, ``"gemm"`` or ``"compressed-tensors"`` (:class:`QuantConfig`).
+        bits_overrides: ``{module pattern: bits}`` for mixed bit widths (compressed-tensors; :class:`QuantConfig`).
     """
     if backend is not None:
         if method != "awq" and method != backend:
@@ -426,7 +434,9 @@ def quantize_with_awq(
         src,
         dst,
         method=method,
-        quant=QuantConfig(bits=bits, group_size=group_size),
+        quant=QuantConfig(
+            bits=bits, group_size=group_size, format=format, bits_overrides=tuple((bits_overrides or {}).items())
+        ),
         calib=CalibConfig(source=str(calib_path) if calib_path is not None else "self", seed=seed),
         base_model=base_model,
     )
@@ -436,6 +446,7 @@ def quantize_with_awq(
         "bits": str(m["bits"]),
         "group_size": str(m["group_size"]),
         "zero_point": str(m["zero_point"]).lower(),
+        "format": str(m["format"]),
         "seed": str(seed),
         "calibration": str(calib_path if calib_path is not None else "self"),
         "source_model": str(src),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from awqkit.config import (
+    FORMATS,
     PROPAGATE_MODES,
     RANK_BY,
     REFINE_INITS,
@@ -28,6 +29,7 @@ from awqkit.config import (
     QuantConfig,
     SearchConfig,
     defaults,
+    parse_bits_override,
 )
 from awqkit.errors import AwqkitError
 from awqkit.spec import QuantMethod
@@ -45,6 +47,22 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="input channels per scale: 32/64/128/256 or -1 per channel (default %(default)s)",
     )
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=Q["format"],
+        help="checkpoint format: AutoAWQ gemm (4 bits only; vllm serve DIR --quantization awq) or "
+        "compressed-tensors pack-quantized (any bits, mixed bits; vllm serve DIR); auto: gemm at 4 bits "
+        "without --bits-override, else compressed-tensors (default %(default)s)",
+    )
+    p.add_argument(
+        "--bits-override",
+        action="append",
+        default=[],
+        metavar="PATTERN=BITS",
+        help="give the linears PATTERN matches another width (mixed bits, compressed-tensors): a full or "
+        "trailing module name (down_proj) or re:REGEX matching the full name; repeatable, the last match wins",
+    )
     p.add_argument(
         "--keep-lm-head-fp16",
         action=argparse.BooleanOptionalAction,
@@ -236,6 +254,8 @@ def _configs(a: argparse.Namespace) -> tuple[QuantConfig, CalibConfig, SearchCon
         modules_to_not_convert=tuple(a.modules_to_not_convert),
         keep_unaligned_fp16=a.keep_unaligned_fp16,
         keep_lm_head_fp16=a.keep_lm_head_fp16,
+        format=a.format,
+        bits_overrides=tuple(parse_bits_override(text) for text in a.bits_override),
     )
     calib = CalibConfig(
         source=a.calib,
@@ -303,7 +323,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     if par.is_writer:
         ranks = f", {par.world} data-parallel ranks" if par.active else ""
         print(
-            f"wrote {report.path} ({a.method}, w{quant.bits} g{quant.group_size}) in {report.seconds:.1f} s, "
+            f"wrote {report.path} ({a.method}, w{quant.bits}{'+' if quant.bits_overrides else ''} g{quant.group_size}, "
+            f"{quant.output_format}) in {report.seconds:.1f} s, "
             f"peak RSS {report.peak_rss_bytes / 1e9:.2f} GB{ranks}"
         )
     return 0

@@ -5,12 +5,19 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from awqkit.errors import InputError
+from awqkit.patterns import compile_pattern, name_matches
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+#: Output formats: "auto" (AutoAWQ gemm at 4 bits, compressed-tensors otherwise), "gemm" (AutoAWQ, 4 bits only),
+#: "compressed-tensors" (pack-quantized, any bits, mixed bits allowed).
+FORMATS = ("auto", "gemm", "compressed-tensors")
+#: Other spellings of a format that are read (older specs and plans said "pack-quantized").
+FORMAT_ALIASES = {"pack-quantized": "compressed-tensors"}
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
 SCALE_MODES = ("x", "duo", "both")
 PROPAGATE_MODES = ("quantized", "float")
@@ -25,7 +32,7 @@ REFINE_INITS = ("rtn", "gptq")
 class QuantConfig:
     """How weights are quantized and stored.
 
-    bits: integer width of each weight (2..8). 4 is written in AutoAWQ GEMM layout.
+    bits: integer width of each weight (2..8), for every linear no ``bits_overrides`` entry names.
     group_size: input channels sharing one scale/zero (32/64/128/256, or -1 for one group per row).
     zero_point: asymmetric quantization with an integer zero point (True) or symmetric (False).
     version: AutoAWQ kernel layout tag written into ``quantization_config`` ("gemm").
@@ -34,6 +41,14 @@ class QuantConfig:
         warning) instead of failing.
     keep_lm_head_fp16: never quantize the LM head (and embeddings); store them in fp16. Always True: awqkit does
         not quantize the head, and False is refused rather than ignored.
+    format: the checkpoint format (:data:`FORMATS`): ``"auto"`` writes AutoAWQ ``gemm`` at 4 bits with no
+        overrides and compressed-tensors otherwise; ``"gemm"`` (4 bits only, one width); ``"compressed-tensors"``
+        (``pack-quantized`` at any width, asymmetric or symmetric; the only one holding mixed widths).
+        ``"pack-quantized"`` is read as ``"compressed-tensors"``.
+    bits_overrides: ``(pattern, bits)`` pairs giving the linears a pattern matches another width (mixed bits;
+        compressed-tensors only). Patterns are module-name patterns (:mod:`awqkit.patterns`: a plain name equal to
+        the full name or its trailing components, or ``re:REGEX`` fullmatching it; never a substring); where
+        several match a linear, the last one wins.
     """
 
     bits: int = 4
@@ -43,6 +58,8 @@ class QuantConfig:
     modules_to_not_convert: tuple[str, ...] = ()
     keep_unaligned_fp16: bool = False
     keep_lm_head_fp16: bool = True
+    format: str = "auto"
+    bits_overrides: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -57,10 +74,83 @@ class QuantConfig:
                 "(drop the option, or --no-keep-lm-head-fp16 on the command line)"
             )
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
+        object.__setattr__(self, "format", canonical_format(self.format))
+        object.__setattr__(self, "bits_overrides", _checked_overrides(self.bits_overrides))
+        if self.format == "gemm" and (self.bits != 4 or self.bits_overrides):
+            what = f"bits={self.bits}" if self.bits != 4 else f"bits_overrides {list(map(list, self.bits_overrides))}"
+            raise InputError(
+                f"format 'gemm' holds one 4-bit setting, not {what}; use format 'compressed-tensors' (or 'auto')"
+            )
 
     @property
     def max_int(self) -> int:
         return 2**self.bits - 1
+
+    def bits_for(self, name: str) -> int:
+        """The width of the linear at full module ``name``: the last ``bits_overrides`` entry matching it, else
+        ``bits``."""
+        for pattern, bits in reversed(self.bits_overrides):
+            if name_matches(name, pattern):
+                return bits
+        return self.bits
+
+    @property
+    def output_format(self) -> str:
+        """The format written, ``format`` resolved: ``"gemm"`` or ``"compressed-tensors"``."""
+        if self.format != "auto":
+            return self.format
+        return "gemm" if self.bits == 4 and not self.bits_overrides else "compressed-tensors"
+
+    @property
+    def layout(self) -> str:
+        """The :class:`~awqkit.nn.qlinear.QuantLinear` layout of :attr:`output_format`: ``"gemm"`` or
+        ``"pack-quantized"``."""
+        return "gemm" if self.output_format == "gemm" else "pack-quantized"
+
+
+def canonical_format(value: str) -> str:
+    """``value`` as one of :data:`FORMATS` (case-insensitive; :data:`FORMAT_ALIASES` read); InputError otherwise."""
+    fmt = str(value).strip().lower()
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise InputError(f"format={value!r} is not a format awqkit writes; choose one of {FORMATS}")
+    return fmt
+
+
+def parse_bits_override(text: str) -> tuple[str, int]:
+    """``"PATTERN=BITS"`` (the command line's ``--bits-override``) as ``(pattern, bits)``; split at the last
+    ``=`` (a regex may hold one). InputError naming the expected form otherwise."""
+    pattern, sep, bits = str(text).rpartition("=")
+    if not sep or not pattern or not bits.strip().isdigit():
+        raise InputError(
+            f"bits override {text!r} is not PATTERN=BITS; write e.g. 'down_proj=8' or 're:.*\\.mlp\\..*=8'"
+        )
+    return pattern, int(bits)
+
+
+def _checked_overrides(value: Mapping[str, int] | Iterable[Any]) -> tuple[tuple[str, int], ...]:
+    """``bits_overrides`` as ``((pattern, bits), ...)`` (a mapping, or pairs such as JSON's lists), each pattern a
+    valid module-name pattern and each width supported; InputError naming the bad entry otherwise."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else list(value)
+    out: list[tuple[str, int]] = []
+    for pair in pairs:
+        if isinstance(pair, str) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InputError(
+                f"bits_overrides entry {pair!r} is not a (pattern, bits) pair; write e.g. ('down_proj', 8)"
+            )
+        pattern, bits = pair
+        if not isinstance(pattern, str) or not pattern:
+            raise InputError(f"bits_overrides pattern {pattern!r} must be a module name or a re:REGEX pattern")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+            raise InputError(
+                f"bits_overrides {pattern!r}: bits={bits!r} is not supported; choose one of {SUPPORTED_BITS}"
+            )
+        try:
+            compile_pattern(pattern)
+        except ValueError as exc:
+            raise InputError(f"bits_overrides: {exc}") from None
+        out.append((pattern, bits))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -238,9 +328,11 @@ class SearchConfig:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    """A JSON-ready dict of a config dataclass (tuples, and tuples in them, become lists)."""
     out = dataclasses.asdict(cfg)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    return {
+        k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v for k, v in out.items()
+    }
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -254,4 +346,15 @@ def defaults(cls: type) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
-__all__ = ["QuantConfig", "CalibConfig", "SearchConfig", "to_dict", "from_dict", "defaults", "field"]
+__all__ = [
+    "FORMATS",
+    "QuantConfig",
+    "CalibConfig",
+    "SearchConfig",
+    "canonical_format",
+    "parse_bits_override",
+    "to_dict",
+    "from_dict",
+    "defaults",
+    "field",
+]

@@ -136,10 +136,11 @@ def _meta_quant_linears(model: nn.Module, arch: ArchSpec, targets: set[str], qua
             q = QuantLinear(
                 lin.in_features,
                 lin.out_features,
-                quant.bits,
+                quant.bits_for(name),
                 quant.group_size,
                 bias=lin.bias is not None,
                 zero_point=quant.zero_point,
+                format=quant.layout,
             )
         setattr(model.get_submodule(parent_name), leaf, q)
 

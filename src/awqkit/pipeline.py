@@ -129,17 +129,18 @@ def _shared_input(m: Any, prefix: str, targets: set[str]) -> str:
 
 
 def _fake_quantize_linears(
-    linears: dict[str, nn.Linear], qcfg: QuantConfig, rounded: dict[str, Tensor] | None = None
+    linears: dict[str, nn.Linear], qcfg: QuantConfig, rounded: dict[str, Tensor] | None = None, prefix: str = ""
 ) -> dict[str, Tensor]:
-    """Replace weights by their fake-quantized values (for the linears in ``rounded``: the dequantized integers a
-    rounding method chose); return the float originals (copies)."""
+    """Replace weights by their fake-quantized values, each at the width of its full name ``prefix + name`` (for the
+    linears in ``rounded``: the dequantized integers a rounding method chose); return the float originals (copies)."""
     saved = {}
     for name, lin in linears.items():
         saved[name] = lin.weight.detach().clone()
         if rounded is not None and name in rounded:
             lin.weight.data.copy_(rounded[name].to(lin.weight.device))
         else:
-            lin.weight.data.copy_(fake_quantize(lin.weight.data, qcfg.bits, qcfg.group_size, qcfg.zero_point))
+            bits = qcfg.bits_for(prefix + name)
+            lin.weight.data.copy_(fake_quantize(lin.weight.data, bits, qcfg.group_size, qcfg.zero_point))
     return saved
 
 
@@ -456,7 +457,7 @@ def _search_and_fold(run: _Run, i: int, mappings: list, cache: LayerStats, resul
             m.linears,
             score,
             cache.x_mean(x_name),
-            bits=qcfg.bits,
+            bits=[qcfg.bits_for(prefix + n) for n in m.mapping.linears],
             group_size=qcfg.group_size,
             zero_point=qcfg.zero_point,
             n_grid=scfg.n_grid,
@@ -531,7 +532,7 @@ def _clip(
         c = search_clip(
             lin.weight,
             **clip_in,
-            bits=qcfg.bits,
+            bits=qcfg.bits_for(prefix + n),
             group_size=qcfg.group_size,
             zero_point=qcfg.zero_point,
             n_grid=scfg.clip_n_grid,
@@ -564,7 +565,7 @@ def _next_inputs(
         layer.float()
         prefix = f"{run.spec.layers}.{i}."
         rounded = {r.name[len(prefix) :]: r.weight() for r in results.roundings if r.layer == i}
-        saved = _fake_quantize_linears(linears, qcfg, rounded)
+        saved = _fake_quantize_linears(linears, qcfg, rounded, prefix)
         hidden = [_first(layer(h.to(device), **inputs.kwargs_for(i, h.shape[0], device))).float().cpu() for h in hidden]
         for n, w in saved.items():
             linears[n].weight.data.copy_(w)

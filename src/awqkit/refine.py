@@ -88,12 +88,14 @@ def refine_layer(
     become the dequantized result. See the module docstring."""
     names = sorted(linears)
     if start is None:
-        start = {n: quantize_weight(clipped[n], qcfg.bits, qcfg.group_size, qcfg.zero_point) for n in names}
+        start = {
+            n: quantize_weight(clipped[n], qcfg.bits_for(prefix + n), qcfg.group_size, qcfg.zero_point) for n in names
+        }
     grids = {
         n: LearnedGrid(
             bases[n].to(linears[n].weight.device, torch.float32),
             clipped[n].to(linears[n].weight.device, torch.float32),
-            qcfg.bits,
+            qcfg.bits_for(prefix + n),
             qcfg.group_size,
             qcfg.zero_point,
         )

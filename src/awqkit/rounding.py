@@ -123,7 +123,7 @@ def round_linear(
     GPTQ's error-compensated columns under ``name`` (:attr:`awqkit.algo.gptq.GPTQResult.updated`)."""
     grid = lin.weight.data.float()
     w = grid if target is None else target.to(grid.device, torch.float32)
-    bits, g, zp = qcfg.bits, qcfg.group_size, qcfg.zero_point
+    bits, g, zp = qcfg.bits_for(name), qcfg.group_size, qcfg.zero_point
     if scfg.rounding == "gptq":
         r = gptq_quantize(w, h, bits, g, zp, damp=scfg.gptq_damp, act_order=scfg.gptq_act_order, grid_weight=grid)
         q, scales, zeros, weight = r.q, r.scales, r.zeros, r.weight

@@ -2,10 +2,10 @@
 
 A spec is the platform's vocabulary for "how should this model be quantized". awqkit quantizes
 **weights only** (round-to-nearest, AWQ, GPTQ, AdaRound, or AWQ followed by GPTQ or block refinement, 2..8
-bits, per-group scales), keeps the LM head and the
+bits, per-group scales, optionally other widths for some linears), keeps the LM head and the
 embeddings in fp16, and writes AutoAWQ ``gemm`` (4 bits) or compressed-tensors ``pack-quantized``
-(other widths) checkpoints. A spec may ask for more (8-bit activations, a quantized KV cache, a
-quantized LM head, another storage format, extra settings awqkit does not know): those parts are
+(any widths) checkpoints. A spec may ask for more (8-bit activations, a quantized KV cache, a
+quantized LM head, extra settings awqkit does not know): those parts are
 *planned, not applied*. They are kept in the spec, listed by :meth:`QuantizationSpec.unapplied`,
 logged as a warning when quantizing (:func:`warn_unapplied`) and written as ``"not_applied"`` in
 ``quantization_metadata.json`` (:func:`spec_metadata`); nothing pretends they were done.
@@ -17,11 +17,13 @@ On disk (``quantization_metadata.json``)::
     "not_applied": []
 
 ``activations_bits`` / ``kv_cache_bits``: None (or 16) means float (fp16/bf16 at run time).
-``format``: the checkpoint's storage format: ``auto`` (``gemm`` at 4 bits, ``pack-quantized`` otherwise),
-``gemm`` or ``pack-quantized`` (older specs call it ``backend``; that key is still read: in awqkit
-"backend" means only the kernel that runs a quantized layer). ``extras``: further
+``format``: the checkpoint's storage format, :attr:`QuantConfig.format <awqkit.config.QuantConfig>`'s vocabulary:
+``auto`` (``gemm`` at 4 bits, ``compressed-tensors`` otherwise), ``gemm`` (4 bits only) or ``compressed-tensors``
+(``pack-quantized`` at any width; ``pack-quantized`` is read as it). Older specs call it ``backend``; that key is
+still read (in awqkit "backend" means only the kernel that runs a quantized layer). ``extras``: further
 :class:`~awqkit.config.QuantConfig` settings (``zero_point``, ``modules_to_not_convert``,
-``keep_unaligned_fp16``); any other key is recorded and listed as not applied.
+``keep_unaligned_fp16``, ``bits_overrides``: ``[[pattern, bits], ...]``); any other key is recorded and listed as
+not applied.
 """
 
 from __future__ import annotations
@@ -32,21 +34,27 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from awqkit.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig, Rounding, SearchConfig
+from awqkit.config import (
+    FORMATS,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    QuantConfig,
+    Rounding,
+    SearchConfig,
+    canonical_format,
+)
 from awqkit.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 FLOAT_BITS = 16
 FLOAT_WEIGHT_BITS = (16, 32)
-#: Storage formats awqkit writes; "auto" picks gemm at 4 bits, pack-quantized otherwise.
-FORMATS = ("auto", "gemm", "pack-quantized")
 #: Old spec keys still read, and the key each now is.
 SPEC_KEY_ALIASES = {"backend": "format"}
 #: The only LM-head dtype awqkit applies (the head and the embeddings are never quantized).
 APPLIED_LM_HEAD_DTYPE = "fp16"
 #: ``extras`` keys applied through :class:`QuantConfig`.
-APPLIED_EXTRAS = ("zero_point", "modules_to_not_convert", "keep_unaligned_fp16")
+APPLIED_EXTRAS = ("zero_point", "modules_to_not_convert", "keep_unaligned_fp16", "bits_overrides")
 _SPEC_KEY = "spec"
 _NOT_APPLIED_KEY = "not_applied"
 
@@ -138,11 +146,8 @@ class QuantizationSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", QuantMethod.parse(self.method))
-        object.__setattr__(
-            self, "extras", {str(k): list(v) if isinstance(v, tuple) else v for k, v in dict(self.extras or {}).items()}
-        )
+        object.__setattr__(self, "extras", {str(k): _plain(v) for k, v in dict(self.extras or {}).items()})
         object.__setattr__(self, "lm_head_dtype", str(self.lm_head_dtype).lower())
-        object.__setattr__(self, "format", str(self.format).lower())
         for name in ("weights_bits", "activations_bits", "kv_cache_bits", "group_size"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
@@ -151,8 +156,7 @@ class QuantizationSpec:
             v = getattr(self, name)
             if v is not None and not 1 <= v <= 32:
                 raise ValueError(f"{name}={v} is not a bit width; use None (float) or e.g. 8")
-        if self.format not in FORMATS:
-            raise ValueError(f"format={self.format!r} is not a format awqkit writes; choose one of {FORMATS}")
+        object.__setattr__(self, "format", canonical_format(self.format))
         if not self.method.quantizes:
             if self.weights_bits not in FLOAT_WEIGHT_BITS:
                 raise ValueError(
@@ -167,21 +171,20 @@ class QuantizationSpec:
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}")
         if self.format == "gemm" and self.weights_bits != 4:
-            raise ValueError(
+            raise InputError(
                 f"format 'gemm' holds 4-bit weights only; weights_bits={self.weights_bits} is "
-                "written as 'pack-quantized' (use format 'auto')"
+                "written as 'compressed-tensors' (use format 'auto' or 'compressed-tensors')"
             )
-        bad = [k for k in APPLIED_EXTRAS if k in self.extras]
-        if bad:  # validated through QuantConfig so a bad value fails now, not at quantize time
-            self.to_quant_config()
+        self.to_quant_config()  # validated through QuantConfig so a bad value fails now, not at quantize time
 
     # ------------------------------------------------------------------------------ derived views
     @property
     def written_format(self) -> str | None:
-        """The checkpoint format awqkit writes for this spec (None for the float model): ``format`` resolved."""
+        """The checkpoint format awqkit writes for this spec (None for the float model): ``format`` resolved,
+        ``"gemm"`` or ``"compressed-tensors"`` (:attr:`QuantConfig.output_format`)."""
         if not self.method.quantizes:
             return None
-        return "gemm" if self.weights_bits == 4 else "pack-quantized"
+        return self.to_quant_config().output_format
 
     def unapplied(self) -> list[str]:
         """``"key=value"`` for each part of the spec awqkit records but does not apply (empty: all applied)."""
@@ -192,8 +195,6 @@ class QuantizationSpec:
             out.append(f"kv_cache_bits={self.kv_cache_bits}")
         if self.lm_head_dtype != APPLIED_LM_HEAD_DTYPE:
             out.append(f"lm_head_dtype={self.lm_head_dtype}")
-        if self.method.quantizes and self.format not in ("auto", self.written_format):
-            out.append(f"format={self.format}")
         for key in sorted(self.extras):
             if key not in APPLIED_EXTRAS or not self.method.quantizes:
                 out.append(f"extras.{key}={self.extras[key]!r}")
@@ -211,6 +212,8 @@ class QuantizationSpec:
             )
             zp = self.extras.get("zero_point", True)
             text += "" if zp else ", symmetric"
+            overrides = self.extras.get("bits_overrides") or []
+            text += "".join(f", {pattern} w{bits}" for pattern, bits in overrides)
         missing = self.unapplied()
         if missing:
             text += f"; planned, not applied: {', '.join(missing)}"
@@ -232,6 +235,7 @@ class QuantizationSpec:
             bits=self.weights_bits,
             group_size=int(self.group_size),  # type: ignore[arg-type]
             keep_lm_head_fp16=True,
+            format=self.format,
             **kwargs,
         )
 
@@ -243,9 +247,13 @@ class QuantizationSpec:
         for key in APPLIED_EXTRAS:
             value = getattr(quant, key)
             if value != getattr(base, key):
-                extras[key] = list(value) if isinstance(value, tuple) else value
+                extras[key] = _plain(value)
         return cls(
-            method=QuantMethod.parse(method), weights_bits=quant.bits, group_size=quant.group_size, extras=extras
+            method=QuantMethod.parse(method),
+            weights_bits=quant.bits,
+            group_size=quant.group_size,
+            format=quant.format,
+            extras=extras,
         )
 
     # ------------------------------------------------------------------------------ (de)serialization
@@ -253,7 +261,7 @@ class QuantizationSpec:
         """JSON-ready dict (the ``"spec"`` entry of ``quantization_metadata.json``)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["method"] = self.method.value
-        out["extras"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.extras.items()}
+        out["extras"] = {k: _plain(v) for k, v in self.extras.items()}
         return out
 
     @classmethod
@@ -263,6 +271,11 @@ class QuantizationSpec:
             raise ValueError(f"a quantization spec needs at least a 'method'; got {data!r:.200}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in unalias_spec_keys(data).items() if k in names})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with its tuples (also nested, e.g. ``bits_overrides`` pairs) as lists: what JSON gives back."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def unalias_spec_keys(data: dict[str, Any]) -> dict[str, Any]:
@@ -285,8 +298,8 @@ def resolve_quantization_spec(
     cache, format ``auto``; ``none`` (alias ``fp16``): 16-bit weights, no group size. Overrides are spec
     fields (``weights_bits``, ``activations_bits``, ``kv_cache_bits``, ``group_size``, ``lm_head_dtype``,
     ``format``, ``extras``); ``bits`` is accepted for ``weights_bits``, ``backend`` for ``format``, and
-    :class:`QuantConfig` settings (``zero_point``, ``modules_to_not_convert``, ``keep_unaligned_fp16``) go to
-    ``extras``. ``method`` may also be a spec, which the overrides then modify.
+    :class:`QuantConfig` settings (``zero_point``, ``modules_to_not_convert``, ``keep_unaligned_fp16``,
+    ``bits_overrides``) go to ``extras``. ``method`` may also be a spec, which the overrides then modify.
 
     Raises:
         ValueError: unknown method, unknown override, or an invalid value.
@@ -340,10 +353,15 @@ def spec_from_metadata(meta: dict[str, Any]) -> QuantizationSpec | None:
     """The spec recorded in a ``quantization_metadata.json`` dict.
 
     Uses its ``"spec"`` entry; for folders written before specs existed, rebuilds the (weights-only)
-    spec from ``method`` / ``bits`` / ``group_size`` / ``quant_config``. None when neither is there.
+    spec from ``method`` / ``bits`` / ``group_size`` / ``quant_config``. None when neither is there. A format the
+    writer recorded as not applied (awqkit before 4-bit compressed-tensors export) reads as ``auto``, what it wrote.
     """
     if isinstance(meta.get(_SPEC_KEY), dict):
-        return QuantizationSpec.from_dict(meta[_SPEC_KEY])
+        spec = QuantizationSpec.from_dict(meta[_SPEC_KEY])
+        not_applied = meta.get(_NOT_APPLIED_KEY)
+        if isinstance(not_applied, list) and any(str(x).startswith("format=") for x in not_applied):
+            spec = dataclasses.replace(spec, format="auto")
+        return spec
     method = meta.get("method")
     if not isinstance(method, str):
         return None
@@ -362,6 +380,8 @@ def spec_from_metadata(meta: dict[str, Any]) -> QuantizationSpec | None:
             zero_point=bool(meta.get("zero_point", qc.get("zero_point", True))),
             modules_to_not_convert=tuple(qc.get("modules_to_not_convert", ())),
             keep_unaligned_fp16=bool(qc.get("keep_unaligned_fp16", False)),
+            format=str(qc.get("format", "auto")),
+            bits_overrides=qc.get("bits_overrides", ()),
         )
     except (TypeError, ValueError):
         return None

@@ -43,7 +43,9 @@ def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targe
     shards of a fused module are quantized. So, per layer and group: a ``modules_to_not_convert`` pattern that
     keeps part of a group in float while the rest would be quantized is an :class:`InputError` naming the group
     and the fix; under ``keep_unaligned_fp16`` a group with a member that does not fit is kept in fp16 whole
-    (one warning per group). Linears in no group (o_proj, down_proj) are decided alone.
+    (one warning per group). Linears in no group (o_proj, down_proj) are decided alone. vLLM also loads a fused
+    module with one scheme: ``bits_overrides`` that give a group's members different widths, or that match no
+    quantized linear at all, are an :class:`InputError` too (:func:`_check_bits_overrides`).
     """
     out = Targets([])
     not_convert = [f"re:{p}" for p in spec.not_convert] + list(qcfg.modules_to_not_convert)
@@ -58,11 +60,12 @@ def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targe
                 out.kept[name] = "modules_to_not_convert"
                 continue
             g = mod.in_features if qcfg.group_size == -1 else qcfg.group_size
-            if mod.in_features % g or (qcfg.bits == 4 and mod.out_features % 8):
+            gemm = qcfg.layout == "gemm"
+            if mod.in_features % g or (gemm and mod.out_features % 8):
                 unaligned.append((name, mod))
                 out.kept[name] = (
                     f"shape [{mod.out_features}x{mod.in_features}] does not fit group_size {g}"
-                    f"{' and the 4-bit GEMM layout' if qcfg.bits == 4 else ''}"
+                    f"{' and the 4-bit GEMM layout' if gemm else ''}"
                 )
                 continue
             out.quantized.append(name)
@@ -73,7 +76,7 @@ def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targe
         listed = ", ".join(f"{n} [{m.out_features}x{m.in_features}]" for n, m in unaligned[:6])
         msg = (
             f"{len(unaligned)} linears do not fit group_size={qcfg.group_size}"
-            f"{' (4-bit GEMM also needs out_features % 8 == 0)' if qcfg.bits == 4 else ''}: "
+            f"{' (4-bit GEMM also needs out_features % 8 == 0)' if qcfg.layout == 'gemm' else ''}: "
             f"{listed}{' ...' if len(unaligned) > 6 else ''}. Group sizes that fit every "
             f"layer: {ok}."
         )
@@ -82,6 +85,7 @@ def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targe
         logger.warning("%s Keeping them in fp16 as asked.", msg)
         _keep_fused_groups_whole(groups, out, {n for n, _ in unaligned})
     _check_fused_exclusions(groups, out, spec, qcfg)
+    _check_bits_overrides(groups, out, qcfg)
     all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for pattern in qcfg.modules_to_not_convert:
         if not any(matches(n, (pattern,)) for n in all_linears):
@@ -168,6 +172,28 @@ def _check_fused_exclusions(groups: list[_FusedGroup], out: Targets, spec: ArchS
         f"group into one module and refuses a checkpoint with only some of its shards quantized. Exclude the whole "
         f"group, e.g. add `{example}` to --modules-to-not-convert, or remove the pattern."
     )
+
+
+def _check_bits_overrides(groups: list[_FusedGroup], out: Targets, qcfg: QuantConfig) -> None:
+    """InputError when a ``bits_overrides`` pattern matches no quantized linear (a typo would silently keep the
+    default width), or gives the quantized members of a fused group different widths (vLLM loads the fused
+    module with one scheme)."""
+    for pattern, bits in qcfg.bits_overrides:
+        if not any(matches(n, (pattern,)) for n in out.quantized):
+            raise InputError(
+                f"bits override {pattern!r}={bits} matches no quantized linear; patterns are full or trailing "
+                "module names (down_proj, mlp.down_proj) or re:REGEX matching the full name"
+            )
+    quantized = set(out.quantized)
+    for grp in groups:
+        widths = {rel: qcfg.bits_for(n) for rel, n in zip(grp.rels, grp.names, strict=True) if n in quantized}
+        if len(set(widths.values())) > 1:
+            listed = ", ".join(f"{rel} {bits}" for rel, bits in widths.items())
+            raise InputError(
+                f"bits overrides give the fused group {_alternation(grp.rels)} of layer {grp.layer} different bit "
+                f"widths ({listed}); vLLM fuses the group into one module with one width. Give the whole group one "
+                f"width, e.g. re:.*\\.{_alternation(grp.rels, re.escape)}=BITS"
+            )
 
 
 def _alternation(rels: tuple[str, ...], escape: Callable[[str], str] = str) -> str:

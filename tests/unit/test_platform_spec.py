@@ -42,7 +42,7 @@ def test_defaults_per_method() -> None:
     assert awq.written_format == "gemm" and awq.unapplied() == []
     rtn = resolve_quantization_spec(QuantMethod.RTN, bits=3, group_size=64)
     rtn_fields = (rtn.method, rtn.weights_bits, rtn.group_size, rtn.written_format)
-    assert rtn_fields == (QuantMethod.RTN, 3, 64, "pack-quantized")
+    assert rtn_fields == (QuantMethod.RTN, 3, 64, "compressed-tensors")
     none = resolve_quantization_spec("fp16")
     assert (none.method, none.weights_bits, none.group_size, none.written_format) == (QuantMethod.NONE, 16, None, None)
 
@@ -77,15 +77,14 @@ def test_unapplied_parts_are_listed_and_warned(caplog: pytest.LogCaptureFixture)
         format="pack-quantized",
         extras={"smoothquant_alpha": 0.5},
     )
-    assert spec.unapplied() == [
+    assert spec.unapplied() == [  # the format is applied: 4-bit compressed-tensors (pack-quantized) is written
         "activations_bits=8",
         "kv_cache_bits=8",
         "lm_head_dtype=int8",
-        "format=pack-quantized",
         "extras.smoothquant_alpha=0.5",
     ]
     # the weights part still converts: what awqkit does is unchanged by the unapplied parts
-    assert spec.to_quant_config() == QuantConfig(bits=4, group_size=128)
+    assert spec.to_quant_config() == QuantConfig(bits=4, group_size=128, format="compressed-tensors")
     assert "planned, not applied: activations_bits=8" in spec.describe()
     with caplog.at_level(logging.WARNING, logger="awqkit.spec"):
         assert warn_unapplied(spec) == spec.unapplied()
@@ -125,6 +124,7 @@ def test_invalid_specs_are_clear_errors() -> None:
             "rtn", bits=3, group_size=-1, zero_point=False, modules_to_not_convert=("re:.*o_proj",)
         ),
         resolve_quantization_spec("awq", activations_bits=8, kv_cache_bits=4, extras={"note": [1, 2]}),
+        resolve_quantization_spec("awq", format="compressed-tensors", bits_overrides=(("re:.*down_proj", 8),)),
         resolve_quantization_spec("none"),
     ],
 )
@@ -164,7 +164,8 @@ def test_old_backend_key_reads_as_format() -> None:
     """Specs written before the rename (metadata files, plans) said ``backend`` for the storage format."""
     old = {"method": "rtn", "weights_bits": 3, "group_size": 64, "backend": "pack-quantized", "extras": {}}
     spec = QuantizationSpec.from_dict(old)
-    assert spec.format == "pack-quantized" and spec.written_format == "pack-quantized"
-    assert "backend" not in spec.to_dict() and spec.to_dict()["format"] == "pack-quantized"
+    # and "pack-quantized", the format's older spelling, reads as compressed-tensors
+    assert spec.format == "compressed-tensors" and spec.written_format == "compressed-tensors"
+    assert "backend" not in spec.to_dict() and spec.to_dict()["format"] == "compressed-tensors"
     assert resolve_quantization_spec("awq", backend="gemm") == resolve_quantization_spec("awq", format="gemm")
     assert QuantizationSpec.from_dict(spec.to_dict()) == spec

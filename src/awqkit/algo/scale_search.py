@@ -202,15 +202,15 @@ def _set_candidate(
     originals: Sequence[Tensor],
     mask: Sequence[bool],
     s: Tensor,
-    bits: int,
+    bits: Sequence[int],
     group_size: int,
     zero_point: bool,
 ) -> None:
-    """Every quantized linear's weight := Q(W · diag(s)) · diag(s)⁻¹ (the others keep their weights)."""
-    for lin, orig, quant in zip(linears, originals, mask, strict=True):
+    """Every quantized linear's weight := Q(W · diag(s)) · diag(s)⁻¹ at its own width (the others keep theirs)."""
+    for lin, orig, quant, b in zip(linears, originals, mask, bits, strict=True):
         if quant:
             scaled = orig.float() * s.unsqueeze(0)  # a fresh float32 buffer, quantized in place
-            lin.weight.copy_(fake_quantize(scaled, bits, group_size, zero_point, inplace=True).div_(s.unsqueeze(0)))
+            lin.weight.copy_(fake_quantize(scaled, b, group_size, zero_point, inplace=True).div_(s.unsqueeze(0)))
 
 
 @torch.no_grad()
@@ -219,7 +219,7 @@ def search_scales(
     score: Callable[[], float],
     x_mean: Tensor,
     *,
-    bits: int,
+    bits: int | Sequence[int],
     group_size: int,
     zero_point: bool,
     n_grid: int,
@@ -236,6 +236,8 @@ def search_scales(
         score: loss of the scoring module with the linears' *current* weights against the original
             weights' output (:class:`ModuleScorer` or :class:`GramScorer`); built before the search.
         x_mean: ``[in]`` mean |x| of the linears' input over all calibration tokens.
+        bits: the width of every linear, or of each (mixed bits: each candidate quantizes each linear at its own
+            width, so the objective scores the mix that will be stored).
         quantize_mask: which linears are quantized (False for those kept in float); default all.
         heads: ``(head_dim, n_rep)`` to search scales tied per kv head; the result is then in the
             kv channel space (``in / n_rep`` entries).
@@ -247,6 +249,7 @@ def search_scales(
     if top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0 (0: score every candidate)")
     mask = list(quantize_mask) if quantize_mask is not None else [True] * len(linears)
+    widths = [bits] * len(linears) if isinstance(bits, int) else list(bits)
     originals = [lin.weight.detach().clone() for lin in linears]  # explicit copies: .cpu() would alias
     q_linears = [lin for lin, m in zip(linears, mask, strict=True) if m]
     w_mean = weight_mean([lin.weight for lin in q_linears], group_size) if q_linears and mode != "x" else None
@@ -260,7 +263,7 @@ def search_scales(
     proxy: list[float] = []
     if rank is not None:
         for s in grid:
-            _set_candidate(linears, originals, mask, s, bits, group_size, zero_point)
+            _set_candidate(linears, originals, mask, s, widths, group_size, zero_point)
             proxy.append(rank())
     if rank is not None and 0 < top_k < len(grid) - 1:
         order = sorted((i for i in range(1, len(grid)) if math.isfinite(proxy[i])), key=lambda i: (proxy[i], i))
@@ -269,7 +272,7 @@ def search_scales(
         to_score = list(range(len(grid)))
     scored: dict[int, float] = {}
     for i in to_score:
-        _set_candidate(linears, originals, mask, grid[i], bits, group_size, zero_point)
+        _set_candidate(linears, originals, mask, grid[i], widths, group_size, zero_point)
         scored[i] = score()
     for lin, orig in zip(linears, originals, strict=True):
         lin.weight.copy_(orig)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from awqkit import kernels
 from awqkit.errors import AwqkitError, CheckpointError, InputError
 from awqkit.io import validate
+from awqkit.io.ct_config import read_ct_config, scheme_for
 from awqkit.io.detect import inspect_folder, load_refusal, read_config_json
 from awqkit.io.skeleton import empty_model
 from awqkit.kernels import cpu_avx2, cpu_int4
@@ -50,8 +51,10 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
     ``text_config``'s), else ``quantization_config.json`` / AutoAWQ's ``quant_config.json`` / AutoGPTQ's
     ``quantize_config.json``. Returns ``{"quant_method": "awq" | "compressed-tensors", "format": "gemm" |
     "pack-quantized", "bits", "group_size" (-1 = per row), "zero_point", "modules_to_not_convert": list,
-    "raw": the original dict}``. Accepts AutoAWQ's ``w_bit`` / ``q_group_size`` keys and
-    ``modules_to_not_convert: null``.
+    "raw": the original dict}``; a compressed-tensors config adds ``"groups"``, every config group's targets and
+    settings (mixed bit widths; ``bits`` / ``group_size`` / ``zero_point`` are then the first group's, and
+    :func:`awqkit.io.ct_config.scheme_for` gives each linear its own). Accepts AutoAWQ's ``w_bit`` /
+    ``q_group_size`` keys and ``modules_to_not_convert: null``.
 
     Raises:
         CheckpointError: no storage config, a method awqkit does not load (gptq, bitsandbytes, ...), or
@@ -65,7 +68,7 @@ def read_quant_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(refusal or f"{path} has no quantization config")
     raw = found.raw
     if found.method == "compressed-tensors":
-        return validate.read_ct_config(path, raw)
+        return read_ct_config(path, raw)
     version = str(raw.get("version", raw.get("format", "gemm"))).lower()
     bits = validate.int_setting(path, raw, ("bits", "w_bit"), 4)
     if version != "gemm" or bits != 4:
@@ -128,21 +131,27 @@ def _install_quant_linears(model: nn.Module, sd: dict[str, Tensor], qc: dict[str
                 f"checkpoint {path} has packed weights for {name!r}, but the model's module "
                 f"there is a {type(linear).__name__}, not an nn.Linear"
             )
-        zero_point = qc["zero_point"] if gemm else f"{name}.weight_zero_point" in sd
+        scheme = scheme_for(qc, name, linear)
+        if scheme is None:
+            raise CheckpointError(
+                f"{path}: quantization_config is not supported: no config group targets {name} (or its ignore list "
+                "names it), which has packed weights; restore the config.json the checkpoint was saved with"
+            )
+        zero_point = scheme.zero_point if gemm else f"{name}.weight_zero_point" in sd
         try:
             with torch.device("meta"):
                 qlinear = QuantLinear(
                     linear.in_features,
                     linear.out_features,
-                    qc["bits"],
-                    qc["group_size"],
+                    scheme.bits,
+                    scheme.group_size,
                     bias=f"{name}.bias" in sd,
                     zero_point=zero_point,
                     format=qc["format"],
                 )
         except ValueError as exc:
             raise CheckpointError(
-                f"checkpoint {path}: quantization_config (bits={qc['bits']}, group_size={qc['group_size']}) does "
+                f"checkpoint {path}: quantization_config (bits={scheme.bits}, group_size={scheme.group_size}) does "
                 f"not fit the {linear.in_features}->{linear.out_features} linear {name} ({exc}); restore the "
                 "config.json the checkpoint was saved with"
             ) from None
@@ -311,12 +320,13 @@ def load_quantized(
         raise InputError(f"{path}: {' '.join(str(exc).split())}") from None
     model.eval()
     model.awqkit_quant_config = qc  # type: ignore[assignment]  # a plain attribute (Module.__setattr__'s type)
+    widths = sorted({m.bits for m in model.modules() if isinstance(m, QuantLinear)})
     logger.info(
-        "loaded %s: %d quantized linears (%s, %d-bit, g=%d) on %s",
+        "loaded %s: %d quantized linears (%s, %s-bit, g=%d) on %s",
         path,
         len(qnames),
         qc["format"],
-        qc["bits"],
+        "/".join(map(str, widths)),
         qc["group_size"],
         device,
     )

@@ -4,8 +4,9 @@ Layout of ``dst``:
 
 * ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``:
   the state dict. :class:`QuantLinear` modules contribute their packed buffers (``qweight``/``qzeros``/
-  ``scales``[/``bias``] in the GEMM format used for 4 bits, ``weight_packed``/``weight_scale``
-  [/``weight_zero_point``]/``weight_shape``[/``bias``] in the pack-quantized format used otherwise); every
+  ``scales``[/``bias``] in the AutoAWQ GEMM format (4 bits), ``weight_packed``/``weight_scale``
+  [/``weight_zero_point``]/``weight_shape``[/``bias``] in the compressed-tensors pack-quantized format, any width
+  and mixed widths: :attr:`QuantConfig.output_format <awqkit.config.QuantConfig>`); every
   other float tensor (embeddings, norms, LM head, float linears) is stored in fp16. A tied output embedding is
   stored once (only the input embedding; :mod:`awqkit.io.state`). Shards are planned by huggingface_hub, as
   transformers plans them, and written by :class:`awqkit.io.shards.ShardWriter`, which the streaming engine
@@ -31,7 +32,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +95,21 @@ def parse_size(size: int | str) -> int:
 
 
 def build_quantization_config(
-    quant_config: QuantConfig, ignore: list[str], format: str | None = None
+    quant_config: QuantConfig,
+    ignore: list[str],
+    format: str | None = None,
+    quantized: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The ``quantization_config`` entry of ``config.json``: AutoAWQ for ``format="gemm"`` (the default
-    for 4 bits), compressed-tensors for ``"pack-quantized"`` (the default otherwise)."""
-    format = format or ("gemm" if quant_config.bits == 4 else "pack-quantized")
+    """The ``quantization_config`` entry of ``config.json``: AutoAWQ for layout ``format="gemm"``, compressed-tensors
+    for ``"pack-quantized"`` (default: ``quant_config.layout``).
+
+    compressed-tensors: one ``config_groups`` entry per bit width of the ``quantized`` linears (full names, each
+    ``quant_config.bits_for`` its name). One width: ``group_0`` targets the class ``Linear`` (the float linears
+    are in ``ignore``). Mixed widths: ``group_0`` is ``quant_config.bits``' (if any linear has it), the others
+    follow in increasing width, and each group's ``targets`` list its linears' exact names. Exact names are
+    compressed-tensors' first-priority match and never regexes or class names that could also catch another
+    group's linears or a module vLLM fuses (its ``qkv_proj`` is a ``Linear`` too)."""
+    format = format or quant_config.layout
     if format == "gemm":
         return {
             "quant_method": "awq",
@@ -108,32 +119,42 @@ def build_quantization_config(
             "version": quant_config.version,
             "modules_to_not_convert": list(ignore),
         }
+    by_bits: dict[int, list[str]] = {}
+    for name in quantized:
+        by_bits.setdefault(quant_config.bits_for(name), []).append(name)
+    widths = sorted(by_bits, key=lambda b: (b != quant_config.bits, b)) or [quant_config.bits]
+    groups = {
+        f"group_{i}": {
+            "targets": ["Linear"] if len(widths) == 1 else sorted(by_bits[bits]),
+            "weights": _ct_weights(quant_config, bits),
+            "input_activations": None,
+            "output_activations": None,
+        }
+        for i, bits in enumerate(widths)
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": groups,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "quantization_status": "compressed",
+        "awqkit": True,
+    }
+
+
+def _ct_weights(quant_config: QuantConfig, bits: int) -> dict[str, Any]:
+    """A compressed-tensors config group's ``weights`` (``QuantizationArgs``) for ``bits``-wide integers."""
     channel = quant_config.group_size == -1
-    weights = {
-        "num_bits": quant_config.bits,
+    return {
+        "num_bits": bits,
         "type": "int",
         "symmetric": not quant_config.zero_point,
         "strategy": "channel" if channel else "group",
         "group_size": None if channel else quant_config.group_size,
         "dynamic": False,
         "actorder": None,
-    }
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": None,
-                "output_activations": None,
-            }
-        },
-        "ignore": list(ignore),
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "quantization_status": "compressed",
-        "awqkit": True,
     }
 
 
@@ -210,23 +231,24 @@ def _copy_src_files(src_dir: Path, folder: Path) -> list[str]:
 def quantized_config(model: nn.Module, quant_config: QuantConfig, modules_to_not_convert: list[str]) -> dict[str, Any]:
     """``config.json`` of the quantized ``model`` (its QuantLinear modules may be on the meta device): its
     config with the ``quantization_config`` of the modules' layout. ValueError when nothing is quantized or the
-    modules disagree with ``quant_config`` (one checkpoint holds one setting and one layout)."""
+    modules disagree with ``quant_config`` (one checkpoint holds one group size, zero point and layout; each linear
+    has the width ``quant_config.bits_for`` its name)."""
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quantized:
         raise InputError("model has no QuantLinear modules; quantize it (nn.replace.replace_linears) before saving")
     for name, m in quantized.items():
-        expected = (quant_config.bits, quant_config.group_size, quant_config.zero_point)
+        expected = (quant_config.bits_for(name), quant_config.group_size, quant_config.zero_point)
         if (m.bits, m.group_size, m.zero_point) != expected:
             raise InputError(
                 f"{name} was quantized with bits={m.bits}, group_size={m.group_size}, zero_point={m.zero_point} "
-                f"but quant_config says bits={quant_config.bits}, group_size={quant_config.group_size}, "
+                f"but quant_config says bits={expected[0]}, group_size={quant_config.group_size}, "
                 f"zero_point={quant_config.zero_point}; one checkpoint holds one setting"
             )
     formats = {m.format for m in quantized.values()}
     if len(formats) != 1:
         raise InputError(f"quantized linears mix layouts {sorted(formats)}; one checkpoint holds one layout")
     ignore = _ignore_list(model, list(modules_to_not_convert), set(quantized))
-    return _config_dict(model, build_quantization_config(quant_config, ignore, formats.pop()))
+    return _config_dict(model, build_quantization_config(quant_config, ignore, formats.pop(), list(quantized)))
 
 
 def write_side_files(

@@ -51,10 +51,11 @@ def output_specs(model: nn.Module, targets: Iterable[str], quant: QuantConfig) -
             q = QuantLinear(
                 lin.in_features,
                 lin.out_features,
-                quant.bits,
+                quant.bits_for(name),
                 quant.group_size,
                 bias=lin.bias is not None,
                 zero_point=quant.zero_point,
+                format=quant.layout,
             )
         shapes[name] = {k: (tuple(t.shape), t.dtype) for k, t in q.state_dict().items()}
     tied = tied_output_key(model)
@@ -125,7 +126,8 @@ class OutputWriter:
         prefix = f"{self.layers_prefix}.{index}."
         names = [n[len(prefix) :] for n in self.targets if n.startswith(prefix)]
         q = self.quant
-        replace_linears(layer, sorted(names), q.bits, q.group_size, q.zero_point, integers=integers)
+        bits = {n: q.bits_for(prefix + n) for n in names}
+        replace_linears(layer, sorted(names), bits, q.group_size, q.zero_point, integers=integers, format=q.layout)
         state = layer.state_dict()
         for name in self.layer_names(index):
             t = state[name[len(prefix) :]]

@@ -6,8 +6,9 @@ what is wrong and the fix (``docs/errors.md``, section "Loading"):
 * :func:`read_tensors`: the safetensors files (one file or an index and its shards). A file whose header is
   garbage, whose header length points past the end, or whose data is cut short is a
   :class:`~awqkit.errors.CheckpointError` naming the file (never a raw ``SafetensorError``).
-* :func:`read_ct_config`, :func:`int_setting`: the quantization config's settings are of the right types
-  and supported (bits 2..8, group size positive or -1, one weight-only pack-quantized group).
+* :func:`int_setting`, :func:`check_bits_group`, :func:`name_list`: the quantization config's settings are of the
+  right types and supported (bits 2..8, group size positive or -1); :mod:`awqkit.io.ct_config` uses them for
+  compressed-tensors config groups.
 * :func:`check_config_fields` / :func:`check_config_against_tensors`: ``config.json`` states the size fields
   the architecture needs as positive integers (transformers would silently fill absent ones with its
   defaults and build a model of another size), and agrees with the tensors on the number of decoder
@@ -243,56 +244,6 @@ def name_list(path: Path, raw: dict[str, Any], key: str) -> list[str]:
     return list(value)
 
 
-def read_ct_config(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
-    """:func:`awqkit.io.load.read_quant_config` for a compressed-tensors config (pack-quantized, weight-only)."""
-    groups = raw.get("config_groups") or {}
-    if not isinstance(groups, dict) or len(groups) != 1 or not isinstance(next(iter(groups.values())), dict):
-        n = len(groups) if isinstance(groups, dict) else type(groups).__name__
-        raise CheckpointError(
-            f"{path}: quantization_config is not supported: expected exactly one "
-            f"compressed-tensors config group, found {n}"
-        )
-    group = next(iter(groups.values()))
-    fmt = group.get("format") or raw.get("format")
-    if fmt != "pack-quantized" or raw.get("quantization_status", "compressed") != "compressed":
-        raise CheckpointError(
-            f"{path}: quantization_config compressed-tensors format={fmt!r}, status="
-            f"{raw.get('quantization_status')!r} is not supported; awqkit loads compressed 'pack-quantized' "
-            "weight-only checkpoints"
-        )
-    w = group.get("weights") or {}
-    if (
-        not isinstance(w, dict)
-        or group.get("input_activations")
-        or w.get("type", "int") != "int"
-        or w.get("actorder") == "group"
-    ):
-        raise CheckpointError(
-            f"{path}: quantization_config is not supported: only weight-only int quantization "
-            "without group act-order is"
-        )
-    strategy = w.get("strategy", "group")
-    if strategy not in ("group", "channel"):
-        raise CheckpointError(
-            f"{path}: quantization_config weight strategy {strategy!r} is not supported (use 'group' or 'channel')"
-        )
-    bits = int_setting(path, w, ("num_bits",), None)
-    group_size = -1 if strategy == "channel" else int_setting(path, w, ("group_size",), None)
-    check_bits_group(path, bits, group_size)
-    symmetric = w.get("symmetric", True)
-    if not isinstance(symmetric, bool):
-        raise CheckpointError(f"{path}: quantization_config symmetric={symmetric!r} must be true or false")
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "bits": bits,
-        "group_size": group_size,
-        "zero_point": not symmetric,
-        "modules_to_not_convert": name_list(path, raw, "ignore"),
-        "raw": raw,
-    }
-
-
 def _expected_quant(module: Any, leaf: str) -> tuple[tuple[torch.dtype, ...] | None, list[tuple[int, ...]], str]:
     """(allowed dtypes or None = any integer dtype, allowed shapes, description) of a QuantLinear tensor."""
     n, k, bits = module.out_features, module.in_features, module.bits
@@ -347,7 +298,6 @@ def check_tensors(
     modules = dict(model.named_modules(remove_duplicate=False))
     expected: dict[str, Tensor] = dict(model.named_buffers(remove_duplicate=False))
     expected.update(model.named_parameters(remove_duplicate=False))
-    group_hint = f" (is group_size={qc['group_size']} in quantization_config right? bits={qc['bits']})"
     for key, t in tensors.items():
         exp = expected.get(key)
         if exp is None:
@@ -356,6 +306,7 @@ def check_tensors(
         module = modules.get(mod_name)
         at = f"checkpoint {path}: tensor {key} ({where.get(key, '?')})"
         if isinstance(module, QuantLinear):
+            group_hint = f" (is group_size={module.group_size} in quantization_config right? bits={module.bits})"
             dtypes, shapes, what = _expected_quant(module, leaf)
             ok_dtype = (
                 dtypes is None and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
@@ -405,6 +356,5 @@ __all__ = [
     "check_tensors",
     "int_setting",
     "name_list",
-    "read_ct_config",
     "read_tensors",
 ]

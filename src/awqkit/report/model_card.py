@@ -65,6 +65,13 @@ def _settings(folder: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _bits_text(bits: int, metadata: dict[str, Any]) -> str:
+    """``4``, or with per-module widths ``4; mlp.down_proj: 8`` (``quant_config.bits_overrides``, the last
+    matching pattern wins)."""
+    overrides = (metadata.get("quant_config") or {}).get("bits_overrides") or []
+    return "; ".join([str(bits), *(f"`{pattern}`: {width}" for pattern, width in overrides)])
+
+
 def _calibration_text(metadata: dict[str, Any], method: str) -> str:
     calib = metadata.get("calibration")
     if not calib:
@@ -281,7 +288,7 @@ def write_model_card(
     version = (meta.get("versions") or {}).get("awqkit")
     rows = [
         ("method", _method_text(s["method"], meta)),
-        ("weight bits", str(s["bits"])),
+        ("weight bits", _bits_text(s["bits"], meta)),
         ("group size", group),
         ("zero point", zp),
         ("storage format", s["format"]),
