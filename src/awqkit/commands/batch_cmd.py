@@ -1,9 +1,9 @@
-"""``awqkit batch PLAN [--output-dir DIR] [--dry-run]``: quantize every (model, spec) pair of a plan.
+"""``awqkit batch PLAN [--output-dir DIR] [--dry-run] [--executor ray]``: quantize every (model, spec) pair of a plan.
 
-One after another, skipping outputs that exist and are complete, going on past a failed model and listing
-the failures at the end (exit status 1 when any failed, 2 for a bad plan). The plan format (TOML, or YAML
-with PyYAML) is shared with ``awqkit orchestrate``: :mod:`awqkit.platform.plan`; what "complete", the state
-file and the lock mean: :mod:`awqkit.platform.batch`.
+One after another (or several at once as Ray tasks with ``--executor ray``), skipping outputs that exist and
+are complete, going on past a failed model and listing the failures at the end (exit status 1 when any failed,
+2 for a bad plan). The plan format (TOML, or YAML with PyYAML) is shared with ``awqkit orchestrate``:
+:mod:`awqkit.platform.plan`; what "complete", the state file and the lock mean: :mod:`awqkit.platform.batch`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from awqkit.commands import add_plan_arguments
+from awqkit.commands import add_plan_arguments, plan_executor
 
 _EPILOG = """\
 plan (TOML; YAML with the same keys):
@@ -34,7 +34,9 @@ def cmd_batch(a: argparse.Namespace) -> int:
     """Run the batch and print its summary; 1 when a cell failed."""
     from awqkit.platform.batch import run_batch
 
-    report = run_batch(a.plan, output_dir=a.output_dir, progress=a.progress, dry_run=a.dry_run)
+    report = run_batch(
+        a.plan, output_dir=a.output_dir, progress=a.progress, dry_run=a.dry_run, executor=plan_executor(a)
+    )
     print(report.summary())
     return 0 if report.ok else 1
 

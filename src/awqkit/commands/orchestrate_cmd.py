@@ -3,7 +3,8 @@
 Quantizes what the plan asks for and is missing (as ``awqkit batch``), evaluates every model's float
 baseline and every output on the plan's ``[eval]`` tasks, and writes ``results.csv``, ``results.md``,
 ``results.json`` and PNG plots (matplotlib: ``pip install 'awqkit[plot]'``) into the output folder. Rerunning
-skips finished cells; a failed cell is reported (exit status 1) and the rest go on. See
+skips finished cells; a failed cell is reported (exit status 1) and the rest go on. ``--executor ray`` runs
+the cells as Ray tasks (:mod:`awqkit.platform.ray_executor`), with the same state and results. See
 :mod:`awqkit.platform.orchestrate` and, for the plan format, :mod:`awqkit.platform.plan`.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from awqkit.commands import add_plan_arguments
+from awqkit.commands import add_plan_arguments, plan_executor
 
 _EPILOG = """\
 plan: as for `awqkit batch`, plus
@@ -35,7 +36,14 @@ def cmd_orchestrate(a: argparse.Namespace) -> int:
     """Run the orchestration, print the results table and the summary; 1 when a cell failed."""
     from awqkit.platform.orchestrate import orchestrate
 
-    report = orchestrate(a.plan, output_dir=a.output_dir, progress=a.progress, plots=a.plots, dry_run=a.dry_run)
+    report = orchestrate(
+        a.plan,
+        output_dir=a.output_dir,
+        progress=a.progress,
+        plots=a.plots,
+        dry_run=a.dry_run,
+        executor=plan_executor(a),
+    )
     md = report.plan.output_dir / "results.md"
     if not a.dry_run and md.is_file():
         print(md.read_text(encoding="utf-8"))

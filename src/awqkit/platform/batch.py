@@ -1,4 +1,4 @@
-"""``awqkit batch PLAN``: quantize every (model, spec) pair of a plan, one after another, resumably.
+"""``awqkit batch PLAN``: quantize every (model, spec) pair of a plan, resumably.
 
 The plan format is :mod:`awqkit.platform.plan` (shared with ``awqkit orchestrate``). Each pair (a *cell*)
 is written to ``<output_dir>/<run name>_quantized`` with :func:`awqkit.api.quantize`.
@@ -18,6 +18,9 @@ is written to ``<output_dir>/<run name>_quantized`` with :func:`awqkit.api.quant
 * **Failures**: an exception while quantizing one cell is logged (with its traceback), recorded and the
   batch goes on; the report lists it at the end. ``KeyboardInterrupt`` stops the batch (what was finished
   stays finished). Rerunning the same plan redoes only the missing, stale and failed cells.
+* **Where cells run** (:mod:`awqkit.platform.executors`): one after another in this process (``local``), or
+  as Ray tasks, several at once (``ray``, :mod:`awqkit.platform.ray_executor`). Either way this process decides
+  what to run from the folders and writes the state, so a run started by one executor is finished by the other.
 * **State** (:data:`STATE_FILE` in ``output_dir``; rewritten atomically after every cell)::
 
       {"format_version": 1, "plan": "<plan file>", "updated": "<UTC time>",
@@ -35,37 +38,28 @@ is written to ``<output_dir>/<run name>_quantized`` with :func:`awqkit.api.quant
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import functools
 import json
 import logging
-import os
-import socket
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from awqkit import api
 from awqkit.config import SearchConfig, to_dict
-from awqkit.files import sha256_file, write_json_atomic
-from awqkit.io.destination import pid_alive, recover
+from awqkit.files import sha256_file
+from awqkit.io.destination import recover
 from awqkit.io.detect import is_quantized_folder
 from awqkit.io.save import verify_files
 from awqkit.naming import quant_tag
+from awqkit.platform.executors import Executor, Job, LocalExecutor, as_executor, gpus_for, in_plan_order
 from awqkit.platform.plan import Cell, Plan, PlanModel, load_plan
+from awqkit.platform.run_state import LOCK_FILE, STATE_FILE, RunState, run_lock
 from awqkit.spec import QuantizationSpec, unalias_spec_keys
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "awqkit_state.json"
-LOCK_FILE = ".awqkit.lock"
-STATE_VERSION = 1
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def expected_settings(plan: Plan, model: PlanModel, spec: QuantizationSpec) -> dict[str, Any]:
@@ -153,89 +147,6 @@ def recover_destinations(cells: list[Cell]) -> list[str]:
     return done
 
 
-# ------------------------------------------------------------------------------------------- state and lock
-class RunState:
-    """The state file of an output folder (see the module docstring); :meth:`record` saves at once."""
-
-    def __init__(self, path: Path, plan_source: Path | None = None) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {
-            "format_version": STATE_VERSION,
-            "plan": None,
-            "updated": None,
-            "quantize": {},
-            "evaluate": {},
-        }
-        if path.is_file():
-            try:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(loaded, dict):
-                    raise ValueError("not a JSON object")
-                for section in ("quantize", "evaluate"):
-                    if not isinstance(loaded.get(section, {}), dict):
-                        raise ValueError(f"'{section}' is not an object")
-                self.data.update(loaded)
-            except (OSError, ValueError) as exc:
-                aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-                logger.warning(
-                    "state file %s is unreadable (%s); moved it to %s and starting a new one "
-                    "(finished folders are still found on disk)",
-                    path,
-                    exc,
-                    aside,
-                )
-                path.replace(aside)
-        if plan_source is not None:
-            self.data["plan"] = str(plan_source)
-
-    def get(self, section: str, name: str) -> dict[str, Any] | None:
-        return self.data.setdefault(section, {}).get(name)
-
-    def record(self, section: str, name: str, **entry: Any) -> None:
-        entry["finished"] = _now()
-        self.data.setdefault(section, {})[name] = entry
-        self.data["updated"] = entry["finished"]
-        write_json_atomic(self.path, self.data)
-
-
-@contextlib.contextmanager
-def run_lock(output_dir: Path) -> Iterator[Path]:
-    """Hold ``output_dir/.awqkit.lock`` for the duration (see the module docstring).
-
-    Raises:
-        FileExistsError: another live run holds the lock.
-    """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / LOCK_FILE
-    host = socket.gethostname()
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                info = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                info = {}
-            pid, lock_host = info.get("pid"), info.get("host")
-            if not info or (isinstance(pid, int) and lock_host == host and not pid_alive(pid)):
-                logger.warning("removing stale lock %s (process %s is not running)", path, pid)
-                path.unlink(missing_ok=True)
-                continue
-            raise FileExistsError(
-                f"{output_dir} is in use by process {pid} on {lock_host} (lock file {path}); "
-                "wait for that run to finish, or delete the lock if it is gone"
-            ) from None
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"pid": os.getpid(), "host": host, "started": _now()}, fh)
-        break
-    else:  # pragma: no cover - the lock reappeared between unlink and open
-        raise FileExistsError(f"could not take the lock {path}; another run is starting on {output_dir}")
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------------------------------- running
 @dataclass
 class CellOutcome:
@@ -302,89 +213,108 @@ class BatchReport:
         return "\n".join(lines)
 
 
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+def quantize_one(plan: Plan, cell: Cell, *, overwrite: bool, progress: bool) -> None:
+    """Quantize one cell (what an executor runs, in this process or a worker): :func:`awqkit.api.quantize`,
+    which first finishes or rolls back what a killed run left for the cell's folder, or continues from it."""
+    api.quantize(
+        cell.model.path,
+        cell.folder,
+        spec=cell.spec,
+        calib=cell.model.calib,
+        search=plan.search,
+        device=plan.device,
+        trust_remote_code=plan.trust_remote_code,
+        progress=progress,
+        overwrite=overwrite,
+        base_model=cell.model.base_model_id,
+    )
 
 
 def quantize_cells(
-    plan: Plan, state: RunState | None, *, progress: bool = True, dry_run: bool = False
+    plan: Plan,
+    state: RunState | None,
+    *,
+    progress: bool = True,
+    dry_run: bool = False,
+    executor: Executor | None = None,
 ) -> list[CellOutcome]:
-    """Quantize every cell of ``plan`` that is not complete (caller holds the lock); see the module docstring."""
+    """Quantize every cell of ``plan`` that is not complete (caller holds the lock) on ``executor`` (default:
+    one after another here); outcomes in plan order. See the module docstring."""
 
+    ex = executor if executor is not None else LocalExecutor()
     cells = plan.cells()
     for spec in plan.specs:
         if not spec.method.quantizes:
             logger.info("spec %s is the float model: nothing to quantize (the source folder is used)", quant_tag(spec))
-    outcomes: list[CellOutcome] = []
-    for i, cell in enumerate(cells, 1):
-        where = f"[{i}/{len(cells)}] {cell.folder.name}"
-        status, why = folder_state(cell.folder, expected_settings(plan, cell.model, cell.spec))
+    run_plan = dataclasses.replace(plan, device=ex.cell_device(plan.device))
+    outcomes: dict[int, CellOutcome] = {}
+    jobs: list[Job] = []
+    later: dict[int, Callable[[], None]] = {}  # state entries of cells that need no job, written in plan order
+
+    def record(i: int, status: str, seconds: float | None = None, error: str | None = None, **extra: Any) -> None:
+        """The cell's outcome; its state entry when it was made, found complete (``reused``) or failed."""
+        cell = cells[i]
+        outcomes[i] = CellOutcome(cell.name, cell.folder, status, seconds, error)
+        if state is None or status == "planned":
+            return
+        secs = None if seconds is None else round(seconds, 3)
         common = {"path": str(cell.folder), "model": str(cell.model.path), "spec": cell.spec.to_dict()}
+        saved = "done" if status == "skipped" else status
+        write = functools.partial(
+            state.record, "quantize", cell.name, status=saved, error=error, seconds=secs, **extra, **common
+        )
+        if any(j.index == i for j in jobs):
+            write()
+        else:
+            later[i] = write
+
+    for i, cell in enumerate(cells):
+        where = f"[{i + 1}/{len(cells)}] {cell.folder.name}"
+        status, why = folder_state(cell.folder, expected_settings(plan, cell.model, cell.spec))
         if status == "complete":
             logger.info("%s: complete; skipped", where)
-            outcomes.append(CellOutcome(cell.name, cell.folder, "skipped"))
             prev = state.get("quantize", cell.name) if state is not None else None
-            if state is not None and (prev is None or prev.get("status") != "done"):
-                state.record("quantize", cell.name, status="done", error=None, seconds=None, reused=True, **common)
+            if prev is not None and prev.get("status") == "done":
+                outcomes[i] = CellOutcome(cell.name, cell.folder, "skipped")  # recorded already
+            else:
+                record(i, "skipped", reused=True)
             continue
         if status == "foreign":
             msg = f"{why}; awqkit does not replace it: move it away to have the output made"
             logger.error("%s: %s", where, msg)
-            outcomes.append(CellOutcome(cell.name, cell.folder, "failed", error=msg))
-            if state is not None:
-                state.record("quantize", cell.name, status="failed", error=msg, seconds=None, reused=False, **common)
+            record(i, "failed", error=msg, reused=False)
             continue
         if status == "stale":
             logger.warning("%s: %s; it is made again", where, why)
         if dry_run:
-            outcomes.append(CellOutcome(cell.name, cell.folder, "planned"))
+            record(i, "planned")
             continue
-        logger.info("%s: quantizing %s with %s", where, cell.model.path, cell.spec.describe())
-        t0 = time.perf_counter()
-        try:
-            api.quantize(
-                cell.model.path,
-                cell.folder,
-                spec=cell.spec,
-                calib=cell.model.calib,
-                search=plan.search,
-                device=plan.device,
-                trust_remote_code=plan.trust_remote_code,
-                progress=progress,
-                overwrite=status == "stale",
-                base_model=cell.model.base_model_id,
-            )
-        except Exception as exc:  # noqa: BLE001 - one failed model must not stop the batch
-            secs = time.perf_counter() - t0
-            logger.error("%s: failed after %.1f s: %s", where, secs, _error_text(exc), exc_info=True)
-            outcomes.append(CellOutcome(cell.name, cell.folder, "failed", secs, _error_text(exc)))
-            if state is not None:
-                state.record(
-                    "quantize",
-                    cell.name,
-                    status="failed",
-                    error=_error_text(exc),
-                    seconds=round(secs, 3),
-                    reused=False,
-                    **common,
-                )
+        kwargs = {"overwrite": status == "stale", "progress": progress and ex.interactive}
+        describe = f"quantizing {cell.model.path} with {cell.spec.describe()}"
+        jobs.append(Job(i, where, quantize_one, (run_plan, cell), kwargs, describe, gpus_for(plan.device)))
+    for job, res in in_plan_order(ex.run(jobs), jobs, later):
+        if res.ok:
+            record(job.index, "done", res.seconds, reused=False)
             continue
-        secs = time.perf_counter() - t0
-        outcomes.append(CellOutcome(cell.name, cell.folder, "done", secs))
-        if state is not None:
-            state.record(
-                "quantize", cell.name, status="done", error=None, seconds=round(secs, 3), reused=False, **common
-            )
-    return outcomes
+        trace = f"\n{res.trace}" if res.trace else ""
+        logger.error("%s: failed after %.1f s: %s%s", job.label, res.seconds, res.error, trace)
+        record(job.index, "failed", res.seconds, res.error, reused=False)
+    return [outcomes[i] for i in sorted(outcomes)]
 
 
 def run_batch(
-    plan: Plan | str | Path, *, output_dir: str | Path | None = None, progress: bool = True, dry_run: bool = False
+    plan: Plan | str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    dry_run: bool = False,
+    executor: Executor | str | None = None,
 ) -> BatchReport:
     """Quantize what ``plan`` (a :class:`~awqkit.platform.plan.Plan` or a plan file) asks for; see the module docstring.
 
     ``output_dir`` overrides the plan's (only with a plan file). ``dry_run``: report what would be done,
-    change nothing (no lock, no clean-up, no state).
+    change nothing (no lock, no clean-up, no state). ``executor`` runs the cells
+    (:mod:`awqkit.platform.executors`: ``"local"``, the default, or ``"ray"``, or an executor object).
 
     Raises:
         PlanError / FileNotFoundError: the plan file. FileExistsError: another run holds the output folder.
@@ -393,14 +323,15 @@ def run_batch(
         plan = load_plan(plan, output_dir=output_dir)
     elif output_dir is not None:
         raise ValueError("output_dir overrides a plan file's output_dir; for a Plan object set plan.output_dir")
+    ex = as_executor(executor)
     report = BatchReport(plan)
     if dry_run:
         report.outcomes = quantize_cells(plan, None, progress=progress, dry_run=True)
         return report
-    with run_lock(plan.output_dir):
+    with run_lock(plan.output_dir), ex:
         report.recovered = recover_destinations(plan.cells())
         state = RunState(plan.output_dir / STATE_FILE, plan.source)
-        report.outcomes = quantize_cells(plan, state, progress=progress)
+        report.outcomes = quantize_cells(plan, state, progress=progress, executor=ex)
     logger.info("%s", report.summary().splitlines()[0])
     return report
 
@@ -414,6 +345,7 @@ __all__ = [
     "expected_settings",
     "folder_state",
     "quantize_cells",
+    "quantize_one",
     "recover_destinations",
     "run_batch",
     "run_lock",

@@ -21,6 +21,10 @@ The plan is the one of ``awqkit batch`` (:mod:`awqkit.platform.plan`); its ``[ev
    ``output_dir/plots`` (:mod:`awqkit.report.plots`; skipped with a warning when matplotlib is missing,
    ``pip install 'awqkit[plot]'``).
 
+The cells of steps 1 and 2 run on an executor (:mod:`awqkit.platform.executors`): one after another here
+(``local``), or several at once as Ray tasks (``ray``); the results are recorded here the same way for both.
+Within step 2 a quantized folder's model card is updated once its model's float cell has finished.
+
 The output folder holds the state file ``awqkit_state.json`` (``"quantize"`` and ``"evaluate"`` entries,
 see :mod:`awqkit.platform.batch`), written atomically after each cell, and is locked while a run works in it.
 """
@@ -28,9 +32,11 @@ see :mod:`awqkit.platform.batch`), written atomically after each cell, and is lo
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import hashlib
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,7 @@ from awqkit.platform.batch import (
     run_lock,
 )
 from awqkit.platform.campaign_results import load_cell, write_results
+from awqkit.platform.executors import Executor, Job, LocalExecutor, as_executor, gpus_for, in_plan_order
 from awqkit.platform.plan import Plan, PlanModel, load_plan
 from awqkit.report.model_card import update_model_card_results
 from awqkit.spec import QuantizationSpec, resolve_quantization_spec
@@ -231,38 +238,53 @@ class OrchestrateReport:
 
 
 def _evaluate_all(
-    plan: Plan, state: RunState | None, text_sha: str | None, *, progress: bool, dry_run: bool
+    plan: Plan,
+    state: RunState | None,
+    text_sha: str | None,
+    *,
+    progress: bool,
+    dry_run: bool,
+    executor: Executor | None = None,
 ) -> list[CellOutcome]:
+    """Evaluate every cell that has no current result on ``executor``; outcomes in plan order."""
 
-    outcomes: list[CellOutcome] = []
-    fp_results: dict[str, dict[str, Any] | None] = {}
+    ex = executor if executor is not None else LocalExecutor()
     cells = eval_cells(plan)
-    for i, cell in enumerate(cells, 1):
-        where = f"[eval {i}/{len(cells)}] {cell.name}"
-        file = cell.result_file(plan.output_dir)
+    run_plan = dataclasses.replace(plan, device=ex.cell_device(plan.device))
+    outcomes: dict[int, CellOutcome] = {}
+    fp_results: dict[str, dict[str, Any] | None] = {}  # per model: the float cell's results, once known
+    cards: dict[str, list[tuple[EvalCell, dict[str, Any]]]] = {}  # quantized results waiting for those
+    jobs: list[Job] = []
+    keys: dict[int, dict[str, Any]] = {}  # what each cell to evaluate is measured under
+    later: dict[int, Callable[[], None]] = {}
+
+    def record(i: int, status: str, error: str | None = None, seconds: float | None = None) -> None:
+        """The cell's outcome; its state entry when it was evaluated (or found evaluated) or failed."""
+        cell = cells[i]
+        outcomes[i] = CellOutcome(cell.name, cell.path, status, seconds, error)
+        prev = state.get("evaluate", cell.name) if state is not None else None
+        if state is None or status == "planned" or (status == "skipped" and (prev or {}).get("status") == "done"):
+            return
+        path = str(cell.result_file(plan.output_dir)) if status != "failed" else None
+        entry = {"status": "done" if status == "skipped" else status, "error": error, "seconds": seconds}
+        write = functools.partial(state.record, "evaluate", cell.name, **entry, path=path, model=str(cell.path))
+        if i in keys:
+            write()
+        else:
+            later[i] = write  # needed no job: written in plan order among the results
+
+    def update_cards(run: str) -> None:
+        """Write the results table into the model cards of ``run``'s new outputs (float values as baseline)."""
+        for cell, results in cards.pop(run, []):
+            try:
+                update_model_card_results(cell.path, with_fp_baseline(results, fp_results.get(run)))
+            except (OSError, ValueError) as exc:
+                logger.warning("%s: model card not updated: %s", cell.name, exc)
+
+    for i, cell in enumerate(cells):
+        where = f"[eval {i + 1}/{len(cells)}] {cell.name}"
         key = eval_key(plan, cell, text_sha)
-        stored = load_cell(file)
-
-        def record(
-            status: str,
-            error: str | None = None,
-            seconds: float | None = None,
-            *,
-            cell: EvalCell = cell,
-            file: Path = file,
-        ) -> None:
-            outcomes.append(CellOutcome(cell.name, cell.path, status, seconds, error))
-            if state is not None and status in ("done", "failed"):
-                state.record(
-                    "evaluate",
-                    cell.name,
-                    status=status,
-                    error=error,
-                    seconds=seconds,
-                    path=str(file) if status == "done" else None,
-                    model=str(cell.path),
-                )
-
+        stored = load_cell(cell.result_file(plan.output_dir))
         if cell.quantized:
             # quantize_cells has just checked the files' hashes: their sizes suffice here
             qstatus, why = folder_state(cell.path, expected_settings(plan, cell.model, cell.spec), hashes=False)
@@ -270,52 +292,53 @@ def _evaluate_all(
                 prev = state.get("quantize", cell.name) if state is not None else None
                 reason = (prev or {}).get("error") or why or "its quantized folder does not exist"
                 if dry_run:
-                    record("planned")
+                    record(i, "planned")
                     continue
                 logger.error("%s: not evaluated: not quantized (%s)", where, reason)
-                record("failed", f"not quantized: {reason}")
+                record(i, "failed", f"not quantized: {reason}")
                 continue
         if stored is not None and _same_key(stored.get("key"), key, cell):
             logger.info("%s: already evaluated; skipped", where)
             if not cell.quantized:
                 fp_results[cell.model.run_name] = stored.get("results")
-            prev = state.get("evaluate", cell.name) if state is not None else None
-            outcomes.append(CellOutcome(cell.name, cell.path, "skipped"))
-            if state is not None and (prev is None or prev.get("status") != "done"):
-                state.record(
-                    "evaluate", cell.name, status="done", error=None, seconds=None, path=str(file), model=str(cell.path)
-                )
+            record(i, "skipped")
             continue
         if dry_run:
-            record("planned")
+            record(i, "planned")
             continue
         if stored is not None:
             logger.info("%s: stored results were measured under other settings; evaluating again", where)
-        logger.info("%s: evaluating %s (%s)", where, cell.path, ", ".join(plan.eval.tasks))
-        t0 = time.perf_counter()
-        try:
-            results = evaluate_cell(plan, cell, progress=progress)
-        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the run
-            secs = time.perf_counter() - t0
-            err = f"{type(exc).__name__}: {exc}"
-            logger.error("%s: evaluation failed after %.1f s: %s", where, secs, err, exc_info=True)
+        describe = f"evaluating {cell.path} ({', '.join(plan.eval.tasks)})"
+        kwargs = {"progress": progress and ex.interactive}
+        jobs.append(Job(i, where, evaluate_cell, (run_plan, cell), kwargs, describe, gpus_for(plan.device)))
+        keys[i] = key
+    try:
+        for job, res in in_plan_order(ex.run(jobs), jobs, later):
+            cell, run = cells[job.index], cells[job.index].model.run_name
+            secs = round(res.seconds, 3)
+            if not res.ok:
+                trace = f"\n{res.trace}" if res.trace else ""
+                logger.error("%s: evaluation failed after %.1f s: %s%s", job.label, res.seconds, res.error, trace)
+                if not cell.quantized:
+                    fp_results[run] = None
+                    update_cards(run)
+                record(job.index, "failed", res.error, secs)
+                continue
+            results = res.value
+            data = {"cell": cell.name, "key": keys[job.index], "evaluated_seconds": secs, "results": results}
+            write_json_atomic(cell.result_file(plan.output_dir), data)
             if not cell.quantized:
-                fp_results[cell.model.run_name] = None
-            record("failed", err, round(secs, 3))
-            continue
-        secs = time.perf_counter() - t0
-        write_json_atomic(
-            file, {"cell": cell.name, "key": key, "evaluated_seconds": round(secs, 3), "results": results}
-        )
-        if not cell.quantized:
-            fp_results[cell.model.run_name] = results
-        elif results is not None:
-            try:
-                update_model_card_results(cell.path, with_fp_baseline(results, fp_results.get(cell.model.run_name)))
-            except (OSError, ValueError) as exc:
-                logger.warning("%s: model card not updated: %s", where, exc)
-        record("done", None, round(secs, 3))
-    return outcomes
+                fp_results[run] = results
+                update_cards(run)
+            elif results is not None:
+                cards.setdefault(run, []).append((cell, results))
+                if run in fp_results:
+                    update_cards(run)
+            record(job.index, "done", None, secs)
+    finally:  # outputs whose float cell never finished get their table without a baseline
+        for run in list(cards):
+            update_cards(run)
+    return [outcomes[i] for i in sorted(outcomes)]
 
 
 def orchestrate(
@@ -325,11 +348,13 @@ def orchestrate(
     progress: bool = True,
     plots: bool = True,
     dry_run: bool = False,
+    executor: Executor | str | None = None,
 ) -> OrchestrateReport:
     """Quantize, evaluate and report everything ``plan`` asks for; see the module docstring.
 
     ``output_dir`` overrides a plan file's. ``plots=False`` skips the PNGs. ``dry_run``: report what
-    would be quantized and evaluated; change nothing.
+    would be quantized and evaluated; change nothing. ``executor`` runs the cells
+    (:mod:`awqkit.platform.executors`: ``"local"``, the default, or ``"ray"``, or an executor object).
 
     Raises:
         PlanError / FileNotFoundError: the plan, or the ppl/kl text is missing (checked before anything runs).
@@ -340,17 +365,18 @@ def orchestrate(
         plan = load_plan(plan, output_dir=output_dir)
     elif output_dir is not None:
         raise ValueError("output_dir overrides a plan file's output_dir; for a Plan object set plan.output_dir")
+    ex = as_executor(executor)
     text_sha = _text_sha(plan)
     report = OrchestrateReport(plan)
     if dry_run:
         report.quantize = quantize_cells(plan, None, progress=progress, dry_run=True)
         report.evaluate = _evaluate_all(plan, None, text_sha, progress=progress, dry_run=True)
         return report
-    with run_lock(plan.output_dir):
+    with run_lock(plan.output_dir), ex:
         recover_destinations(plan.cells())
         state = RunState(plan.output_dir / STATE_FILE, plan.source)
-        report.quantize = quantize_cells(plan, state, progress=progress)
-        report.evaluate = _evaluate_all(plan, state, text_sha, progress=progress, dry_run=False)
+        report.quantize = quantize_cells(plan, state, progress=progress, executor=ex)
+        report.evaluate = _evaluate_all(plan, state, text_sha, progress=progress, dry_run=False, executor=ex)
         report.rows, report.files = write_results(plan, state.data, eval_cells(plan), plots=plots)
     logger.info("%s", "; ".join(report.summary().splitlines()[:2]))
     return report
