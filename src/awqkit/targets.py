@@ -71,17 +71,25 @@ def select_targets(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> Targe
             out.quantized.append(name)
     groups = _fused_groups(spec, len(layers), seen)
     if unaligned:
-        ins = {mod.in_features for _, mod in unaligned}
-        ok = [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in ins)] + [-1]
         listed = ", ".join(f"{n} [{m.out_features}x{m.in_features}]" for n, m in unaligned[:6])
+        # a group size cannot fix an output size the GEMM layout refuses: say which constraint failed
+        by_out = [n for n, m in unaligned if qcfg.layout == "gemm" and m.out_features % 8]
+        ins = {m.in_features for n, m in unaligned if n not in by_out}
+        ok = [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in ins)] + [-1]
+        fix = f"Group sizes that fit every layer: {ok}. " if len(by_out) < len(unaligned) else ""
+        if by_out:
+            fix += (
+                f"{', '.join(by_out[:3])}{' ...' if len(by_out) > 3 else ''}: an output size that is not a multiple "
+                "of 8 fits no group size in the 4-bit GEMM layout; write --format compressed-tensors for it. "
+            )
+        fix += "Or keep these layers in fp16 with --keep-unaligned-fp16."
         msg = (
             f"{len(unaligned)} linears do not fit group_size={qcfg.group_size}"
             f"{' (4-bit GEMM also needs out_features % 8 == 0)' if qcfg.layout == 'gemm' else ''}: "
-            f"{listed}{' ...' if len(unaligned) > 6 else ''}. Group sizes that fit every "
-            f"layer: {ok}."
+            f"{listed}{' ...' if len(unaligned) > 6 else ''}."
         )
         if not qcfg.keep_unaligned_fp16:
-            raise InputError(msg + " Choose one of them, or keep these layers in fp16 with --keep-unaligned-fp16.")
+            raise InputError(f"{msg} {fix}")
         logger.warning("%s Keeping them in fp16 as asked.", msg)
         _keep_fused_groups_whole(groups, out, {n for n, _ in unaligned})
     _check_fused_exclusions(groups, out, spec, qcfg)

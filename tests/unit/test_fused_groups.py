@@ -143,8 +143,19 @@ def test_unaligned_members_keep_their_whole_group_in_fp16(caplog):
 
 
 def test_unaligned_members_without_keep_unaligned_fp16_are_still_an_error():
-    with pytest.raises(InputError, match=r"2 linears do not fit group_size=32.*self_attn\.k_proj.*--keep-unaligned"):
+    expected = r"2 linears do not fit group_size=32.*self_attn\.k_proj.*--keep-unaligned"
+    with pytest.raises(InputError, match=expected) as e:
         _select(_model(num_hidden_layers=1, **UNALIGNED_KV))
+    # their input size fits every group size: the error names the output size and the format that takes it,
+    # and suggests no group size (none would help)
+    assert "not a multiple of 8" in str(e.value) and "--format compressed-tensors" in str(e.value)
+    assert "Group sizes that fit" not in str(e.value)
+
+
+def test_an_input_size_misfit_suggests_the_group_sizes_that_fit():
+    with pytest.raises(InputError, match=r"Group sizes that fit every layer: \[32, -1\]") as e:
+        _select(_model(num_hidden_layers=1, intermediate_size=96), group_size=64)
+    assert "--format compressed-tensors" not in str(e.value)
 
 
 def test_a_group_kept_whole_for_alignment_is_no_split_by_a_user_pattern():
