@@ -35,7 +35,7 @@ import torch
 
 from awqkit.calib.rows import MissingDependencyError
 from awqkit.errors import InputError
-from awqkit.platform.executors import Job, JobResult, error_text, run_job
+from awqkit.platform.jobs import Job, JobResult, error_text, run_job
 
 logger = logging.getLogger(__name__)
 
